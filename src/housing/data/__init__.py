@@ -1,0 +1,1 @@
+"""Data: sources (load), schema validation, deterministic splits."""

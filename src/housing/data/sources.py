@@ -1,0 +1,141 @@
+"""Raw data sources: Boston (bundled in mlxtend), California, any CSV, synthetic.
+
+Each loader returns a DataFrame with named columns and the path (or URL-free label)
+it read from, so validation errors can name the file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from housing.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from housing.config import DataSettings
+
+BOSTON_COLUMNS = (
+    "crim",
+    "zn",
+    "indus",
+    "chas",
+    "nox",
+    "rm",
+    "age",
+    "dis",
+    "rad",
+    "tax",
+    "ptratio",
+    "b",
+    "lstat",
+    "medv",
+)
+#: Integer-valued Boston columns; the synthetic scale-up adds no noise to them.
+BOSTON_DISCRETE = ("chas", "rad", "zn")
+
+
+@dataclass(frozen=True)
+class RawTable:
+    """A loaded table and where it came from."""
+
+    frame: pd.DataFrame
+    origin: str  # a file path or a dataset name, used in error messages
+
+
+def boston_csv_path() -> Path:
+    """Path of ``boston_housing.csv`` inside the installed mlxtend package (not imported)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("mlxtend is not installed: run `make install` (data=boston needs it)")
+    path = (
+        Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "boston_housing.csv"
+    )
+    if not path.is_file():
+        raise DataError(f"{path}: Boston table missing from the mlxtend package")
+    return path
+
+
+def load_boston() -> RawTable:
+    """The 506-row Boston housing table bundled with mlxtend (no header in the file)."""
+    import pandas as pd
+
+    path = boston_csv_path()
+    frame = pd.read_csv(path, header=None, names=list(BOSTON_COLUMNS))
+    return RawTable(frame, str(path))
+
+
+def load_california(cache_dir: Path | None) -> RawTable:
+    """scikit-learn's California housing, cached after the first download."""
+    from sklearn.datasets import fetch_california_housing
+
+    try:
+        bunch = fetch_california_housing(
+            data_home=str(cache_dir) if cache_dir else None, as_frame=True
+        )
+    except OSError as exc:  # URLError, socket errors, HTTP errors are all OSError
+        raise DataError(
+            "data=california: could not download California housing "
+            f"({type(exc).__name__}: no network?); use data=boston, or data=csv data.path=..."
+        ) from None
+    return RawTable(bunch.frame, "california_housing (scikit-learn cache)")
+
+
+def load_csv(path: Path, sep: str, target: str) -> RawTable:
+    """Any CSV with a header row; ``target`` must be one of its columns."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (set data.path)")
+    try:
+        frame = pd.read_csv(path, sep=sep)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV with sep={sep!r} ({_first(exc)})") from None
+    if target not in frame.columns:
+        shown = ", ".join(map(str, frame.columns[:10]))
+        raise DataError(
+            f"{path}: target column {target!r} not found (set data.target); columns: {shown}"
+        )
+    return RawTable(frame, str(path))
+
+
+def make_synthetic(n_rows: int, noise: float, random_state: int) -> RawTable:
+    """Scale the Boston table up to ``n_rows`` by resampling rows with noise."""
+    import numpy as np
+    import pandas as pd
+
+    base = load_boston().frame
+    rng = np.random.default_rng(random_state)
+    idx = rng.integers(0, len(base), size=n_rows)
+    data = {}
+    for col in base.columns:
+        values = base[col].to_numpy(dtype="float64")[idx]
+        if col not in BOSTON_DISCRETE and noise > 0:
+            values = values * rng.normal(1.0, noise, size=n_rows)
+            lo, hi = base[col].min(), base[col].max()
+            values = np.clip(values, lo, hi)
+        data[col] = values
+    return RawTable(pd.DataFrame(data), f"synthetic({n_rows} rows from Boston)")
+
+
+def load(settings: DataSettings) -> RawTable:
+    """Load the configured source."""
+    if settings.source == "boston":
+        return load_boston()
+    if settings.source == "california":
+        return load_california(settings.cache_dir)
+    if settings.source == "csv":
+        assert settings.path is not None  # enforced by config validation
+        return load_csv(settings.path, settings.sep, settings.target)
+    if settings.source == "synthetic":
+        assert settings.n_rows is not None
+        return make_synthetic(settings.n_rows, settings.noise, settings.random_state)
+    raise DataError(f"data.source: unknown source {settings.source!r}")  # pragma: no cover
+
+
+def _first(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

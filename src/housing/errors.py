@@ -1,0 +1,32 @@
+"""Errors with one-line, actionable messages.
+
+Every failure a user can fix (bad config, bad data, missing file) is raised as a
+:class:`HousingError` subclass whose message names the file, column or config key
+to change. Entry points print ``error: <message>`` and exit non-zero.
+"""
+
+from __future__ import annotations
+
+
+class HousingError(Exception):
+    """Base for errors a user can act on; ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class ConfigError(HousingError):
+    """A configuration value is missing, unknown or out of range."""
+
+    exit_code = 2
+
+
+class DataError(HousingError):
+    """Input data is unreadable or violates its schema."""
+
+    exit_code = 3
+
+
+class ArtifactError(HousingError):
+    """A pipeline artifact (model, metrics file) is missing or corrupt."""
+
+    exit_code = 4

@@ -1,0 +1,129 @@
+"""Atomic writes, hashing and artifact I/O.
+
+Every file the pipeline produces is written to a temporary file in the same
+directory and renamed into place, so a failing stage never leaves a half-written
+output and the previous version survives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from housing.errors import ArtifactError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+_CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike[str], data: Mapping[str, Any] | list[Any]) -> Path:
+    """Atomically write ``data`` as indented, key-sorted JSON."""
+    return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file, turning a missing or corrupt file into an :class:`ArtifactError`."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{p}: file not found (run the stage that produces it)") from None
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:
+    """Atomically write a DataFrame as CSV without its index."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def relpath(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
+    """``path`` relative to ``root`` when inside it (for records), else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(Path(path))
+
+
+def file_md5(path: str | os.PathLike[str]) -> str:
+    """MD5 of a file's bytes: the hash DVC 3 records for a file output."""
+    return _file_digest(path, hashlib.md5(usedforsecurity=False))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes."""
+    return _file_digest(path, hashlib.sha256())
+
+
+def _file_digest(path: str | os.PathLike[str], digest: Any) -> str:
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return str(digest.hexdigest())
+
+
+def save_model(path: str | os.PathLike[str], model: Any) -> str:
+    """Atomically pickle ``model`` with joblib; return the file's sha256."""
+    import joblib
+
+    with atomic_path(path) as tmp:
+        joblib.dump(model, tmp)
+    return file_sha256(path)
+
+
+def load_model(path: str | os.PathLike[str], expected_sha256: str | None) -> Any:
+    """Load a joblib model after checking its sha256 against ``expected_sha256``.
+
+    A mismatch raises :class:`ArtifactError` before anything is unpickled.
+    ``expected_sha256=None`` is refused: every load must name the record it trusts.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"{p}: model file not found (run the train stage)")
+    if not expected_sha256:
+        raise ArtifactError(f"{p}: no recorded sha256 to verify the model against")
+    actual = file_sha256(p)
+    if actual != expected_sha256:
+        raise ArtifactError(
+            f"{p}: sha256 {actual[:12]}... does not match the recorded {expected_sha256[:12]}...;"
+            " refusing to unpickle (re-run the stage that wrote it)"
+        )
+    import joblib
+
+    return joblib.load(p)

@@ -1,0 +1,86 @@
+"""evaluate: score the selected model on the test split; write metrics and plot data."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from housing import io
+from housing.errors import DataError
+from housing.evaluation import feature_importances, prediction_table, regression_metrics
+from housing.stages.train import read_split
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from housing.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Test metrics of the selected model and where the plot data went."""
+
+    model_name: str
+    metrics: dict[str, float]
+    metrics_path: Path
+    predictions_path: Path
+    importances_path: Path
+    predictions: pd.DataFrame
+    importances: dict[str, float]
+
+
+def evaluate_model(
+    pipeline: Any, test: pd.DataFrame, target: str
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """Test metrics and the predicted-vs-actual table of a fitted Pipeline."""
+    if target not in test.columns:
+        raise DataError(f"test split: target column {target!r} not found (data.target)")
+    x = test.drop(columns=[target])
+    y = test[target].to_numpy()
+    pred = pipeline.predict(x)
+    return regression_metrics(y, pred, "test"), prediction_table(y, pred)
+
+
+def run(settings: Settings) -> EvaluationResult:
+    """Evaluate ``models/best_model.joblib`` (sha256-checked) on the test split."""
+    import pandas as pd
+
+    paths = settings.paths
+    summary = io.read_json(paths.train_summary)
+    pipeline = io.load_model(paths.best_model, summary.get("best_model_sha256"))
+    test = read_split(paths.test)
+    metrics, table = evaluate_model(pipeline, test, settings.data.target)
+    features = [c for c in test.columns if c != settings.data.target]
+    importances = feature_importances(pipeline, features)
+
+    io.write_csv(paths.predictions, table)
+    ranked = sorted(importances.items(), key=lambda kv: kv[1], reverse=True)
+    imp = pd.DataFrame(ranked, columns=["feature", "importance"])
+    io.write_csv(paths.importances, imp)
+    record = {
+        "model": summary["best_model"],
+        "model_sha256": summary["best_model_sha256"],
+        "n_test": len(test),
+        "metrics": metrics,
+    }
+    io.write_json(paths.test_metrics, record)
+    log.info(
+        "evaluate %s: test/rmse=%.3f test/mae=%.3f test/r2=%.3f",
+        summary["best_model"],
+        metrics["test/rmse"],
+        metrics["test/mae"],
+        metrics["test/r2"],
+    )
+    return EvaluationResult(
+        model_name=summary["best_model"],
+        metrics=metrics,
+        metrics_path=paths.test_metrics,
+        predictions_path=paths.predictions,
+        importances_path=paths.importances,
+        predictions=table,
+        importances=importances,
+    )

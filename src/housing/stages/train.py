@@ -1,0 +1,216 @@
+"""train: fit one candidate Pipeline, score it (train, holdout val, k-fold CV), save it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from housing import io
+from housing.data.split import split_frame
+from housing.errors import DataError
+from housing.evaluation import feature_importances, regression_metrics
+from housing.models import build_pipeline
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from housing.config import ModelSettings, Settings, TrainSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    """A fitted Pipeline and how it scored; produced in memory, written by ``run``."""
+
+    pipeline: Any
+    metrics: dict[str, float]
+    cv_folds: int
+    n_train: int
+    n_val: int
+    features: list[str]
+    importances: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The train stage's record: what was fitted, how it scored, where it went."""
+
+    model_name: str
+    estimator: str
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    model_path: Path
+    metrics_path: Path
+    model_sha256: str
+    record: dict[str, Any]
+
+
+def cross_validate_rmse(
+    pipeline: Any, x: pd.DataFrame, y: pd.Series, folds: int, random_state: int
+) -> tuple[float, float]:
+    """Mean and std of RMSE over shuffled k folds (NaN, NaN when ``folds`` is 0)."""
+    import numpy as np
+    from sklearn.base import clone
+    from sklearn.model_selection import KFold
+
+    if folds == 0:
+        return float("nan"), float("nan")
+    scores = []
+    for tr, va in KFold(folds, shuffle=True, random_state=random_state).split(x):
+        model = fit_deterministic(clone(pipeline), x.iloc[tr], y.iloc[tr])
+        pred = model.predict(x.iloc[va])
+        scores.append(float(np.sqrt(np.mean((pred - y.iloc[va].to_numpy()) ** 2))))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def fit_deterministic(pipeline: Any, x: pd.DataFrame, y: pd.Series) -> Any:
+    """Fit (threads allowed), then predict single-threaded.
+
+    Forests average their trees' predictions in thread-completion order, so a
+    multi-threaded ``predict`` differs in the last bits from run to run.
+    """
+    pipeline.fit(x, y)
+    model = pipeline.named_steps["model"]
+    if "n_jobs" in model.get_params():
+        model.set_params(n_jobs=1)
+    return pipeline
+
+
+def fit_and_score(
+    train: pd.DataFrame, target: str, model: ModelSettings, cfg: TrainSettings
+) -> FitOutcome:
+    """Fit on train minus holdout, score train/val, CV on the whole split, refit."""
+    from sklearn.base import clone
+
+    features = [c for c in train.columns if c != target]
+    if not features:
+        raise DataError(f"train split has no feature columns besides the target {target!r}")
+    pipeline = build_pipeline(
+        model.estimator, model.params, features, scale=model.scale, n_jobs=cfg.n_jobs
+    )
+    fit_part, val_part = split_frame(train, cfg.val_size, cfg.random_state)
+    x_fit, y_fit = fit_part[features], fit_part[target]
+    x_val, y_val = val_part[features], val_part[target]
+
+    folds = cfg.folds_for(len(train))
+    if folds != cfg.cv_folds:
+        log.warning(
+            "train: %d rows > train.large_table_rows=%d: CV uses train.cv_folds_large=%d folds "
+            "instead of %d",
+            len(train),
+            cfg.large_table_rows,
+            folds,
+            cfg.cv_folds,
+        )
+    if folds > len(train):
+        raise DataError(f"train split has {len(train)} rows, fewer than train.cv_folds={folds}")
+
+    holdout = clone(pipeline)
+    t0 = time.perf_counter()
+    fit_deterministic(holdout, x_fit, y_fit)
+    fit_seconds = time.perf_counter() - t0
+    metrics = regression_metrics(y_fit.to_numpy(), holdout.predict(x_fit), "train")
+    metrics |= regression_metrics(y_val.to_numpy(), holdout.predict(x_val), "val")
+    cv_mean, cv_std = cross_validate_rmse(
+        pipeline, train[features], train[target], folds, cfg.random_state
+    )
+    metrics["cv/rmse_mean"] = cv_mean
+    metrics["cv/rmse_std"] = cv_std
+
+    final = holdout
+    if cfg.refit_full:
+        final = clone(pipeline)
+        t0 = time.perf_counter()
+        fit_deterministic(final, train[features], train[target])
+        fit_seconds = time.perf_counter() - t0
+    metrics["fit_seconds"] = fit_seconds
+    return FitOutcome(
+        pipeline=final,
+        metrics=metrics,
+        cv_folds=folds,
+        n_train=len(fit_part),
+        n_val=len(val_part),
+        features=features,
+        importances=feature_importances(final, features),
+    )
+
+
+def read_split(path: Path) -> pd.DataFrame:
+    """Read a processed split written by prepare."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run the prepare stage first)")
+    try:
+        return pd.read_csv(path, dtype="float64", engine="c")
+    except (ValueError, pd.errors.ParserError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a numeric table written by prepare ({first})") from None
+
+
+def run(settings: Settings) -> TrainResult:
+    """Train ``settings.model`` and write ``models/<name>.joblib`` + its metrics JSON."""
+    model = settings.model
+    paths = settings.paths
+    # Validate the estimator config before reading any data.
+    build_pipeline(model.estimator, model.params, ["x"], scale=model.scale)
+    train = read_split(paths.train)
+    target = settings.data.target
+    if target not in train.columns:
+        raise DataError(f"{paths.train}: target column {target!r} not found (data.target)")
+    outcome = fit_and_score(train, target, model, settings.train)
+
+    model_path = paths.model(model.name)
+    sha = io.save_model(model_path, outcome.pipeline)
+    fingerprint = _read_fingerprint(paths.fingerprint)
+    record: dict[str, Any] = {
+        "model": model.name,
+        "estimator": model.estimator,
+        "params": dict(model.params),
+        "scale": model.scale,
+        "metrics": outcome.metrics,
+        "cv_folds": outcome.cv_folds,
+        "n_train": outcome.n_train,
+        "n_val": outcome.n_val,
+        "n_train_full": len(train),
+        "refit_full": settings.train.refit_full,
+        "features": outcome.features,
+        "feature_importances": outcome.importances,
+        "model_path": io.relpath(model_path, settings.root),
+        "model_sha256": sha,
+        "data_md5": fingerprint.get("raw", {}).get("md5"),
+        "train_md5": io.file_md5(paths.train),
+    }
+    metrics_path = paths.train_metrics(model.name)
+    io.write_json(metrics_path, record)
+    m = outcome.metrics
+    log.info(
+        "train %s: val/rmse=%.3f cv/rmse_mean=%.3f (%d folds) fit %.2fs -> %s",
+        model.name,
+        m["val/rmse"],
+        m["cv/rmse_mean"],
+        outcome.cv_folds,
+        m["fit_seconds"],
+        record["model_path"],
+    )
+    return TrainResult(
+        model_name=model.name,
+        estimator=model.estimator,
+        params=dict(model.params),
+        metrics=outcome.metrics,
+        model_path=model_path,
+        metrics_path=metrics_path,
+        model_sha256=sha,
+        record=record,
+    )
+
+
+def _read_fingerprint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = io.read_json(path)
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,50 @@
+"""Shared fixtures: project paths, settings in a temporary root, tiny tables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from housing.config import Settings, load_settings
+
+PROJECT = Path(__file__).resolve().parents[1]
+CONF = PROJECT / "conf"
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> SettingsFactory:
+    """Build validated settings from the real conf/ with outputs under ``tmp_path``."""
+
+    def factory(overrides: Sequence[str] = (), root: Path | None = None) -> Settings:
+        return load_settings(["tracking=none", *overrides], config_dir=CONF, root=root or tmp_path)
+
+    return factory
+
+
+@pytest.fixture
+def small_table() -> pd.DataFrame:
+    """A 120-row synthetic regression table: 3 numeric features and a target."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 3))
+    y = 3 * x[:, 0] - 2 * x[:, 1] + 0.5 * x[:, 2] + rng.normal(scale=0.1, size=120) + 20
+    return pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "price": y})
+
+
+@pytest.fixture
+def csv_file(tmp_path: Path, small_table: pd.DataFrame) -> Path:
+    """``small_table`` written as a CSV file."""
+    path = tmp_path / "input" / "houses.csv"
+    path.parent.mkdir(parents=True)
+    small_table.to_csv(path, index=False)
+    return path
+
+
+def csv_overrides(path: Path, *extra: str) -> list[str]:
+    """Overrides selecting the CSV source for the ``small_table`` fixture."""
+    return ["data=csv", f"data.path={path}", "data.target=price", *extra]

@@ -1,0 +1,103 @@
+"""Config composition (every group option) and one failure contract per bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from housing.cli import main
+from housing.config import available_choices, compose, load_settings
+from housing.errors import ConfigError
+
+from .conftest import CONF
+
+
+@pytest.mark.parametrize("group", ["data", "model", "tracking"])
+def test_every_group_option_composes_and_validates(group: str, tmp_path: Path) -> None:
+    choices = available_choices(CONF, group)
+    assert len(choices) >= 1
+    for choice in choices:
+        extra = ["data.path=x.csv", "data.target=price"] if (group, choice) == ("data", "csv") else []
+        settings = load_settings([f"{group}={choice}", *extra], config_dir=CONF, root=tmp_path)
+        assert settings.resolved[group] is not None
+        if group == "model":
+            assert settings.model.name == choice
+        if group == "data":
+            assert settings.data.name == choice
+
+
+def test_defaults_match_the_report() -> None:
+    cfg = compose([], CONF)
+    assert cfg["prepare"] == {"test_size": 0.2, "random_state": 42}
+    assert cfg["train"]["val_size"] == 0.2
+    assert cfg["train"]["cv_folds"] == 5
+    assert cfg["data"]["name"] == "boston"
+    assert cfg["selection"]["metric"] == "cv/rmse_mean"
+    assert {"linear_regression", "ridge", "random_forest"} <= set(cfg["selection"]["candidates"])
+    ridge = compose(["model=ridge"], CONF)["model"]
+    assert ridge["params"]["alpha"] == 1.0
+    rf = compose(["model=random_forest"], CONF)["model"]["params"]
+    assert (rf["n_estimators"], rf["max_depth"]) == (100, 10)
+
+
+def test_model_configs_are_named_after_their_file() -> None:
+    for choice in available_choices(CONF, "model"):
+        assert compose([f"model={choice}"], CONF)["model"]["name"] == choice
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["prepare.test_size=1.5"], "prepare.test_size"),
+        (["prepare.test_size=0"], "prepare.test_size"),
+        (["prepare.test_size=abc"], "prepare.test_size"),
+        (["train.val_size=1"], "train.val_size"),
+        (["train.cv_folds=1"], "train.cv_folds"),
+        (["train.n_jobs=0"], "train.n_jobs"),
+        (["model=ridge", "model.params.alpha=-1"], "model.params.alpha"),
+        (["model=random_forest", "model.params.n_estimators=0"], "model.params.n_estimators"),
+        (["model=gradient_boosting", "model.params.subsample=1.5"], "model.params.subsample"),
+        (["model.estimator=svm"], "model.estimator"),
+        (["model=unknown_model"], "model=unknown_model"),
+        (["data=nope"], "data=nope"),
+        (["selection.metric=accuracy"], "selection.metric"),
+        (["selection.candidates=[ridge,lasso]"], "selection.candidates"),
+        (["selection.candidates=[]"], "selection.candidates"),
+        (["data=csv"], "data.path"),
+        (["data=csv", "data.path=x.csv"], "data.target"),
+        (["data.drop_columns=[medv]"], "data.drop_columns"),
+        (["data.sep=;"], "data.sep=;"),
+        (["data.schema.min_rows=0"], "data.schema.min_rows"),
+        (["data.schema.columns.rm.min=9", "data.schema.columns.rm.max=1"], "data.schema.columns.rm"),
+    ],
+)
+def test_bad_config_names_the_key(overrides: list[str], key: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(overrides, config_dir=CONF, root=tmp_path)
+    message = str(err.value)
+    assert key in message
+    assert "\n" not in message
+
+
+def test_unknown_model_lists_choices(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="ridge"):
+        load_settings(["model=xgb"], config_dir=CONF, root=tmp_path)
+
+
+def test_cli_bad_config_exits_nonzero_with_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = main(["--config-dir", str(CONF), "prepare", "prepare.test_size=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == ConfigError.exit_code != 0
+    assert err == [err[0]] and err[0].startswith("error: prepare.test_size")
+    assert not (tmp_path / "data").exists()
+
+
+def test_cli_config_prints_resolved_yaml(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config-dir", str(CONF), "config", "model=ridge"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha: 1.0" in out
+    assert "test_size: 0.2" in out
