@@ -1,0 +1,140 @@
+"""The DVC pipeline in a temporary copy of the repository, with the real dvc."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from housing.config import compose
+from housing.scratch import make_scratch_repo
+
+from .conftest import CONF, PROJECT
+
+
+def test_dvc_yaml_candidates_match_the_config() -> None:
+    """select_best depends on exactly the models listed in selection.candidates."""
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    candidates = compose(["tracking=none"], CONF)["selection"]["candidates"]
+    deps = set(stages["select_best"]["deps"])
+    for name in candidates:
+        assert f"models/{name}.joblib" in deps
+        assert f"metrics/train_{name}.json" in deps
+    listed = {d.split("/")[-1].removesuffix(".joblib") for d in deps if d.startswith("models/")}
+    assert listed == set(candidates)
+    assert stages["train"]["foreach"] == "${selection.candidates}"
+
+
+def test_dvc_params_name_existing_config_keys() -> None:
+    cfg = compose(["tracking=none"], CONF)
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    for stage in ("prepare", "select_best"):
+        for entry in stages[stage]["params"]:
+            for file, keys in entry.items():
+                assert file == "conf/pipeline.yaml"
+                for key in keys:
+                    top = yaml.safe_load((PROJECT / file).read_text())
+                    assert key in top or key in cfg, key
+
+
+def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["HOUSING_CONFIG_DIR"] = str(repo / "conf")
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+
+
+def _ran(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC copy of the project, tracking off, reproduced once."""
+    root = make_scratch_repo(tmp_path_factory.mktemp("repo"), defaults={"tracking": "none"})
+    result = _dvc(root, "repro")
+    assert result.returncode == 0, result.stderr
+    expected = ["prepare", "train@linear_regression", "train@ridge", "train@random_forest",
+                "train@gradient_boosting", "select_best", "evaluate"]  # fmt: skip
+    assert sorted(_ran(result.stdout)) == sorted(expected)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_fresh_repro_produces_every_output(repo: Path) -> None:
+    for rel in ["data/raw/housing.csv", "data/processed/train.csv", "data/processed/test.csv",
+                "models/best_model.joblib", "metrics/train_metrics.json",
+                "metrics/test_metrics.json", "plots/test_predictions.csv"]:  # fmt: skip
+        assert (repo / rel).is_file(), rel
+    test_rmse = json.loads((repo / "metrics/test_metrics.json").read_text())["metrics"]
+    assert test_rmse["test/rmse"] < 3.0
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    raw = next(o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/raw/housing.csv")
+    fingerprint = json.loads((repo / "metrics/data_fingerprint.json").read_text())
+    assert raw["md5"] == fingerprint["raw"]["md5"]  # the raw version is its DVC hash
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_second_repro_is_a_noop(repo: Path) -> None:
+    result = _dvc(repo, "repro")
+    assert result.returncode == 0, result.stderr
+    assert _ran(result.stdout) == []
+    assert "up to date" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_metrics_and_plots_are_declared(repo: Path) -> None:
+    metrics = _dvc(repo, "metrics", "show", "--json")
+    assert metrics.returncode == 0, metrics.stderr
+    assert "test/rmse" in metrics.stdout
+    plots = _dvc(repo, "plots", "show", "--json")
+    assert plots.returncode == 0, plots.stderr
+    for name in ("predicted_vs_actual", "residuals", "feature_importances"):
+        assert name in plots.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_push_and_pull_through_the_local_remote(repo: Path) -> None:
+    push = _dvc(repo, "push")
+    assert push.returncode == 0, push.stderr
+    assert any((repo / "dvc-storage").rglob("*"))
+    (repo / "models/best_model.joblib").unlink()
+    shutil.rmtree(repo / ".dvc/cache")
+    pull = _dvc(repo, "pull")
+    assert pull.returncode == 0, pull.stderr
+    assert (repo / "models/best_model.joblib").is_file()
+    status = _dvc(repo, "status")
+    assert "up to date" in status.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_changed_ridge_alpha_reruns_only_ridge_and_downstream(repo: Path) -> None:
+    ridge = repo / "conf/model/ridge.yaml"
+    ridge.write_text(ridge.read_text().replace("alpha: 1.0", "alpha: 3.0"))
+    result = _dvc(repo, "repro")
+    assert result.returncode == 0, result.stderr
+    ran = _ran(result.stdout)
+    assert ran[0] == "train@ridge"
+    assert set(ran) <= {"train@ridge", "select_best", "evaluate"}
+    assert "train@ridge" in ran
+    record = json.loads((repo / "metrics/train_ridge.json").read_text())
+    assert record["params"]["alpha"] == 3.0
