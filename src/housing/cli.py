@@ -12,9 +12,12 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from housing.errors import HousingError
+from housing.errors import ConfigError, HousingError
+
+if TYPE_CHECKING:
+    from housing.config import Settings
 
 log = logging.getLogger("housing")
 
@@ -25,8 +28,37 @@ def run_stage(stage: str, overrides: Sequence[str] = (), config_dir: Path | None
     """Compose the config and run one stage; returns the stage's result dataclass."""
     from housing.config import load_settings
 
-    settings = load_settings(overrides, config_dir=config_dir)
-    return _stage_function(stage)(settings)
+    return execute_stage(stage, load_settings(overrides, config_dir=config_dir))
+
+
+def pipeline_run_id() -> str:
+    """``$HOUSING_RUN_ID`` (shared by the stages of one run), else a new id."""
+    from housing.monitoring import current_run_id
+
+    return current_run_id()
+
+
+def execute_stage(stage: str, settings: Settings, run_id: str | None = None) -> Any:
+    """Run one stage with its events, notifications and trackers around it."""
+    from housing.monitoring import EventLog, build_notifiers, track_stage
+    from housing.tracking.base import StageRun
+    from housing.tracking.recorder import record, tracked
+
+    name = f"train_{settings.model.name}" if stage == "train" else stage
+    run_id = run_id or pipeline_run_id()
+    events = EventLog(settings.paths.metrics_dir / "pipeline_events.jsonl")
+    try:
+        notifier = build_notifiers(settings.section("notifications"), base_dir=settings.root)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    run = StageRun(stage=stage, name=name, pipeline_run_id=run_id, tags=(stage,))
+    with track_stage(events, run_id, name, notifier) as handle, tracked(settings, run) as tset:
+        result = _stage_function(stage)(settings)
+        record(tset, stage, settings, result)
+        metrics = getattr(result, "metrics", None)
+        if isinstance(metrics, dict):
+            handle.update({"metrics": metrics})
+    return result
 
 
 def _stage_function(stage: str) -> Callable[[Any], Any]:
@@ -54,13 +86,13 @@ def run_all(overrides: Sequence[str] = (), config_dir: Path | None = None) -> di
     from housing.config import load_settings
 
     settings = load_settings(overrides, config_dir=config_dir)
-    results: dict[str, Any] = {"prepare": _stage_function("prepare")(settings)}
-    train = _stage_function("train")
+    run_id = pipeline_run_id()
+    results: dict[str, Any] = {"prepare": execute_stage("prepare", settings, run_id)}
     for name in settings.selection.candidates:
         model_settings = load_settings([*overrides, f"model={name}"], config_dir=config_dir)
-        results[f"train_{name}"] = train(model_settings)
-    results["select_best"] = _stage_function("select_best")(settings)
-    results["evaluate"] = _stage_function("evaluate")(settings)
+        results[f"train_{name}"] = execute_stage("train", model_settings, run_id)
+    results["select_best"] = execute_stage("select_best", settings, run_id)
+    results["evaluate"] = execute_stage("evaluate", settings, run_id)
     return results
 
 
@@ -89,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
         "evaluate": "score the best model on the test split",
         "run": "all stages in one process (prepare, train each candidate, select, evaluate)",
         "config": "print the composed, validated config",
+        "doctor": "check tracking backends, ClearML server, credentials, queues, agents",
+        "status": "show the last pipeline run's stages from metrics/pipeline_events.jsonl",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
@@ -129,7 +163,57 @@ def _dispatch(args: argparse.Namespace) -> int:
         settings = load_settings(overrides, config_dir=args.config_dir)
         print(yaml.safe_dump(dict(settings.resolved), sort_keys=False), end="")
         return 0
+    if command == "doctor":
+        return doctor(overrides, args.config_dir)
+    if command == "status":
+        return status(overrides, args.config_dir)
     raise HousingError(f"unknown command {command!r}")  # pragma: no cover - argparse guards
+
+
+def doctor(overrides: Sequence[str], config_dir: Path | None) -> int:
+    """Print what the project will use and what is wrong; exit 1 when a check fails."""
+    import os
+
+    from housing.config import load_settings
+    from housing.doctor import diagnose, render
+
+    settings = load_settings(overrides, config_dir=config_dir)
+    clearml = settings.section("clearml")
+    server = clearml.get("server") or {}
+    auth = clearml.get("auth") or {}
+    pipeline = clearml.get("pipeline") or {}
+    queues = [] if pipeline.get("run_locally", True) else [str(pipeline["execution_queue"])]
+    checks = diagnose(
+        os.environ,
+        api_host=server.get("api_host"),
+        web_host=server.get("web_host"),
+        files_host=server.get("files_host"),
+        config_file=os.environ.get("CLEARML_CONFIG_FILE"),
+        tracking_backends=settings.tracking,
+        clearml_mode=str(clearml.get("mode", "auto")),
+        mlflow_uri=str(settings.section("mlflow").get("tracking_uri", "")),
+        timeout=float(clearml.get("connect_timeout_sec", 2.0)),
+        expected_queues=queues,
+        access_key_env=str(auth.get("access_key_env", "CLEARML_API_ACCESS_KEY")),
+        secret_key_env=str(auth.get("secret_key_env", "CLEARML_API_SECRET_KEY")),
+    )
+    print(render(checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def status(overrides: Sequence[str], config_dir: Path | None) -> int:
+    """Print the last run's stages, durations and outcome from the events log."""
+    from housing.config import load_settings
+    from housing.monitoring import last_run_status, render_status
+
+    settings = load_settings(overrides, config_dir=config_dir)
+    events = settings.paths.metrics_dir / "pipeline_events.jsonl"
+    run = last_run_status(events)
+    if run is None:
+        print(f"no pipeline runs recorded yet in {events}")
+        return 0
+    print(render_status(run))
+    return 0 if run.outcome != "failed" else 1
 
 
 def stage_main(stage: str, argv: Sequence[str] | None = None) -> int:

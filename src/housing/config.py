@@ -30,6 +30,7 @@ TRAIN_METRICS = (
 )
 SELECTION_METRICS = tuple(m for m in TRAIN_METRICS if m != "cv/rmse_std")
 DATA_SOURCES = ("boston", "california", "csv", "synthetic")
+TRACKING_BACKENDS = ("mlflow", "clearml")
 
 
 def greater_is_better(metric: str) -> bool:
@@ -172,7 +173,13 @@ class Settings:
     prepare: PrepareSettings
     train: TrainSettings
     selection: SelectionSettings
+    tracking: tuple[str, ...]  # active backends, in order (mlflow, clearml)
     resolved: Mapping[str, Any]  # the whole composed config, plain values
+
+    def section(self, key: str) -> Mapping[str, Any]:
+        """A top-level config section as plain values ({} when absent)."""
+        value = self.resolved.get(key)
+        return value if isinstance(value, Mapping) else {}
 
 
 # ---------------------------------------------------------------------------
@@ -270,6 +277,7 @@ def build_settings(cfg: Mapping[str, Any], *, config_dir: Path, root: Path) -> S
         prepare=_prepare(_section(cfg, "prepare")),
         train=_train(_section(cfg, "train")),
         selection=_selection(_section(cfg, "selection"), config_dir),
+        tracking=_tracking(cfg),
         resolved=cfg,
     )
 
@@ -488,3 +496,19 @@ def _selection(section: Mapping[str, Any], config_dir: Path) -> SelectionSetting
     return SelectionSettings(
         candidates=candidates, metric=metric, allow_missing=_bool(section, "allow_missing", p)
     )
+
+
+def _tracking(cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    section = cfg.get("tracking") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError("tracking: expected a mapping; choose tracking=both|mlflow|clearml|none")
+    backends = _str_list(section, "backends", "tracking")
+    for name in backends:
+        if name not in TRACKING_BACKENDS:
+            raise ConfigError(
+                f"tracking.backends: unknown backend {name!r}; choose from mlflow, clearml"
+            )
+    clearml = cfg.get("clearml") or {}
+    if isinstance(clearml, Mapping) and clearml.get("enabled") is False:
+        backends = tuple(b for b in backends if b != "clearml")
+    return tuple(dict.fromkeys(backends))

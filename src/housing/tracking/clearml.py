@@ -1,0 +1,910 @@
+"""ClearML tracker: one ClearML task per stage run, online or offline.
+
+``ClearMLTracker`` implements :class:`housing.tracking.base.Tracker` and is also a context
+manager for standalone use::
+
+    settings = clearml_settings(cfg["clearml"], root=project_root)
+    with ClearMLTracker(settings, run=StageRun("train", "train_ridge", run_id)) as tracker:
+        tracker.connect_params({"alpha": 1.0}, "train_params")
+        tracker.log_metrics({"val/rmse": 3.1})
+        tracker.register_model(model_version)
+
+Mode: ``clearml.mode: auto`` goes online only when both credential variables are set and
+``<api_host>/debug.ping`` answers within ``connect_timeout_sec``; otherwise the task is
+recorded offline under ``clearml.offline_dir`` (``housing`` never fails because a server
+is missing) and ``housing.tracking.offline.sync`` imports it later.
+
+Process-global state: ClearML keeps one current task per process, so a tracker must be
+closed before the next one starts (``housing run`` runs stages one after another in one
+process, which works). Environment variables the SDK reads (``CLEARML_CACHE_DIR``,
+``CLEARML_CONFIG_FILE``, hosts, keys) are set in :meth:`ClearMLTracker.start` and
+restored on :meth:`ClearMLTracker.close`; nothing happens at import time and the SDK is
+imported lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+from housing.errors import ArtifactError, ConfigError
+from housing.tracking.base import (
+    ChampionDecision,
+    Figure,
+    ModelVersion,
+    RegisteredModel,
+    StageRun,
+)
+from housing.tracking.offline import (
+    CHAMPION_TAG,
+    CHAMPIONS_FILE,
+    CLIENT_CONFIG_FILE,
+    FAILED_TAG,
+    METADATA_ARTIFACT_PREFIX,
+    REGISTRY_FILE,
+    ClearMLError,
+    list_sessions,
+    locked_json,
+    ping,
+    read_json_file,
+    read_models,
+    write_client_config,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHAMPION_TAG",
+    "MODES",
+    "ClearMLError",
+    "ClearMLSettings",
+    "ClearMLTracker",
+    "clearml_settings",
+    "resolve_mode",
+]
+
+MODES: Final = ("auto", "online", "offline")
+BACKEND: Final = "clearml"
+_TASK_TYPES: Final = {
+    "prepare": "data_processing",
+    "train": "training",
+    "select_best": "qc",
+    "evaluate": "testing",
+}
+# Variables the tracker may set while a task is open (restored on close).
+_SCOPED_ENV: Final = (
+    "CLEARML_CACHE_DIR",
+    "CLEARML_CONFIG_FILE",
+    "CLEARML_OFFLINE_MODE",
+    "CLEARML_API_HOST",
+    "CLEARML_WEB_HOST",
+    "CLEARML_FILES_HOST",
+    "CLEARML_API_ACCESS_KEY",
+    "CLEARML_API_SECRET_KEY",
+)
+_ENV_PREFIXES: Final = ("CLEARML_", "TRAINS_")
+_logged_reasons: set[str] = set()
+_active: list[ClearMLTracker] = []  # the tracker whose task is open in this process (0 or 1)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class ClearMLSettings:
+    """The ``clearml:`` config section as plain values (``offline_dir`` is absolute)."""
+
+    offline_dir: Path
+    enabled: bool = True
+    mode: str = "auto"
+    project_name: str = "housing"
+    task_prefix: str = "housing"
+    model_name: str = "housing"
+    output_uri: str | None = None
+    tags: tuple[str, ...] = ()
+    api_host: str = "http://127.0.0.1:8008"
+    web_host: str = "http://127.0.0.1:8080"
+    files_host: str = "http://127.0.0.1:8081"
+    access_key_env: str = "CLEARML_API_ACCESS_KEY"
+    secret_key_env: str = "CLEARML_API_SECRET_KEY"
+    connect_timeout_sec: float = 2.0
+
+
+def clearml_settings(mapping: Mapping[str, Any], root: Path) -> ClearMLSettings:
+    """Validate the ``clearml:`` mapping; a relative ``offline_dir`` is resolved against root."""
+
+    def get(key: str, default: Any, kind: type | tuple[type, ...]) -> Any:
+        value = mapping.get(key, default)
+        if value is None and default is None:
+            return None
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError(f"clearml.{key}: expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def sub(key: str) -> Mapping[str, Any]:
+        value = mapping.get(key) or {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"clearml.{key}: expected a mapping, got {value!r}")
+        return value
+
+    mode = get("mode", "auto", str)
+    if mode not in MODES:
+        raise ConfigError(f"clearml.mode: expected one of {'|'.join(MODES)}, got {mode!r}")
+    tags = mapping.get("tags") or []
+    if not isinstance(tags, list | tuple) or not all(isinstance(t, str) for t in tags):
+        raise ConfigError(f"clearml.tags: expected a list of strings, got {tags!r}")
+    timeout = get("connect_timeout_sec", 2.0, (int, float))
+    if timeout <= 0:
+        raise ConfigError(f"clearml.connect_timeout_sec: must be > 0, got {timeout!r}")
+    offline_dir = Path(get("offline_dir", ".clearml", str)).expanduser()
+    if not offline_dir.is_absolute():
+        offline_dir = Path(root) / offline_dir
+    server, auth = sub("server"), sub("auth")
+    defaults = ClearMLSettings(offline_dir=offline_dir)
+
+    def text(section: Mapping[str, Any], prefix: str, key: str, default: str) -> str:
+        value = section.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"clearml.{prefix}.{key}: expected a non-empty string, got {value!r}")
+        return value
+
+    return ClearMLSettings(
+        offline_dir=offline_dir,
+        enabled=get("enabled", True, bool),
+        mode=mode,
+        project_name=get("project_name", defaults.project_name, str),
+        task_prefix=get("task_prefix", defaults.task_prefix, str),
+        model_name=get("model_name", defaults.model_name, str),
+        output_uri=get("output_uri", None, str),
+        tags=tuple(tags),
+        api_host=text(server, "server", "api_host", defaults.api_host).rstrip("/"),
+        web_host=text(server, "server", "web_host", defaults.web_host).rstrip("/"),
+        files_host=text(server, "server", "files_host", defaults.files_host).rstrip("/"),
+        access_key_env=text(auth, "auth", "access_key_env", defaults.access_key_env),
+        secret_key_env=text(auth, "auth", "secret_key_env", defaults.secret_key_env),
+        connect_timeout_sec=float(timeout),
+    )
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def resolve_mode(
+    settings: ClearMLSettings,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> tuple[str, str]:
+    """``("online" | "offline", reason)``; ``auto`` falls back to offline with a logged reason.
+
+    ``auto`` is online only when both credential variables are set and the API server
+    answers ``/debug.ping`` within ``timeout`` (default ``connect_timeout_sec``). The
+    offline reason is logged once per process.
+    """
+    env = os.environ if env is None else env
+    if settings.mode in ("online", "offline"):
+        return settings.mode, f"clearml.mode={settings.mode}"
+    if settings.mode != "auto":
+        raise ConfigError(f"clearml.mode: expected one of {'|'.join(MODES)}, got {settings.mode!r}")
+    missing = [n for n in (settings.access_key_env, settings.secret_key_env) if not env.get(n)]
+    if missing:
+        reason = f"{' and '.join(missing)} not set"
+    else:
+        problem = ping(
+            settings.api_host, settings.connect_timeout_sec if timeout is None else timeout
+        )
+        if problem is None:
+            return "online", f"server {settings.api_host} answered"
+        reason = problem
+    _log_once(f"ClearML offline ({reason}); sessions go to {settings.offline_dir}")
+    return "offline", reason
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged_reasons:
+        _logged_reasons.add(message)
+        logger.info("%s", message)
+
+
+# --------------------------------------------------------------------------- tracker
+
+
+class ClearMLTracker:
+    """One ClearML task for one stage run (see the module docstring)."""
+
+    backend = BACKEND
+
+    def __init__(
+        self,
+        settings: ClearMLSettings,
+        run: StageRun | None = None,
+        *,
+        mode: str | None = None,
+    ) -> None:
+        if mode is not None and mode not in MODES:
+            raise ConfigError(f"clearml.mode: expected one of {'|'.join(MODES)}, got {mode!r}")
+        self.settings = settings
+        self._run = run
+        self._mode_override = None if mode == "auto" else mode
+        self._mode: str | None = None
+        self.mode_reason = ""
+        self._task: Any = None
+        self._env_before: dict[str, str | None] = {}
+        self._models: dict[str, Any] = {}  # model id -> OutputModel
+        self.timings: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def mode(self) -> str | None:
+        """``online`` / ``offline`` once started, else ``None``."""
+        return self._mode
+
+    @property
+    def offline(self) -> bool:
+        return self._mode == "offline"
+
+    @property
+    def task(self) -> Any:
+        """The underlying ``clearml.Task`` (``None`` when not started)."""
+        return self._task
+
+    @property
+    def task_id(self) -> str | None:
+        return None if self._task is None else str(self._task.id)
+
+    @property
+    def session_folder(self) -> Path | None:
+        """Offline only: the session folder of the open task."""
+        if self._task is None or not self.offline:
+            return None
+        return Path(str(self._task.get_offline_mode_folder()))
+
+    @property
+    def run(self) -> StageRun | None:
+        return self._run
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> ClearMLTracker:
+        if self._run is None:
+            raise ValueError("ClearMLTracker(..., run=StageRun(...)) is needed for `with`")
+        self.start(self._run)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close("completed")
+        else:
+            self.close("failed", _one_line(f"{type(exc).__name__}: {exc}"))
+
+    def start(self, run: StageRun) -> None:
+        """Open the task ``<task_prefix>:<run.name>`` (online or offline, see ``mode``)."""
+        if self._task is not None:
+            raise ClearMLError(f"ClearML task {self._task.name!r} is already open")
+        if _active and _active[0] is not self:
+            other = _active[0].run.name if _active[0].run else "?"
+            raise ClearMLError(
+                f"ClearML task for {other!r} is still open in this process; close it before "
+                f"starting {run.name!r} (ClearML keeps one current task per process)"
+            )
+        self._run = run
+        if self._mode_override is not None:
+            mode, reason = self._mode_override, f"forced mode={self._mode_override}"
+        else:
+            mode, reason = resolve_mode(self.settings)
+        pinged = self._mode_override is None and self.settings.mode == "auto"
+        if mode == "online" and not pinged:
+            problem = self._online_problem()
+            if problem is not None:
+                mode, reason = "offline", problem
+                logger.warning("ClearML online requested but %s; recording offline", problem)
+        started = time.perf_counter()
+        try:
+            self._task = self._open(run, mode)
+        except Exception as exc:
+            if mode != "online":
+                raise ClearMLError(f"ClearML could not open an offline task: {exc}") from exc
+            logger.warning("ClearML online task failed (%s); recording offline", _one_line(exc))
+            mode, reason = "offline", f"online init failed: {_one_line(exc)}"
+            try:
+                self._task = self._open(run, mode)
+            except Exception as exc2:
+                raise ClearMLError(f"ClearML could not open a task: {exc2}") from exc2
+        self._mode, self.mode_reason = mode, reason
+        _active[:] = [self]
+        with contextlib.suppress(Exception):
+            self._task.set_user_properties(
+                pipeline_run_id=run.pipeline_run_id, stage=run.stage, tracking_mode=mode
+            )
+        self.timings["start"] = time.perf_counter() - started
+
+    def close(self, status: str, error: str | None = None) -> None:
+        """Close the task: ``completed``, or ``failed`` (recorded with ``error``)."""
+        if status not in ("completed", "failed"):
+            raise ValueError(f"close status must be 'completed' or 'failed', got {status!r}")
+        task = self._task
+        if task is None:
+            return
+        started = time.perf_counter()
+        reason = _one_line(error or "failed")
+        try:
+            if status == "failed":
+                _quietly(task.add_tags, [FAILED_TAG])
+                _quietly(task.set_user_properties, status="failed", error=reason)
+                _quietly(
+                    task.get_logger().report_text, f"stage failed: {reason}", print_console=False
+                )
+                _quietly(task.mark_failed, status_reason=reason, status_message=reason)
+            else:
+                _quietly(task.set_user_properties, status="completed")
+            task.close()
+            if status == "failed" and not self.offline:
+                # Task.close() marks a task completed; make the failure the final state.
+                _quietly(task.mark_failed, status_reason=reason, force=True)
+        finally:
+            self._task = None
+            self._models.clear()
+            if _active and _active[0] is self:
+                _active.clear()
+            self._restore_env()
+            self.timings["close"] = time.perf_counter() - started
+
+    def _open(self, run: StageRun, mode: str) -> Any:
+        """Scope the environment and ``Task.init``; on failure the environment is restored."""
+        try:
+            self._enter_env(mode)
+            return self._init_task(run, mode)
+        except BaseException:
+            self._restore_env()
+            raise
+
+    def _online_problem(self) -> str | None:
+        env = os.environ
+        missing = [
+            n
+            for n in (self.settings.access_key_env, self.settings.secret_key_env)
+            if not env.get(n)
+        ]
+        if missing:
+            return f"{' and '.join(missing)} not set"
+        return ping(self.settings.api_host, self.settings.connect_timeout_sec)
+
+    def _enter_env(self, mode: str) -> None:
+        from clearml import Task
+
+        s = self.settings
+        # Snapshot every CLEARML_*/TRAINS_* variable: the SDK sets some itself
+        # (CLEARML_PROC_MASTER_ID, TRAINS_OFFLINE_MODE).
+        self._env_before = {k: os.environ.get(k) for k in _SCOPED_ENV}
+        self._env_before.update(
+            {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+        )
+        s.offline_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["CLEARML_CACHE_DIR"] = str(s.offline_dir)
+        if not self._env_before["CLEARML_CONFIG_FILE"]:
+            conf = write_client_config(
+                s.offline_dir / CLIENT_CONFIG_FILE,
+                retries=2,
+                api_host=s.api_host,
+                web_host=s.web_host,
+                files_host=s.files_host,
+            )
+            os.environ["CLEARML_CONFIG_FILE"] = str(conf)
+        else:
+            _warn_slow_user_config()
+        if mode == "online":
+            for key, value in (
+                ("CLEARML_API_HOST", s.api_host),
+                ("CLEARML_WEB_HOST", s.web_host),
+                ("CLEARML_FILES_HOST", s.files_host),
+                ("CLEARML_API_ACCESS_KEY", os.environ.get(s.access_key_env, "")),
+                ("CLEARML_API_SECRET_KEY", os.environ.get(s.secret_key_env, "")),
+            ):
+                if value and not os.environ.get(key):
+                    os.environ[key] = value
+        if bool(Task.is_offline()) != (mode == "offline"):
+            Task.set_offline(mode == "offline")
+
+    def _restore_env(self) -> None:
+        if not self._env_before:
+            return
+        # The SDK's offline switch is left as it is: switching back online makes every
+        # existing session log in to the server (retries, maybe minutes with no server).
+        # The next tracker sets the mode it needs in start().
+        for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES)]:
+            if key not in self._env_before:
+                os.environ.pop(key, None)
+        for key, value in self._env_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._env_before = {}
+
+    def _init_task(self, run: StageRun, mode: str) -> Any:
+        from clearml import Task
+
+        current: Any = Task.current_task()
+        if current is not None:
+            raise ClearMLError(
+                f"another ClearML task ({current.name!r}) is open in this process; close it first"
+            )
+        task_type = getattr(Task.TaskTypes, _TASK_TYPES.get(run.stage, "training"))
+        return Task.init(
+            project_name=self.settings.project_name,
+            task_name=f"{self.settings.task_prefix}:{run.name}",
+            task_type=task_type,
+            tags=_unique([*self.settings.tags, *run.tags, run.stage]),
+            reuse_last_task_id=False,
+            # Online, None means "the server's file server" (True); offline: the session.
+            output_uri=(self.settings.output_uri or True) if mode == "online" else None,
+            auto_connect_arg_parser=False,
+            auto_connect_frameworks=False,
+            auto_resource_monitoring=False,
+        )
+
+    def _require(self) -> Any:
+        if self._task is None:
+            raise ClearMLError("ClearML tracker is not started (call start() or use `with`)")
+        return self._task
+
+    # ---------------------------------------------------------------- logging
+
+    def log_params(self, params: Mapping[str, Any], section: str) -> None:
+        """``task.connect(params, name=section)``: Configuration > Hyperparameters > section."""
+        self.connect_params(params, section)
+
+    def connect_params(self, params: Mapping[str, Any], name: str = "General") -> dict[str, Any]:
+        """Connect params under ``name``; returns them (an agent may override them remotely)."""
+        connected = self._require().connect(_plain(params), name=name)
+        return dict(connected) if isinstance(connected, Mapping) else dict(params)
+
+    def log_config(self, config: Mapping[str, Any], name: str) -> None:
+        """``task.connect_configuration`` with the (already redacted) config as one document."""
+        self._require().connect_configuration(_plain(config), name=name)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Scalars (title = part before ``/``, series = the rest) plus summary single values."""
+        reporter = self._require().get_logger()
+        for name, raw in metrics.items():
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                logger.debug("ClearML: metric %s=%r is not a number; skipped", name, raw)
+                continue
+            if not math.isfinite(value):
+                logger.debug("ClearML: metric %s=%r is not finite; skipped", name, raw)
+                continue
+            title, _, series = str(name).partition("/")
+            reporter.report_scalar(
+                title=title, series=series or title, value=value, iteration=step or 0
+            )
+            reporter.report_single_value(name=str(name), value=value)
+
+    def log_artifact(self, path: Path, name: str | None = None) -> None:
+        """Attach a file (or folder) as artifact ``name`` (default: the file name)."""
+        path = Path(path)
+        if not path.exists():
+            raise ArtifactError(f"{path}: artifact file not found")
+        self._require().upload_artifact(name or path.name, artifact_object=path)
+
+    def upload_artifact(self, path_or_obj: Any, name: str) -> None:
+        """Attach a file (``Path``/``str``) or an object (dict -> JSON, DataFrame -> CSV)."""
+        if isinstance(path_or_obj, str | Path):
+            self.log_artifact(Path(path_or_obj), name)
+        else:
+            self._require().upload_artifact(name, artifact_object=path_or_obj)
+
+    def log_figure(self, figure: Figure) -> None:
+        """Scatter (optional y = x diagonal) via ``report_scatter2d``; bar via plotly."""
+        reporter = self._require().get_logger()
+        if figure.kind == "scatter":
+            points = [[float(x), float(y)] for x, y in zip(figure.x, figure.y, strict=True)]
+            reporter.report_scatter2d(
+                title=figure.title,
+                series=figure.name,
+                scatter=points,
+                iteration=0,
+                xaxis=figure.x_label or None,
+                yaxis=figure.y_label or None,
+                mode="markers",
+            )
+            if figure.diagonal and points:
+                values = [v for p in points for v in p]
+                low, high = min(values), max(values)
+                reporter.report_scatter2d(
+                    title=figure.title,
+                    series="y = x",
+                    scatter=[[low, low], [high, high]],
+                    iteration=0,
+                    xaxis=figure.x_label or None,
+                    yaxis=figure.y_label or None,
+                    mode="lines",
+                )
+        elif figure.kind == "bar":
+            plot = {
+                "data": [
+                    {
+                        "type": "bar",
+                        "x": [str(x) for x in figure.x],
+                        "y": [float(y) for y in figure.y],
+                    }
+                ],
+                "layout": {
+                    "title": figure.title,
+                    "xaxis": {"title": figure.x_label},
+                    "yaxis": {"title": figure.y_label},
+                },
+            }
+            reporter.report_plotly(title=figure.title, series=figure.name, figure=plot, iteration=0)
+        else:
+            raise ValueError(f"figure {figure.name!r}: unknown kind {figure.kind!r} (scatter|bar)")
+
+    def log_text(self, text: str) -> None:
+        """A line in the task's console log."""
+        self._require().get_logger().report_text(str(text), print_console=False)
+
+    # ---------------------------------------------------------------- registry
+
+    def register_model(self, model: ModelVersion) -> RegisteredModel:
+        """A new model (= new version) named ``model.registry_name`` with its lineage.
+
+        Version: offline, one more than the registrations of that name in the local
+        sessions (and ``registry.json``); online, one more than the server's models of
+        that name. Metadata goes where an offline import keeps it: tags
+        (``version:``, ``sha256:``, ``data:``...), the comment (compact JSON), a task
+        artifact ``model_metadata_<name>_v<version>`` and user properties.
+        """
+        task = self._require()
+        path = Path(model.path)
+        if not path.is_file():
+            raise ArtifactError(
+                f"{path}: model file not found; cannot register {model.registry_name}"
+            )
+        started = time.perf_counter()
+        if self.offline:
+            with locked_json(self.settings.offline_dir / REGISTRY_FILE, dict) as registry:
+                version = self._offline_version(model.registry_name, registry)
+                registered = self._register(task, model, path, version)
+                entry = registry.setdefault(
+                    model.registry_name, {"last_version": 0, "versions": []}
+                )
+                entry["last_version"] = version
+                entry["versions"].append(
+                    {
+                        "version": str(version),
+                        "model_id": registered.model_id,
+                        "task_id": str(task.id),
+                        "sha256": model.metadata.get("model_sha256", ""),
+                        "created_at": _now(),
+                    }
+                )
+        else:
+            registered = self._register(
+                task, model, path, self._online_version(model.registry_name)
+            )
+        self.timings["register"] = time.perf_counter() - started
+        return registered
+
+    def _offline_version(self, name: str, registry: Mapping[str, Any]) -> int:
+        ids: set[str] = set()
+        for session in list_sessions(self.settings.offline_dir):
+            ids.update(m.model_id for m in read_models(session) if m.name == name)
+        ids.update(mid for mid, om in self._models.items() if om.name == name)
+        last = int((registry.get(name) or {}).get("last_version") or 0)
+        return max(len(ids), last) + 1
+
+    def _online_version(self, name: str) -> int:
+        from clearml import Model
+
+        found = Model.query_models(
+            project_name=self.settings.project_name, model_name=name, include_archived=True
+        )
+        return len([m for m in found if m.name == name]) + 1
+
+    def _register(
+        self, task: Any, model: ModelVersion, path: Path, version: int
+    ) -> RegisteredModel:
+        from clearml import OutputModel
+
+        run = self._run
+        meta = {str(k): str(v) for k, v in model.metadata.items()}
+        tags = _unique(
+            [
+                *self.settings.tags,
+                *model.tags,
+                f"algorithm:{model.algorithm}" if model.algorithm else "",
+                f"version:{version}",
+                _tag("sha256", meta.get("model_sha256")),
+                _tag("data", meta.get("data_md5")),
+                _tag("git", meta.get("git_commit"), 12),
+                _tag("config", meta.get("config_hash"), 12),
+                f"stage:{run.stage}" if run else "",
+            ]
+        )
+        record = {
+            "registry_name": model.registry_name,
+            "version": str(version),
+            "algorithm": model.algorithm,
+            "metrics": {k: float(v) for k, v in model.metrics.items() if _finite(v)},
+            "params": _plain(model.params),
+            "metadata": meta,
+            "task_id": str(task.id),
+            "pipeline_run_id": run.pipeline_run_id if run else "",
+            "stage": run.stage if run else "",
+        }
+        comment = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
+        out = OutputModel(
+            task=task, name=model.registry_name, framework="ScikitLearn", tags=tags, comment=comment
+        )
+        target_name = f"{_safe_name(model.registry_name)}-v{version}{path.suffix}"
+        with _staged(path, target_name, self.offline) as weights:
+            if self.offline:
+                base: Any = out._get_base_model()
+                if not hasattr(base, "locked"):
+                    # SDK bug (clearml 1.15-2.1.12): the offline placeholder has no `locked`,
+                    # so update_weights raises AttributeError before copying the weights.
+                    base.locked = False
+            out.update_weights(
+                weights_filename=str(weights),
+                target_filename=target_name,
+                auto_delete_file=False,
+            )
+        model_id = str(out.id)
+        self._models[model_id] = out
+        if not self.offline:
+            for key, value in {
+                **meta,
+                **{f"metric:{k}": v for k, v in record["metrics"].items()},
+            }.items():
+                with contextlib.suppress(Exception):
+                    out.set_metadata(key, str(value))
+        artifact = f"{METADATA_ARTIFACT_PREFIX}{model.registry_name}_v{version}"
+        task.upload_artifact(artifact, artifact_object={**record, "model_id": model_id})
+        with contextlib.suppress(Exception):
+            task.set_user_properties(
+                **{
+                    f"{model.registry_name}.version": str(version),
+                    f"{model.registry_name}.model_id": model_id,
+                    f"{model.registry_name}.sha256": meta.get("model_sha256", ""),
+                }
+            )
+        return RegisteredModel(
+            backend=BACKEND,
+            registry_name=model.registry_name,
+            version=str(version),
+            model_id=model_id,
+            extra={
+                "task_id": str(task.id),
+                "project": self.settings.project_name,
+                "mode": self._mode,
+                "tags": tags,
+                "metadata_artifact": artifact,
+            },
+        )
+
+    def champion(self, registry_name: str, metric: str) -> tuple[str, float] | None:
+        """Online: the newest model tagged ``champion``; offline: ``champions.json``."""
+        if self._mode == "online":
+            return self._online_champion(registry_name, metric)
+        ledger = read_json_file(self.settings.offline_dir / CHAMPIONS_FILE, {})
+        entry = ledger.get(registry_name) if isinstance(ledger, dict) else None
+        if not isinstance(entry, dict) or entry.get("version") is None:
+            return None
+        if entry.get("metric") != metric:
+            logger.warning(
+                "ClearML champion of %s was chosen on %s, not %s; ignoring it",
+                registry_name,
+                entry.get("metric"),
+                metric,
+            )
+            return None
+        return str(entry["version"]), float(entry["value"])
+
+    def _online_champion(self, registry_name: str, metric: str) -> tuple[str, float] | None:
+        from clearml import Model
+
+        found = Model.query_models(
+            project_name=self.settings.project_name, model_name=registry_name, tags=[CHAMPION_TAG]
+        )
+        for candidate in found:
+            if candidate.name != registry_name:
+                continue
+            version = next(
+                (t.split(":", 1)[1] for t in candidate.tags if t.startswith("version:")), None
+            )
+            value: Any = None
+            with contextlib.suppress(Exception):
+                if candidate.get_metadata("champion_metric") == metric:
+                    value = candidate.get_metadata("champion_value")
+            if value is None:  # fall back to the metrics recorded at registration
+                value = (_comment_record(candidate.comment or "").get("metrics") or {}).get(metric)
+            if version is not None and value is not None:
+                return str(version), float(value)
+        return None
+
+    def promote(self, decision: ChampionDecision, registered: RegisteredModel) -> None:
+        """Record the decision (tags, log line, ledger); move the ``champion`` tag if promoted."""
+        task = self._require()
+        verdict = "promoted" if decision.promoted else "rejected"
+        line = (
+            f"champion decision: {decision.registry_name} v{decision.challenger_version} "
+            f"{decision.metric}={decision.challenger_value:.6g} vs "
+            + (
+                f"v{decision.champion_version} {decision.champion_value:.6g}"
+                if decision.champion_version is not None and decision.champion_value is not None
+                else "no champion"
+            )
+            + f": {verdict} ({decision.reason})"
+        )
+        if decision.promoted:
+            self._tag_champion(registered, decision)
+        task.add_tags([f"champion:{verdict}"])
+        task.get_logger().report_text(line, print_console=False)
+        with contextlib.suppress(Exception):
+            task.set_user_properties(**{f"{decision.registry_name}.champion_decision": verdict})
+        history_item = {
+            **asdict(decision),
+            "model_id": registered.model_id,
+            "task_id": str(task.id),
+            "mode": self._mode,
+        }
+        with locked_json(self.settings.offline_dir / CHAMPIONS_FILE, dict) as ledger:
+            entry = ledger.setdefault(
+                decision.registry_name,
+                {"version": None, "value": None, "metric": decision.metric, "history": []},
+            )
+            entry.setdefault("history", []).append(history_item)
+            if decision.promoted:
+                entry.update(
+                    version=decision.challenger_version,
+                    value=decision.challenger_value,
+                    metric=decision.metric,
+                    model_id=registered.model_id,
+                    task_id=str(task.id),
+                    decided_at=decision.decided_at,
+                )
+        logger.info("%s", line)
+
+    def _tag_champion(self, registered: RegisteredModel, decision: ChampionDecision) -> None:
+        out = self._models.get(registered.model_id)
+        if self.offline:
+            # The offline registration is already recorded in task.json; add the tag to
+            # that record so the import creates the model with it.
+            for entry in getattr(self._task, "_offline_output_models", []):
+                if entry.get("id") == registered.model_id:
+                    tags = entry.setdefault("init", {}).setdefault("tags", [])
+                    if CHAMPION_TAG not in tags:
+                        tags.append(CHAMPION_TAG)
+            return
+        from clearml import Model
+
+        try:
+            for previous in Model.query_models(
+                project_name=self.settings.project_name,
+                model_name=registered.registry_name,
+                tags=[CHAMPION_TAG],
+            ):
+                if previous.id != registered.model_id and CHAMPION_TAG in previous.tags:
+                    previous.tags = [t for t in previous.tags if t != CHAMPION_TAG]
+            target = out if out is not None else Model(model_id=registered.model_id)
+            target.tags = _unique([*target.tags, CHAMPION_TAG])
+            target.set_metadata("champion_metric", decision.metric)
+            target.set_metadata("champion_value", repr(float(decision.challenger_value)))
+            target.publish()
+        except Exception as exc:
+            logger.warning("ClearML: could not move the champion tag: %s", _one_line(exc))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _staged(path: Path, name: str, copy: bool) -> Iterator[Path]:
+    """Offline: a copy named ``name`` (the SDK copies weights by file name into the session)."""
+    if not copy:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="housing-clearml-") as tmp:
+        staged = Path(tmp) / name
+        shutil.copyfile(path, staged)
+        yield staged
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copy: mappings -> dict, sequences -> list, Paths/objects -> str."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        with contextlib.suppress(Exception):
+            return _plain(value.item())
+    return str(value)
+
+
+def _warn_slow_user_config() -> None:
+    """A user CLEARML_CONFIG_FILE without the fast-close settings makes close() slow."""
+    try:
+        from clearml.config import config
+
+        slow = bool(config.get("development.report_use_subprocess", True)) or bool(
+            config.get("development.vcs_repo_detect_async", False)
+        )
+    except Exception:  # an unreadable config is the SDK's to report
+        return
+    if slow:
+        _log_once(
+            "CLEARML_CONFIG_FILE lacks sdk.development.report_use_subprocess: false / "
+            "vcs_repo_detect_async: false: Task.close() may take 10 s (or hang up to 300 s)"
+        )
+
+
+def _quietly(func: Any, *args: Any, **kwargs: Any) -> None:
+    """Call ``func``; a tracking hiccup is logged, never raised."""
+    try:
+        func(*args, **kwargs)
+    except Exception as exc:
+        logger.debug("ClearML: %s failed: %s", getattr(func, "__name__", func), _one_line(exc))
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _tag(prefix: str, value: str | None, length: int | None = None) -> str:
+    return f"{prefix}:{value[:length] if length else value}" if value else ""
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(i for i in items if i))
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"
+
+
+def _one_line(value: object) -> str:
+    lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
+    return lines[0] if lines else type(value).__name__
+
+
+def _comment_record(comment: str) -> dict[str, Any]:
+    for line in comment.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    return value
+    return {}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -1,0 +1,783 @@
+"""MLflow backend of the :class:`~housing.tracking.base.Tracker` protocol.
+
+Layout in MLflow: one experiment (``mlflow.experiment``); per pipeline run one parent
+run (tag ``housing.pipeline_run_id``, name ``pipeline-<id>``); per stage one child run
+nested under it (``mlflow.parentRunId``). Models are logged into the stage run with
+``mlflow.sklearn.log_model`` (cloudpickle) and registered as a new version of the
+registered model; the champion is a registered-model alias.
+
+All work goes through an explicit ``MlflowClient``; ``mlflow`` is imported lazily (this
+module's import is cheap). The one exception is ``register_model``: ``log_model`` (and,
+for a local registry, ``create_model_version`` with a ``models:/<id>`` source) only use
+the process-global tracking URI, which is set for those calls under a lock and restored
+afterwards. Other threads using mlflow's fluent API at that moment would see it too.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+from housing.errors import ArtifactError, ConfigError
+from housing.tracking.base import (
+    ChampionDecision,
+    Figure,
+    ModelVersion,
+    RegisteredModel,
+    StageRun,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
+    from mlflow.models.model import ModelInfo
+
+__all__ = ["MLflowTracker", "load_registered_model"]
+
+log = logging.getLogger(__name__)
+
+#: Param values longer than this are cut (MLflow 3 accepts 6000; older releases 500).
+PARAM_VALUE_MAX = 500
+#: Model-version / run tag values longer than this are cut.
+TAG_VALUE_MAX = 5000
+#: The ``error`` tag of a failed stage run is one line of at most this many characters.
+ERROR_TAG_MAX = 500
+TRUNCATION_MARKER = "...[truncated]"
+
+TAG_PIPELINE_RUN_ID = "housing.pipeline_run_id"
+TAG_RUN_TYPE = "housing.run_type"  # pipeline | stage | pipeline_duplicate
+TAG_STAGE = "housing.stage"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_RUN_NAME = "mlflow.runName"
+TAG_PICKLE_SHA = "mlflow_pickle_sha256"
+
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+_STAGE_LOG_ARTIFACT = "logs/stage.log"
+_INVALID_KEY_CHARS = re.compile(r"[^\w./\- :]")
+_INVALID_FILE_CHARS = re.compile(r"[^\w.\-]")
+_STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+_PINNED_DISTRIBUTIONS = ("scikit-learn", "numpy", "pandas", "joblib")
+
+# Serialises the temporary change of mlflow's process-global tracking URI.
+_GLOBAL_URI_LOCK = threading.Lock()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _truncate(value: str, limit: int) -> str:
+    if len(value) <= limit:
+        return value
+    return value[: limit - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
+
+
+def _one_line(text: str, limit: int) -> str:
+    return _truncate(" ".join(text.split()), limit)
+
+
+def _key(name: str) -> str:
+    """An MLflow-valid param/tag/metric key (identity for names that are valid already)."""
+    key = _INVALID_KEY_CHARS.sub("_", name.strip())
+    if key in ("", ".") or posixpath.normpath(key) != key or key.startswith(("/", "..")):
+        key = key.replace("/", "_").replace("..", "__") or "_"
+    return key[:250]
+
+
+def _file_name(name: str) -> str:
+    return _INVALID_FILE_CHARS.sub("_", name) or "_"
+
+
+def _stringify(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(_plain(value), sort_keys=True, default=str)
+    return str(value)
+
+
+def _flatten(params: Mapping[str, Any], prefix: str) -> dict[str, str]:
+    """``{"a": {"b": 1}}`` under ``prefix`` -> ``{"prefix.a.b": "1"}`` (values stringified)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = _stringify(value)
+    return flat
+
+
+def _plain(value: Any) -> Any:
+    """A JSON/YAML-safe copy: mappings, lists, str, int, float, bool, None."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        try:
+            return _plain(value.tolist())
+        except (TypeError, ValueError):
+            return str(value)
+    return str(value)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _resolve_uri(uri: str, root: Path) -> str:
+    """Make local store URIs absolute against ``root`` (remote URIs pass through)."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+        if path.startswith("/") or path == ":memory:" or not path:
+            return uri
+        return f"sqlite:///{(root / path).resolve()}"
+    if uri.startswith("file:"):
+        parsed = urlparse(uri)
+        host = "" if parsed.netloc in ("", "localhost") else parsed.netloc
+        local = Path(unquote(host + parsed.path))
+        return (local if local.is_absolute() else (root / local).resolve()).as_uri()
+    if "://" not in uri and not uri.startswith(("databricks", "mlflow-artifacts:")):
+        local = Path(uri)
+        return (local if local.is_absolute() else (root / local).resolve()).as_uri()
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:////"):
+        return Path(uri[len("sqlite:///") :])
+    return None
+
+
+@functools.cache
+def _pinned_requirements() -> tuple[str, ...]:
+    reqs = []
+    for dist in _PINNED_DISTRIBUTIONS:
+        try:
+            reqs.append(f"{dist}=={importlib_metadata.version(dist)}")
+        except importlib_metadata.PackageNotFoundError:
+            reqs.append(dist)
+    return tuple(reqs)
+
+
+def _error_code(exc: BaseException) -> str:
+    return str(getattr(exc, "error_code", ""))
+
+
+@contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point mlflow's global (fluent) tracking URI at ``uri``; restore it afterwards."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    with _GLOBAL_URI_LOCK:
+        env_before = os.environ.get("MLFLOW_TRACKING_URI")
+        global_before = getattr(tracking_utils, "_tracking_uri", None)
+        set_uri: Any = mlflow.set_tracking_uri
+        set_uri(uri)
+        try:
+            yield
+        finally:
+            set_uri(global_before)
+            if env_before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = env_before
+
+
+class MLflowTracker:
+    """MLflow tracker for one stage run (nested under its pipeline's parent run)."""
+
+    backend = "mlflow"
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        registry_uri: str | None,
+        champion_alias: str = "champion",
+        *,
+        root: Path,
+        artifact_location: str | None = None,
+    ) -> None:
+        """Open a client for ``tracking_uri`` (relative local URIs resolved against ``root``).
+
+        ``artifact_location`` is used only when the experiment is created; for a local
+        sqlite store it defaults to ``<db dir>/mlruns`` (not the current directory).
+        """
+        from mlflow import MlflowClient
+
+        self.root = Path(root).resolve()
+        self.tracking_uri = _resolve_uri(tracking_uri, self.root)
+        self.registry_uri = _resolve_uri(registry_uri, self.root) if registry_uri else None
+        self.experiment = experiment
+        self.champion_alias = champion_alias
+        db = _sqlite_path(self.tracking_uri)
+        if artifact_location is not None:
+            self.artifact_location: str | None = _resolve_uri(artifact_location, self.root)
+        elif db is not None:
+            self.artifact_location = (db.parent / "mlruns").as_uri()
+        else:
+            self.artifact_location = None
+        self.client: MlflowClient = MlflowClient(
+            tracking_uri=self.tracking_uri, registry_uri=self.registry_uri
+        )
+        self.run_id: str | None = None
+        self.parent_run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._stage: StageRun | None = None
+        self._params: dict[str, str] = {}
+        self._log_lines: list[str] = []
+        self._registered_names: set[str] = set()
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], root: Path) -> MLflowTracker:
+        """Build from the pipeline config (``mlflow.*``, ``registry.champion_alias``)."""
+        section = config.get("mlflow")
+        if not isinstance(section, Mapping):
+            raise ConfigError("config key 'mlflow' is missing (see conf/pipeline.yaml)")
+        for key in ("tracking_uri", "experiment"):
+            if not section.get(key):
+                raise ConfigError(f"config key 'mlflow.{key}' is missing or empty")
+        registry = config.get("registry")
+        alias = registry.get("champion_alias") if isinstance(registry, Mapping) else None
+        return cls(
+            tracking_uri=str(section["tracking_uri"]),
+            experiment=str(section["experiment"]),
+            registry_uri=str(section["registry_uri"]) if section.get("registry_uri") else None,
+            champion_alias=str(alias or "champion"),
+            root=root,
+        )
+
+    # ------------------------------------------------------------------ runs
+
+    def start(self, run: StageRun) -> None:
+        """Create this stage's run under the pipeline's parent run (created if missing)."""
+        if "'" in run.pipeline_run_id or '"' in run.pipeline_run_id:
+            raise ValueError(f"pipeline_run_id must not contain quotes: {run.pipeline_run_id!r}")
+        self.experiment_id = self._ensure_experiment()
+        self.parent_run_id = self._ensure_parent(self.experiment_id, run.pipeline_run_id)
+        tags = {
+            TAG_PARENT: self.parent_run_id,
+            TAG_RUN_NAME: run.name,
+            TAG_RUN_TYPE: "stage",
+            TAG_STAGE: run.stage,
+            TAG_PIPELINE_RUN_ID: run.pipeline_run_id,
+        }
+        if run.tags:
+            tags["housing.tags"] = ",".join(run.tags)
+            tags.update({_key(f"tag.{label}"): "true" for label in run.tags})
+        child = self.client.create_run(self.experiment_id, run_name=run.name, tags=tags)
+        self.run_id = child.info.run_id
+        self._stage = run
+        self._params.clear()
+        self._log_lines.clear()
+        self._closed = False
+
+    def _ensure_experiment(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            try:
+                return self.client.create_experiment(
+                    self.experiment, artifact_location=self.artifact_location
+                )
+            except Exception as exc:  # a concurrent stage created it first
+                if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = self.client.get_experiment_by_name(self.experiment)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage != "active":
+            raise ConfigError(
+                f"MLflow experiment {self.experiment!r} is deleted: restore it "
+                "(mlflow experiments restore) or change mlflow.experiment"
+            )
+        return str(experiment.experiment_id)
+
+    def _find_parents(self, experiment_id: str, pipeline_run_id: str) -> list[Run]:
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=(
+                f"tags.\"{TAG_PIPELINE_RUN_ID}\" = '{pipeline_run_id}' "
+                f"and tags.\"{TAG_RUN_TYPE}\" = 'pipeline'"
+            ),
+            max_results=50,
+        )
+        return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+    def _ensure_parent(self, experiment_id: str, pipeline_run_id: str) -> str:
+        """The parent run's id; concurrent creators converge on the earliest-started one.
+
+        Residual race: a stage that searched before any parent was committed, while
+        another creator's run (started earlier but committed later) was in flight, can
+        adopt the later run; two creators in the same millisecond are ordered by run id.
+        The losing duplicate is tagged ``pipeline_duplicate`` and KILLED, never deleted.
+        """
+        found = self._find_parents(experiment_id, pipeline_run_id)
+        if found:
+            return str(found[0].info.run_id)
+        name = f"pipeline-{pipeline_run_id}"
+        created = self.client.create_run(
+            experiment_id,
+            run_name=name,
+            tags={
+                TAG_RUN_NAME: name,
+                TAG_PIPELINE_RUN_ID: pipeline_run_id,
+                TAG_RUN_TYPE: "pipeline",
+            },
+        )
+        own_id = str(created.info.run_id)
+        found = self._find_parents(experiment_id, pipeline_run_id)
+        winner = str(found[0].info.run_id) if found else own_id
+        if winner != own_id:
+            log.info("pipeline %s: adopting parent run %s", pipeline_run_id, winner)
+            self.client.set_tag(own_id, TAG_RUN_TYPE, "pipeline_duplicate")
+            self.client.set_tag(own_id, "housing.duplicate_of", winner)
+            self.client.set_terminated(own_id, "KILLED")
+        return winner
+
+    def _require_run(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("MLflowTracker.start() must be called before logging")
+        return self.run_id
+
+    # --------------------------------------------------------------- logging
+
+    def log_params(self, params: Mapping[str, Any], section: str) -> None:
+        """Log nested params flattened to ``section.key.sub`` (values cut at 500 chars)."""
+        from mlflow.entities import Param
+
+        run_id = self._require_run()
+        batch: list[Param] = []
+        for name, raw in _flatten(params, section).items():
+            key, value = _key(name), _truncate(raw, PARAM_VALUE_MAX)
+            previous = self._params.get(key)
+            if previous is not None:
+                if previous != value:
+                    log.warning("MLflow param %s already logged as %r; keeping it", key, previous)
+                continue
+            self._params[key] = value
+            batch.append(Param(key, value))
+        for i in range(0, len(batch), _PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=batch[i : i + _PARAMS_PER_BATCH])
+
+    def log_config(self, config: Mapping[str, Any], name: str) -> None:
+        """Log the (already redacted) config as artifact ``config/<name>.yaml``."""
+        import yaml
+
+        run_id = self._require_run()
+        text = yaml.safe_dump(_plain(config), sort_keys=False, allow_unicode=True)
+        self.client.log_text(run_id, text, f"config/{_file_name(name)}.yaml")
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log metrics under their own names (``val/rmse``); NaN values are skipped."""
+        from mlflow.entities import Metric
+
+        run_id = self._require_run()
+        timestamp = _now_ms()
+        batch: list[Metric] = []
+        for name, raw in metrics.items():
+            value = float(raw)
+            if math.isnan(value):
+                log.debug("MLflow metric %s is NaN; not logged", name)
+                continue
+            batch.append(Metric(_key(name), value, timestamp, step or 0))
+        for i in range(0, len(batch), _METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=batch[i : i + _METRICS_PER_BATCH])
+
+    def log_artifact(self, path: Path, name: str | None = None) -> None:
+        """Attach a file or directory; ``name`` is its artifact path (default: its name)."""
+        run_id = self._require_run()
+        path = Path(path)
+        if not path.exists():
+            raise ArtifactError(f"cannot log artifact {path}: no such file or directory")
+        target = name.strip("/") if name else path.name
+        folder, base = posixpath.split(target)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), target)
+        elif base == path.name:
+            self.client.log_artifact(run_id, str(path), folder or None)
+        else:
+            with tempfile.TemporaryDirectory(prefix="housing-mlflow-") as tmp:
+                renamed = Path(tmp) / base
+                shutil.copyfile(path, renamed)
+                self.client.log_artifact(run_id, str(renamed), folder or None)
+
+    def log_figure(self, figure: Figure) -> None:
+        """Render to ``plots/<name>.png`` (Agg, no pyplot) and log the data as ``.json``."""
+        from matplotlib.figure import Figure as MplFigure
+
+        run_id = self._require_run()
+        if figure.kind not in ("scatter", "bar"):
+            raise ValueError(f"unknown figure kind {figure.kind!r} (scatter|bar)")
+        # An Agg-rendered Figure object, not pyplot: no global backend switch needed.
+        fig = MplFigure(figsize=(6.4, 4.8), dpi=100)
+        ax = fig.add_subplot()
+        y = [float(v) for v in figure.y]
+        if figure.kind == "scatter":
+            x = [float(v) for v in figure.x]
+            ax.scatter(x, y, s=14, alpha=0.7)
+            if figure.diagonal and x and y:
+                low, high = min(*x, *y), max(*x, *y)
+                ax.plot([low, high], [low, high], linestyle="--", color="grey", linewidth=1)
+        else:
+            labels = [str(v) for v in figure.x]
+            ax.bar(labels, y)
+            if len(labels) > 4:
+                ax.tick_params(axis="x", labelrotation=30)
+        ax.set_title(figure.title)
+        ax.set_xlabel(figure.x_label)
+        ax.set_ylabel(figure.y_label)
+        fig.tight_layout()
+        name = _file_name(figure.name)
+        self.client.log_figure(run_id, fig, f"plots/{name}.png")
+        data = {
+            "name": figure.name,
+            "title": figure.title,
+            "kind": figure.kind,
+            "x": _plain(list(figure.x)),
+            "y": y,
+            "x_label": figure.x_label,
+            "y_label": figure.y_label,
+            "diagonal": figure.diagonal,
+        }
+        self.client.log_text(run_id, json.dumps(data, indent=1), f"plots/{name}.json")
+
+    def log_text(self, text: str) -> None:
+        """Buffer a log line; the buffer is written to ``logs/stage.log`` at close."""
+        self._log_lines.append(text.rstrip("\n"))
+
+    # -------------------------------------------------------------- registry
+
+    def register_model(self, model: ModelVersion) -> RegisteredModel:
+        """Log ``model.path`` into the stage run and add a registry version with its tags."""
+        import joblib
+
+        run_id, experiment_id = self._require_run(), self.experiment_id
+        if experiment_id is None:  # pragma: no cover - start() sets both
+            raise RuntimeError("MLflowTracker.start() must be called before registering")
+        path = Path(model.path)
+        if not path.is_file():
+            raise ArtifactError(f"cannot register {model.registry_name}: {path} does not exist")
+        expected = model.metadata.get("model_sha256")
+        if expected and _sha256(path) != expected:
+            raise ArtifactError(
+                f"cannot register {model.registry_name}: sha256 of {path} does not match "
+                "metadata model_sha256; re-run the train stage"
+            )
+        estimator = joblib.load(path)
+
+        lineage = {_key(k): _truncate(str(v), TAG_VALUE_MAX) for k, v in model.metadata.items()}
+        logged = self.client.create_logged_model(
+            experiment_id,
+            name=_file_name(model.registry_name),
+            source_run_id=run_id,
+            tags={**lineage, "algorithm": model.algorithm},
+            params={
+                _key(k): _truncate(v, PARAM_VALUE_MAX)
+                for k, v in _flatten(model.params, "").items()
+            },
+            model_type=model.algorithm,
+        )
+        info = self._log_sklearn_model(estimator, model, logged.model_id, run_id)
+        pickle_sha = self._stored_pickle_sha256(info.artifact_path, info.flavors)
+
+        tags: dict[str, str] = {**lineage, "algorithm": model.algorithm, TAG_PICKLE_SHA: pickle_sha}
+        tags.update({_key(f"metric.{k}"): repr(float(v)) for k, v in model.metrics.items()})
+        tags.update(
+            {
+                _key(f"param.{k}"): _truncate(v, TAG_VALUE_MAX)
+                for k, v in _flatten(model.params, "").items()
+            }
+        )
+        tags.update({_key(f"tag.{label}"): "true" for label in model.tags})
+        if self._stage is not None:
+            tags["housing.pipeline_run_id"] = self._stage.pipeline_run_id
+            tags["housing.stage_run"] = self._stage.name
+
+        self._ensure_registered_model(model.registry_name)
+        # A local (sqlalchemy) registry resolves a ``models:/<model_id>`` source through
+        # the global tracking URI, so this call needs it set too (mlflow 3.17).
+        with _fluent_tracking_uri(self.tracking_uri):
+            version = self.client.create_model_version(
+                name=model.registry_name,
+                source=info.model_uri,
+                run_id=run_id,
+                tags=tags,
+                model_id=info.model_id,
+            )
+        number = str(version.version)
+        return RegisteredModel(
+            backend=self.backend,
+            registry_name=model.registry_name,
+            version=number,
+            model_id=f"models:/{model.registry_name}/{number}",
+            extra={
+                "run_id": run_id,
+                "logged_model_id": info.model_id,
+                "model_uri": info.model_uri,
+                TAG_PICKLE_SHA: pickle_sha,
+            },
+        )
+
+    def _log_sklearn_model(
+        self, estimator: Any, model: ModelVersion, model_id: str, run_id: str
+    ) -> ModelInfo:
+        """``mlflow.sklearn.log_model`` into the pre-created logged model ``model_id``.
+
+        ``run_id`` is not passed to ``log_model``: with it, MLflow re-reads the history of
+        every run metric to re-log it linked to the model (2 + N requests against a
+        server). The run link (run outputs) is recorded here in one call; the model's
+        metrics live in the version's ``metric.*`` tags. Only if a fluent run happens to
+        be active is ``run_id`` passed, so ``log_model`` cannot attach the model to it.
+        """
+        import mlflow
+        import mlflow.sklearn
+        from mlflow.entities import LoggedModelOutput
+
+        with _fluent_tracking_uri(self.tracking_uri):
+            pin_run = {"run_id": run_id} if mlflow.active_run() is not None else {}
+            try:
+                info: ModelInfo = mlflow.sklearn.log_model(
+                    estimator,
+                    name=_file_name(model.registry_name),
+                    serialization_format="cloudpickle",
+                    pip_requirements=list(_pinned_requirements()),
+                    model_id=model_id,
+                    **pin_run,
+                )
+            except Exception:
+                with suppress(Exception):
+                    self.client.finalize_logged_model(model_id, "FAILED")
+                raise
+        if not pin_run:
+            self.client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+        return info
+
+    def _stored_pickle_sha256(self, artifact_uri: str, flavors: Mapping[str, Any]) -> str:
+        """sha256 of the pickle as MLflow stored it (read back from the artifact store)."""
+        import mlflow.artifacts
+
+        file_name = _pickle_file_name(flavors)
+        with tempfile.TemporaryDirectory(prefix="housing-mlflow-") as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{artifact_uri.rstrip('/')}/{file_name}",
+                dst_path=tmp,
+                tracking_uri=self.tracking_uri,
+            )
+            return _sha256(Path(local))
+
+    def _ensure_registered_model(self, name: str) -> None:
+        if name in self._registered_names:
+            return
+        try:
+            self.client.get_registered_model(name)
+        except Exception as exc:
+            if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            try:
+                self.client.create_registered_model(name)
+            except Exception as create_exc:  # a concurrent stage registered it first
+                if _error_code(create_exc) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        self._registered_names.add(name)
+
+    def champion(self, registry_name: str, metric: str) -> tuple[str, float] | None:
+        """(version, metric) of the version holding the champion alias, or None.
+
+        None also when the champion has no ``metric.<metric>`` tag (logged as a warning).
+        """
+        version = _version_by_alias(self.client, registry_name, self.champion_alias)
+        if version is None:
+            return None
+        raw = version.tags.get(_key(f"metric.{metric}"))
+        if raw is None:
+            log.warning(
+                "MLflow champion %s v%s has no metric.%s tag; treating as no champion",
+                registry_name,
+                version.version,
+                metric,
+            )
+            return None
+        return str(version.version), float(raw)
+
+    def promote(self, decision: ChampionDecision, registered: RegisteredModel) -> None:
+        """Tag the challenger version with the decision; move the alias when promoted."""
+        if registered.backend != self.backend:
+            raise ValueError(f"not an MLflow registration: backend={registered.backend!r}")
+        name, version = registered.registry_name, registered.version
+        if decision.promoted:
+            self.client.set_registered_model_alias(name, self.champion_alias, version)
+        replaced = (decision.champion_version or "") if decision.promoted else ""
+        tags = {
+            "champion.decision": "promoted" if decision.promoted else "rejected",
+            "champion.reason": _truncate(decision.reason, TAG_VALUE_MAX),
+            "champion.replaced_version": replaced,
+            "champion.decided_at": decision.decided_at,
+            "champion.metric": decision.metric,
+        }
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, value)
+        summary = {
+            "version": version,
+            "decision": tags["champion.decision"],
+            "metric": decision.metric,
+            "challenger_value": decision.challenger_value,
+            "champion_version": decision.champion_version,
+            "champion_value": decision.champion_value,
+            "reason": decision.reason,
+            "decided_at": decision.decided_at,
+        }
+        self.client.set_registered_model_tag(
+            name,
+            "champion.last_decision",
+            _truncate(json.dumps(summary, separators=(",", ":"), default=str), TAG_VALUE_MAX),
+        )
+
+    # ----------------------------------------------------------------- close
+
+    def close(self, status: str, error: str | None = None) -> None:
+        """End the stage run (FINISHED/FAILED); evaluate/failure also end the parent."""
+        if self.run_id is None or self._closed:
+            return
+        mlflow_status = _STATUS.get(status.lower())
+        if mlflow_status is None:
+            raise ValueError(f"unknown close status {status!r} (completed|failed|killed)")
+        try:  # the run must be terminated even if these fail
+            if self._log_lines:
+                text = "\n".join(self._log_lines) + "\n"
+                self.client.log_text(self.run_id, text, _STAGE_LOG_ARTIFACT)
+            if error:
+                self.client.set_tag(self.run_id, "error", _one_line(error, ERROR_TAG_MAX))
+        except Exception as exc:
+            log.warning("MLflow: could not record the stage log/error: %s", exc)
+        self.client.set_terminated(self.run_id, mlflow_status)
+        self._closed = True
+        if self.parent_run_id is None:
+            return
+        if mlflow_status == "FAILED":
+            self.client.set_terminated(self.parent_run_id, "FAILED")
+        elif mlflow_status == "FINISHED" and self._stage and self._stage.stage == "evaluate":
+            self.client.set_terminated(self.parent_run_id, "FINISHED")
+
+
+def _pickle_file_name(flavors: Mapping[str, Any]) -> str:
+    sklearn_flavor = flavors.get("sklearn")
+    name = sklearn_flavor.get("pickled_model") if isinstance(sklearn_flavor, Mapping) else None
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ArtifactError(f"MLflow model has no usable sklearn pickled_model entry: {name!r}")
+    return name
+
+
+def _version_by_alias(client: MlflowClient, name: str, alias: str) -> MlflowModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except Exception as exc:
+        if _error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def load_registered_model(
+    client_or_tracker: MLflowTracker | MlflowClient,
+    name: str,
+    version_or_alias: str,
+    expected_sha256: str | None = None,
+) -> Any:
+    """Download a registered sklearn model, verify its pickle, then unpickle it.
+
+    ``version_or_alias`` is a version number (``"3"``) or an alias (``"champion"``).
+    ``expected_sha256``, if given, must equal the version's ``model_sha256`` tag (the
+    lineage hash of the joblib file). The downloaded pickle must match the
+    ``mlflow_pickle_sha256`` tag recorded at registration; it is never unpickled
+    otherwise. Raises :class:`ArtifactError` (one line) on any mismatch or absence.
+    """
+    import mlflow.artifacts
+    import mlflow.sklearn
+    import yaml
+
+    client = (
+        client_or_tracker.client
+        if isinstance(client_or_tracker, MLflowTracker)
+        else client_or_tracker
+    )
+    version = _resolve_version(client, name, version_or_alias)
+    number = str(version.version)
+    label = f"{name} v{number}"
+    tags: Mapping[str, str] = version.tags or {}
+    if expected_sha256 is not None and tags.get("model_sha256") != expected_sha256:
+        raise ArtifactError(
+            f"MLflow model {label}: model_sha256 tag {tags.get('model_sha256')!r} does not "
+            f"match the expected {expected_sha256}"
+        )
+    recorded = tags.get(TAG_PICKLE_SHA)
+    if not recorded:
+        raise ArtifactError(f"MLflow model {label} has no {TAG_PICKLE_SHA} tag; refusing to load")
+
+    source = client.get_model_version_download_uri(name, number)
+    with tempfile.TemporaryDirectory(prefix="housing-mlflow-") as tmp:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=source,
+                dst_path=tmp,
+                tracking_uri=client.tracking_uri,
+            )
+        )
+        mlmodel = local / "MLmodel"
+        if not mlmodel.is_file():
+            raise ArtifactError(f"MLflow model {label}: no MLmodel file at {source}")
+        spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}
+        pickle_path = local / _pickle_file_name(spec.get("flavors") or {})
+        if not pickle_path.is_file():
+            raise ArtifactError(f"MLflow model {label}: {pickle_path.name} missing at {source}")
+        actual = _sha256(pickle_path)
+        if actual != recorded:
+            raise ArtifactError(
+                f"MLflow model {label}: sha256 of {pickle_path.name} is {actual}, tag "
+                f"{TAG_PICKLE_SHA} says {recorded}; refusing to unpickle"
+            )
+        return mlflow.sklearn.load_model(str(local))
+
+
+def _resolve_version(client: MlflowClient, name: str, version_or_alias: str) -> MlflowModelVersion:
+    if version_or_alias.isdigit():
+        try:
+            return client.get_model_version(name, version_or_alias)
+        except Exception as exc:
+            if _error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                raise ArtifactError(
+                    f"MLflow model {name} has no version {version_or_alias}"
+                ) from None
+            raise
+    version = _version_by_alias(client, name, version_or_alias)
+    if version is None:
+        raise ArtifactError(f"MLflow model {name} has no alias {version_or_alias!r}")
+    return version

@@ -1,0 +1,309 @@
+"""What each stage reports to the trackers: one mapping from stage results to calls.
+
+The same names and numbers go to every active backend and match ``metrics/*.json``.
+A tracker that fails is reported once and dropped for the rest of the stage: a
+tracking problem never fails a stage or loses its outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from housing.tracking.base import Figure, ModelVersion, RegisteredModel, StageRun, Tracker
+from housing.tracking.lineage import config_hash, decide_champion, git_commit, redact, utc_now
+
+if TYPE_CHECKING:
+    from housing.config import Settings
+    from housing.stages.evaluate import EvaluationResult
+    from housing.stages.prepare import PrepareResult
+    from housing.stages.select_best import SelectionResult
+    from housing.stages.train import TrainResult
+
+log = logging.getLogger(__name__)
+
+
+class TrackerSet:
+    """The active trackers of one stage; a call that raises disables that tracker."""
+
+    def __init__(self, trackers: Sequence[Tracker]) -> None:
+        self.trackers = list(trackers)
+
+    def each(self, action: str, call: Callable[[Tracker], Any]) -> list[Any]:
+        results = []
+        for tracker in list(self.trackers):
+            try:
+                results.append(call(tracker))
+            except Exception as exc:  # a tracking failure must not fail the stage
+                log.warning(
+                    "tracking: %s %s failed (%s: %s); continuing without it for this stage",
+                    tracker.backend,
+                    action,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:300] if str(exc) else "",
+                )
+                self.trackers.remove(tracker)
+                _close_quietly(tracker, "failed", f"tracking error during {action}")
+        return results
+
+    def close(self, status: str, error: str | None) -> None:
+        for tracker in self.trackers:
+            _close_quietly(tracker, status, error)
+
+
+def _close_quietly(tracker: Tracker, status: str, error: str | None) -> None:
+    try:
+        tracker.close(status, error)
+    except Exception as exc:
+        log.warning("tracking: closing %s failed (%s)", tracker.backend, type(exc).__name__)
+
+
+def build_trackers(settings: Settings) -> list[Tracker]:
+    """One tracker per active backend (``tracking.backends``), not yet started."""
+    trackers: list[Tracker] = []
+    for backend in settings.tracking:
+        try:
+            if backend == "mlflow":
+                from housing.tracking.mlflow import MLflowTracker
+
+                cfg = settings.section("mlflow")
+                trackers.append(
+                    MLflowTracker(
+                        tracking_uri=str(cfg.get("tracking_uri", "sqlite:///mlflow.db")),
+                        experiment=str(cfg.get("experiment", "housing")),
+                        registry_uri=cfg.get("registry_uri"),
+                        champion_alias=str(
+                            settings.section("registry").get("champion_alias", "champion")
+                        ),
+                        root=settings.root,
+                    )
+                )
+            elif backend == "clearml":
+                from housing.tracking.clearml import ClearMLTracker, clearml_settings
+
+                trackers.append(
+                    ClearMLTracker(clearml_settings(settings.section("clearml"), settings.root))
+                )
+        except Exception as exc:
+            log.warning("tracking: %s unavailable (%s: %s)", backend, type(exc).__name__, exc)
+    return trackers
+
+
+@contextmanager
+def tracked(settings: Settings, run: StageRun) -> Iterator[TrackerSet]:
+    """Open every active tracker for ``run``; close them completed or failed."""
+    tset = TrackerSet(build_trackers(settings))
+    tset.each("start", lambda t: t.start(run))
+    tset.each("log_config", lambda t: t.log_config(redact(dict(settings.resolved)), "config"))
+    try:
+        yield tset
+    except BaseException as exc:
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        tset.close("failed", str(redact(message)))
+        raise
+    tset.close("completed", None)
+
+
+# ---------------------------------------------------------------------------
+# Per-stage records
+
+
+def record(tset: TrackerSet, stage: str, settings: Settings, result: Any) -> None:
+    """Report a stage's result to every tracker."""
+    if stage == "prepare":
+        _record_prepare(tset, settings, result)
+    elif stage == "train":
+        _record_train(tset, settings, result)
+    elif stage == "select_best":
+        _record_select(tset, settings, result)
+    elif stage == "evaluate":
+        _record_evaluate(tset, settings, result)
+
+
+def _lineage(settings: Settings, sha256: str, data_md5: str | None) -> dict[str, str]:
+    return {
+        "data_md5": data_md5 or "unknown",
+        "git_commit": git_commit(settings.root),
+        "config_hash": config_hash(settings.resolved),
+        "model_sha256": sha256,
+        "created_at": utc_now(),
+    }
+
+
+def _record_prepare(tset: TrackerSet, settings: Settings, result: PrepareResult) -> None:
+    fp = result.fingerprint
+    params = {
+        "data": {
+            "name": settings.data.name,
+            "source": settings.data.source,
+            "target": settings.data.target,
+            "drop_columns": list(settings.data.drop_columns),
+        },
+        "prepare": {
+            "test_size": settings.prepare.test_size,
+            "random_state": settings.prepare.random_state,
+        },
+    }
+    tset.each("log_params", lambda t: t.log_params(params, "prepare"))
+    tset.each("log_metrics", lambda t: t.log_metrics(result.metrics))
+    tset.each("log_artifact", lambda t: t.log_artifact(result.fingerprint_path, "data_fingerprint"))
+    tset.each(
+        "log_text",
+        lambda t: t.log_text(
+            f"prepare: {fp['raw']['rows']} rows -> train {fp['train']['rows']}, "
+            f"test {fp['test']['rows']}; raw md5 {fp['raw']['md5']}"
+        ),
+    )
+
+
+def _importance_figure(importances: Mapping[str, float], title: str) -> Figure:
+    ranked = sorted(importances.items(), key=lambda kv: kv[1], reverse=True)
+    return Figure(
+        name="feature_importances",
+        title=title,
+        kind="bar",
+        x=[k for k, _ in ranked],
+        y=[v for _, v in ranked],
+        x_label="feature",
+        y_label="importance",
+    )
+
+
+def _record_train(tset: TrackerSet, settings: Settings, result: TrainResult) -> None:
+    rec = result.record
+    params = {
+        "model": result.model_name,
+        "estimator": result.estimator,
+        "scale": rec["scale"],
+        "params": result.params,
+        "train": {
+            "val_size": settings.train.val_size,
+            "cv_folds": rec["cv_folds"],
+            "random_state": settings.train.random_state,
+            "refit_full": settings.train.refit_full,
+        },
+    }
+    tset.each("log_params", lambda t: t.log_params(params, "train_params"))
+    tset.each("log_metrics", lambda t: t.log_metrics(result.metrics))
+    tset.each("log_artifact", lambda t: t.log_artifact(result.metrics_path))
+    if rec.get("feature_importances"):
+        fig = _importance_figure(rec["feature_importances"], f"{result.model_name} importances")
+        tset.each("log_figure", lambda t: t.log_figure(fig))
+    version = ModelVersion(
+        registry_name=f"{_model_name(settings)}-{result.model_name}",
+        path=result.model_path,
+        algorithm=result.estimator,
+        metrics=result.metrics,
+        params=result.params,
+        metadata=_lineage(settings, result.model_sha256, rec.get("data_md5")),
+        tags=("candidate", result.model_name),
+    )
+    tset.each("register_model", lambda t: t.register_model(version))
+
+
+def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult) -> None:
+    params = {
+        "candidates": list(settings.selection.candidates),
+        "metric": result.metric,
+        "greater_is_better": result.greater_is_better,
+        "allow_missing": settings.selection.allow_missing,
+        "min_improvement": float(settings.section("registry").get("min_improvement", 0.0)),
+    }
+    tset.each("log_params", lambda t: t.log_params(params, "selection"))
+    metrics = dict(result.metrics)
+    metrics["selection/best_value"] = result.best_value
+    tset.each("log_metrics", lambda t: t.log_metrics(metrics))
+    tset.each("log_artifact", lambda t: t.log_artifact(result.summary_path))
+    scores = {n: float(r["metrics"][result.metric]) for n, r in result.candidates.items()}
+    fig = Figure(
+        name="candidates",
+        title=f"Candidates by {result.metric}",
+        kind="bar",
+        x=list(scores),
+        y=list(scores.values()),
+        x_label="model",
+        y_label=result.metric,
+    )
+    tset.each("log_figure", lambda t: t.log_figure(fig))
+    tset.each("log_text", lambda t: t.log_text(f"select_best: {result.best_model} wins"))
+    name = f"{_model_name(settings)}-best"
+    version = ModelVersion(
+        registry_name=name,
+        path=result.best_path,
+        algorithm=str(result.summary["best_estimator"]),
+        metrics=metrics,
+        params=dict(result.summary["best_params"]),
+        metadata=_lineage(settings, result.best_sha256, result.summary.get("data_md5")),
+        tags=("best", result.best_model),
+    )
+    margin = float(params["min_improvement"])  # type: ignore[arg-type]
+
+    def register_and_gate(t: Tracker) -> RegisteredModel:
+        current = t.champion(name, result.metric)
+        registered = t.register_model(version)
+        decision = decide_champion(
+            name,
+            registered.version,
+            result.best_value,
+            current,
+            metric=result.metric,
+            greater_is_better=result.greater_is_better,
+            min_improvement=margin,
+        )
+        t.promote(decision, registered)
+        verb = "promoted" if decision.promoted else "kept the champion"
+        log.info("champion (%s): %s: %s", t.backend, verb, decision.reason)
+        t.log_text(f"champion decision: {'promoted' if decision.promoted else 'rejected'}: "
+                   f"{decision.reason}")  # fmt: skip
+        return registered
+
+    tset.each("register_model", register_and_gate)
+
+
+def _record_evaluate(tset: TrackerSet, settings: Settings, result: EvaluationResult) -> None:
+    tset.each("log_params", lambda t: t.log_params({"model": result.model_name}, "evaluate"))
+    tset.each("log_metrics", lambda t: t.log_metrics(result.metrics))
+    for path in (result.metrics_path, result.predictions_path):
+        tset.each("log_artifact", partial(_log_artifact, path=path))
+    table = result.predictions
+    figures = [
+        Figure(
+            name="predicted_vs_actual",
+            title=f"{result.model_name}: predicted vs actual (test)",
+            kind="scatter",
+            x=table["actual"].tolist(),
+            y=table["predicted"].tolist(),
+            x_label="actual",
+            y_label="predicted",
+            diagonal=True,
+        ),
+        Figure(
+            name="residuals",
+            title=f"{result.model_name}: residuals (test)",
+            kind="scatter",
+            x=table["predicted"].tolist(),
+            y=table["residual"].tolist(),
+            x_label="predicted",
+            y_label="actual - predicted",
+        ),
+    ]
+    if result.importances:
+        figures.append(_importance_figure(result.importances, f"{result.model_name} importances"))
+    for fig in figures:
+        tset.each("log_figure", partial(_log_figure, figure=fig))
+
+
+def _log_artifact(tracker: Tracker, path: Path) -> None:
+    tracker.log_artifact(path)
+
+
+def _log_figure(tracker: Tracker, figure: Figure) -> None:
+    tracker.log_figure(figure)
+
+
+def _model_name(settings: Settings) -> str:
+    return str(settings.section("clearml").get("model_name", "housing"))

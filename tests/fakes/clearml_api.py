@@ -1,0 +1,691 @@
+"""A thin recording fake of the ClearML server API (and its file server) for tests.
+
+It runs ``http.server`` on 127.0.0.1 in a thread, answers the endpoints the ClearML SDK
+uses to import an offline session or query tasks/models, in the server's JSON envelope
+``{"meta": {...}, "data": {...}}``, and records every call for assertions::
+
+    with FakeClearMLServer() as server:
+        env = server.env(access_key="k", secret_key="s")   # CLEARML_API_HOST & co.
+        ...                                                # run the SDK against it
+        assert server.calls_to("tasks.create")[0]["name"] == "housing:train_ridge"
+
+Requests arrive as ``/<service>.<action>`` or ``/v<version>/<service>.<action>`` (GET or
+POST with a JSON body; ``events.add_batch`` sends one JSON event per line). Uploads to the
+file server (``files_host`` = ``<url>/files``) are multipart POSTs, kept in ``uploads``.
+Unknown endpoints answer ``200`` with empty data and are still recorded, so a test can
+discover what the SDK calls (``server.endpoints()``).
+
+Tasks and models can be preloaded (``add_task`` / ``add_model``) for compare-style tests;
+``tasks.get_all`` / ``models.get_all`` filter on ``id``, ``name`` (regex, as the server
+does), ``project``, ``tags``, ``status`` and page with ``page`` / ``page_size``.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.parser
+import email.policy
+import hashlib
+import hmac
+import itertools
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+API_VERSION = "2.30"
+SERVER_VERSION = "2.0.0"
+
+_ENDPOINT = re.compile(r"^/(?:v(?P<version>[\d.]+)/)?(?P<endpoint>[a-z_]+\.[a-z_]+)$")
+
+Handler = Callable[["FakeClearMLServer", dict[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class Call:
+    """One recorded request."""
+
+    endpoint: str  # "tasks.create"; "files:<path>" for a file upload
+    body: Any  # the parsed JSON body ({} when empty; a list of events for add_batch)
+    method: str = "POST"
+    version: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_token(payload: Mapping[str, Any], key: bytes = b"fake-clearml") -> str:
+    """An HS256 JWT the SDK can decode (it reads ``api_version`` and ``exp`` unverified)."""
+    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = _b64(json.dumps(dict(payload)).encode())
+    signature = hmac.new(key, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    return f"{header}.{body}.{_b64(signature)}"
+
+
+class FakeClearMLServer:
+    """The fake server: start/stop it, or use it as a context manager."""
+
+    def __init__(
+        self,
+        *,
+        tasks: Iterable[Mapping[str, Any]] = (),
+        models: Iterable[Mapping[str, Any]] = (),
+        projects: Iterable[Mapping[str, Any]] = (),
+        access_key: str | None = None,
+        secret_key: str | None = None,
+    ) -> None:
+        self.calls: list[Call] = []
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self.models: dict[str, dict[str, Any]] = {}
+        self.projects: dict[str, dict[str, Any]] = {}
+        self.uploads: dict[str, bytes] = {}
+        self.handlers: dict[str, Handler] = dict(_HANDLERS)
+        self._failures: dict[str, list[tuple[int, str]]] = {}
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self._lock = threading.Lock()
+        self._counter = itertools.count(1)
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        for project in projects:
+            self.add_project(**project)
+        for task in tasks:
+            self.add_task(**task)
+        for model in models:
+            self.add_model(**model)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> FakeClearMLServer:
+        """Listen on a free 127.0.0.1 port in a daemon thread."""
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _make_request_handler(self))
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> FakeClearMLServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>``: the API host."""
+        if self._server is None:
+            raise RuntimeError("FakeClearMLServer is not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def api_host(self) -> str:
+        return self.url
+
+    @property
+    def files_host(self) -> str:
+        return f"{self.url}/files"
+
+    @property
+    def web_host(self) -> str:
+        return f"{self.url}/web"
+
+    def env(
+        self, access_key: str = "fake-access", secret_key: str = "fake-secret"
+    ) -> dict[str, str]:
+        """Environment variables pointing the ClearML SDK at this fake."""
+        return {
+            "CLEARML_API_HOST": self.api_host,
+            "CLEARML_WEB_HOST": self.web_host,
+            "CLEARML_FILES_HOST": self.files_host,
+            "CLEARML_API_ACCESS_KEY": access_key,
+            "CLEARML_API_SECRET_KEY": secret_key,
+        }
+
+    # ------------------------------------------------------------------ records
+
+    def calls_to(self, endpoint: str) -> list[Any]:
+        """Bodies of every call to ``endpoint`` (``"tasks.create"``), in order."""
+        with self._lock:
+            return [c.body for c in self.calls if c.endpoint == endpoint]
+
+    def endpoints(self) -> list[str]:
+        """Every endpoint called, first-call order, without repeats."""
+        with self._lock:
+            return list(dict.fromkeys(c.endpoint for c in self.calls))
+
+    def events(self, task_id: str | None = None) -> list[dict[str, Any]]:
+        """Every event sent with ``events.add_batch`` (optionally of one task)."""
+        out: list[dict[str, Any]] = []
+        for batch in self.calls_to("events.add_batch"):
+            out.extend(e for e in batch if task_id is None or e.get("task") == task_id)
+        return out
+
+    def fail(self, endpoint: str, times: int = 1, status: int = 400, message: str = "") -> None:
+        """Answer the next ``times`` calls to ``endpoint`` with an error ``status``."""
+        with self._lock:
+            self._failures.setdefault(endpoint, []).extend(
+                [(status, message or f"injected failure of {endpoint}")] * times
+            )
+
+    def reset_calls(self) -> None:
+        with self._lock:
+            self.calls.clear()
+
+    # ------------------------------------------------------------------ preloading
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}{next(self._counter):04d}{uuid.uuid4().hex[:24]}"
+
+    def add_project(self, name: str, id: str | None = None, **extra: Any) -> dict[str, Any]:
+        project = {"id": id or self.new_id("p"), "name": name, "created": _now(), **extra}
+        self.projects[project["id"]] = project
+        return project
+
+    def project_id(self, name: str) -> str:
+        """The id of project ``name``, created if missing."""
+        for project in self.projects.values():
+            if project["name"] == name:
+                return str(project["id"])
+        return str(self.add_project(name)["id"])
+
+    def add_task(self, **fields: Any) -> dict[str, Any]:
+        """Store a task; ``project_name=`` is turned into a project id."""
+        project_name = fields.pop("project_name", None)
+        if project_name is not None:
+            fields["project"] = self.project_id(project_name)
+        task: dict[str, Any] = {
+            "id": fields.pop("id", None) or self.new_id("t"),
+            "name": "",
+            "type": "training",
+            "status": "created",
+            "tags": [],
+            "system_tags": [],
+            "created": _now(),
+            "last_update": _now(),
+            "output": {},
+            "execution": {},
+            "hyperparams": {},
+            "configuration": {},
+            "runtime": {},
+            "last_metrics": {},
+            **fields,
+        }
+        task.setdefault("output", {})
+        self.tasks[task["id"]] = task
+        return task
+
+    def add_model(self, **fields: Any) -> dict[str, Any]:
+        """Store a model; ``project_name=`` is turned into a project id."""
+        project_name = fields.pop("project_name", None)
+        if project_name is not None:
+            fields["project"] = self.project_id(project_name)
+        model: dict[str, Any] = {
+            "id": fields.pop("id", None) or self.new_id("m"),
+            "name": "",
+            "tags": [],
+            "system_tags": [],
+            "framework": "",
+            "uri": "",
+            "comment": "",
+            "ready": False,
+            "created": _now(),
+            "last_update": _now(),
+            "metadata": {},
+            "design": {},
+            "labels": {},
+            **fields,
+        }
+        self.models[model["id"]] = model
+        return model
+
+    # ------------------------------------------------------------------ dispatch
+
+    def handle(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        with self._lock:
+            pending = self._failures.get(endpoint)
+            if pending:
+                status, message = pending.pop(0)
+                return status, {"_error": message}
+        handler = self.handlers.get(endpoint)
+        if handler is None:
+            service = endpoint.split(".", 1)[0]
+            handler = self.handlers.get(f"{service}.*", _empty)
+        try:
+            with self._lock:
+                return 200, handler(self, body)
+        except _NotFoundError as exc:
+            return 400, {"_error": str(exc)}
+
+
+class _NotFoundError(Exception):
+    pass
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000+00:00", time.gmtime())
+
+
+def _empty(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+def _merge(target: dict[str, Any], update: Mapping[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _tags_match(tags: Iterable[str], query: Any) -> bool:
+    """Server tag filter: OR by default, ``__$all`` for AND, ``-tag`` / ``__$not`` exclude."""
+    have = set(tags)
+    wanted: list[str] = []
+    excluded: list[str] = []
+    mode_all = False
+    negate = False
+    for token in (str(t) for t in _as_list(query)):
+        if token in ("__$all", "__$and"):
+            mode_all = True
+        elif token == "__$or":
+            mode_all = False
+        elif token == "__$not":
+            negate = True
+        elif token.startswith("-") or negate:
+            excluded.append(token[1:] if token.startswith("-") else token)
+            negate = False
+        else:
+            wanted.append(token)
+    if any(t in have for t in excluded):
+        return False
+    if not wanted:
+        return True
+    return all(t in have for t in wanted) if mode_all else any(t in have for t in wanted)
+
+
+def _matches(item: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
+    ids = _as_list(body.get("id"))
+    if ids and item.get("id") not in ids:
+        return False
+    name = body.get("name")
+    if name and not re.search(str(name), str(item.get("name", ""))):
+        return False
+    for key in ("project", "status", "task", "type"):
+        wanted = _as_list(body.get(key))
+        if wanted and item.get(key) not in wanted:
+            return False
+    if body.get("ready") is not None and bool(item.get("ready")) != bool(body["ready"]):
+        return False
+    if not _tags_match(item.get("tags") or [], body.get("tags")):
+        return False
+    return _tags_match(item.get("system_tags") or [], body.get("system_tags"))
+
+
+def _field_key(name: str) -> Callable[[Mapping[str, Any]], str]:
+    def key(item: Mapping[str, Any]) -> str:
+        return str(item.get(name, ""))
+
+    return key
+
+
+def _page(items: list[dict[str, Any]], body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    order = _as_list(body.get("order_by"))
+    for spec in (str(o) for o in reversed(order)):
+        name = spec.lstrip("-+")
+        items = sorted(items, key=_field_key(name), reverse=spec.startswith("-"))
+    page_size = body.get("page_size")
+    if page_size:
+        page = int(body.get("page") or 0)
+        items = items[page * int(page_size) : (page + 1) * int(page_size)]
+    return items
+
+
+def _login(server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
+    payload = {
+        "api_version": API_VERSION,
+        "server_version": SERVER_VERSION,
+        "env": "test",
+        "identity": {"user": "fake-user", "company": "fake-company", "role": "user"},
+        "exp": int(time.time()) + 24 * 3600,
+    }
+    return {"token": make_token(payload)}
+
+
+def _ping(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
+    return {"msg": "ClearML server (fake)"}
+
+
+def _server_info(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
+    return {"version": SERVER_VERSION, "api_version": API_VERSION, "build": "fake"}
+
+
+def _projects_get_all(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    items = [p for p in server.projects.values() if _matches(p, body)]
+    return {"projects": _page(items, body)}
+
+
+def _projects_create(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    project = server.add_project(**{k: v for k, v in body.items() if k != "id"})
+    return {"id": project["id"]}
+
+
+def _tasks_create(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    task = server.add_task(**{k: v for k, v in body.items() if k != "id"})
+    return {"id": task["id"]}
+
+
+def _task(server: FakeClearMLServer, body: Mapping[str, Any]) -> dict[str, Any]:
+    task_id = body.get("task")
+    if task_id not in server.tasks:
+        raise _NotFoundError(f"task {task_id} not found")
+    return server.tasks[str(task_id)]
+
+
+def _tasks_edit(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    task = _task(server, body)
+    fields = {k: v for k, v in body.items() if k not in ("task", "force")}
+    task.update(fields)
+    task["last_update"] = _now()
+    return {"updated": 1, "fields": fields}
+
+
+def _status_setter(status: str) -> Handler:
+    def handler(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+        task = _task(server, body)
+        task["status"] = status
+        for key in ("status_reason", "status_message"):
+            if body.get(key) is not None:
+                task[key] = body[key]
+        return {"updated": 1, "fields": {"status": status}}
+
+    return handler
+
+
+def _tasks_get_all(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    items = [t for t in server.tasks.values() if _matches(t, body)]
+    return {"tasks": _page(items, body)}
+
+
+def _tasks_get_by_id(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    return {"task": _task(server, body)}
+
+
+def _tasks_edit_hyper_params(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    task = _task(server, body)
+    if body.get("replace_hyperparams") == "all":
+        task["hyperparams"] = {}
+    params = task.setdefault("hyperparams", {})
+    for item in _as_list(body.get("hyperparams")):
+        params.setdefault(item.get("section", "General"), {})[item.get("name", "")] = item
+    return {"updated": 1}
+
+
+def _tasks_edit_configuration(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    task = _task(server, body)
+    config = task.setdefault("configuration", {})
+    for item in _as_list(body.get("configuration")):
+        config[item.get("name", "")] = item
+    return {"updated": 1}
+
+
+def _tasks_add_or_update_artifacts(
+    server: FakeClearMLServer, body: dict[str, Any]
+) -> dict[str, Any]:
+    task = _task(server, body)
+    artifacts = task.setdefault("execution", {}).setdefault("artifacts", [])
+    for item in _as_list(body.get("artifacts")):
+        artifacts[:] = [a for a in artifacts if a.get("key") != item.get("key")] + [item]
+    return {"updated": 1}
+
+
+def _tasks_add_or_update_model(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    task = _task(server, body)
+    kind = body.get("type", "output")
+    entries = task.setdefault("models", {}).setdefault(kind, [])
+    entry = {"name": body.get("name"), "model": body.get("model")}
+    entries[:] = [e for e in entries if e.get("name") != entry["name"]] + [entry]
+    return {"updated": 1}
+
+
+def _tasks_set_requirements(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    task = _task(server, body)
+    task.setdefault("script", {})["requirements"] = body.get("requirements") or {}
+    return {"updated": 1}
+
+
+def _projects_get_by_id(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    project_id = body.get("project")
+    if project_id not in server.projects:
+        raise _NotFoundError(f"project {project_id} not found")
+    return {"project": server.projects[str(project_id)]}
+
+
+def _model(server: FakeClearMLServer, model_id: Any) -> dict[str, Any]:
+    if model_id not in server.models:
+        raise _NotFoundError(f"model {model_id} not found")
+    return server.models[str(model_id)]
+
+
+def _models_create(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    model = server.add_model(**{k: v for k, v in body.items() if k != "id"})
+    return {"id": model["id"], "created": True}
+
+
+def _models_update_for_task(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    model_id = body.get("override_model_id")
+    if model_id in server.models:
+        model = server.models[model_id]
+        _merge(model, {k: v for k, v in body.items() if k not in ("task", "override_model_id")})
+        return {"id": model_id, "created": False, "updated": 1}
+    fields = {k: v for k, v in body.items() if k not in ("override_model_id",)}
+    model = server.add_model(**fields)
+    return {"id": model["id"], "created": True, "updated": 0}
+
+
+def _models_edit(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    model = _model(server, body.get("model"))
+    fields = {k: v for k, v in body.items() if k != "model"}
+    model.update(fields)
+    model["last_update"] = _now()
+    return {"updated": 1, "fields": fields}
+
+
+def _models_metadata(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    model = _model(server, body.get("model"))
+    for item in _as_list(body.get("metadata")):
+        model.setdefault("metadata", {})[item.get("key", "")] = item
+    return {"updated": 1}
+
+
+def _models_get_all(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    items = [m for m in server.models.values() if _matches(m, body)]
+    return {"models": _page(items, body)}
+
+
+def _models_get_by_id(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    return {"model": _model(server, body.get("model"))}
+
+
+def _models_publish(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    model = _model(server, body.get("model"))
+    model["ready"] = True
+    return {"updated": 1, "published_task": {}}
+
+
+def _events_add_batch(_server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    return {"added": len(body.get("_events", [])), "errors": 0}
+
+
+_HANDLERS: dict[str, Handler] = {
+    "auth.login": _login,
+    "debug.ping": _ping,
+    "server.info": _server_info,
+    "projects.get_all": _projects_get_all,
+    "projects.get_all_ex": _projects_get_all,
+    "projects.create": _projects_create,
+    "tasks.create": _tasks_create,
+    "tasks.edit": _tasks_edit,
+    "tasks.started": _status_setter("in_progress"),
+    "tasks.completed": _status_setter("completed"),
+    "tasks.stopped": _status_setter("stopped"),
+    "tasks.failed": _status_setter("failed"),
+    "tasks.close": _status_setter("closed"),
+    "tasks.publish": _status_setter("published"),
+    "tasks.get_all": _tasks_get_all,
+    "tasks.get_all_ex": _tasks_get_all,
+    "tasks.get_by_id": _tasks_get_by_id,
+    "tasks.edit_hyper_params": _tasks_edit_hyper_params,
+    "tasks.edit_configuration": _tasks_edit_configuration,
+    "tasks.add_or_update_artifacts": _tasks_add_or_update_artifacts,
+    "tasks.add_or_update_model": _tasks_add_or_update_model,
+    "tasks.set_requirements": _tasks_set_requirements,
+    "projects.get_by_id": _projects_get_by_id,
+    "models.create": _models_create,
+    "models.update_for_task": _models_update_for_task,
+    "models.edit": _models_edit,
+    "models.update": _models_edit,
+    "models.add_or_update_metadata": _models_metadata,
+    "models.get_all": _models_get_all,
+    "models.get_all_ex": _models_get_all,
+    "models.get_by_id": _models_get_by_id,
+    "models.set_ready": _models_publish,
+    "events.add_batch": _events_add_batch,
+}
+
+
+def _parse_body(raw: bytes, endpoint: str) -> Any:
+    if not raw.strip():
+        return {}
+    text = raw.decode("utf-8", errors="replace")
+    if endpoint == "events.add_batch":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {"_raw": text}
+
+
+def _parse_multipart(content_type: str, raw: bytes) -> dict[str, bytes]:
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+    parts: dict[str, bytes] = {}
+    if message.is_multipart():
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition") or part.get_filename()
+            payload = part.get_payload(decode=True)
+            parts[str(name)] = payload if isinstance(payload, bytes) else b""
+    return parts
+
+
+def _make_request_handler(server: FakeClearMLServer) -> type[BaseHTTPRequestHandler]:
+    class RequestHandler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # quiet
+
+        def _read(self) -> bytes:
+            length = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(length) if length else b""
+
+        def _reply(self, status: int, payload: bytes, ctype: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def _dispatch(self) -> None:
+            raw = self._read()
+            path = self.path.split("?", 1)[0]
+            if path.startswith("/files/") or path == "/files":
+                self._files(path[len("/files") :].lstrip("/"), raw)
+                return
+            match = _ENDPOINT.match(path)
+            if not match:
+                self._reply(404, b'{"meta": {"result_code": 404, "result_msg": "not found"}}')
+                return
+            endpoint = match["endpoint"]
+            body = _parse_body(raw, endpoint)
+            with server._lock:
+                server.calls.append(
+                    Call(endpoint, body, self.command, match["version"], dict(self.headers))
+                )
+            if endpoint == "auth.login" and not self._authorized():
+                self._envelope(endpoint, 401, {}, "Unauthorized (invalid credentials)")
+                return
+            handler_body = body if isinstance(body, dict) else {"_events": body}
+            status, data = server.handle(endpoint, handler_body)
+            message = str(data.pop("_error", "OK"))
+            self._envelope(endpoint, status, data, message)
+
+        def _authorized(self) -> bool:
+            if server.access_key is None and server.secret_key is None:
+                return True
+            expected = f"{server.access_key}:{server.secret_key}".encode()
+            header = self.headers.get("Authorization", "")
+            return header == "Basic " + base64.b64encode(expected).decode()
+
+        def _envelope(self, endpoint: str, status: int, data: dict[str, Any], msg: str) -> None:
+            meta = {
+                "id": uuid.uuid4().hex,
+                "trx": uuid.uuid4().hex,
+                "endpoint": {"name": endpoint, "requested_version": API_VERSION},
+                "result_code": status,
+                "result_subcode": 0,
+                "result_msg": msg,
+                "error_stack": None,
+            }
+            payload = json.dumps({"meta": meta, "data": data}).encode()
+            self._reply(status, payload)
+
+        def _files(self, path: str, raw: bytes) -> None:
+            if self.command == "POST":
+                parts = _parse_multipart(self.headers.get("Content-Type", ""), raw)
+                with server._lock:
+                    server.calls.append(Call("files.upload", sorted(parts), "POST"))
+                    for name, content in parts.items():
+                        key = "/".join(p.strip("/") for p in (path, name) if p.strip("/"))
+                        server.uploads[key] = content
+                self._reply(200, b"{}")
+                return
+            stored = server.uploads.get(path)
+            if stored is None:
+                self._reply(404, b"")
+            else:
+                self._reply(200, stored, "application/octet-stream")
+
+        def do_GET(self) -> None:
+            self._dispatch()
+
+        def do_POST(self) -> None:
+            self._dispatch()
+
+        def do_PUT(self) -> None:
+            self._dispatch()
+
+    return RequestHandler

@@ -1,0 +1,521 @@
+"""housing.doctor against a closed port, a silent port and a small fake ClearML API."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from housing.doctor import Check, diagnose, display_url, mask_key, render
+
+ACCESS = "ABCDACCESSSENTINEL0001"
+SECRET = "SECRET-SENTINEL-9f8e7d6c5b4a"
+TOKEN = "TOKEN-SENTINEL-0123456789"
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+@dataclass
+class FakeClearML:
+    """A ClearML API server stand-in: the four endpoints housing.doctor calls."""
+
+    access: str = ACCESS
+    secret: str = SECRET
+    queues: list[dict[str, Any]] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    calls: list[tuple[str, str, str]] = field(default_factory=list)
+    echo_credentials: bool = False  # a misbehaving server that repeats what it got
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def endpoints(self) -> list[str]:
+        return [path for _, path, _ in self.calls]
+
+    def answer(self, method: str, path: str, auth: str) -> tuple[int, dict[str, Any] | str]:
+        self.calls.append((method, path, auth))
+        endpoint = path.split("?", 1)[0].strip("/")
+        if endpoint == "health":  # MLflow's health endpoint, for the MLflow check
+            return 200, "OK"
+        if endpoint == "debug.ping":
+            return 200, _envelope(endpoint, {"msg": "ClearML server"})
+        if endpoint == "auth.login":
+            expected = base64.b64encode(f"{self.access}:{self.secret}".encode()).decode()
+            if auth != f"Basic {expected}":
+                message = "Unauthorized (invalid credentials)"
+                if self.echo_credentials:
+                    received = base64.b64decode(auth.partition(" ")[2]).decode()
+                    message += f": got {received} ({auth})"
+                return 401, _envelope(endpoint, {}, 401, message)
+            return 200, _envelope(endpoint, {"token": TOKEN})
+        if auth != f"Bearer {TOKEN}":
+            return 401, _envelope(endpoint, {}, 401, "Unauthorized (missing token)")
+        if endpoint == "queues.get_all":
+            return 200, _envelope(endpoint, {"queues": self.queues})
+        if endpoint == "workers.get_all":
+            return 200, _envelope(endpoint, {"workers": self.workers})
+        return 404, _envelope(endpoint, {}, 404, "Unknown endpoint")
+
+
+def _envelope(
+    endpoint: str, data: dict[str, Any], code: int = 200, message: str = "OK"
+) -> dict[str, Any]:
+    return {
+        "meta": {
+            "id": "0123abcd",
+            "trx": "0123abcd",
+            "endpoint": {"name": endpoint, "requested_version": "2.31", "actual_version": "1.0"},
+            "result_code": code,
+            "result_subcode": 0,
+            "result_msg": message,
+            "error_stack": "",
+        },
+        "data": data,
+    }
+
+
+def _serve(fake: FakeClearML) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def _handle(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            status, body = fake.answer(
+                self.command, self.path, self.headers.get("Authorization", "")
+            )
+            raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        do_GET = _handle  # noqa: N815 (http.server naming)
+        do_POST = _handle  # noqa: N815
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    fake.port = server.server_address[1]
+    threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    ).start()
+    return server
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeClearML]:
+    fake = FakeClearML(
+        queues=[
+            {"id": "q1", "name": "default", "entries": [{"task": "t1"}, {"task": "t2"}]},
+            {"id": "q2", "name": "services", "entries": []},
+        ],
+        workers=[
+            {"id": "housing-agent:cpu:0", "queues": [{"id": "q1", "name": "default"}]},
+            {"id": "housing-services:0", "queues": ["q2"]},
+        ],
+    )
+    server = _serve(fake)
+    yield fake
+    server.shutdown()
+    server.server_close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        "HOME": str(tmp_path),  # no ~/clearml.conf there
+        "CLEARML_API_ACCESS_KEY": ACCESS,
+        "CLEARML_API_SECRET_KEY": SECRET,
+    }
+    env.update(extra)
+    return env
+
+
+def _run(env: dict[str, str], api: str | None, **kwargs: Any) -> list[Check]:
+    options: dict[str, Any] = {
+        "api_host": api,
+        "web_host": None,
+        "files_host": None,
+        "config_file": None,
+        "tracking_backends": ["mlflow", "clearml"],
+        "clearml_mode": "auto",
+        "mlflow_uri": "sqlite:///mlflow.db",
+        "timeout": 2.0,
+    }
+    options.update(kwargs)
+    return diagnose(env, **options)
+
+
+def _by_name(checks: list[Check]) -> dict[str, Check]:
+    names = [check.name for check in checks]
+    assert len(names) == len(set(names)), names
+    return {check.name: check for check in checks}
+
+
+def _assert_no_secret(checks: list[Check]) -> str:
+    text = render(checks) + repr(checks)
+    assert SECRET not in text
+    assert TOKEN not in text
+    assert ACCESS not in text  # only the masked form may appear
+    return text
+
+
+# --------------------------------------------------------------------------- unreachable
+
+
+def test_unreachable_server_fails_fast_with_next_step(tmp_path: Path) -> None:
+    api = f"http://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    checks = _run(_env(tmp_path), api, clearml_mode="online")
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 5.0
+    by_name = _by_name(checks)
+    server = by_name["clearml server"]
+    assert server.status == "fail"
+    assert "unreachable" in server.detail
+    assert "connection refused" in server.detail
+    assert "docker compose up -d" in server.next_step
+    assert by_name["clearml mode"].status == "fail"
+    assert "unreachable" in by_name["clearml mode"].detail
+    credentials = by_name["clearml credentials"]
+    assert credentials.status == "warn"
+    assert "not verified" in credentials.detail
+    assert "ABCD…" in credentials.detail
+    assert "clearml queues" not in by_name  # nothing to ask without a server
+    text = _assert_no_secret(checks)
+    assert "next: " in text
+
+
+def test_auto_mode_falls_back_to_offline_when_unreachable(tmp_path: Path) -> None:
+    checks = _run(_env(tmp_path), f"http://127.0.0.1:{_free_port()}", clearml_mode="auto")
+    by_name = _by_name(checks)
+    assert by_name["clearml mode"].status == "ok"
+    assert by_name["clearml mode"].detail.startswith("auto -> offline")
+    assert by_name["clearml server"].status == "warn"  # auto copes; online would fail
+
+
+def test_silent_server_is_bounded_by_timeout(tmp_path: Path) -> None:
+    # Accepts TCP connections but never answers: only the timeout ends the request.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        api = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        started = time.monotonic()
+        checks = _run(_env(tmp_path), api, clearml_mode="online", timeout=0.5)
+        elapsed = time.monotonic() - started
+
+    assert elapsed < 3.0  # one 0.5 s timeout, plus slack for a loaded machine
+    server = _by_name(checks)["clearml server"]
+    assert server.status == "fail"
+    assert "no answer within 0.5 s" in server.detail
+    _assert_no_secret(checks)
+
+
+# --------------------------------------------------------------------------- reachable
+
+
+def test_reachable_server_valid_credentials(tmp_path: Path, fake: FakeClearML) -> None:
+    checks = _run(_env(tmp_path), fake.url, expected_queues=["default"])
+    by_name = _by_name(checks)
+
+    assert by_name["clearml server"].status == "ok"
+    assert "debug.ping" in by_name["clearml server"].detail
+    assert by_name["clearml credentials"].status == "ok"
+    assert "accepted" in by_name["clearml credentials"].detail
+    assert "ABCD…" in by_name["clearml credentials"].detail
+    queues = by_name["clearml queues"]
+    assert queues.status == "ok"
+    assert "default (2 pending)" in queues.detail
+    assert "services" in queues.detail
+    agents = by_name["clearml agents"]
+    assert agents.status == "ok"
+    assert "housing-agent:cpu:0 (default)" in agents.detail
+    assert "housing-services:0 (services)" in agents.detail  # queue id mapped to its name
+    assert by_name["clearml mode"].detail.startswith("auto -> online")
+
+    assert fake.endpoints() == [
+        "/debug.ping",
+        "/auth.login",
+        "/queues.get_all",
+        "/workers.get_all",
+    ]
+    login = fake.calls[1]
+    assert login[0] == "POST"
+    scheme, _, encoded = login[2].partition(" ")
+    assert scheme == "Basic"
+    assert base64.b64decode(encoded).decode() == f"{ACCESS}:{SECRET}"
+    assert fake.calls[2][2] == f"Bearer {TOKEN}"
+    _assert_no_secret(checks)
+
+
+def test_rejected_credentials(tmp_path: Path, fake: FakeClearML) -> None:
+    fake.secret = "another-secret-entirely"
+    checks = _run(_env(tmp_path), fake.url)
+    by_name = _by_name(checks)
+
+    credentials = by_name["clearml credentials"]
+    assert credentials.status == "fail"
+    assert "rejected" in credentials.detail
+    assert "401" in credentials.detail
+    assert "invalid credentials" in credentials.detail  # the server's result_msg
+    assert "Create new credentials" in credentials.next_step
+    assert "clearml queues" not in by_name
+    assert "clearml agents" not in by_name
+    # The tracker goes online when the keys are set and the server answers, so
+    # rejected keys mean failing runs, not an offline fallback.
+    mode = by_name["clearml mode"]
+    assert mode.status == "fail"
+    assert mode.detail.startswith("auto -> online, but the credentials were rejected")
+    assert "/queues.get_all" not in fake.endpoints()
+    _assert_no_secret(checks)
+
+
+def test_secret_echoed_by_server_is_hidden(tmp_path: Path, fake: FakeClearML) -> None:
+    fake.access = "someone-else"  # so that the keys we send are rejected
+    fake.echo_credentials = True
+    checks = _run(_env(tmp_path), fake.url)
+    detail = _by_name(checks)["clearml credentials"].detail
+    assert "got ***:*** (Basic ***)" in detail  # the message is kept, the keys are not
+    basic = base64.b64encode(f"{ACCESS}:{SECRET}".encode()).decode()
+    assert basic not in render(checks)
+    _assert_no_secret(checks)
+
+
+def test_missing_credentials(tmp_path: Path, fake: FakeClearML) -> None:
+    env = {"HOME": str(tmp_path)}
+    checks = _run(env, fake.url)
+    by_name = _by_name(checks)
+    credentials = by_name["clearml credentials"]
+    assert credentials.status == "warn"
+    assert "CLEARML_API_ACCESS_KEY" in credentials.detail
+    assert "CLEARML_API_SECRET_KEY" in credentials.detail
+    assert (
+        "auto -> offline: CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY not set"
+        in by_name["clearml mode"].detail
+    )
+    assert "/auth.login" not in fake.endpoints()
+
+    online = _by_name(_run(env, fake.url, clearml_mode="online"))
+    assert online["clearml credentials"].status == "fail"
+    assert online["clearml mode"].status == "fail"
+
+
+def test_key_variable_names_are_configurable(tmp_path: Path, fake: FakeClearML) -> None:
+    env = {"HOME": str(tmp_path), "TEAM_CLEARML_KEY": ACCESS, "TEAM_CLEARML_SECRET": SECRET}
+    checks = _run(
+        env, fake.url, access_key_env="TEAM_CLEARML_KEY", secret_key_env="TEAM_CLEARML_SECRET"
+    )
+    assert _by_name(checks)["clearml credentials"].status == "ok"
+    missing = _by_name(_run(env, fake.url))["clearml credentials"]
+    assert missing.status == "warn"
+    assert "CLEARML_API_ACCESS_KEY" in missing.detail
+
+
+def test_missing_queue_and_idle_queue(tmp_path: Path, fake: FakeClearML) -> None:
+    fake.workers = [fake.workers[0]]  # nobody listens on "services" any more
+    checks = _run(_env(tmp_path), fake.url, expected_queues=["gpu", "services"])
+    by_name = _by_name(checks)
+    assert by_name["clearml queues"].status == "warn"
+    assert "missing: gpu" in by_name["clearml queues"].detail
+    assert by_name["clearml agents"].status == "warn"
+    assert "no agent listens on: gpu, services" in by_name["clearml agents"].detail
+    assert "--profile agent" in by_name["clearml agents"].next_step
+
+
+def test_no_queues_and_no_agents(tmp_path: Path, fake: FakeClearML) -> None:
+    fake.queues = []
+    fake.workers = []
+    by_name = _by_name(_run(_env(tmp_path), fake.url))
+    assert by_name["clearml queues"].status == "warn"
+    assert by_name["clearml queues"].detail == "no queues on the server"
+    assert by_name["clearml agents"].status == "warn"
+    assert by_name["clearml agents"].detail == "no agent is listening"
+
+
+def test_proxy_variables_do_not_capture_loopback(tmp_path: Path, fake: FakeClearML) -> None:
+    env = _env(tmp_path, http_proxy=f"http://127.0.0.1:{_free_port()}")
+    by_name = _by_name(_run(env, fake.url))
+    assert by_name["clearml server"].status == "ok"
+
+
+def test_hosts_and_credentials_from_config_file(tmp_path: Path, fake: FakeClearML) -> None:
+    # The layout `clearml-init` writes: quoted keys, `=` and unquoted URLs.
+    conf = tmp_path / "clearml.conf"
+    conf.write_text(
+        "api {\n"
+        f"    web_server: http://127.0.0.1:{fake.port}\n"
+        f"    api_server: http://127.0.0.1:{fake.port}\n"
+        "    credentials {\n"
+        f'        "access_key" = "{ACCESS}"\n'
+        f'        "secret_key"  = "{SECRET}"\n'
+        "    }\n"
+        "}\n"
+    )
+    env = {"HOME": str(tmp_path / "elsewhere"), "CLEARML_CONFIG_FILE": str(conf)}
+    checks = _run(env, None)
+    by_name = _by_name(checks)
+    assert by_name["clearml config"].status == "ok"
+    assert "from CLEARML_CONFIG_FILE" in by_name["clearml config"].detail
+    assert "(from config file)" in by_name["clearml server"].detail
+    assert by_name["clearml credentials"].status == "ok"
+    assert "(from config file)" in by_name["clearml credentials"].detail
+    # auto mode looks only at the key variables, as the tracker does
+    assert by_name["clearml mode"].detail.startswith("auto -> offline: CLEARML_API_ACCESS_KEY")
+    online = _by_name(_run(env, None, clearml_mode="online"))["clearml mode"]
+    assert online.status == "ok"
+    assert online.detail.startswith("online: server")
+    _assert_no_secret(checks)
+
+
+def test_environment_host_wins_over_default(tmp_path: Path, fake: FakeClearML) -> None:
+    env = _env(tmp_path, CLEARML_API_HOST=fake.url + "/")
+    by_name = _by_name(_run(env, None))
+    assert by_name["clearml server"].status == "ok"
+    assert f"API {fake.url} (from CLEARML_API_HOST)" in by_name["clearml server"].detail
+
+
+def test_missing_config_file_named_by_variable(tmp_path: Path) -> None:
+    env = _env(tmp_path, CLEARML_CONFIG_FILE=str(tmp_path / "nope.conf"))
+    by_name = _by_name(_run(env, f"http://127.0.0.1:{_free_port()}"))
+    config = by_name["clearml config"]
+    assert config.status == "fail"
+    assert "does not exist" in config.detail
+    assert "clearml.conf.example" in config.next_step
+
+
+def test_no_config_file_at_all_is_a_warning(tmp_path: Path) -> None:
+    by_name = _by_name(_run(_env(tmp_path), f"http://127.0.0.1:{_free_port()}"))
+    config = by_name["clearml config"]
+    assert config.status == "warn"
+    assert "CLEARML_CONFIG_FILE" in config.next_step
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def test_clearml_disabled_makes_no_request(tmp_path: Path, fake: FakeClearML) -> None:
+    checks = _run(_env(tmp_path), fake.url, tracking_backends=["mlflow"])
+    assert [check.name for check in checks] == ["tracking backends", "clearml mode", "mlflow"]
+    assert "disabled" in checks[1].detail
+    assert fake.calls == []
+
+
+def test_offline_mode_from_environment(tmp_path: Path) -> None:
+    env = _env(tmp_path, CLEARML_OFFLINE_MODE="1")
+    by_name = _by_name(_run(env, f"http://127.0.0.1:{_free_port()}"))
+    mode = by_name["clearml mode"]
+    assert mode.status == "ok"
+    assert "offline" in mode.detail
+    assert "CLEARML_OFFLINE_MODE" in mode.detail
+    assert by_name["clearml server"].status == "warn"  # only `clearml sync` needs it
+
+    online = _by_name(_run(env, f"http://127.0.0.1:{_free_port()}", clearml_mode="online"))
+    assert online["clearml mode"].status == "fail"
+    assert "CLEARML_OFFLINE_MODE" in online["clearml mode"].detail
+
+
+def test_unknown_mode(tmp_path: Path) -> None:
+    by_name = _by_name(_run(_env(tmp_path), None, clearml_mode="sometimes"))
+    assert by_name["clearml mode"].status == "fail"
+    assert "auto|online|offline" in by_name["clearml mode"].next_step
+
+
+def test_no_backends_is_a_warning(tmp_path: Path) -> None:
+    checks = _run(_env(tmp_path), None, tracking_backends=[])
+    assert checks[0].name == "tracking backends"
+    assert checks[0].status == "warn"
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def test_mlflow_tracking_server_probe(tmp_path: Path, fake: FakeClearML) -> None:
+    ok = _by_name(_run(_env(tmp_path), None, tracking_backends=["mlflow"], mlflow_uri=fake.url))
+    assert ok["mlflow"].status == "ok"
+    assert "answers /health" in ok["mlflow"].detail
+
+    down = f"http://127.0.0.1:{_free_port()}"
+    bad = _by_name(_run(_env(tmp_path), None, tracking_backends=["mlflow"], mlflow_uri=down))
+    assert bad["mlflow"].status == "warn"
+    assert "connection refused" in bad["mlflow"].detail
+
+
+def test_mlflow_file_store_needs_opt_in(tmp_path: Path) -> None:
+    common = {"tracking_backends": ["mlflow"], "mlflow_uri": "./mlruns"}
+    plain = _by_name(_run(_env(tmp_path), None, **common))["mlflow"]
+    assert plain.status == "warn"
+    assert "MLFLOW_ALLOW_FILE_STORE" in plain.detail
+    allowed = _by_name(_run(_env(tmp_path, MLFLOW_ALLOW_FILE_STORE="true"), None, **common))
+    assert allowed["mlflow"].status == "ok"
+
+
+def test_mlflow_uri_credentials_are_hidden(tmp_path: Path) -> None:
+    uri = f"postgresql://mlflow:{SECRET}@db.internal:5432/mlflow"
+    checks = _run(_env(tmp_path), None, tracking_backends=["mlflow"], mlflow_uri=uri)
+    detail = _by_name(checks)["mlflow"].detail
+    assert "db.internal:5432" in detail
+    assert SECRET not in render(checks)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_mask_key() -> None:
+    assert mask_key("ABCDEFGHIJ") == "ABCD…"
+    assert mask_key("ABCD") == "…"
+    assert mask_key("") == "…"
+
+
+def test_display_url_drops_user_info() -> None:
+    assert display_url("https://user:pw@example.org:8443/api?x=1") == "https://example.org:8443/api"
+    assert display_url("http://127.0.0.1:8008") == "http://127.0.0.1:8008"
+
+
+def test_render_lists_statuses_next_steps_and_totals() -> None:
+    text = render(
+        [
+            Check("alpha", "ok", "fine"),
+            Check("beta", "warn", "hmm", "do this"),
+            Check("gamma", "fail", "broken", "do that"),
+        ]
+    )
+    lines = text.splitlines()
+    assert lines[0].startswith("[ ok ] alpha")
+    assert lines[1].startswith("[warn] beta")
+    assert lines[2].strip() == "next: do this"
+    assert lines[3].startswith("[FAIL] gamma")
+    assert lines[-1] == "1 ok, 1 warning(s), 1 failure(s)"
+
+
+def test_import_loads_only_the_standard_library() -> None:
+    code = (
+        "import sys; import housing.doctor; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'clearml', 'mlflow', 'requests', 'urllib3', 'hydra', 'sklearn', 'pandas'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"
