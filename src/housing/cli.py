@@ -123,9 +123,12 @@ def _parser() -> argparse.ArgumentParser:
         "config": "print the composed, validated config",
         "doctor": "check tracking backends, ClearML server, credentials, queues, agents",
         "status": "show the last pipeline run's stages from metrics/pipeline_events.jsonl",
+        "clearml": "ClearML utilities: `housing clearml sync` imports offline sessions",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
+        if name == "clearml":
+            p.add_argument("action", choices=["sync"], help="sync: import offline sessions")
         p.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
         if name == "select_best":
             sub._name_parser_map["select-best"] = p  # accept the dashed spelling too
@@ -167,6 +170,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return doctor(overrides, args.config_dir)
     if command == "status":
         return status(overrides, args.config_dir)
+    if command == "clearml":
+        return clearml_sync(overrides, args.config_dir)
     raise HousingError(f"unknown command {command!r}")  # pragma: no cover - argparse guards
 
 
@@ -199,6 +204,28 @@ def doctor(overrides: Sequence[str], config_dir: Path | None) -> int:
     )
     print(render(checks))
     return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def clearml_sync(overrides: Sequence[str], config_dir: Path | None) -> int:
+    """Import every offline ClearML session not yet imported into the configured server."""
+    from housing.config import load_settings
+    from housing.tracking.clearml import clearml_settings
+    from housing.tracking.offline import sync
+
+    settings = load_settings(overrides, config_dir=config_dir)
+    cml = clearml_settings(settings.section("clearml"), settings.root)
+    report = sync(
+        cml.offline_dir,
+        api_host=cml.api_host,
+        timeout_sec=cml.connect_timeout_sec,
+        web_host=cml.web_host,
+        files_host=cml.files_host,
+        output_uri=cml.output_uri,
+        access_key_env=cml.access_key_env,
+        secret_key_env=cml.secret_key_env,
+    )
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def status(overrides: Sequence[str], config_dir: Path | None) -> int:

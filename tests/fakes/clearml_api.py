@@ -10,14 +10,26 @@ uses to import an offline session or query tasks/models, in the server's JSON en
         assert server.calls_to("tasks.create")[0]["name"] == "housing:train_ridge"
 
 Requests arrive as ``/<service>.<action>`` or ``/v<version>/<service>.<action>`` (GET or
-POST with a JSON body; ``events.add_batch`` sends one JSON event per line). Uploads to the
-file server (``files_host`` = ``<url>/files``) are multipart POSTs, kept in ``uploads``.
-Unknown endpoints answer ``200`` with empty data and are still recorded, so a test can
-discover what the SDK calls (``server.endpoints()``).
+POST with a JSON body; ``events.add_batch`` sends one JSON event per line, recorded as a
+list). Uploads to the file server (``files_host`` = ``<url>/files``) are multipart POSTs,
+recorded as ``files.upload`` and kept in ``uploads`` (path -> bytes). Unknown endpoints
+answer ``200`` with empty data and are still recorded, so a test can discover what the
+SDK calls (``server.endpoints()``). Tasks always carry ``"output": {}`` (the SDK needs it).
 
-Tasks and models can be preloaded (``add_task`` / ``add_model``) for compare-style tests;
-``tasks.get_all`` / ``models.get_all`` filter on ``id``, ``name`` (regex, as the server
-does), ``project``, ``tags``, ``status`` and page with ``page`` / ``page_size``.
+An offline-session import (clearml 2.1.12) calls: auth.login, projects.get_all,
+projects.create, tasks.create, tasks.get_by_id, tasks.edit, tasks.started, files.upload,
+models.create, models.get_by_id, models.edit, tasks.get_all, tasks.add_or_update_model,
+events.add_batch, tasks.completed. An online task adds tasks.set_requirements,
+tasks.edit_hyper_params, tasks.add_or_update_artifacts, projects.get_by_id,
+models.get_all, models.add_or_update_metadata, models.set_ready, tasks.failed.
+
+``FakeClearMLServer(access_key=..., secret_key=...)`` makes ``auth.login`` check HTTP basic
+auth; ``fail(endpoint, times, status)`` injects errors. Tasks, models and projects can be
+preloaded (constructor or ``add_task`` / ``add_model`` / ``add_project``; ``project_name=``
+becomes a project id) for compare-style tests; ``tasks.get_all`` / ``models.get_all``
+filter on ``id``, ``name`` (a regex, as the server does), ``project``, ``status``,
+``task``, ``ready``, ``tags`` / ``system_tags`` (OR, ``__$all`` for AND, ``-tag`` to
+exclude), sort with ``order_by`` and page with ``page`` / ``page_size``.
 """
 
 from __future__ import annotations
@@ -50,7 +62,7 @@ Handler = Callable[["FakeClearMLServer", dict[str, Any]], dict[str, Any]]
 class Call:
     """One recorded request."""
 
-    endpoint: str  # "tasks.create"; "files:<path>" for a file upload
+    endpoint: str  # "tasks.create"; "files.upload" for a file-server upload
     body: Any  # the parsed JSON body ({} when empty; a list of events for add_batch)
     method: str = "POST"
     version: str | None = None

@@ -274,6 +274,27 @@ def test_unreachable_server_fails_fast_and_loses_nothing(
         )
 
 
+def test_wrong_credentials_stop_the_sync(settings: ClearMLSettings, model_file: Path) -> None:
+    record_stages(settings, model_file)
+    with FakeClearMLServer(access_key=ACCESS, secret_key="the-right-one") as server:
+        started = time.perf_counter()
+        with pytest.raises(SyncError) as excinfo:
+            offline.sync(settings.offline_dir, api_host=server.api_host, env=fake_env(server))
+        assert time.perf_counter() - started < 15
+        assert server.endpoints() == ["debug.ping", "auth.login"]
+    message = str(excinfo.value)
+    assert "LoginError" in message and "0 imported, 2 left for the next sync" in message
+    assert SECRET not in message and "\n" not in message
+    assert not (settings.offline_dir / offline.IMPORTED_FILE).exists()
+
+
+def test_one_sync_at_a_time(settings: ClearMLSettings) -> None:
+    with offline._exclusive(settings.offline_dir / offline.SYNC_LOCK_FILE) as acquired:
+        assert acquired
+        with pytest.raises(SyncError, match="another ClearML sync"):
+            offline.sync(settings.offline_dir, api_host="http://127.0.0.1:9", env={})
+
+
 @pytest.mark.slow
 def test_a_failed_import_is_reported_and_retried(
     settings: ClearMLSettings, model_file: Path

@@ -184,9 +184,14 @@ def test_pipeline_run_logging_registry_and_champion(
     new_tracker: Callable[[], MLflowTracker],
     store: Path,
     data: tuple[np.ndarray, np.ndarray],
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import mlflow
 
+    # Anything falling back to mlflow's default store would create ./mlflow.db here.
+    cwd = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(cwd)
     uri_before, env_before = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
 
     # ---- stage 1: train_ridge (logs everything, registers v1)
@@ -340,6 +345,7 @@ def test_pipeline_run_logging_registry_and_champion(
     )
     assert [r.info.run_id for r in parents] == [parent_id]
 
+    assert list(cwd.iterdir()) == []
     # register_model touched the global tracking URI only temporarily
     assert mlflow.get_tracking_uri() == uri_before
     assert os.environ.get("MLFLOW_TRACKING_URI") == env_before

@@ -18,8 +18,13 @@ Process-global state: ClearML keeps one current task per process, so a tracker m
 closed before the next one starts (``housing run`` runs stages one after another in one
 process, which works). Environment variables the SDK reads (``CLEARML_CACHE_DIR``,
 ``CLEARML_CONFIG_FILE``, hosts, keys) are set in :meth:`ClearMLTracker.start` and
-restored on :meth:`ClearMLTracker.close`; nothing happens at import time and the SDK is
-imported lazily.
+restored on :meth:`ClearMLTracker.close` (every ``CLEARML_*``/``TRAINS_*`` variable goes
+back to its value before start). The SDK's own offline switch (``Task.set_offline``) is
+left as the last task needed it, because switching back online makes existing sessions
+log in to the server; each ``start`` sets the mode it needs. The SDK reads its config
+file once per process, so the first task's config (a generated ``clearml.conf`` in
+``offline_dir`` unless ``CLEARML_CONFIG_FILE`` is set) stays in force. Nothing happens
+at import time and the SDK is imported lazily.
 """
 
 from __future__ import annotations

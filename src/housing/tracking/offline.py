@@ -73,6 +73,7 @@ __all__ = [
 SESSIONS_SUBDIR: Final = "offline"
 CLIENT_CONFIG_FILE: Final = "clearml.conf"
 SYNC_CONFIG_FILE: Final = "clearml-sync.conf"
+SYNC_LOCK_FILE: Final = ".sync.lock"
 IMPORTED_FILE: Final = "imported.json"
 CHAMPIONS_FILE: Final = "champions.json"
 REGISTRY_FILE: Final = "registry.json"
@@ -538,7 +539,57 @@ def sync(
     """
     started = time.monotonic()
     offline_dir = Path(offline_dir)
+    api_host = api_host.rstrip("/")
     env = dict(os.environ if env is None else env)
+    with _exclusive(offline_dir / SYNC_LOCK_FILE) as acquired:
+        if not acquired:
+            raise SyncError(f"another ClearML sync of {offline_dir} is running; try again later")
+        report = _sync_locked(
+            offline_dir,
+            api_host=api_host,
+            timeout_sec=timeout_sec,
+            web_host=web_host,
+            files_host=files_host,
+            output_uri=output_uri,
+            access_key_env=access_key_env,
+            secret_key_env=secret_key_env,
+            include_open=include_open,
+            env=env,
+        )
+    report.seconds = time.monotonic() - started
+    logger.info("%s", report.summary())
+    return report
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[bool]:
+    """A non-blocking exclusive lock on ``lock_path``: yields whether it was acquired."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a+b") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _sync_locked(
+    offline_dir: Path,
+    *,
+    api_host: str,
+    timeout_sec: float,
+    web_host: str | None,
+    files_host: str | None,
+    output_uri: str | None,
+    access_key_env: str,
+    secret_key_env: str,
+    include_open: bool,
+    env: Mapping[str, str],
+) -> SyncReport:
     report = SyncReport(api_host=api_host)
     imported_path = offline_dir / IMPORTED_FILE
     record = read_json_file(imported_path, _imported_default())
@@ -551,8 +602,6 @@ def sync(
         else:
             pending.append(session)
     if not pending:
-        report.seconds = time.monotonic() - started
-        logger.info("%s", report.summary())
         return report
 
     waiting = f"nothing imported; {len(pending)} session(s) wait in {sessions_root(offline_dir)}"
@@ -631,7 +680,6 @@ def sync(
         sid = str(item["session_id"])
         if sid not in report.imported and sid not in report.failed:
             report.failed[sid] = "not attempted (the import stopped early)"
-    report.seconds = time.monotonic() - started
     for sid, error in report.failed.items():
         logger.warning("ClearML sync: session %s not imported: %s", sid, error)
     if fatal is not None:
@@ -639,7 +687,6 @@ def sync(
             f"ClearML sync to {api_host} stopped: {fatal}; {len(report.imported)} imported, "
             f"{len(report.failed)} left for the next sync"
         )
-    logger.info("%s", report.summary())
     return report
 
 
