@@ -95,7 +95,10 @@ def bench_pipeline(workdir: Path) -> None:
     print(f"bare      {bare.seconds:7.2f} s  (imports {bare_info['import_sec']:.2f} s, "
           f"test/rmse {bare_info['test_rmse']:.3f})")  # fmt: skip
     print(f"ratio     {full.seconds / bare.seconds:7.2f} x")
-    print(f"no-op     {noop.seconds:7.2f} s  (second dvc repro, {stage_count(noop.stdout)} stages ran)")
+    print(
+        f"no-op     {noop.seconds:7.2f} s  "
+        f"(second dvc repro, {stage_count(noop.stdout)} stages ran)"
+    )
     print(f"target pipeline <= 1.5 x bare + 5 s = {target:.2f} s: "
           f"{verdict(full.seconds <= target)}")  # fmt: skip
 

@@ -18,7 +18,9 @@ def test_every_group_option_composes_and_validates(group: str, tmp_path: Path) -
     choices = available_choices(CONF, group)
     assert len(choices) >= 1
     for choice in choices:
-        extra = ["data.path=x.csv", "data.target=price"] if (group, choice) == ("data", "csv") else []
+        extra = (
+            ["data.path=x.csv", "data.target=price"] if (group, choice) == ("data", "csv") else []
+        )
         settings = load_settings([f"{group}={choice}", *extra], config_dir=CONF, root=tmp_path)
         assert settings.resolved[group] is not None
         if group == "model":
@@ -69,7 +71,10 @@ def test_model_configs_are_named_after_their_file() -> None:
         (["data.drop_columns=[medv]"], "data.drop_columns"),
         (["data.sep=;"], "data.sep=;"),
         (["data.schema.min_rows=0"], "data.schema.min_rows"),
-        (["data.schema.columns.rm.min=9", "data.schema.columns.rm.max=1"], "data.schema.columns.rm"),
+        (
+            ["data.schema.columns.rm.min=9", "data.schema.columns.rm.max=1"],
+            "data.schema.columns.rm",
+        ),
     ],
 )
 def test_bad_config_names_the_key(overrides: list[str], key: str, tmp_path: Path) -> None:

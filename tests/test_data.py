@@ -201,5 +201,5 @@ def test_drop_columns_removes_b_from_boston(make_settings: SettingsFactory) -> N
 def test_drop_unknown_column_is_a_config_error(make_settings: SettingsFactory) -> None:
     from housing.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="data.drop_columns: 'zzz'"):
+    with pytest.raises(ConfigError, match=r"data\.drop_columns: 'zzz'"):
         prepare.run(make_settings(["data.drop_columns=[zzz]"]))

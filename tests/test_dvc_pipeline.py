@@ -28,6 +28,12 @@ def test_dvc_yaml_candidates_match_the_config() -> None:
         assert f"metrics/train_{name}.json" in deps
     listed = {d.split("/")[-1].removesuffix(".joblib") for d in deps if d.startswith("models/")}
     assert listed == set(candidates)
+    evaluated = {
+        d.split("/")[-1].removesuffix(".joblib")
+        for d in stages["evaluate"]["deps"]
+        if d.startswith("models/") and d != "models/best_model.joblib"
+    }
+    assert evaluated == set(candidates)
     assert stages["train"]["foreach"] == "${selection.candidates}"
 
 

@@ -63,6 +63,7 @@ def test_stages_chain_and_return_their_records(trained: SettingsFactory) -> None
     assert list(table.columns) == ["actual", "predicted", "residual"]
     assert len(table) == 24  # test_size 0.2 of 120 rows
 
+
 def test_train_record_has_every_metric(trained: SettingsFactory) -> None:
     settings = trained()
     record = json.loads(settings.paths.train_metrics("ridge").read_text())
@@ -91,7 +92,7 @@ def test_failed_train_keeps_the_previous_model(trained: SettingsFactory) -> None
     settings = trained(["model=ridge"])
     before = _tree_digest(settings.root)
     settings.paths.train.write_text("a,b,c,price\n1,x,3,4\n")
-    with pytest.raises(DataError, match="train.csv: not a numeric table"):
+    with pytest.raises(DataError, match=r"train\.csv: not a numeric table"):
         train.run(settings)
     after = _tree_digest(settings.root)
     del before["data/processed/train.csv"], after["data/processed/train.csv"]

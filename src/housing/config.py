@@ -123,6 +123,10 @@ class Paths:
         return self.plots_dir / "test_predictions.csv"
 
     @property
+    def comparison(self) -> Path:
+        return self.plots_dir / "model_comparison.csv"
+
+    @property
     def importances(self) -> Path:
         return self.plots_dir / "feature_importances.csv"
 

@@ -31,6 +31,8 @@ class EvaluationResult:
     importances_path: Path
     predictions: pd.DataFrame
     importances: dict[str, float]
+    comparison: pd.DataFrame  # one row per candidate: val, CV and test metrics
+    comparison_path: Path
 
 
 def evaluate_model(
@@ -61,11 +63,17 @@ def run(settings: Settings) -> EvaluationResult:
     ranked = sorted(importances.items(), key=lambda kv: kv[1], reverse=True)
     imp = pd.DataFrame(ranked, columns=["feature", "importance"])
     io.write_csv(paths.importances, imp)
+    comparison = compare_candidates(settings, summary, test)
+    io.write_csv(paths.comparison, comparison)
     record = {
         "model": summary["best_model"],
         "model_sha256": summary["best_model_sha256"],
         "n_test": len(test),
         "metrics": metrics,
+        "candidates": {
+            row["model"]: {k: row[k] for k in ("test/rmse", "test/mae", "test/r2")}
+            for row in comparison.to_dict("records")
+        },
     }
     io.write_json(paths.test_metrics, record)
     log.info(
@@ -83,4 +91,32 @@ def run(settings: Settings) -> EvaluationResult:
         importances_path=paths.importances,
         predictions=table,
         importances=importances,
+        comparison=comparison,
+        comparison_path=paths.comparison,
     )
+
+
+def compare_candidates(
+    settings: Settings, summary: dict[str, Any], test: pd.DataFrame
+) -> pd.DataFrame:
+    """Val, CV and test metrics of every candidate select_best saw (sha256-checked loads).
+
+    Test scores are for reporting only: the selection was made on validation data.
+    """
+    import pandas as pd
+
+    rows = []
+    for name, cand in summary["candidates"].items():
+        model = io.load_model(settings.paths.model(name), cand.get("model_sha256"))
+        test_metrics, _ = evaluate_model(model, test, settings.data.target)
+        train_metrics = cand["metrics"]
+        rows.append(
+            {
+                "model": name,
+                "best": name == summary["best_model"],
+                "val/rmse": train_metrics["val/rmse"],
+                "cv/rmse_mean": train_metrics["cv/rmse_mean"],
+                **test_metrics,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -267,7 +267,7 @@ def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult
 def _record_evaluate(tset: TrackerSet, settings: Settings, result: EvaluationResult) -> None:
     tset.each("log_params", lambda t: t.log_params({"model": result.model_name}, "evaluate"))
     tset.each("log_metrics", lambda t: t.log_metrics(result.metrics))
-    for path in (result.metrics_path, result.predictions_path):
+    for path in (result.metrics_path, result.predictions_path, result.comparison_path):
         tset.each("log_artifact", partial(_log_artifact, path=path))
     table = result.predictions
     figures = [
@@ -293,6 +293,18 @@ def _record_evaluate(tset: TrackerSet, settings: Settings, result: EvaluationRes
     ]
     if result.importances:
         figures.append(_importance_figure(result.importances, f"{result.model_name} importances"))
+    comparison = result.comparison
+    figures.append(
+        Figure(
+            name="model_comparison",
+            title="Test RMSE per candidate",
+            kind="bar",
+            x=comparison["model"].tolist(),
+            y=comparison["test/rmse"].tolist(),
+            x_label="model",
+            y_label="test/rmse",
+        )
+    )
     for fig in figures:
         tset.each("log_figure", partial(_log_figure, figure=fig))
 
