@@ -33,7 +33,7 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 install: $(VENV)/.synced ## Create/refresh the locked environment in .venv (uv.lock)
 
 run: install ## Run the whole pipeline (dvc repro) and show the metrics
-	dvc repro
+	HOUSING_RUN_ID=$${HOUSING_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)-make} dvc repro
 	@dvc metrics show
 
 repro: run ## Alias of run

@@ -103,6 +103,26 @@ def bench_pipeline(workdir: Path) -> None:
           f"{verdict(full.seconds <= target)}")  # fmt: skip
 
 
+def bench_tracking(workdir: Path) -> None:
+    print("\n== tracking overhead (MLflow sqlite + ClearML offline) vs tracking=none")
+    none_repo = make_scratch_repo(workdir / "trk-none", defaults={"tracking": "none"})
+    both_repo = make_scratch_repo(workdir / "trk-both", defaults={"tracking": "both"})
+    off = run([str(BIN / "dvc"), "repro"], none_repo)
+    on = run([str(BIN / "dvc"), "repro"], both_repo)
+    stages = stage_count(on.stdout)
+    imports = run([sys.executable, "-c", "import mlflow, mlflow.sklearn, clearml"], none_repo)
+    print(f"dvc repro  none {off.seconds:6.2f} s  both {on.seconds:6.2f} s  "
+          f"-> {(on.seconds - off.seconds) / stages:.2f} s per stage ({stages} stages; "
+          f"each stage pays the tracking imports: {imports.seconds:.2f} s)")  # fmt: skip
+    one_off = run([str(BIN / "housing"), "run", "tracking=none"], none_repo)
+    one_on = run([str(BIN / "housing"), "run", "tracking=both"], both_repo)
+    beyond = (one_on.seconds - one_off.seconds - imports.seconds) / stages
+    print(f"housing run (one process, imports paid once)  none {one_off.seconds:6.2f} s  "
+          f"both {one_on.seconds:6.2f} s")  # fmt: skip
+    print(f"tracking cost beyond imports {beyond:.2f} s per stage "
+          f"(target < 1 s): {verdict(beyond < 1.0)}")  # fmt: skip
+
+
 def tweak_for_scale(repo: Path) -> None:
     for rel, edits in SCALE_OVERRIDES.items():
         path = repo / rel
@@ -154,6 +174,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; scratch {tmp}")
     try:
         bench_pipeline(tmp)
+        bench_tracking(tmp)
         if rows:
             bench_scale(tmp, rows)
     finally:

@@ -96,9 +96,31 @@ def run_all(overrides: Sequence[str] = (), config_dir: Path | None = None) -> di
     return results
 
 
+#: Library messages that are expected on every run and say nothing actionable.
+_EXPECTED_NOISE = (
+    "Saving scikit-learn models in the pickle or cloudpickle format",  # we pin + sha-check
+    "Failed to resolve installed pip version",  # uv venvs have no pip
+)
+
+
+class _DropExpected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in _EXPECTED_NOISE)
+
+
 def _configure_logging(verbosity: int) -> None:
+    """Configure logging for a CLI process (never at import)."""
+    import os
+
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    # MLflow configures its own loggers when imported (later, lazily): set them via env.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbosity > 0 else "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if verbosity <= 0:
+        for name in ("mlflow", "mlflow.sklearn", "mlflow.utils.environment"):
+            logging.getLogger(name).addFilter(_DropExpected())
 
 
 def _parser() -> argparse.ArgumentParser:

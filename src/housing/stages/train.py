@@ -127,7 +127,7 @@ def fit_and_score(
         t0 = time.perf_counter()
         fit_deterministic(final, train[features], train[target])
         fit_seconds = time.perf_counter() - t0
-    metrics["fit_seconds"] = fit_seconds
+    metrics["train/fit_seconds"] = fit_seconds
     return FitOutcome(
         pipeline=final,
         metrics=metrics,
@@ -194,7 +194,7 @@ def run(settings: Settings) -> TrainResult:
         m["val/rmse"],
         m["cv/rmse_mean"],
         outcome.cv_folds,
-        m["fit_seconds"],
+        m["train/fit_seconds"],
         record["model_path"],
     )
     return TrainResult(
