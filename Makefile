@@ -16,7 +16,7 @@ BIN := $(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export VIRTUAL_ENV := $(VENV)
 
-.PHONY: help install run repro test test-fast lint format typecheck bench clean
+.PHONY: help install run repro test test-fast lint format typecheck bench clean server-up server-down agent-up
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "; printf "Usage: make TARGET\n\n"} \
@@ -32,8 +32,8 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 
 install: $(VENV)/.synced ## Create/refresh the locked environment in .venv (uv.lock)
 
-run: install ## Run the whole pipeline (dvc repro) and show the metrics
-	HOUSING_RUN_ID=$${HOUSING_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)-make} dvc repro
+run: install ## Run the whole pipeline (dvc repro, train stages in parallel) and show metrics
+	HOUSING_RUN_ID=$${HOUSING_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)-make} housing repro
 	@dvc metrics show
 
 repro: run ## Alias of run
@@ -59,6 +59,15 @@ typecheck: install ## mypy only
 
 bench: install ## Benchmarks: pipeline vs bare sklearn, synthetic scale-up (prints figures)
 	python benchmarks/bench.py
+
+server-up: ## Start the self-hosted ClearML server (infra/clearml; creates .env from the example)
+	cd infra/clearml && { [ -f .env ] || cp .env.example .env; } && docker compose up -d
+
+server-down: ## Stop the ClearML server (data stays in infra/clearml/data)
+	cd infra/clearml && docker compose down
+
+agent-up: ## Start a ClearML agent (needs CLEARML_AGENT_ACCESS_KEY/SECRET_KEY in infra/clearml/.env)
+	cd infra/clearml && docker compose --profile agent up -d clearml-agent
 
 clean: ## Remove run outputs (keeps .venv and the DVC cache)
 	rm -rf data/raw data/processed models metrics plots reports .clearml mlruns mlflow.db

@@ -144,3 +144,58 @@ def test_changed_ridge_alpha_reruns_only_ridge_and_downstream(repo: Path) -> Non
     assert "train@ridge" in ran
     record = json.loads((repo / "metrics/train_ridge.json").read_text())
     assert record["params"]["alpha"] == 3.0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_parallel_repro_matches_serial_and_leaves_dvc_up_to_date(
+    repo: Path, tmp_path: Path
+) -> None:
+    from housing.repro import plan
+
+    other = make_scratch_repo(tmp_path / "parallel", defaults={"tracking": "none"})
+    assert plan(other).parallel == [
+        f"train@{c}" for c in compose(["tracking=none"], CONF)["selection"]["candidates"]
+    ]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "housing"), "repro", "-j", "2"],
+        cwd=other,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    status = _dvc(other, "status")
+    assert "up to date" in status.stdout, status.stdout
+    lock = yaml.safe_load((other / "dvc.lock").read_text())["stages"]
+    assert {"prepare", "select_best", "evaluate", "train@ridge"} <= set(lock)
+    serial = json.loads((repo / "metrics/train_metrics.json").read_text())
+    parallel = json.loads((other / "metrics/train_metrics.json").read_text())
+    assert parallel["best_model"] == serial["best_model"]
+    assert parallel["best_value"] == serial["best_value"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_parallel_repro_stops_on_a_failing_train_stage(tmp_path: Path) -> None:
+    other = make_scratch_repo(tmp_path / "failing", defaults={"tracking": "none"})
+    (other / "conf/model/ridge.yaml").write_text(
+        "name: ridge\nestimator: ridge\nscale: true\nparams:\n  alpha: -1.0\n"
+    )
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "housing"), "repro", "-j", "2"],
+        cwd=other,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode != 0
+    assert "model.params.alpha" in done.stderr
+    assert "train@ridge" in done.stderr
+    assert not (other / "models/best_model.joblib").exists()

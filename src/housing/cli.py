@@ -145,10 +145,14 @@ def _parser() -> argparse.ArgumentParser:
         "config": "print the composed, validated config",
         "doctor": "check tracking backends, ClearML server, credentials, queues, agents",
         "status": "show the last pipeline run's stages from metrics/pipeline_events.jsonl",
+        "repro": "dvc repro with the train stages in parallel (-j N processes)",
         "clearml": "ClearML utilities: `housing clearml sync` imports offline sessions",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
+        if name == "repro":
+            p.add_argument("-j", "--jobs", type=int, default=None, help="default: CPU count")
+            continue
         if name == "clearml":
             p.add_argument("action", choices=["sync"], help="sync: import offline sessions")
         p.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
@@ -192,6 +196,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return doctor(overrides, args.config_dir)
     if command == "status":
         return status(overrides, args.config_dir)
+    if command == "repro":
+        from housing.repro import parallel_repro
+
+        return parallel_repro(Path.cwd(), args.jobs)
     if command == "clearml":
         return clearml_sync(overrides, args.config_dir)
     raise HousingError(f"unknown command {command!r}")  # pragma: no cover - argparse guards

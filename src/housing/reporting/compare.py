@@ -1,0 +1,1190 @@
+"""Export tracked experiments and model versions (ClearML, MLflow) as comparable CSV tables.
+
+:func:`compare` writes four tables under ``paths.metrics_dir``, each atomically:
+
+=========================  ===========================================================
+``clearml_experiments.csv``  one row per ClearML task (one stage of one pipeline run)
+``clearml_models.csv``       one row per ClearML model version
+``mlflow_experiments.csv``   one row per MLflow stage run (pipeline parent runs left out)
+``mlflow_models.csv``        one row per MLflow registered model version
+=========================  ===========================================================
+
+Both experiment tables have :data:`EXPERIMENT_COLUMNS`, both model tables
+:data:`MODEL_COLUMNS`; a concept has the same column in both backends:
+
+Experiments
+    ``task_id`` ClearML task id | MLflow run id; ``name`` task name | run name;
+    ``project`` ClearML project | MLflow experiment; ``stage``; ``model`` (the candidate a
+    train task fitted, the winner for select_best and evaluate); ``pipeline_run_id``;
+    ``status`` (``completed``, ``failed``, ``in_progress``, ``stopped``, ``queued``...; an
+    offline session that was never closed is ``open``); ``started``, ``completed`` (ISO 8601
+    UTC; offline sessions: first and last recorded event) and ``duration_sec``; ``tags``
+    (``;``-joined); ``source`` (``server`` or ``offline`` for ClearML, ``server`` or
+    ``local`` for MLflow); then :data:`METRIC_COLUMNS` as reported, empty when a task did
+    not report one. Rows are sorted by ``selection.metric``, best first (direction from
+    :func:`housing.config.greater_is_better`); rows without it follow, newest first.
+
+Models
+    ``model_id`` ClearML model id | ``models:/<name>/<version>``; ``name`` registry name
+    (``<model_name>-<algorithm>``, ``<model_name>-best``); ``version``; ``framework``;
+    ``algorithm``; ``uri`` (weights file or URL | MLflow model source); ``created``;
+    ``tags``; ``champion`` (``true`` for the version holding the champion now: the ClearML
+    ledger ``champions.json`` offline, the ``champion`` tag on a server, the MLflow alias);
+    ``champion_decision`` (``promoted`` | ``rejected`` | empty); ``task_id`` and
+    ``pipeline_run_id`` of the registering stage; the train metrics summary
+    (:data:`MODEL_METRIC_COLUMNS`); ``data_md5``, ``git_commit``, ``config_hash``, ``sha256``
+    (of the joblib file), ``source``. Sorted by name, then version.
+
+Sources: the ClearML server when ``resolve_mode`` says online (every task and model of the
+project, paged through ``tasks.get_all`` / ``models.get_all``), else the offline sessions
+in ``clearml.offline_dir``; MLflow through ``MlflowClient`` on ``mlflow.tracking_uri``
+(a relative sqlite path is resolved against the project root; a missing file is an empty
+store, never created). Filters: ``project`` (ClearML project and MLflow experiment;
+defaults ``clearml.project_name`` / ``mlflow.experiment``), ``tags`` (a task must carry
+all), ``stage``, ``last_n`` (the N newest pipeline runs). With a filter, the model tables
+keep the versions registered by the selected tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from housing.errors import ConfigError, HousingError
+
+if TYPE_CHECKING:
+    from housing.config import Settings
+    from housing.tracking.clearml import ClearMLSettings
+    from housing.tracking.offline import OfflineModel, OfflineSession
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EXPERIMENT_COLUMNS",
+    "METRIC_COLUMNS",
+    "MODEL_COLUMNS",
+    "MODEL_METRIC_COLUMNS",
+    "STAGES",
+    "ChampionEvent",
+    "Collected",
+    "CompareResult",
+    "collect_clearml",
+    "collect_mlflow",
+    "compare",
+    "main",
+    "resolve_tracking_uri",
+]
+
+STAGES: Final = ("prepare", "train", "select_best", "evaluate")
+METRIC_COLUMNS: Final = (
+    "val/rmse",
+    "val/mae",
+    "val/r2",
+    "cv/rmse_mean",
+    "cv/rmse_std",
+    "train/rmse",
+    "train/mae",
+    "train/r2",
+    "test/rmse",
+    "test/mae",
+    "test/r2",
+)
+MODEL_METRIC_COLUMNS: Final = tuple(m for m in METRIC_COLUMNS if not m.startswith("test/"))
+EXPERIMENT_COLUMNS: Final = (
+    "task_id",
+    "name",
+    "project",
+    "stage",
+    "model",
+    "pipeline_run_id",
+    "status",
+    "started",
+    "completed",
+    "duration_sec",
+    "tags",
+    "source",
+    *METRIC_COLUMNS,
+)
+MODEL_COLUMNS: Final = (
+    "model_id",
+    "name",
+    "version",
+    "framework",
+    "algorithm",
+    "uri",
+    "created",
+    "tags",
+    "champion",
+    "champion_decision",
+    "task_id",
+    "pipeline_run_id",
+    *MODEL_METRIC_COLUMNS,
+    "data_md5",
+    "git_commit",
+    "config_hash",
+    "sha256",
+    "source",
+)
+TABLES: Final = {
+    "clearml": ("clearml_experiments.csv", "clearml_models.csv"),
+    "mlflow": ("mlflow_experiments.csv", "mlflow_models.csv"),
+}
+PAGE_SIZE: Final = 500
+TAG_SEPARATOR: Final = ";"
+_TASK_FIELDS: Final = (
+    "id",
+    "name",
+    "project",
+    "status",
+    "type",
+    "tags",
+    "system_tags",
+    "created",
+    "started",
+    "completed",
+    "last_update",
+    "last_metrics",
+    "hyperparams",
+)
+_MODEL_FIELDS: Final = (
+    "id",
+    "name",
+    "project",
+    "framework",
+    "uri",
+    "created",
+    "tags",
+    "system_tags",
+    "comment",
+    "metadata",
+    "task",
+    "ready",
+)
+_MLFLOW_STATUS: Final = {
+    "FINISHED": "completed",
+    "FAILED": "failed",
+    "RUNNING": "in_progress",
+    "KILLED": "stopped",
+    "SCHEDULED": "queued",
+}
+_TASK_TYPE_STAGE: Final = {
+    "data_processing": "prepare",
+    "training": "train",
+    "qc": "select_best",
+    "testing": "evaluate",
+}
+
+Row = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class ChampionEvent:
+    """One champion decision as a backend recorded it (who challenged whom, and the outcome)."""
+
+    backend: str
+    registry_name: str
+    version: str
+    value: float | None
+    metric: str
+    promoted: bool
+    previous_version: str | None
+    previous_value: float | None
+    decided_at: str
+    reason: str
+    model: str = ""  # the challenger's algorithm, when known
+
+    @property
+    def change(self) -> float | None:
+        """Challenger minus the champion it faced (``None`` when there was none)."""
+        if self.value is None or self.previous_value is None:
+            return None
+        return self.value - self.previous_value
+
+
+@dataclass
+class Collected:
+    """What one backend holds: experiment rows, model rows, champion decisions."""
+
+    backend: str  # clearml | mlflow
+    source: str  # server | offline | local
+    location: str  # server URL, offline folder or tracking URI
+    project: str
+    experiments: list[Row] = field(default_factory=list)
+    models: list[Row] = field(default_factory=list)
+    champions: list[ChampionEvent] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # unreadable offline sessions
+    error: str | None = None  # the backend could not be read at all
+    note: str = ""  # why nothing was found, when so
+
+    @property
+    def empty(self) -> bool:
+        return not self.experiments and not self.models
+
+
+@dataclass
+class CompareResult:
+    """The tables written by :func:`compare` and what each backend contributed."""
+
+    backends: dict[str, Collected]
+    paths: dict[str, Path]  # file name -> written path
+
+    @property
+    def ok(self) -> bool:
+        return all(c.error is None for c in self.backends.values())
+
+    def summary_lines(self) -> list[str]:
+        """One line per backend: counts and files, or why nothing was exported."""
+        lines = []
+        for name, got in self.backends.items():
+            label = f"{name} ({got.source}, {got.location})"
+            if got.error is not None:
+                lines.append(f"{label}: not exported: {got.error}")
+            elif got.empty:
+                reason = got.note or f"nothing found for project {got.project!r}"
+                lines.append(f"{label}: {reason}; wrote headers only")
+            else:
+                files = ", ".join(str(self.paths[f]) for f in TABLES[name] if f in self.paths)
+                skipped = ""
+                if got.skipped:
+                    skipped = f", {len(got.skipped)} unreadable session(s) skipped"
+                lines.append(
+                    f"{label}: {len(got.experiments)} task(s), {len(got.models)} model "
+                    f"version(s){skipped} -> {files}"
+                )
+        return lines
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def compare(
+    settings: Settings,
+    *,
+    project: str | None = None,
+    tags: Sequence[str] = (),
+    stage: str | None = None,
+    last_n: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> CompareResult:
+    """Read ClearML and MLflow, write the four CSV tables; see the module docstring.
+
+    A backend that cannot be read (server error) keeps its previous tables and is
+    reported in the result (``ok`` is false); an empty one gets headers-only tables.
+    """
+    from housing.io import write_csv
+
+    _check_filters(stage, last_n)
+    backends = {
+        "clearml": collect_clearml(
+            settings, project=project, tags=tags, stage=stage, last_n=last_n, env=env
+        ),
+        "mlflow": collect_mlflow(settings, project=project, tags=tags, stage=stage, last_n=last_n),
+    }
+    paths: dict[str, Path] = {}
+    metrics_dir = settings.paths.metrics_dir
+    for name, got in backends.items():
+        if got.error is not None:
+            continue
+        exp_file, model_file = TABLES[name]
+        paths[exp_file] = write_csv(
+            metrics_dir / exp_file, to_frame(got.experiments, EXPERIMENT_COLUMNS)
+        )
+        paths[model_file] = write_csv(metrics_dir / model_file, to_frame(got.models, MODEL_COLUMNS))
+    return CompareResult(backends=backends, paths=paths)
+
+
+def _check_filters(stage: str | None, last_n: int | None) -> None:
+    if stage is not None and stage not in STAGES:
+        raise ConfigError(f"--stage: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if last_n is not None and last_n < 1:
+        raise ConfigError(f"--last: must be a positive number of runs, got {last_n}")
+
+
+def to_frame(rows: Sequence[Row], columns: Sequence[str]) -> Any:
+    """Rows as a DataFrame with exactly ``columns`` (tags joined, metrics as floats)."""
+    import pandas as pd
+
+    records = []
+    for row in rows:
+        record = {c: row.get(c) for c in columns}
+        if isinstance(record.get("tags"), list | tuple):
+            record["tags"] = TAG_SEPARATOR.join(record["tags"])
+        records.append(record)
+    frame = pd.DataFrame(records, columns=list(columns))
+    for column in columns:
+        if column in METRIC_COLUMNS or column == "duration_sec":
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+        elif column == "champion":
+            frame[column] = frame[column].fillna(False).astype(bool)
+        else:
+            frame[column] = frame[column].astype("object")
+    return frame
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def select(
+    experiments: list[Row],
+    models: list[Row],
+    *,
+    tags: Sequence[str] = (),
+    stage: str | None = None,
+    last_n: int | None = None,
+) -> tuple[list[Row], list[Row]]:
+    """Apply the filters: last N pipeline runs, then tags (all), then stage.
+
+    With any filter, only the models registered by the selected tasks are kept.
+    """
+    chosen = experiments
+    if last_n is not None:
+        first_seen: dict[str, str] = {}
+        for row in chosen:
+            key = _run_key(row)
+            started = str(row.get("started") or "")
+            if key not in first_seen or (started and started < first_seen[key]):
+                first_seen[key] = started
+        newest = set(sorted(first_seen, key=lambda k: (first_seen[k], k))[-last_n:])
+        chosen = [r for r in chosen if _run_key(r) in newest]
+    if tags:
+        wanted = set(tags)
+        chosen = [r for r in chosen if wanted <= set(r.get("tags") or ())]
+    if stage is not None:
+        chosen = [r for r in chosen if r.get("stage") == stage]
+    if last_n is None and not tags and stage is None:
+        return chosen, models
+    task_ids = {r["task_id"] for r in chosen}
+    return chosen, [m for m in models if m.get("task_id") in task_ids]
+
+
+def _run_key(row: Mapping[str, Any]) -> str:
+    return str(row.get("pipeline_run_id") or row.get("task_id") or "")
+
+
+def sort_experiments(rows: list[Row], metric: str) -> list[Row]:
+    """Best ``metric`` first (direction from the metric's name); rows without it last."""
+    from housing.config import greater_is_better
+
+    sign = -1.0 if greater_is_better(metric) else 1.0
+
+    def newest_first(row: Row) -> float:
+        parsed = parse_time(row.get("started"))
+        return -parsed.timestamp() if parsed else 0.0
+
+    with_metric = [r for r in rows if _finite(r.get(metric))]
+    without = [r for r in rows if not _finite(r.get(metric))]
+    with_metric.sort(key=lambda r: (sign * float(r[metric]), newest_first(r), str(r["name"])))
+    without.sort(key=lambda r: (newest_first(r), str(r["name"]), str(r["task_id"])))
+    return with_metric + without
+
+
+def sort_models(rows: list[Row]) -> list[Row]:
+    """By registry name, then numeric version."""
+    return sorted(rows, key=lambda r: (str(r.get("name")), _version_key(r.get("version"))))
+
+
+def _version_key(version: Any) -> tuple[int, str]:
+    text = str(version or "")
+    return (int(text), "") if text.isdigit() else (sys.maxsize, text)
+
+
+def _fill_models(experiments: list[Row], models: Iterable[Row]) -> None:
+    """A task with no model name gets the algorithm of the model it registered."""
+    by_task: dict[str, str] = {}
+    for model in models:
+        if model.get("algorithm") and model.get("task_id"):
+            by_task.setdefault(str(model["task_id"]), str(model["algorithm"]))
+    for row in experiments:
+        if not row.get("model"):
+            row["model"] = by_task.get(str(row["task_id"]), "")
+
+
+def _finish(got: Collected, settings: Settings, filters: Mapping[str, Any]) -> Collected:
+    _fill_models(got.experiments, got.models)
+    experiments, models = select(got.experiments, got.models, **filters)
+    got.experiments = sort_experiments(experiments, settings.selection.metric)
+    got.models = sort_models(models)
+    if got.empty and not got.note:
+        got.note = f"nothing found for project {got.project!r}"
+    return got
+
+
+# --------------------------------------------------------------------------- ClearML
+
+
+def collect_clearml(
+    settings: Settings,
+    *,
+    project: str | None = None,
+    tags: Sequence[str] = (),
+    stage: str | None = None,
+    last_n: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Collected:
+    """ClearML tasks and models: the server when online, else the offline sessions."""
+    from housing.tracking.clearml import clearml_settings, resolve_mode
+    from housing.tracking.offline import ping
+
+    cml = clearml_settings(settings.section("clearml"), settings.root)
+    name = project or cml.project_name
+    env = os.environ if env is None else env
+    filters = {"tags": tuple(tags), "stage": stage, "last_n": last_n}
+    mode = "offline"
+    if cml.enabled:
+        mode, _reason = resolve_mode(cml, env)
+    if mode == "online":
+        got = Collected("clearml", "server", cml.api_host, name)
+        problem = ping(cml.api_host, cml.connect_timeout_sec) if cml.mode == "online" else None
+        try:
+            if problem is not None:
+                raise HousingError(f"ClearML server unavailable: {problem}")
+            _read_server(got, cml, env, tags)
+        except HousingError as exc:
+            got.error = str(exc)
+            return got
+        except Exception as exc:  # SDK/HTTP errors: report, do not crash the other exports
+            got.error = f"ClearML server {cml.api_host}: {type(exc).__name__}: {_one_line(exc)}"
+            return got
+    else:
+        got = Collected("clearml", "offline", str(cml.offline_dir), name)
+        _read_offline(got, cml)
+    got.champions = _ledger_events(cml.offline_dir, got.models)
+    return _finish(got, settings, filters)
+
+
+def _read_offline(got: Collected, cml: ClearMLSettings) -> None:
+    from housing.tracking.offline import CHAMPIONS_FILE, list_sessions, read_models
+
+    if not cml.offline_dir.is_dir():
+        got.note = f"no ClearML offline sessions in {cml.offline_dir}"
+        return
+    sessions = list_sessions(cml.offline_dir)
+    got.skipped.extend(_unlisted_sessions(cml.offline_dir, sessions))
+    champion_ids, decisions = _ledger_index(cml.offline_dir / CHAMPIONS_FILE)
+    for session in sessions:
+        if session.project != got.project:
+            continue
+        try:
+            row = _offline_task_row(session)
+            models = [
+                _offline_model_row(session, m, champion_ids, decisions)
+                for m in read_models(session)
+            ]
+        except Exception as exc:
+            log.warning(
+                "skipping unreadable ClearML offline session %s: %s: %s",
+                session.folder,
+                type(exc).__name__,
+                _one_line(exc),
+            )
+            got.skipped.append(str(session.folder))
+            continue
+        got.experiments.append(row)
+        got.models.extend(models)
+
+
+def _unlisted_sessions(offline_dir: Path, sessions: Sequence[OfflineSession]) -> list[str]:
+    """Session folders/zips that ``list_sessions`` skipped (it already warned about each)."""
+    from housing.tracking.offline import sessions_root
+
+    root = sessions_root(offline_dir)
+    if not root.is_dir():
+        return []
+    listed = {s.folder.name for s in sessions}
+    names = {
+        entry.name.removesuffix(".zip")
+        for entry in root.iterdir()
+        if entry.name.startswith("offline-") and (entry.is_dir() or entry.suffix == ".zip")
+    }
+    return [str(root / n) for n in sorted(names - listed)]
+
+
+def _ledger_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(registry name -> champion model id, model id -> promoted|rejected) from the ledger."""
+    ledger = _read_ledger(path)
+    champion_ids: dict[str, str] = {}
+    decisions: dict[str, str] = {}
+    for name, entry in ledger.items():
+        if entry.get("model_id"):
+            champion_ids[name] = str(entry["model_id"])
+        for item in entry.get("history") or ():
+            if isinstance(item, dict) and item.get("model_id"):
+                verdict = "promoted" if item.get("promoted") else "rejected"
+                decisions[str(item["model_id"])] = verdict
+    return champion_ids, decisions
+
+
+def _read_ledger(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable ClearML champion ledger %s: %s", path, _one_line(exc))
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): v for k, v in data.items() if isinstance(v, dict)}
+
+
+def _ledger_events(offline_dir: Path, models: Sequence[Row]) -> list[ChampionEvent]:
+    """Champion decisions from ``champions.json`` (written online and offline)."""
+    from housing.tracking.offline import CHAMPIONS_FILE
+
+    algorithms = {str(m["model_id"]): str(m.get("algorithm") or "") for m in models}
+    events = []
+    for name, entry in _read_ledger(offline_dir / CHAMPIONS_FILE).items():
+        for item in entry.get("history") or ():
+            if not isinstance(item, dict):
+                continue
+            events.append(
+                ChampionEvent(
+                    backend="clearml",
+                    registry_name=str(item.get("registry_name") or name),
+                    version=str(item.get("challenger_version") or ""),
+                    value=_float(item.get("challenger_value")),
+                    metric=str(item.get("metric") or entry.get("metric") or ""),
+                    promoted=bool(item.get("promoted")),
+                    previous_version=_str_or_none(item.get("champion_version")),
+                    previous_value=_float(item.get("champion_value")),
+                    decided_at=str(item.get("decided_at") or ""),
+                    reason=str(item.get("reason") or ""),
+                    model=algorithms.get(str(item.get("model_id")), ""),
+                )
+            )
+    return sorted(events, key=lambda e: (e.decided_at, e.registry_name, _version_key(e.version)))
+
+
+def _offline_task_row(session: OfflineSession) -> Row:
+    from housing.tracking.offline import read_scalars
+
+    props = session.properties
+    params = session.hyperparams
+    stamps = _event_times(session)
+    started = stamps[0] if stamps else session.created
+    completed = stamps[-1] if stamps and session.closed else None
+    metrics = read_scalars(session, summary=True)
+    metrics.update(read_scalars(session))
+    return {
+        "task_id": session.task_id,
+        "name": session.name,
+        "project": session.project,
+        "stage": _stage(props.get("stage"), session.tags, str(session.task.get("type") or "")),
+        "model": _model_param(params),
+        "pipeline_run_id": props.get("pipeline_run_id", ""),
+        "status": session.status,
+        "started": iso(started),
+        "completed": iso(completed),
+        "duration_sec": _duration(started, completed),
+        "tags": tuple(session.tags),
+        "source": "offline",
+        **{m: metrics[m] for m in METRIC_COLUMNS if m in metrics},
+    }
+
+
+def _event_times(session: OfflineSession) -> list[datetime]:
+    stamps = []
+    for file_name in ("log.jsonl", "metrics.jsonl"):
+        for event in _jsonl_events(session.read_bytes(file_name) or b""):
+            parsed = parse_time(event.get("timestamp"))
+            if parsed is not None:
+                stamps.append(parsed)
+    return sorted(stamps)
+
+
+def _jsonl_events(raw: bytes) -> Iterable[dict[str, Any]]:
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        try:
+            batch = json.loads(line)
+        except ValueError:
+            continue  # blank, or cut short by a crash
+        for event in batch if isinstance(batch, list) else [batch]:
+            if isinstance(event, dict):
+                yield event
+
+
+def _offline_model_row(
+    session: OfflineSession,
+    model: OfflineModel,
+    champion_ids: Mapping[str, str],
+    decisions: Mapping[str, str],
+) -> Row:
+    meta = model.metadata
+    lineage = meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {}
+    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+    return {
+        "model_id": model.model_id,
+        "name": model.name,
+        "version": model.version or "",
+        "framework": model.framework,
+        "algorithm": str(meta.get("algorithm") or _tag_value(model.tags, "algorithm") or ""),
+        "uri": model.weights_path.as_uri() if model.weights_path is not None else "",
+        "created": _iso_text(lineage.get("created_at")),
+        "tags": tuple(model.tags),
+        "champion": champion_ids.get(model.name) == model.model_id,
+        "champion_decision": decisions.get(model.model_id, ""),
+        "task_id": session.task_id,
+        "pipeline_run_id": str(meta.get("pipeline_run_id") or ""),
+        **{m: _float(metrics.get(m)) for m in MODEL_METRIC_COLUMNS},
+        "data_md5": str(lineage.get("data_md5") or ""),
+        "git_commit": str(lineage.get("git_commit") or ""),
+        "config_hash": str(lineage.get("config_hash") or ""),
+        "sha256": str(lineage.get("model_sha256") or ""),
+        "source": "offline",
+    }
+
+
+# ------------------------------------------------------------------ ClearML server
+
+
+def _read_server(
+    got: Collected, cml: ClearMLSettings, env: Mapping[str, str], tags: Sequence[str]
+) -> None:
+    """Every task and model of the project, page by page (``page``/``page_size``)."""
+    from clearml.backend_api.session import Session
+
+    session = Session(
+        api_key=env.get(cml.access_key_env, ""),
+        secret_key=env.get(cml.secret_key_env, ""),
+        host=cml.api_host,
+        http_retries_config={"total": 1, "connect": 1, "read": 1, "backoff_factor": 0.2},
+    )
+
+    def call(endpoint: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        service, action = endpoint.split(".", 1)
+        response = session.send_request(service, action, method="post", json=dict(body))
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = {}
+        meta = payload.get("meta") or {}
+        if response.status_code != 200:
+            message = meta.get("result_msg") or response.reason
+            raise HousingError(
+                f"ClearML {endpoint} on {cml.api_host}: HTTP {response.status_code} {message}"
+            )
+        data = payload.get("data")
+        return data if isinstance(data, dict) else {}
+
+    projects = call(
+        "projects.get_all", {"name": f"^{re.escape(got.project)}$", "only_fields": ["id", "name"]}
+    ).get("projects")
+    project_ids = [str(p["id"]) for p in projects or () if p.get("name") == got.project]
+    if not project_ids:
+        got.note = f"no project {got.project!r} on the ClearML server"
+        return
+    task_query: dict[str, Any] = {
+        "project": project_ids,
+        "only_fields": list(_TASK_FIELDS),
+        "order_by": ["created"],
+    }
+    if tags:
+        task_query["tags"] = ["__$all", *tags]
+    tasks = fetch_all_pages(call, "tasks.get_all", "tasks", task_query)
+    models = fetch_all_pages(
+        call,
+        "models.get_all",
+        "models",
+        {"project": project_ids, "only_fields": list(_MODEL_FIELDS), "order_by": ["created"]},
+    )
+    got.experiments.extend(_server_task_row(t, got.project) for t in tasks)
+    got.models.extend(_server_model_row(m) for m in models)
+    task_pipeline = {r["task_id"]: r["pipeline_run_id"] for r in got.experiments}
+    for row in got.models:
+        if not row["pipeline_run_id"]:
+            row["pipeline_run_id"] = task_pipeline.get(row["task_id"], "")
+
+
+def fetch_all_pages(
+    call: Callable[[str, Mapping[str, Any]], Mapping[str, Any]],
+    endpoint: str,
+    key: str,
+    body: Mapping[str, Any],
+    page_size: int = PAGE_SIZE,
+) -> list[dict[str, Any]]:
+    """Call ``endpoint`` with ``page`` 0, 1, ... until a short page (or no new ids)."""
+    items: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    page = 0
+    while True:
+        batch = list(call(endpoint, {**body, "page": page, "page_size": page_size}).get(key) or ())
+        fresh = [b for b in batch if isinstance(b, dict) and str(b.get("id")) not in seen]
+        items.extend(fresh)
+        seen.update(str(b.get("id")) for b in fresh)
+        if len(batch) < page_size or not fresh:
+            return items
+        page += 1
+
+
+def _server_task_row(task: Mapping[str, Any], project: str) -> Row:
+    params = _server_hyperparams(task.get("hyperparams"))
+    props = params.get("properties", {})
+    scalars: dict[str, float] = {}
+    summary: dict[str, float] = {}
+    for variants in (task.get("last_metrics") or {}).values():
+        for item in (variants or {}).values() if isinstance(variants, dict) else ():
+            value = _float(item.get("value")) if isinstance(item, dict) else None
+            if value is None:
+                continue
+            metric, variant = str(item.get("metric") or ""), str(item.get("variant") or "")
+            if metric == "Summary":
+                summary[variant] = value
+            else:
+                scalars[f"{metric}/{variant}" if variant != metric else metric] = value
+    metrics = {**summary, **scalars}
+    started = parse_time(task.get("started")) or parse_time(task.get("created"))
+    completed = parse_time(task.get("completed"))
+    tags = tuple(str(t) for t in task.get("tags") or ())
+    return {
+        "task_id": str(task.get("id") or ""),
+        "name": str(task.get("name") or ""),
+        "project": project,
+        "stage": _stage(props.get("stage"), tags, str(task.get("type") or "")),
+        "model": _model_param(params),
+        "pipeline_run_id": props.get("pipeline_run_id", ""),
+        "status": str(task.get("status") or ""),
+        "started": iso(started),
+        "completed": iso(completed),
+        "duration_sec": _duration(started, completed),
+        "tags": tags,
+        "source": "server",
+        **{m: metrics[m] for m in METRIC_COLUMNS if m in metrics},
+    }
+
+
+def _server_hyperparams(raw: Any) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for section, items in (raw or {}).items() if isinstance(raw, dict) else ():
+        if isinstance(items, dict):
+            out[str(section)] = {
+                str(k): str(v.get("value", "")) for k, v in items.items() if isinstance(v, dict)
+            }
+    return out
+
+
+def _server_model_row(model: Mapping[str, Any]) -> Row:
+    record = _comment_record(str(model.get("comment") or ""))
+    tags = tuple(str(t) for t in model.get("tags") or ())
+    metadata = {
+        str(k): str(v.get("value", "")) if isinstance(v, dict) else str(v)
+        for k, v in (model.get("metadata") or {}).items()
+    }
+    lineage = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+    lineage = {**metadata, **lineage}
+    metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+    for key, value in metadata.items():
+        if key.startswith("metric:"):
+            metrics.setdefault(key.split(":", 1)[1], value)
+    return {
+        "model_id": str(model.get("id") or ""),
+        "name": str(model.get("name") or ""),
+        "version": str(record.get("version") or _tag_value(tags, "version") or ""),
+        "framework": str(model.get("framework") or ""),
+        "algorithm": str(record.get("algorithm") or _tag_value(tags, "algorithm") or ""),
+        "uri": str(model.get("uri") or ""),
+        "created": _iso_text(model.get("created")),
+        "tags": tags,
+        "champion": "champion" in tags,
+        "champion_decision": "",
+        "task_id": str(model.get("task") or record.get("task_id") or ""),
+        "pipeline_run_id": str(record.get("pipeline_run_id") or ""),
+        **{m: _float(metrics.get(m)) for m in MODEL_METRIC_COLUMNS},
+        "data_md5": str(lineage.get("data_md5") or ""),
+        "git_commit": str(lineage.get("git_commit") or ""),
+        "config_hash": str(lineage.get("config_hash") or ""),
+        "sha256": str(lineage.get("model_sha256") or _tag_value(tags, "sha256") or ""),
+        "source": "server",
+    }
+
+
+def _comment_record(comment: str) -> dict[str, Any]:
+    """The JSON line of a model comment (the SDK may prepend its own lines)."""
+    for line in comment.splitlines():
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return {}
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def resolve_tracking_uri(uri: str, root: Path) -> str:
+    """Local store URIs made absolute against ``root`` (as MLflowTracker does); others as-is."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :]
+        if path.startswith("/") or path in ("", ":memory:"):
+            return uri
+        return f"sqlite:///{(root / path).resolve()}"
+    if uri.startswith("file:"):
+        local = Path(uri.removeprefix("file://").removeprefix("file:"))
+        return (local if local.is_absolute() else (root / local).resolve()).as_uri()
+    if "://" not in uri and not uri.startswith(("databricks", "mlflow-artifacts:")):
+        local = Path(uri)
+        return (local if local.is_absolute() else (root / local).resolve()).as_uri()
+    return uri
+
+
+def _local_store_missing(uri: str) -> Path | None:
+    """The local store's path when it does not exist (reading must not create it)."""
+    if uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///") :])
+        return None if path.is_file() else path
+    if uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://"))
+        return None if path.is_dir() else path
+    return None
+
+
+def collect_mlflow(
+    settings: Settings,
+    *,
+    project: str | None = None,
+    tags: Sequence[str] = (),
+    stage: str | None = None,
+    last_n: int | None = None,
+) -> Collected:
+    """MLflow stage runs of the experiment and the registry versions they registered."""
+    cfg = settings.section("mlflow")
+    uri = resolve_tracking_uri(str(cfg.get("tracking_uri") or "sqlite:///mlflow.db"), settings.root)
+    registry = cfg.get("registry_uri")
+    registry_uri = resolve_tracking_uri(str(registry), settings.root) if registry else None
+    name = project or str(cfg.get("experiment") or "housing")
+    alias = str(settings.section("registry").get("champion_alias") or "champion")
+    source = "server" if uri.startswith(("http://", "https://", "databricks")) else "local"
+    got = Collected("mlflow", source, uri, name)
+    filters = {"tags": tuple(tags), "stage": stage, "last_n": last_n}
+    missing = _local_store_missing(uri)
+    if missing is not None:
+        got.note = f"no MLflow store at {missing}"
+        return _finish(got, settings, filters)
+    try:
+        _read_mlflow(got, uri, registry_uri, alias, settings.selection.metric)
+    except Exception as exc:  # any store/HTTP error: report it, keep the other exports
+        got.error = f"MLflow {uri}: {type(exc).__name__}: {_one_line(exc)}"
+        return got
+    return _finish(got, settings, filters)
+
+
+def _read_mlflow(
+    got: Collected, uri: str, registry_uri: str | None, alias: str, metric: str
+) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
+    experiment = client.get_experiment_by_name(got.project)
+    if experiment is None:
+        got.note = f"no MLflow experiment {got.project!r}"
+        return
+    runs = _paged(
+        lambda token: client.search_runs(
+            [experiment.experiment_id],
+            filter_string="tags.\"housing.run_type\" = 'stage'",
+            max_results=1000,
+            page_token=token,
+        )
+    )
+    got.experiments.extend(_mlflow_run_row(run, got.project, got.source) for run in runs)
+    run_ids = {r["task_id"] for r in got.experiments}
+    stage_of = {r["task_id"]: r["pipeline_run_id"] for r in got.experiments}
+    champions: dict[str, str] = {}
+    for model in _paged(
+        lambda token: client.search_registered_models(max_results=100, page_token=token)
+    ):
+        version = (model.aliases or {}).get(alias)
+        if version is not None:
+            champions[str(model.name)] = str(version)
+    versions = [
+        v
+        for v in _paged(
+            lambda token: client.search_model_versions(max_results=1000, page_token=token)
+        )
+        if v.run_id in run_ids
+    ]
+    for version in versions:
+        row = _mlflow_version_row(version, champions, got.source)
+        row["pipeline_run_id"] = row["pipeline_run_id"] or stage_of.get(row["task_id"], "")
+        got.models.append(row)
+    got.champions = _mlflow_events(versions, metric)
+
+
+def _paged(fetch: Callable[[str | None], Any]) -> list[Any]:
+    items: list[Any] = []
+    token: str | None = None
+    while True:
+        page = fetch(token)
+        items.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return items
+
+
+def _mlflow_run_row(run: Any, project: str, source: str) -> Row:
+    tags: dict[str, str] = dict(run.data.tags or {})
+    params: dict[str, str] = dict(run.data.params or {})
+    info = run.info
+    started = parse_time(info.start_time)
+    completed = parse_time(info.end_time)
+    labels = tuple(t for t in tags.get("housing.tags", "").split(",") if t)
+    stage = tags.get("housing.stage", "")
+    metrics = dict(run.data.metrics or {})
+    return {
+        "task_id": str(info.run_id),
+        "name": str(info.run_name or tags.get("mlflow.runName", "")),
+        "project": project,
+        "stage": _stage(stage, labels, ""),
+        "model": params.get("train_params.model") or params.get("evaluate.model") or "",
+        "pipeline_run_id": tags.get("housing.pipeline_run_id", ""),
+        "status": _MLFLOW_STATUS.get(str(info.status), str(info.status).lower()),
+        "started": iso(started),
+        "completed": iso(completed),
+        "duration_sec": _duration(started, completed),
+        "tags": labels,
+        "source": source,
+        **{m: float(metrics[m]) for m in METRIC_COLUMNS if m in metrics},
+    }
+
+
+def _mlflow_version_row(version: Any, champions: Mapping[str, str], source: str) -> Row:
+    tags: dict[str, str] = dict(version.tags or {})
+    name, number = str(version.name), str(version.version)
+    labels = tuple(k.removeprefix("tag.") for k in sorted(tags) if k.startswith("tag."))
+    return {
+        "model_id": f"models:/{name}/{number}",
+        "name": name,
+        "version": number,
+        "framework": "sklearn",  # MLflowTracker always logs the sklearn flavor
+        "algorithm": tags.get("algorithm", ""),
+        "uri": str(version.source or ""),
+        "created": iso(parse_time(version.creation_timestamp)),
+        "tags": labels,
+        "champion": champions.get(name) == number,
+        "champion_decision": tags.get("champion.decision", ""),
+        "task_id": str(version.run_id or ""),
+        "pipeline_run_id": tags.get("housing.pipeline_run_id", ""),
+        **{m: _float(tags.get(f"metric.{m}")) for m in MODEL_METRIC_COLUMNS},
+        "data_md5": tags.get("data_md5", ""),
+        "git_commit": tags.get("git_commit", ""),
+        "config_hash": tags.get("config_hash", ""),
+        "sha256": tags.get("model_sha256", ""),
+        "source": source,
+    }
+
+
+def _mlflow_events(versions: Sequence[Any], default_metric: str) -> list[ChampionEvent]:
+    """Champion decisions from the versions' ``champion.*`` tags, in decision order.
+
+    A rejected challenger's tags do not name the champion it faced; it is the last
+    version promoted before it (what the gate compared against).
+    """
+    decided = []
+    for version in versions:
+        tags: dict[str, str] = dict(version.tags or {})
+        if tags.get("champion.decision") in ("promoted", "rejected"):
+            decided.append((tags.get("champion.decided_at", ""), version, tags))
+    decided.sort(key=lambda d: (str(d[1].name), d[0], _version_key(d[1].version)))
+    current: dict[str, tuple[str, float | None]] = {}
+    events = []
+    for decided_at, version, tags in decided:
+        name, number = str(version.name), str(version.version)
+        metric = tags.get("champion.metric") or default_metric
+        value = _float(tags.get(f"metric.{metric}"))
+        promoted = tags["champion.decision"] == "promoted"
+        before = current.get(name)
+        events.append(
+            ChampionEvent(
+                backend="mlflow",
+                registry_name=name,
+                version=number,
+                value=value,
+                metric=metric,
+                promoted=promoted,
+                previous_version=before[0] if before else None,
+                previous_value=before[1] if before else None,
+                decided_at=decided_at,
+                reason=tags.get("champion.reason", ""),
+                model=tags.get("algorithm", ""),
+            )
+        )
+        if promoted:
+            current[name] = (number, value)
+    return sorted(events, key=lambda e: (e.decided_at, e.registry_name, _version_key(e.version)))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _stage(recorded: str | None, tags: Iterable[str], task_type: str) -> str:
+    if recorded:
+        return recorded
+    for tag in tags:
+        if tag in STAGES:
+            return tag
+    return _TASK_TYPE_STAGE.get(task_type, "")
+
+
+def _model_param(params: Mapping[str, Mapping[str, str]]) -> str:
+    for section in ("train_params", "evaluate"):
+        value = (params.get(section) or {}).get("model")
+        if value:
+            return value
+    return ""
+
+
+def _tag_value(tags: Iterable[str], prefix: str) -> str | None:
+    for tag in tags:
+        if tag.startswith(f"{prefix}:"):
+            return tag.split(":", 1)[1]
+    return None
+
+
+def parse_time(value: Any) -> datetime | None:
+    """A UTC datetime from a datetime, ISO 8601 text or epoch milliseconds; else ``None``."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(float(value) / 1000.0, tz=UTC) if value > 0 else None
+    text = str(value).strip()
+    if text.isdigit():
+        return parse_time(int(text))
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def iso(value: datetime | None) -> str:
+    """ISO 8601 in UTC with seconds, or empty."""
+    if value is None:
+        return ""
+    return value.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _iso_text(value: Any) -> str:
+    parsed = parse_time(value)
+    return iso(parsed) if parsed is not None else str(value or "")
+
+
+def _duration(started: datetime | None, completed: datetime | None) -> float | None:
+    if started is None or completed is None:
+        return None
+    return round((completed - started).total_seconds(), 3)
+
+
+def _float(value: Any) -> float | None:
+    if value is None or value == "" or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _finite(value: Any) -> bool:
+    return _float(value) is not None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def _one_line(value: object) -> str:
+    lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(value).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def configure_logging(verbosity: int) -> None:
+    """Messages only, to stderr; INFO by default (as the ``housing`` command does)."""
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """Options shared by the compare and report entry points."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog="Overrides are Hydra syntax, e.g.: mlflow.tracking_uri=sqlite:///other.db",
+    )
+    parser.add_argument("--project", help="ClearML project / MLflow experiment (default: config)")
+    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity")
+    parser.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity")
+    parser.add_argument(
+        "--config-dir", type=Path, default=None, help="config folder (default: ./conf)"
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
+    parser.set_defaults(verbosity=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/clearml_compare.py`` / ``housing compare``: write the tables; exit code."""
+    parser = common_parser(
+        "clearml_compare", "Export ClearML and MLflow experiments and models to metrics/*.csv."
+    )
+    parser.add_argument(
+        "--tag", action="append", default=[], dest="tags", help="keep tasks with this tag"
+    )
+    parser.add_argument("--stage", choices=STAGES, help="keep tasks of this stage")
+    parser.add_argument("--last", type=positive_int, dest="last_n", help="the N newest runs")
+    args = parser.parse_intermixed_args(argv)
+    configure_logging(args.verbosity)
+    try:
+        from housing.config import load_settings
+
+        settings = load_settings(args.overrides, config_dir=args.config_dir)
+        result = compare(
+            settings, project=args.project, tags=args.tags, stage=args.stage, last_n=args.last_n
+        )
+    except HousingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    for line in result.summary_lines():
+        print(line)
+    for name, got in result.backends.items():
+        if got.error is not None:
+            print(f"error: {name}: {got.error}", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
