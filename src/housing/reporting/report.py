@@ -1,0 +1,1374 @@
+"""The experiments report: ``reports/experiments.html`` and ``reports/experiments.md``.
+
+:func:`build_report` reads the pipeline's files (``metrics/train_metrics.json``,
+``metrics/test_metrics.json``, ``plots/model_comparison.csv``, ``plots/test_predictions.csv``,
+``plots/feature_importances.csv``) and the trackers through
+:mod:`housing.reporting.compare` (ClearML server or offline sessions and its
+``champions.json`` ledger, the MLflow store and registry). Sections: the champion's
+headline numbers (its test RMSE as text), model comparison (validation, CV and test RMSE
+per candidate), predicted vs actual and residuals of the champion, feature importances,
+metrics across the last versions of each registered model, the champion history (who
+replaced whom, when, by how much) and the recent pipeline runs.
+
+The HTML page is self-contained: figures are inline SVG rendered by matplotlib (text as
+paths, so no font is needed), the CSS is inline and one inline script only records whether
+every figure has a size (``data-render-check`` on ``<body>``); it references no URL. The
+Markdown file has the same content with its figures as SVG files in
+``reports/experiments_figures/``. A missing input (a stage not run, tracking off) leaves
+a note in its section instead of failing.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import logging
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from housing.errors import HousingError
+from housing.reporting.compare import (
+    ChampionEvent,
+    Collected,
+    parse_time,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from housing.config import Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ReportResult", "build_report", "format_metric", "main"]
+
+HTML_NAME: Final = "experiments.html"
+MARKDOWN_NAME: Final = "experiments.md"
+FIGURES_DIR: Final = "experiments_figures"
+DEFAULT_VERSIONS: Final = 10
+
+# Colors: validation, CV, test, and the champion accent (colorblind-safe Tableau hues).
+VAL_COLOR: Final = "#4C78A8"
+CV_COLOR: Final = "#F58518"
+TEST_COLOR: Final = "#54A24B"
+ACCENT: Final = "#E45756"
+MUTED: Final = "#9CA3AF"
+INK: Final = "#1F2937"
+LINE_COLORS: Final = ("#4C78A8", "#F58518", "#54A24B", "#B279A2", "#72B7B2", "#9D755D", "#EECA3B")
+_RC: Final = {
+    "font.family": "DejaVu Sans",
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.titleweight": "bold",
+    "axes.titlelocation": "left",
+    "axes.labelcolor": INK,
+    "axes.edgecolor": "#CBD5E1",
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#E5E7EB",
+    "grid.linewidth": 0.8,
+    "axes.axisbelow": True,
+    "xtick.color": "#4B5563",
+    "ytick.color": "#4B5563",
+    "text.color": INK,
+    "legend.frameon": False,
+    "svg.fonttype": "path",
+    "figure.facecolor": "white",
+}
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """Where the report went and what it says about the champion."""
+
+    html_path: Path
+    markdown_path: Path
+    figure_paths: tuple[Path, ...]
+    notes: tuple[str, ...]
+    champion: str | None
+    champion_test_rmse: float | None
+
+    @property
+    def champion_test_rmse_text(self) -> str:
+        """The champion's test RMSE as the page shows it."""
+        return format_metric(self.champion_test_rmse)
+
+
+@dataclass(frozen=True)
+class Chart:
+    """One figure: its SVG (standalone document) and caption."""
+
+    name: str
+    title: str
+    caption: str
+    svg: str
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table cell; ``badge`` styles it (good, bad, muted, star)."""
+
+    text: str
+    badge: str = ""
+
+
+@dataclass(frozen=True)
+class Table:
+    headers: tuple[str, ...]
+    rows: tuple[tuple[Cell, ...], ...]
+    numeric: frozenset[int] = frozenset()  # right-aligned columns
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Note:
+    text: str
+
+
+@dataclass(frozen=True)
+class ChartRow:
+    """Charts side by side (stacked in Markdown)."""
+
+    charts: tuple[Chart, ...]
+
+
+Block = Chart | ChartRow | Table | Note
+
+
+@dataclass
+class Section:
+    anchor: str
+    title: str
+    lead: str
+    blocks: list[Block] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Kpi:
+    label: str
+    value: str
+    hint: str = ""
+    anchor: str = ""  # an element id for the value (tests and links)
+    accent: bool = False
+
+
+@dataclass
+class Page:
+    title: str
+    headline: str
+    subtitle: str
+    registry_line: str
+    kpis: list[Kpi]
+    sections: list[Section]
+    sources: list[str]
+    notes: list[str]
+    generated_at: str
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Inputs:
+    """Everything the report reads; ``None`` where an input is missing (see ``notes``)."""
+
+    summary: dict[str, Any] | None = None
+    test: dict[str, Any] | None = None
+    comparison: pd.DataFrame | None = None
+    predictions: pd.DataFrame | None = None
+    importances: pd.DataFrame | None = None
+    trackers: list[Collected] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _read_inputs(settings: Settings, project: str | None, env: Mapping[str, str] | None) -> Inputs:
+    from housing.io import read_json
+
+    paths = settings.paths
+    got = Inputs()
+
+    def json_file(path: Path, hint: str) -> dict[str, Any] | None:
+        try:
+            data = read_json(path)
+        except HousingError as exc:
+            missing = "file not found" in str(exc)
+            got.notes.append(f"{_relative(path, settings.root)}: " + (hint if missing else str(exc)))
+            return None
+        return data if isinstance(data, dict) else None
+
+    got.summary = json_file(paths.train_summary, "not found; run `housing select_best`")
+    got.test = json_file(paths.test_metrics, "not found; run `housing evaluate`")
+    got.comparison = _csv(paths.comparison, settings.root, got.notes)
+    got.predictions = _csv(paths.predictions, settings.root, got.notes)
+    got.importances = _csv(paths.importances, settings.root, got.notes)
+    got.trackers = _trackers(settings, project, env, got.notes)
+    return got
+
+
+def _csv(path: Path, root: Path, notes: list[str]) -> pd.DataFrame | None:
+    import pandas as pd
+
+    if not path.is_file():
+        notes.append(f"{_relative(path, root)}: not found; run `housing evaluate`")
+        return None
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        notes.append(f"{_relative(path, root)}: unreadable ({_one_line(exc)})")
+        return None
+
+
+def _trackers(
+    settings: Settings, project: str | None, env: Mapping[str, str] | None, notes: list[str]
+) -> list[Collected]:
+    from housing.reporting.compare import collect_clearml, collect_mlflow
+
+    found: list[Collected] = []
+    readers: tuple[tuple[str, Callable[[], Collected]], ...] = (
+        ("MLflow", lambda: collect_mlflow(settings, project=project)),
+        ("ClearML", lambda: collect_clearml(settings, project=project, env=env)),
+    )
+    for label, read in readers:
+        try:
+            got = read()
+        except Exception as exc:  # a tracker problem must never stop the report
+            notes.append(f"{label}: not read ({type(exc).__name__}: {_one_line(exc)})")
+            continue
+        if got.error is not None:
+            notes.append(f"{label}: not read ({got.error})")
+        elif got.empty:
+            notes.append(f"{label}: {got.note or 'nothing recorded'}")
+        if got.skipped:
+            notes.append(f"{label}: {len(got.skipped)} unreadable offline session(s) skipped")
+        found.append(got)
+    return found
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build_report(
+    settings: Settings,
+    *,
+    project: str | None = None,
+    last_versions: int = DEFAULT_VERSIONS,
+    env: Mapping[str, str] | None = None,
+) -> ReportResult:
+    """Write ``reports/experiments.html`` and ``.md`` (with figures); see the module docstring."""
+    if last_versions < 1:
+        raise HousingError(f"--last: must be a positive number of versions, got {last_versions}")
+    inputs = _read_inputs(settings, project, env)
+    page = _page(settings, inputs, last_versions)
+    reports = settings.paths.reports_dir
+    html_path = reports / HTML_NAME
+    md_path = reports / MARKDOWN_NAME
+    figure_paths = _write_figures(reports / FIGURES_DIR, _charts(page))
+    from housing.io import write_text
+
+    write_text(html_path, render_html(page))
+    write_text(md_path, render_markdown(page))
+    champion, rmse = _champion(inputs)
+    return ReportResult(
+        html_path=html_path,
+        markdown_path=md_path,
+        figure_paths=tuple(figure_paths),
+        notes=tuple(page.notes),
+        champion=champion,
+        champion_test_rmse=rmse,
+    )
+
+
+def _charts(page: Page) -> list[Chart]:
+    charts: list[Chart] = []
+    for section in page.sections:
+        for block in section.blocks:
+            if isinstance(block, Chart):
+                charts.append(block)
+            elif isinstance(block, ChartRow):
+                charts.extend(block.charts)
+    return charts
+
+
+def _write_figures(folder: Path, charts: Sequence[Chart]) -> list[Path]:
+    from housing.io import write_text
+
+    written = [write_text(folder / f"{c.name}.svg", c.svg) for c in charts]
+    keep = {p.name for p in written}
+    if folder.is_dir():
+        for stale in folder.glob("*.svg"):
+            if stale.name not in keep:
+                stale.unlink(missing_ok=True)
+    return written
+
+
+def _champion(inputs: Inputs) -> tuple[str | None, float | None]:
+    test = inputs.test or {}
+    model = test.get("model") or (inputs.summary or {}).get("best_model")
+    rmse = _float((test.get("metrics") or {}).get("test/rmse"))
+    return (str(model) if model else None), rmse
+
+
+def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
+    metric = settings.selection.metric
+    champion, rmse = _champion(inputs)
+    test_metrics = (inputs.test or {}).get("metrics") or {}
+    candidates = _candidates(inputs)
+    trackers = [t for t in inputs.trackers if t.error is None]
+    models = _preferred(trackers, "models")
+    experiments = _preferred(trackers, "experiments")
+    events = _merge_events([e for t in trackers for e in t.champions])
+    best_value = _float((inputs.summary or {}).get("best_value"))
+    n_test = (inputs.test or {}).get("n_test")
+    runs = _runs(experiments, metric)
+
+    headline = f"Champion: {champion}" if champion else "No champion evaluated yet"
+    if champion:
+        subtitle = (
+            f"Chosen by select_best on {metric}"
+            + (f" = {format_metric(best_value)}" if best_value is not None else "")
+            + (f", then scored once on the held-out test split ({n_test} rows)." if n_test else ".")
+        )
+    else:
+        subtitle = "Run the pipeline (`housing run`) to train, select and evaluate a model."
+    kpis = [
+        Kpi("Test RMSE", format_metric(rmse), "champion, test split", "champion-test-rmse", True),
+        Kpi("Test MAE", format_metric(_float(test_metrics.get("test/mae"))), "champion"),
+        Kpi("Test R²", format_metric(_float(test_metrics.get("test/r2"))), "champion"),
+        Kpi(metric, format_metric(best_value), "selection metric"),
+        Kpi("Pipeline runs", str(len(runs)) if experiments else "–", "tracked"),
+        Kpi("Model versions", str(len(models)) if models else "–", "registered"),
+    ]
+    sections = [
+        _comparison_section(candidates, champion, metric),
+        _champion_section(inputs, champion),
+        _importance_section(inputs, champion),
+        _versions_section(models, metric, last_versions),
+        _history_section(events, models),
+        _runs_section(runs, metric),
+    ]
+    sources = [_source_line(t) for t in inputs.trackers]
+    return Page(
+        title=f"housing experiments: {champion or 'no champion yet'}",
+        headline=headline,
+        subtitle=subtitle,
+        registry_line=_registry_line(events, champion),
+        kpis=kpis,
+        sections=sections,
+        sources=sources,
+        notes=list(inputs.notes),
+        generated_at=_display_time(datetime.now(UTC)),
+    )
+
+
+def _preferred(trackers: Sequence[Collected], kind: str) -> list[dict[str, Any]]:
+    """Rows of the tracker with the most of ``kind`` (MLflow first on ties)."""
+    best: list[dict[str, Any]] = []
+    for tracker in trackers:
+        rows: list[dict[str, Any]] = getattr(tracker, kind)
+        if len(rows) > len(best):
+            best = rows
+    return best
+
+
+def _source_line(got: Collected) -> str:
+    name = "MLflow" if got.backend == "mlflow" else "ClearML"
+    if got.error is not None:
+        return f"{name} ({got.location}): not read: {got.error}"
+    unit = "runs" if got.backend == "mlflow" else "tasks"
+    return (
+        f"{name} {got.source} ({got.location}), project {got.project!r}: "
+        f"{len(got.experiments)} {unit}, {len(got.models)} model versions, "
+        f"{len(got.champions)} champion decisions"
+    )
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+def _candidates(inputs: Inputs) -> list[dict[str, Any]]:
+    """One row per candidate: val/CV/test metrics from the comparison CSV and summary."""
+    rows: dict[str, dict[str, Any]] = {}
+    summary = (inputs.summary or {}).get("candidates") or {}
+    for name, record in summary.items():
+        metrics = record.get("metrics") or {} if isinstance(record, dict) else {}
+        rows[str(name)] = {"model": str(name), **metrics}
+    tested = (inputs.test or {}).get("candidates") or {}
+    for name, metrics in tested.items():
+        if isinstance(metrics, dict):
+            rows.setdefault(str(name), {"model": str(name)}).update(metrics)
+    if inputs.comparison is not None and "model" in inputs.comparison.columns:
+        for record in inputs.comparison.to_dict("records"):
+            name = str(record["model"])
+            row = rows.setdefault(name, {"model": name})
+            for key, value in record.items():
+                if key != "model" and _float(value) is not None:
+                    row.setdefault(str(key), value)
+    return list(rows.values())
+
+
+def _comparison_section(
+    candidates: list[dict[str, Any]], champion: str | None, metric: str
+) -> Section:
+    section = Section(
+        "comparison",
+        "Model comparison",
+        "Every candidate's RMSE on the holdout validation split, in cross-validation "
+        "(mean ± std) and on the test split. Lower is better; the selection uses "
+        f"{metric} only — test scores are reported, never used to choose.",
+    )
+    if not candidates:
+        section.blocks.append(Note("No candidates yet: run `housing select_best`."))
+        return section
+    from housing.config import greater_is_better
+
+    sign = -1.0 if greater_is_better(metric) else 1.0
+    ordered = sorted(
+        candidates,
+        key=lambda r: (
+            sign * v if (v := _float(r.get(metric))) is not None else math.inf,
+            r["model"],
+        ),
+    )
+    section.blocks.append(
+        _render(
+            "model_comparison",
+            "RMSE per candidate",
+            "Bars: validation, CV mean (whisker: ± std) and test RMSE; ★ marks the champion.",
+            (10.0, 4.2),
+            lambda fig: _draw_comparison(fig, ordered, champion),
+        )
+    )
+    rows = []
+    for r in ordered:
+        is_champion = r["model"] == champion
+        cv = format_metric(_float(r.get("cv/rmse_mean")))
+        std = _float(r.get("cv/rmse_std"))
+        rows.append(
+            (
+                Cell(("★ " if is_champion else "") + r["model"], "star" if is_champion else ""),
+                Cell(format_metric(_float(r.get("val/rmse")))),
+                Cell(cv + (f" ± {format_metric(std)}" if std is not None else "")),
+                Cell(format_metric(_float(r.get("test/rmse"))), "good" if is_champion else ""),
+                Cell(format_metric(_float(r.get("test/mae")))),
+                Cell(format_metric(_float(r.get("test/r2")))),
+            )
+        )
+    section.blocks.append(
+        Table(
+            ("Model", "Val RMSE", "CV RMSE", "Test RMSE", "Test MAE", "Test R²"),
+            tuple(rows),
+            frozenset({1, 2, 3, 4, 5}),
+        )
+    )
+    return section
+
+
+def _draw_comparison(fig: Figure, rows: list[dict[str, Any]], champion: str | None) -> None:
+    import numpy as np
+
+    ax = fig.add_subplot()
+    x = np.arange(len(rows))
+    width = 0.26
+    series = (
+        ("validation", "val/rmse", VAL_COLOR, None),
+        ("CV mean ± std", "cv/rmse_mean", CV_COLOR, "cv/rmse_std"),
+        ("test", "test/rmse", TEST_COLOR, None),
+    )
+    top = 0.0
+    for i, (label, key, color, err_key) in enumerate(series):
+        values = [_float(r.get(key)) for r in rows]
+        heights = [v if v is not None else 0.0 for v in values]
+        errors = [(_float(r.get(err_key)) or 0.0) if err_key else 0.0 for r in rows]
+        bars = ax.bar(
+            x + (i - 1) * width,
+            heights,
+            width * 0.92,
+            label=label,
+            color=color,
+            yerr=errors if err_key else None,
+            error_kw={"ecolor": "#6B7280", "elinewidth": 1, "capsize": 3},
+        )
+        labels = [format_metric(v, 2) if v is not None else "" for v in values]
+        ax.bar_label(bars, labels=labels, padding=2, fontsize=8, color="#374151")
+        top = max([top, *(h + e for h, e in zip(heights, errors, strict=True))])
+    ax.set_xticks(x, [("★ " if r["model"] == champion else "") + r["model"] for r in rows])
+    for tick, row in zip(ax.get_xticklabels(), rows, strict=True):
+        if row["model"] == champion:
+            tick.set_fontweight("bold")
+            tick.set_color(ACCENT)
+    ax.set_ylabel("RMSE (lower is better)")
+    ax.set_ylim(0, top * 1.15 if top > 0 else 1)
+    ax.grid(axis="x", visible=False)
+    ax.legend(loc="upper left", ncols=3, bbox_to_anchor=(0, 1.12))
+
+
+# --------------------------------------------------------------------------- champion
+
+
+def _champion_section(inputs: Inputs, champion: str | None) -> Section:
+    name = champion or "the champion"
+    section = Section(
+        "champion",
+        f"{name} on the test split",
+        "Each point is one house of the test split. Left: predicted against actual price "
+        "(the dashed line is a perfect prediction). Right: the error left over, against "
+        "the prediction; the band is ± one test RMSE.",
+    )
+    table = inputs.predictions
+    needed = {"actual", "predicted", "residual"}
+    if table is None or not needed <= set(table.columns) or table.empty:
+        section.blocks.append(
+            Note("No test predictions (plots/test_predictions.csv): run `housing evaluate`.")
+        )
+        return section
+    actual = [float(v) for v in table["actual"]]
+    predicted = [float(v) for v in table["predicted"]]
+    residual = [float(v) for v in table["residual"]]
+    metrics = (inputs.test or {}).get("metrics") or {}
+    rmse = _float(metrics.get("test/rmse")) or math.sqrt(
+        sum(r * r for r in residual) / len(residual)
+    )
+    section.blocks.append(
+        ChartRow(
+            (
+                _render(
+                    "predicted_vs_actual",
+                    "Predicted vs actual",
+                    f"{name}: predicted vs actual price on the test split.",
+                    (5.2, 4.6),
+                    lambda fig: _draw_scatter(fig, actual, predicted, metrics),
+                ),
+                _render(
+                    "residuals",
+                    "Residuals",
+                    f"{name}: residual (actual − predicted) against the prediction.",
+                    (5.2, 4.6),
+                    lambda fig: _draw_residuals(fig, predicted, residual, rmse),
+                ),
+            )
+        )
+    )
+    return section
+
+
+def _draw_scatter(
+    fig: Figure, actual: list[float], predicted: list[float], metrics: Mapping[str, Any]
+) -> None:
+    ax = fig.add_subplot()
+    low = min(*actual, *predicted)
+    high = max(*actual, *predicted)
+    pad = (high - low) * 0.04 or 1.0
+    ax.plot([low - pad, high + pad], [low - pad, high + pad], "--", color=MUTED, lw=1.2)
+    ax.scatter(actual, predicted, s=22, color=VAL_COLOR, alpha=0.75, edgecolors="white", lw=0.5)
+    ax.set_xlim(low - pad, high + pad)
+    ax.set_ylim(low - pad, high + pad)
+    ax.set_aspect("equal")
+    ax.set_xlabel("actual")
+    ax.set_ylabel("predicted")
+    ax.set_title("Predicted vs actual")
+    text = "\n".join(
+        f"{label} {format_metric(_float(metrics.get(key)))}"
+        for label, key in (("RMSE", "test/rmse"), ("MAE", "test/mae"), ("R²", "test/r2"))
+        if _float(metrics.get(key)) is not None
+    )
+    if text:
+        ax.text(
+            0.04,
+            0.96,
+            text,
+            transform=ax.transAxes,
+            va="top",
+            fontsize=9,
+            bbox={"boxstyle": "round,pad=0.4", "fc": "#F3F4F6", "ec": "none"},
+        )
+
+
+def _draw_residuals(fig: Figure, predicted: list[float], residual: list[float], rmse: float) -> None:
+    ax = fig.add_subplot()
+    ax.axhspan(-rmse, rmse, color=TEST_COLOR, alpha=0.10, lw=0)
+    ax.axhline(0, color=MUTED, lw=1.2, ls="--")
+    outside = [abs(r) > 2 * rmse for r in residual]
+    colors = [ACCENT if o else VAL_COLOR for o in outside]
+    ax.scatter(predicted, residual, s=22, c=colors, alpha=0.75, edgecolors="white", lw=0.5)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual − predicted")
+    ax.set_title("Residuals")
+    ax.text(
+        0.98,
+        0.04,
+        f"band: ± RMSE {format_metric(rmse)}; red: beyond 2 × RMSE ({sum(outside)})",
+        transform=ax.transAxes,
+        ha="right",
+        fontsize=8,
+        color="#4B5563",
+    )
+
+
+# --------------------------------------------------------------------------- importances
+
+
+def _importance_section(inputs: Inputs, champion: str | None) -> Section:
+    section = Section(
+        "importances",
+        "Feature importances",
+        f"What {champion or 'the champion'} relies on: impurity importances for tree "
+        "ensembles, absolute scaled coefficients for linear models.",
+    )
+    table = inputs.importances
+    if table is None or not {"feature", "importance"} <= set(table.columns) or table.empty:
+        section.blocks.append(
+            Note("No feature importances (plots/feature_importances.csv): run `housing evaluate`.")
+        )
+        return section
+    pairs = sorted(
+        ((str(f), float(v)) for f, v in zip(table["feature"], table["importance"], strict=True)),
+        key=lambda kv: kv[1],
+        reverse=True,
+    )[:15]
+    section.blocks.append(
+        _render(
+            "feature_importances",
+            "Feature importances",
+            f"Top {len(pairs)} features of {champion or 'the champion'}.",
+            (10.0, 0.9 + 0.32 * len(pairs)),
+            lambda fig: _draw_importances(fig, pairs),
+        )
+    )
+    return section
+
+
+def _draw_importances(fig: Figure, pairs: list[tuple[str, float]]) -> None:
+    ax = fig.add_subplot()
+    names = [p[0] for p in reversed(pairs)]
+    values = [p[1] for p in reversed(pairs)]
+    colors = [VAL_COLOR if i >= len(values) - 3 else "#A7BCD6" for i in range(len(values))]
+    bars = ax.barh(names, values, color=colors, height=0.7)
+    ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=3, fontsize=8)
+    ax.set_xlabel("importance")
+    ax.grid(axis="y", visible=False)
+    ax.set_xlim(0, max(values) * 1.12 if values and max(values) > 0 else 1)
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def _versions_section(models: list[dict[str, Any]], metric: str, last: int) -> Section:
+    section = Section(
+        "versions",
+        "Metrics across model versions",
+        f"How {metric} and the validation RMSE moved over the last {last} registered versions "
+        "of each model (a new version per pipeline run); ★ marks the version holding the "
+        "champion.",
+    )
+    if not models:
+        section.blocks.append(
+            Note("No registered model versions: tracking is off or nothing was registered yet.")
+        )
+        return section
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for row in models:
+        if str(row.get("version") or "").isdigit():
+            by_name.setdefault(str(row["name"]), []).append(row)
+    series = {
+        name: sorted(rows, key=lambda r: int(r["version"]))[-last:]
+        for name, rows in sorted(by_name.items(), key=lambda kv: (not kv[0].endswith("-best"), kv[0]))
+    }
+    keys = [k for k in dict.fromkeys((metric, "val/rmse"))]
+    section.blocks.append(
+        _render(
+            "version_metrics",
+            "Metrics by version",
+            f"{' and '.join(keys)} per registered model, by version.",
+            (10.0, 4.0),
+            lambda fig: _draw_versions(fig, series, keys),
+        )
+    )
+    rows = []
+    for name, versions in series.items():
+        for r in reversed(versions):
+            rows.append(
+                (
+                    Cell(name),
+                    Cell(f"v{r['version']}"),
+                    Cell(str(r.get("algorithm") or "")),
+                    Cell(_display_time(parse_time(r.get("created")))),
+                    *(Cell(format_metric(_float(r.get(k)))) for k in keys),
+                    Cell(str(r.get("data_md5") or "")[:8], "muted"),
+                    Cell(str(r.get("git_commit") or "")[:10], "muted"),
+                    Cell("★ champion", "star") if r.get("champion") else Cell(""),
+                )
+            )
+    section.blocks.append(
+        Table(
+            ("Registry name", "Version", "Algorithm", "Registered", *keys, "Data", "Git", ""),
+            tuple(rows),
+            frozenset({1, *range(4, 4 + len(keys))}),
+        )
+    )
+    return section
+
+
+def _draw_versions(
+    fig: Figure, series: Mapping[str, list[dict[str, Any]]], keys: Sequence[str]
+) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axes = fig.subplots(1, len(keys), sharex=True)
+    axes_list: list[Axes] = list(axes) if len(keys) > 1 else [axes]
+    for ax, key in zip(axes_list, keys, strict=True):
+        for i, (name, rows) in enumerate(series.items()):
+            points = [(int(r["version"]), _float(r.get(key))) for r in rows]
+            xs = [x for x, y in points if y is not None]
+            ys = [y for _x, y in points if y is not None]
+            if not xs:
+                continue
+            best = name.endswith("-best")
+            color = INK if best else LINE_COLORS[i % len(LINE_COLORS)]
+            ax.plot(
+                xs,
+                ys,
+                marker="o",
+                ms=5 if best else 4,
+                lw=2.4 if best else 1.6,
+                color=color,
+                label=name,
+                zorder=3 if best else 2,
+            )
+            for r in rows:
+                y = _float(r.get(key))
+                if r.get("champion") and y is not None:
+                    ax.plot(
+                        [int(r["version"])], [y], marker="*", ms=15, color=ACCENT, zorder=4, lw=0
+                    )
+        ax.set_title(key)
+        ax.set_xlabel("version")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.margins(x=0.08, y=0.15)
+    handles, labels = axes_list[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5))
+
+
+# --------------------------------------------------------------------------- champion history
+
+
+@dataclass(frozen=True)
+class _Decision:
+    event: ChampionEvent
+    backends: tuple[str, ...]
+
+
+def _merge_events(events: Iterable[ChampionEvent]) -> list[_Decision]:
+    """One decision per (registry, version, outcome), naming every backend that recorded it."""
+    merged: dict[tuple[str, str, bool], tuple[ChampionEvent, list[str]]] = {}
+    for event in sorted(events, key=lambda e: (e.backend != "mlflow", e.decided_at)):
+        key = (event.registry_name, event.version, event.promoted)
+        if key in merged:
+            merged[key][1].append(event.backend)
+        else:
+            merged[key] = (event, [event.backend])
+    decisions = [_Decision(e, tuple(b)) for e, b in merged.values()]
+    return sorted(decisions, key=lambda d: (d.event.decided_at, d.event.registry_name))
+
+
+def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -> Section:
+    section = Section(
+        "history",
+        "Champion history",
+        "Every champion decision: the challenger (the run's best model), the champion it "
+        "faced, the change in the selection metric, and whether it took over.",
+    )
+    if not decisions:
+        section.blocks.append(
+            Note("No champion decisions recorded (MLflow champion.* tags, ClearML champions.json).")
+        )
+        return section
+    algorithm = {
+        (str(m["name"]), str(m["version"])): str(m.get("algorithm") or "") for m in models
+    }
+
+    def label(name: str, version: str | None, fallback: str = "") -> str:
+        if version is None:
+            return "—"
+        algo = algorithm.get((name, version)) or fallback
+        return f"v{version}" + (f" ({algo})" if algo else "")
+
+    by_name: dict[str, list[_Decision]] = {}
+    for d in decisions:
+        by_name.setdefault(d.event.registry_name, []).append(d)
+    section.blocks.append(
+        _render(
+            "champion_history",
+            "Champion history",
+            "Challengers by decision; filled: promoted, hollow: rejected; the step line is "
+            "the champion's value.",
+            (10.0, 3.6),
+            lambda fig: _draw_history(fig, by_name),
+        )
+    )
+    rows = []
+    for d in reversed(decisions):
+        e = d.event
+        change = e.change
+        rel = (
+            f" ({change / e.previous_value:+.1%})"
+            if change is not None and e.previous_value
+            else ""
+        )
+        rows.append(
+            (
+                Cell(_display_time(parse_time(e.decided_at))),
+                Cell(e.registry_name),
+                Cell(label(e.registry_name, e.version, e.model)),
+                Cell(f"{e.metric} {format_metric(e.value)}"),
+                Cell(
+                    label(e.registry_name, e.previous_version)
+                    + (f" {format_metric(e.previous_value)}" if e.previous_value is not None else "")
+                ),
+                Cell(f"{change:+.3f}{rel}" if change is not None else "first"),
+                Cell("promoted" if e.promoted else "rejected", "good" if e.promoted else "muted"),
+                Cell(e.reason),
+                Cell(", ".join(d.backends), "muted"),
+            )
+        )
+    section.blocks.append(
+        Table(
+            (
+                "Decided",
+                "Registry name",
+                "Challenger",
+                "Value",
+                "Champion faced",
+                "Change",
+                "Decision",
+                "Reason",
+                "Recorded by",
+            ),
+            tuple(rows),
+            frozenset({3, 5}),
+        )
+    )
+    return section
+
+
+def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
+    ax = fig.add_subplot()
+    ticks: list[str] = []
+    x = 0
+    for i, (name, decisions) in enumerate(by_name.items()):
+        color = LINE_COLORS[i % len(LINE_COLORS)] if len(by_name) > 1 else VAL_COLOR
+        champion_x: list[float] = []
+        champion_y: list[float] = []
+        current: float | None = None
+        for d in decisions:
+            e = d.event
+            if e.previous_value is not None and current is None:
+                current = e.previous_value
+            if e.promoted and e.value is not None:
+                current = e.value
+            if current is not None:
+                champion_x.append(x)
+                champion_y.append(current)
+            if e.value is not None:
+                ax.scatter(
+                    [x],
+                    [e.value],
+                    s=70,
+                    zorder=3,
+                    color=TEST_COLOR if e.promoted else "white",
+                    edgecolors=TEST_COLOR if e.promoted else MUTED,
+                    linewidths=1.6,
+                )
+                change = e.change
+                note = "first" if change is None else f"{change:+.3f}"
+                ax.annotate(
+                    note,
+                    (x, e.value),
+                    textcoords="offset points",
+                    xytext=(0, 9),
+                    ha="center",
+                    fontsize=8,
+                    color=TEST_COLOR if e.promoted else "#6B7280",
+                )
+            date = _short_time(parse_time(e.decided_at))
+            ticks.append(f"{name.rsplit('-', 1)[-1]} v{e.version}\n{date}")
+            x += 1
+        if champion_x:
+            ax.step(
+                champion_x, champion_y, where="post", color=color, lw=1.8, alpha=0.7, label=name
+            )
+    ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
+    metric = next((d.event.metric for ds in by_name.values() for d in ds if d.event.metric), "")
+    ax.set_ylabel(metric or "selection metric")
+    ax.margins(x=0.08, y=0.25)
+    ax.grid(axis="x", visible=False)
+    if len(by_name) > 1:
+        ax.legend(loc="upper right")
+
+
+def _registry_line(decisions: list[_Decision], champion: str | None) -> str:
+    """Who holds the champion in the registry now, since when, and the latest decision."""
+    best = [d for d in decisions if d.event.registry_name.endswith("-best")] or decisions
+    if not best:
+        return ""
+    promoted = [d for d in best if d.event.promoted]
+    latest = best[-1].event
+    parts = []
+    if promoted:
+        holder = promoted[-1].event
+        algo = f" ({holder.model})" if holder.model else ""
+        parts.append(
+            f"Registry: {holder.registry_name} v{holder.version}{algo} holds the champion "
+            f"since {_display_time(parse_time(holder.decided_at))}"
+        )
+        if holder.previous_version is not None and holder.change is not None:
+            parts[-1] += (
+                f", replacing v{holder.previous_version} ({holder.metric} {holder.change:+.3f})"
+            )
+        if champion and holder.model and holder.model != champion:
+            parts.append(
+                f"the evaluated model ({champion}) is not the registry champion: the last "
+                "run's best was not promoted"
+            )
+    if not latest.promoted:
+        parts.append(f"latest challenger v{latest.version} rejected: {latest.reason}")
+    return "; ".join(parts) + "."
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _runs(experiments: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Pipeline runs (tasks grouped by pipeline_run_id), newest first."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in experiments:
+        key = str(row.get("pipeline_run_id") or row.get("task_id"))
+        groups.setdefault(key, []).append(row)
+    runs = []
+    for run_id, rows in groups.items():
+        starts = [t for r in rows if (t := parse_time(r.get("started"))) is not None]
+        ends = [t for r in rows if (t := parse_time(r.get("completed"))) is not None]
+        select = next((r for r in rows if r.get("stage") == "select_best"), None)
+        evaluate = next((r for r in rows if r.get("stage") == "evaluate"), None)
+        statuses = [str(r.get("status") or "") for r in rows]
+        runs.append(
+            {
+                "run_id": run_id,
+                "started": min(starts) if starts else None,
+                "seconds": (max(ends) - min(starts)).total_seconds() if starts and ends else None,
+                "tasks": len(rows),
+                "failed": sum(s == "failed" for s in statuses),
+                "open": sum(s in ("open", "in_progress") for s in statuses),
+                "model": str((select or evaluate or {}).get("model") or ""),
+                "metric": _float((select or {}).get(metric)),
+                "test_rmse": _float((evaluate or {}).get("test/rmse")),
+            }
+        )
+    return sorted(runs, key=lambda r: r["started"] or datetime.min.replace(tzinfo=UTC), reverse=True)
+
+
+def _runs_section(runs: list[dict[str, Any]], metric: str) -> Section:
+    section = Section(
+        "runs",
+        "Recent pipeline runs",
+        "Each run: its stages as tracked, the model select_best picked, and its test score.",
+    )
+    if not runs:
+        section.blocks.append(Note("No tracked pipeline runs (tracking off or not run yet)."))
+        return section
+    rows = []
+    for r in runs[:15]:
+        if r["failed"]:
+            status = Cell(f"{r['failed']} failed", "bad")
+        elif r["open"]:
+            status = Cell(f"{r['open']} open", "muted")
+        else:
+            status = Cell("completed", "good")
+        rows.append(
+            (
+                Cell(r["run_id"]),
+                Cell(_display_time(r["started"])),
+                Cell(f"{r['seconds']:.1f} s" if r["seconds"] is not None else "–"),
+                Cell(str(r["tasks"])),
+                status,
+                Cell(r["model"] or "–"),
+                Cell(format_metric(r["metric"])),
+                Cell(format_metric(r["test_rmse"])),
+            )
+        )
+    section.blocks.append(
+        Table(
+            ("Run", "Started", "Duration", "Stages", "Status", "Selected", metric, "Test RMSE"),
+            tuple(rows),
+            frozenset({2, 3, 6, 7}),
+        )
+    )
+    return section
+
+
+# --------------------------------------------------------------------------- rendering figures
+
+
+def _render(
+    name: str,
+    title: str,
+    caption: str,
+    size: tuple[float, float],
+    draw: Callable[[Figure], None],
+) -> Chart:
+    """Draw on a fresh matplotlib Figure (no pyplot) and keep it as an SVG document."""
+    import matplotlib as mpl
+    from matplotlib.figure import Figure
+
+    with mpl.rc_context({**_RC, "svg.hashsalt": f"housing-{name}"}):
+        fig = Figure(figsize=size, layout="constrained")
+        draw(fig)
+        buffer = io.StringIO()
+        fig.savefig(
+            buffer,
+            format="svg",
+            metadata={"Date": None, "Creator": None, "Format": None, "Type": None},
+        )
+    return Chart(name=name, title=title, caption=caption, svg=buffer.getvalue())
+
+
+_XMLNS = re.compile(r'\s+xmlns(?::\w+)?="[^"]*"')
+_SIZE = re.compile(r'\s+(width|height)="[^"]*pt"')
+
+
+def inline_svg(svg: str, prefix: str, label: str) -> str:
+    """An SVG document as an element for HTML: no prolog, ids scoped by ``prefix``, fluid."""
+    body = svg[svg.index("<svg") :]
+    ids = set(re.findall(r'\sid="([^"]+)"', body))
+    body = re.sub(r'(\sid=")([^"]+)"', lambda m: f'{m[1]}{prefix}-{m[2]}"', body)
+    body = re.sub(
+        r'((?:xlink:)?href)="#([^"]+)"',
+        lambda m: f'{m[1]}="#{prefix}-{m[2]}"' if m[2] in ids else m[0],
+        body,
+    )
+    body = re.sub(
+        r"url\(#([^)]+)\)",
+        lambda m: f"url(#{prefix}-{m[1]})" if m[1] in ids else m[0],
+        body,
+    )
+    head_end = body.index(">")
+    head = _SIZE.sub("", _XMLNS.sub("", body[:head_end]))
+    attrs = f' class="chart" role="img" aria-label="{html.escape(label, quote=True)}"'
+    return head + attrs + body[head_end:]
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+_CSS: Final = """
+:root { --ink:#1f2937; --muted:#6b7280; --line:#e5e7eb; --bg:#f4f6f9; --card:#fff;
+  --accent:#e45756; --good:#2f7d32; --good-bg:#e7f4e8; --bad:#b42318; --bad-bg:#fde8e7; }
+* { box-sizing: border-box; }
+body { margin:0; background:var(--bg); color:var(--ink);
+  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
+.hero { background: linear-gradient(135deg, #0f172a 0%, #1e3a5f 100%); color:#f8fafc;
+  padding: 36px 0 30px; }
+.wrap { max-width: 1120px; margin: 0 auto; padding: 0 28px; }
+.eyebrow { text-transform: uppercase; letter-spacing: .12em; font-size: 12px; color:#93c5fd; }
+h1 { font-size: 32px; margin: 6px 0 4px; letter-spacing: -.01em; }
+.subtitle { margin: 0; color:#cbd5e1; }
+.registry { margin: 10px 0 0; color:#e2e8f0; font-size: 14px; }
+.kpis { display:grid; grid-template-columns: repeat(6, 1fr); gap: 12px; margin-top: 22px; }
+.kpi { background: rgba(255,255,255,.08); border: 1px solid rgba(255,255,255,.14);
+  border-radius: 12px; padding: 12px 14px; }
+.kpi.accent { background: #fff; color: var(--ink); border-color: #fff; }
+.kpi .label { font-size: 12px; text-transform: uppercase; letter-spacing: .06em; opacity: .8; }
+.kpi .value { display:block; font-size: 26px; font-weight: 700; font-variant-numeric: tabular-nums; }
+.kpi.accent .value { color: var(--accent); }
+.kpi .hint { font-size: 12px; opacity: .7; }
+nav.toc { display:flex; flex-wrap:wrap; gap: 6px 18px; margin: 18px 0 0; font-size: 14px; }
+nav.toc a { color:#bfdbfe; text-decoration:none; }
+nav.toc a:hover { text-decoration: underline; }
+main { padding: 8px 0 40px; }
+section.card { background: var(--card); border-radius: 14px; margin: 22px 0;
+  padding: 22px 26px; box-shadow: 0 1px 2px rgba(15,23,42,.06), 0 4px 14px rgba(15,23,42,.05); }
+h2 { font-size: 21px; margin: 0 0 4px; }
+.lead { color: var(--muted); margin: 0 0 14px; max-width: 860px; }
+figure { margin: 10px 0 16px; }
+figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
+svg.chart { width: 100%; height: auto; display: block; }
+.row { display:grid; grid-template-columns: 1fr 1fr; gap: 20px; }
+.table-wrap { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; font-size: 14px; margin: 6px 0 4px; }
+th { text-align:left; font-weight:600; color:#374151; border-bottom: 2px solid var(--line);
+  padding: 7px 10px; white-space: nowrap; font-size: 13px; }
+td { padding: 7px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
+tbody tr:nth-child(even) td { background: #fafbfc; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.badge { display:inline-block; padding: 1px 8px; border-radius: 999px; font-size: 12.5px;
+  font-weight: 600; }
+.badge.good { color: var(--good); background: var(--good-bg); }
+.badge.bad { color: var(--bad); background: var(--bad-bg); }
+.muted { color: var(--muted); }
+.star { color: var(--accent); font-weight: 700; }
+.note { background:#fff8e6; border-left: 4px solid #f5b400; padding: 10px 14px;
+  border-radius: 6px; color:#5b4300; margin: 8px 0; }
+.sources li { margin: 3px 0; }
+footer { color: var(--muted); font-size: 13px; padding: 0 0 36px; }
+@media (max-width: 900px) { .kpis { grid-template-columns: repeat(3, 1fr); }
+  .row { grid-template-columns: 1fr; } }
+"""
+
+# Records whether every figure got a size, for headless checks; touches nothing else.
+_CHECK_SCRIPT: Final = """
+(function () {
+  var charts = document.querySelectorAll("svg.chart"), sized = 0;
+  for (var i = 0; i < charts.length; i++) {
+    var box = charts[i].getBoundingClientRect();
+    if (box.width > 0 && box.height > 0) { sized++; }
+  }
+  document.body.setAttribute("data-figures", sized + "/" + charts.length);
+  document.body.setAttribute("data-render-check", sized === charts.length ? "ok" : "failed");
+})();
+"""
+
+
+def _esc(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def render_html(page: Page) -> str:
+    """The whole page as one self-contained HTML document."""
+    out: list[str] = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_esc(page.title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        '<header class="hero"><div class="wrap">',
+        '<div class="eyebrow">housing · experiment report</div>',
+        f"<h1>{_esc(page.headline)}</h1>",
+        f'<p class="subtitle">{_esc(page.subtitle)}</p>',
+    ]
+    if page.registry_line:
+        out.append(f'<p class="registry">{_esc(page.registry_line)}</p>')
+    out.append('<div class="kpis">')
+    for kpi in page.kpis:
+        ident = f' id="{_esc(kpi.anchor)}"' if kpi.anchor else ""
+        out.append(
+            f'<div class="kpi{" accent" if kpi.accent else ""}">'
+            f'<span class="label">{_esc(kpi.label)}</span>'
+            f'<span class="value"{ident}>{_esc(kpi.value)}</span>'
+            f'<span class="hint">{_esc(kpi.hint)}</span></div>'
+        )
+    out.append("</div>")
+    out.append('<nav class="toc">')
+    for section in page.sections:
+        out.append(f'<a href="#{section.anchor}">{_esc(section.title)}</a>')
+    out.append('<a href="#sources">Sources &amp; notes</a></nav>')
+    out.append("</div></header>")
+    out.append('<main class="wrap">')
+    for section in page.sections:
+        out.append(f'<section class="card" id="{section.anchor}">')
+        out.append(f"<h2>{_esc(section.title)}</h2>")
+        out.append(f'<p class="lead">{_esc(section.lead)}</p>')
+        for block in section.blocks:
+            out.append(_html_block(block))
+        out.append("</section>")
+    out.append('<section class="card" id="sources"><h2>Sources &amp; notes</h2>')
+    out.append('<ul class="sources">')
+    for line in page.sources:
+        out.append(f"<li>{_esc(line)}</li>")
+    out.append("</ul>")
+    for note in page.notes:
+        out.append(f'<div class="note">{_esc(note)}</div>')
+    out.append("</section></main>")
+    out.append(
+        f'<footer class="wrap">Generated {_esc(page.generated_at)} by housing.reporting.report; '
+        "self-contained: no network needed.</footer>"
+    )
+    out.append(f"<script>{_CHECK_SCRIPT}</script>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _html_block(block: Block) -> str:
+    if isinstance(block, Chart):
+        return _html_chart(block)
+    if isinstance(block, ChartRow):
+        return '<div class="row">' + "".join(_html_chart(c) for c in block.charts) + "</div>"
+    if isinstance(block, Note):
+        return f'<div class="note">{_esc(block.text)}</div>'
+    head = "".join(
+        f'<th{" class=num" if i in block.numeric else ""}>{_esc(h)}</th>'
+        for i, h in enumerate(block.headers)
+    )
+    body = []
+    for row in block.rows:
+        cells = []
+        for i, cell in enumerate(row):
+            cls = ' class="num"' if i in block.numeric else ""
+            text = _esc(cell.text)
+            if cell.badge in ("good", "bad"):
+                text = f'<span class="badge {cell.badge}">{text}</span>'
+            elif cell.badge:
+                text = f'<span class="{cell.badge}">{text}</span>'
+            cells.append(f"<td{cls}>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    caption = f"<caption>{_esc(block.caption)}</caption>" if block.caption else ""
+    return (
+        f'<div class="table-wrap"><table>{caption}<thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
+def _html_chart(chart: Chart) -> str:
+    return (
+        f'<figure id="fig-{chart.name}">{inline_svg(chart.svg, chart.name, chart.title)}'
+        f"<figcaption>{_esc(chart.caption)}</figcaption></figure>"
+    )
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(page: Page) -> str:
+    """The same content as Markdown; figures link to ``experiments_figures/<name>.svg``."""
+    out = [f"# {page.headline}", "", page.subtitle, ""]
+    if page.registry_line:
+        out += [page.registry_line, ""]
+    out += ["| " + " | ".join(_md(k.label) for k in page.kpis) + " |"]
+    out += ["|" + "---:|" * len(page.kpis)]
+    out += ["| " + " | ".join(_md(k.value) for k in page.kpis) + " |", ""]
+    for section in page.sections:
+        out += [f"## {section.title}", "", section.lead, ""]
+        for block in section.blocks:
+            out += _md_block(block)
+    out += ["## Sources & notes", ""]
+    out += [f"- {line}" for line in page.sources]
+    out += [f"- Note: {note}" for note in page.notes]
+    out += ["", f"_Generated {page.generated_at} by housing.reporting.report._", ""]
+    return "\n".join(out)
+
+
+def _md_block(block: Block) -> list[str]:
+    if isinstance(block, Chart):
+        return [f"![{_md(block.title)}]({FIGURES_DIR}/{block.name}.svg)", "", f"_{block.caption}_", ""]
+    if isinstance(block, ChartRow):
+        return [line for chart in block.charts for line in _md_block(chart)]
+    if isinstance(block, Note):
+        return [f"> {block.text}", ""]
+    align = "|" + "".join("---:|" if i in block.numeric else "---|" for i in range(len(block.headers)))
+    lines = ["| " + " | ".join(_md(h) or " " for h in block.headers) + " |", align]
+    for row in block.rows:
+        cells = []
+        for cell in row:
+            text = _md(cell.text)
+            cells.append(f"**{text}**" if cell.badge in ("star", "good") and text else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def format_metric(value: float | None, digits: int = 3) -> str:
+    """A metric as the report prints it (``2.801``); ``–`` when missing."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _float(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _display_time(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else "–"
+
+
+def _short_time(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%m-%d %H:%M") if value else ""
+
+
+def _one_line(value: object) -> str:
+    lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(value).__name__
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/report.py`` / ``housing report``: write the report; exit code."""
+    from housing.reporting.compare import common_parser, configure_logging, positive_int
+
+    parser = common_parser(
+        "report", "Write reports/experiments.html and reports/experiments.md."
+    )
+    parser.add_argument(
+        "--last",
+        type=positive_int,
+        default=DEFAULT_VERSIONS,
+        dest="last_versions",
+        help=f"versions per model to chart (default {DEFAULT_VERSIONS})",
+    )
+    args = parser.parse_intermixed_args(argv)
+    configure_logging(args.verbosity)
+    try:
+        from housing.config import load_settings
+
+        settings = load_settings(args.overrides, config_dir=args.config_dir)
+        result = build_report(
+            settings, project=args.project, last_versions=args.last_versions
+        )
+    except HousingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    champion = (
+        f"champion {result.champion}, test RMSE {result.champion_test_rmse_text}"
+        if result.champion
+        else "no champion evaluated yet"
+    )
+    print(
+        f"wrote {result.html_path} and {result.markdown_path} "
+        f"({len(result.figure_paths)} figures; {champion})"
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

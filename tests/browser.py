@@ -1,0 +1,136 @@
+"""Headless Chromium for tests: load a local page, dump its DOM, take a screenshot.
+
+Debian's ``chromium`` (``scripts/ensure_test_tools.sh`` installs it). Every run gets a
+fresh profile folder and no network services (no sync, updates, QUIC, background
+fetches), so a page that needs the network shows up as missing content, not a hang.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CANDIDATES = ("chromium", "chromium-browser", "/usr/bin/chromium")
+INSTALL_HINT = "install it with `bash scripts/ensure_test_tools.sh` (Debian package chromium)"
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+    "--disable-extensions",
+    "--hide-scrollbars",
+)
+# Console messages chromium logs with --enable-logging=stderr: "...:CONSOLE(12)] "text", source: ..."
+_CONSOLE = re.compile(r":(?:INFO|WARNING|ERROR|VERBOSE\d*):CONSOLE[^\]]*\]\s*(.*)")
+
+
+def find_chromium() -> str | None:
+    """The chromium executable, or ``None``."""
+    for name in CANDIDATES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@dataclass(frozen=True)
+class PageRun:
+    """What chromium printed for one page."""
+
+    dom: str
+    console: list[str]  # console messages of the page
+    stderr: str
+
+    @property
+    def errors(self) -> list[str]:
+        """Console errors and uncaught exceptions."""
+        lines = [ln for ln in self.stderr.splitlines() if "ERROR:CONSOLE" in ln]
+        lines += [m for m in self.console if "Uncaught" in m]
+        return lines
+
+
+def _run(executable: str, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory(prefix="housing-chromium-") as profile:
+        return subprocess.run(
+            [executable, *FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+
+def dump_dom(executable: str, page: Path, timeout: float = 60.0) -> PageRun:
+    """Load ``page`` and return the DOM after its scripts ran, plus its console lines."""
+    proc = _run(
+        executable,
+        [
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+            page.resolve().as_uri(),
+        ],
+        timeout,
+    )
+    if proc.returncode != 0 or "<html" not in proc.stdout:
+        tail = "\n".join(proc.stderr.splitlines()[-15:])
+        raise RuntimeError(f"chromium --dump-dom exited {proc.returncode}:\n{tail}")
+    console = [m.group(1) for ln in proc.stderr.splitlines() if (m := _CONSOLE.search(ln))]
+    return PageRun(dom=proc.stdout, console=console, stderr=proc.stderr)
+
+
+def screenshot(
+    executable: str,
+    page: Path,
+    png: Path,
+    size: tuple[int, int] = (1200, 3000),
+    timeout: float = 60.0,
+) -> Path:
+    """Render ``page`` at ``size`` (width, height in CSS pixels) into ``png``."""
+    png.parent.mkdir(parents=True, exist_ok=True)
+    proc = _run(
+        executable,
+        [
+            f"--screenshot={png.resolve()}",
+            f"--window-size={size[0]},{size[1]}",
+            "--virtual-time-budget=3000",
+            page.resolve().as_uri(),
+        ],
+        timeout,
+    )
+    if proc.returncode != 0 or not png.is_file():
+        tail = "\n".join(proc.stderr.splitlines()[-15:])
+        raise RuntimeError(f"chromium --screenshot exited {proc.returncode}:\n{tail}")
+    return png
+
+
+def distinct_colors(png: Path, step: int = 2) -> int:
+    """How many distinct RGB colors the PNG has (every ``step``-th pixel each way)."""
+    import numpy as np
+    from matplotlib import image
+
+    pixels = np.asarray(image.imread(str(png)))[::step, ::step, :3]
+    if pixels.dtype != np.uint8:
+        pixels = np.rint(pixels * 255).astype(np.uint8)
+    flat = pixels.reshape(-1, 3).astype(np.uint32)
+    codes = (flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2]
+    return int(np.unique(codes).size)
+
+
+def png_size(png: Path) -> tuple[int, int]:
+    """(width, height) from the PNG header."""
+    header = png.read_bytes()[:24]
+    if header[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{png}: not a PNG file")
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
