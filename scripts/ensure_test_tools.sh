@@ -4,6 +4,8 @@
 # Installed when missing (Debian/Ubuntu, as root, via apt-get):
 #   docker-compose  (Compose 1.29, validates infra/clearml/docker-compose.yml with
 #                    `docker-compose config`; needs no Docker engine)
+#   chromium        (headless browser: renders reports/experiments.html in
+#                    tests/test_report.py)
 # Prints what it found or did. Exits non-zero when a tool is missing and cannot be
 # installed here, with the command to run instead.
 set -euo pipefail
@@ -21,6 +23,7 @@ check_tool() {
 }
 
 check_tool docker-compose docker-compose
+check_tool chromium chromium
 
 if [ "${#missing_packages[@]}" -eq 0 ]; then
     echo "ensure_test_tools: nothing to install"
@@ -44,6 +47,10 @@ DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$
 still_missing=0
 if ! command -v docker-compose >/dev/null 2>&1; then
     echo "ensure_test_tools: docker-compose still missing after apt-get install" >&2
+    still_missing=1
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "ensure_test_tools: chromium still missing after apt-get install" >&2
     still_missing=1
 fi
 if [ "$still_missing" -ne 0 ]; then

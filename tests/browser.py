@@ -30,7 +30,8 @@ FLAGS = (
     "--disable-extensions",
     "--hide-scrollbars",
 )
-# Console messages chromium logs with --enable-logging=stderr: "...:CONSOLE(12)] "text", source: ..."
+# A console message as chromium logs it (--enable-logging=stderr):
+#   [...:INFO:CONSOLE(12)] "text", source: file:///...
 _CONSOLE = re.compile(r":(?:INFO|WARNING|ERROR|VERBOSE\d*):CONSOLE[^\]]*\]\s*(.*)")
 
 

@@ -209,7 +209,6 @@ def test_offline_pipeline_parallel_cached_and_equal_to_sequential(
     assert ridge_record["params"] == {"alpha": 3.0}
 
 
-@pytest.mark.slow
 def test_no_cache_reruns_everything(tmp_path: Path, conf: Path) -> None:
     overrides = ["tracking=none", "selection.candidates=[linear_regression]"]
     first = run_pipeline(overrides, conf, root=tmp_path / "r")
@@ -222,7 +221,6 @@ def test_no_cache_reruns_everything(tmp_path: Path, conf: Path) -> None:
     assert len(fourth.cached_steps) == 4
 
 
-@pytest.mark.slow
 def test_failing_train_step_stops_its_dependents(
     tmp_path: Path,
     conf: Path,
@@ -276,3 +274,31 @@ def test_failing_train_step_stops_its_dependents(
     summary = json.loads((root / "metrics" / "train_metrics.json").read_text())
     assert list(summary["candidates"]) == ["linear_regression"]
     assert best.read_bytes() != b"the previous best model"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_with_mlflow_the_first_step_to_run_runs_alone(tmp_path: Path, conf: Path) -> None:
+    """prepare cached, both trains rerun: one starts after the other made the MLflow parent."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path / "r"
+    candidates = "selection.candidates=[linear_regression,ridge]"
+    run_pipeline(["tracking=none", candidates], conf, root=root, max_workers=2)
+    overrides = ["tracking=mlflow", candidates, "train.cv_folds=3"]
+    second = run_pipeline(overrides, conf, root=root, max_workers=2)
+    assert second.cached_steps == ["prepare"]
+    final = _final(_events(root, second.run_id))
+    first, other = sorted(
+        (final["train_linear_regression"], final["train_ridge"]), key=lambda e: e["started_at"]
+    )
+    assert _ts(first["finished_at"]) <= _ts(other["started_at"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("housing")
+    assert experiment is not None
+    parents = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.\"housing.pipeline_run_id\" = '{second.run_id}' "
+        "and tags.\"housing.run_type\" = 'pipeline'",
+    )
+    assert len(parents) == 1

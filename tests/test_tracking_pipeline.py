@@ -37,9 +37,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     try:
         mp.setenv("HOUSING_RUN_ID", "run-good")
         first = run_all([*common, f"selection.candidates=[{','.join(CANDIDATES)}]"], CONF)
-        metrics = {
-            p.name: json.loads(p.read_text()) for p in (root / "metrics").glob("*.json")
-        }
+        metrics = {p.name: json.loads(p.read_text()) for p in (root / "metrics").glob("*.json")}
         mp.setenv("HOUSING_RUN_ID", "run-worse")
         second = run_all([*common, "selection.candidates=[linear_regression]"], CONF)
     finally:

@@ -22,6 +22,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("housing")
 
 STAGE_COMMANDS = ("prepare", "train", "select_best", "evaluate")
+#: Subcommands whose module parses its own options: command -> (module, help).
+DELEGATED = {
+    "pipeline": ("housing.orchestration.pipeline", "the ClearML pipeline (offline: local DAG)"),
+    "schedule": ("housing.orchestration.scheduling", "schedule the pipeline (cron or ClearML)"),
+    "compare": ("housing.reporting.compare", "export experiment/model comparison CSVs"),
+    "report": ("housing.reporting.report", "write reports/experiments.html and .md"),
+}
 
 
 def run_stage(stage: str, overrides: Sequence[str] = (), config_dir: Path | None = None) -> Any:
@@ -158,12 +165,37 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
         if name == "select_best":
             sub._name_parser_map["select-best"] = p  # accept the dashed spelling too
+    for name, (_, text) in DELEGATED.items():
+        sub.add_parser(name, help=f"{text} (see housing {name} --help)", add_help=False)
     return parser
+
+
+def _split_delegated(argv: Sequence[str]) -> tuple[str, list[str]] | None:
+    """(command, argv for its module) when ``argv`` names a delegated subcommand."""
+    globals_: list[str] = []
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        globals_.append(argv[i])
+        if argv[i] == "--config-dir" and i + 1 < len(argv):
+            globals_.append(argv[i + 1])
+            i += 1
+        i += 1
+    if i < len(argv) and argv[i] in DELEGATED:
+        return argv[i], [*globals_, *argv[i + 1 :]]
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``housing`` command; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    import importlib
+
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    delegated = _split_delegated(arguments)
+    if delegated is not None:
+        command, rest = delegated
+        module = importlib.import_module(DELEGATED[command][0])
+        return int(module.main(rest))
+    args = _parser().parse_args(arguments)
     _configure_logging(args.verbosity)
     try:
         return _dispatch(args)

@@ -701,13 +701,19 @@ def _make_pool(workers: int) -> Any:
 
 
 def _execute(plan: _Plan, workers: int) -> dict[str, StepResult]:
-    """Run the DAG: cached steps in place, the others in worker processes."""
+    """Run the DAG: cached steps in place, the others in worker processes.
+
+    With MLflow on, the first step that runs in this run runs alone: it creates the
+    run's MLflow parent, which concurrent first steps could otherwise both create.
+    """
     from concurrent.futures import FIRST_COMPLETED, wait
 
     results: dict[str, StepResult] = {}
     known: dict[str, str] = {}
     pending = list(plan.steps)
+    waiting: list[_Job] = []
     running: dict[Future[_Outcome], _Job] = {}
+    gate = "mlflow" in plan.base.tracking
     pool: Any = None
     try:
         while True:
@@ -736,13 +742,17 @@ def _execute(plan: _Plan, workers: int) -> dict[str, StepResult]:
                         results[step.name] = job
                         known.update(job.outputs)
                         continue
-                    if pool is None:
-                        pool = _make_pool(workers)
-                    log.info("pipeline: %s started", step.name)
-                    running[pool.submit(_run_job, job)] = job
+                    waiting.append(job)
+            while waiting and not (gate and running):
+                job = waiting.pop(0)
+                if pool is None:
+                    pool = _make_pool(workers)
+                log.info("pipeline: %s started", job.step.name)
+                running[pool.submit(_run_job, job)] = job
             if not running:
                 return results
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            gate = False
             for future in done:
                 job = running.pop(future)
                 result = _collect(future, job, plan)
@@ -866,9 +876,12 @@ def run_pipeline(
 
 
 def clearml_mode(settings: Settings) -> str:
-    """``online`` when ClearML is a tracking backend and a server answers, else ``offline``."""
+    """``online`` when ClearML is a tracking backend and a server answers (or this runs as
+    a ClearML task on an agent), else ``offline``."""
     if "clearml" not in settings.tracking:
         return "offline"
+    if os.environ.get("CLEARML_TASK_ID"):  # executed as a ClearML task (agent): online
+        return "online"
     from housing.tracking.clearml import clearml_settings, resolve_mode
 
     mode, reason = resolve_mode(clearml_settings(settings.section("clearml"), settings.root))

@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from housing.errors import ConfigError, HousingError
 
@@ -320,15 +320,16 @@ def to_frame(rows: Sequence[Row], columns: Sequence[str]) -> Any:
     records = []
     for row in rows:
         record = {c: row.get(c) for c in columns}
-        if isinstance(record.get("tags"), list | tuple):
-            record["tags"] = TAG_SEPARATOR.join(record["tags"])
+        tags = record.get("tags")
+        if isinstance(tags, list | tuple):
+            record["tags"] = TAG_SEPARATOR.join(str(t) for t in tags)
         records.append(record)
     frame = pd.DataFrame(records, columns=list(columns))
     for column in columns:
         if column in METRIC_COLUMNS or column == "duration_sec":
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
         elif column == "champion":
-            frame[column] = frame[column].fillna(False).astype(bool)
+            frame[column] = pd.Series([v is True for v in frame[column]], dtype=bool)
         else:
             frame[column] = frame[column].astype("object")
     return frame
@@ -623,8 +624,8 @@ def _offline_model_row(
     decisions: Mapping[str, str],
 ) -> Row:
     meta = model.metadata
-    lineage = meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {}
-    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+    lineage = _mapping(meta.get("metadata"))
+    metrics = _mapping(meta.get("metrics"))
     return {
         "model_id": model.model_id,
         "name": model.name,
@@ -782,9 +783,8 @@ def _server_model_row(model: Mapping[str, Any]) -> Row:
         str(k): str(v.get("value", "")) if isinstance(v, dict) else str(v)
         for k, v in (model.get("metadata") or {}).items()
     }
-    lineage = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
-    lineage = {**metadata, **lineage}
-    metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+    lineage = {**metadata, **_mapping(record.get("metadata"))}
+    metrics = _mapping(record.get("metrics"))
     for key, value in metadata.items():
         if key.startswith("metric:"):
             metrics.setdefault(key.split(":", 1)[1], value)
@@ -1101,6 +1101,10 @@ def _float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
+
+
 def _finite(value: Any) -> bool:
     return _float(value) is not None
 
@@ -1135,9 +1139,57 @@ def positive_int(text: str) -> int:
     return value
 
 
+class UsageError(HousingError):
+    """Bad command-line arguments."""
+
+    exit_code = 2
+
+
+class _ParserExitError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that never calls ``sys.exit``.
+
+    ClearML hooks ``sys.exit``: once called in a process (even caught), later ClearML
+    tasks of that process stop reporting. ``main(argv)`` must be callable in-process.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise _ParserExitError(status)
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    action: Callable[[argparse.Namespace], int],
+) -> int:
+    """Parse, configure logging, run ``action``; a HousingError is one ``error:`` line."""
+    try:
+        args = parser.parse_intermixed_args(argv)
+        configure_logging(args.verbosity)
+        return action(args)
+    except _ParserExitError as exc:  # --help
+        return exc.status
+    except HousingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
 def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """Options shared by the compare and report entry points."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description=description,
         epilog="Overrides are Hydra syntax, e.g.: mlflow.tracking_uri=sqlite:///other.db",
@@ -1163,21 +1215,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--stage", choices=STAGES, help="keep tasks of this stage")
     parser.add_argument("--last", type=positive_int, dest="last_n", help="the N newest runs")
-    args = parser.parse_intermixed_args(argv)
-    configure_logging(args.verbosity)
-    try:
-        from housing.config import load_settings
+    return run_cli(parser, argv, _compare_command)
 
-        settings = load_settings(args.overrides, config_dir=args.config_dir)
-        result = compare(
-            settings, project=args.project, tags=args.tags, stage=args.stage, last_n=args.last_n
-        )
-    except HousingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+
+def _compare_command(args: argparse.Namespace) -> int:
+    from housing.config import load_settings
+
+    settings = load_settings(args.overrides, config_dir=args.config_dir)
+    result = compare(
+        settings, project=args.project, tags=args.tags, stage=args.stage, last_n=args.last_n
+    )
     for line in result.summary_lines():
         print(line)
     for name, got in result.backends.items():

@@ -20,6 +20,7 @@ a note in its section instead of failing.
 
 from __future__ import annotations
 
+import argparse
 import html
 import io
 import logging
@@ -54,6 +55,9 @@ HTML_NAME: Final = "experiments.html"
 MARKDOWN_NAME: Final = "experiments.md"
 FIGURES_DIR: Final = "experiments_figures"
 DEFAULT_VERSIONS: Final = 10
+DASH: Final = "\u2013"  # shown for a missing value
+MINUS: Final = "\u2212"
+TIMES: Final = "\u00d7"
 
 # Colors: validation, CV, test, and the champion accent (colorblind-safe Tableau hues).
 VAL_COLOR: Final = "#4C78A8"
@@ -63,7 +67,8 @@ ACCENT: Final = "#E45756"
 MUTED: Final = "#9CA3AF"
 INK: Final = "#1F2937"
 LINE_COLORS: Final = ("#4C78A8", "#F58518", "#54A24B", "#B279A2", "#72B7B2", "#9D755D", "#EECA3B")
-_RC: Final = {
+MARKERS: Final = ("s", "^", "D", "v", "P", "X", "<")
+_RC: Final[dict[str, Any]] = {
     "font.family": "DejaVu Sans",
     "font.size": 10,
     "axes.titlesize": 11,
@@ -118,7 +123,7 @@ class Chart:
 
 @dataclass(frozen=True)
 class Cell:
-    """A table cell; ``badge`` styles it (good, bad, muted, star)."""
+    """A table cell; ``badge`` styles it (good, bad, muted, star; wrap: long text)."""
 
     text: str
     badge: str = ""
@@ -211,7 +216,9 @@ def _read_inputs(settings: Settings, project: str | None, env: Mapping[str, str]
             data = read_json(path)
         except HousingError as exc:
             missing = "file not found" in str(exc)
-            got.notes.append(f"{_relative(path, settings.root)}: " + (hint if missing else str(exc)))
+            got.notes.append(
+                f"{_relative(path, settings.root)}: " + (hint if missing else str(exc))
+            )
             return None
         return data if isinstance(data, dict) else None
 
@@ -354,8 +361,8 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
         Kpi("Test MAE", format_metric(_float(test_metrics.get("test/mae"))), "champion"),
         Kpi("Test R²", format_metric(_float(test_metrics.get("test/r2"))), "champion"),
         Kpi(metric, format_metric(best_value), "selection metric"),
-        Kpi("Pipeline runs", str(len(runs)) if experiments else "–", "tracked"),
-        Kpi("Model versions", str(len(models)) if models else "–", "registered"),
+        Kpi("Pipeline runs", str(len(runs)) if experiments else DASH, "tracked"),
+        Kpi("Model versions", str(len(models)) if models else DASH, "registered"),
     ]
     sections = [
         _comparison_section(candidates, champion, metric),
@@ -370,7 +377,7 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
         title=f"housing experiments: {champion or 'no champion yet'}",
         headline=headline,
         subtitle=subtitle,
-        registry_line=_registry_line(events, champion),
+        registry_line=_registry_line(events, champion, _algorithms(models)),
         kpis=kpis,
         sections=sections,
         sources=sources,
@@ -528,10 +535,10 @@ def _champion_section(inputs: Inputs, champion: str | None) -> Section:
     name = champion or "the champion"
     section = Section(
         "champion",
-        f"{name} on the test split",
+        f"{champion or 'The champion'} on the test split",
         "Each point is one house of the test split. Left: predicted against actual price "
         "(the dashed line is a perfect prediction). Right: the error left over, against "
-        "the prediction; the band is ± one test RMSE.",
+        "the prediction.",
     )
     table = inputs.predictions
     needed = {"actual", "predicted", "residual"}
@@ -547,6 +554,7 @@ def _champion_section(inputs: Inputs, champion: str | None) -> Section:
     rmse = _float(metrics.get("test/rmse")) or math.sqrt(
         sum(r * r for r in residual) / len(residual)
     )
+    beyond = sum(abs(r) > 2 * rmse for r in residual)
     section.blocks.append(
         ChartRow(
             (
@@ -560,7 +568,9 @@ def _champion_section(inputs: Inputs, champion: str | None) -> Section:
                 _render(
                     "residuals",
                     "Residuals",
-                    f"{name}: residual (actual − predicted) against the prediction.",
+                    f"{name}: residual (actual {MINUS} predicted) against the prediction; "
+                    f"green band: \u00b1 one test RMSE ({format_metric(rmse)}); red: the "
+                    f"{beyond} house(s) off by more than 2 {TIMES} RMSE.",
                     (5.2, 4.6),
                     lambda fig: _draw_residuals(fig, predicted, residual, rmse),
                 ),
@@ -602,7 +612,9 @@ def _draw_scatter(
         )
 
 
-def _draw_residuals(fig: Figure, predicted: list[float], residual: list[float], rmse: float) -> None:
+def _draw_residuals(
+    fig: Figure, predicted: list[float], residual: list[float], rmse: float
+) -> None:
     ax = fig.add_subplot()
     ax.axhspan(-rmse, rmse, color=TEST_COLOR, alpha=0.10, lw=0)
     ax.axhline(0, color=MUTED, lw=1.2, ls="--")
@@ -610,17 +622,8 @@ def _draw_residuals(fig: Figure, predicted: list[float], residual: list[float], 
     colors = [ACCENT if o else VAL_COLOR for o in outside]
     ax.scatter(predicted, residual, s=22, c=colors, alpha=0.75, edgecolors="white", lw=0.5)
     ax.set_xlabel("predicted")
-    ax.set_ylabel("actual − predicted")
+    ax.set_ylabel(f"actual {MINUS} predicted")
     ax.set_title("Residuals")
-    ax.text(
-        0.98,
-        0.04,
-        f"band: ± RMSE {format_metric(rmse)}; red: beyond 2 × RMSE ({sum(outside)})",
-        transform=ax.transAxes,
-        ha="right",
-        fontsize=8,
-        color="#4B5563",
-    )
 
 
 # --------------------------------------------------------------------------- importances
@@ -649,7 +652,7 @@ def _importance_section(inputs: Inputs, champion: str | None) -> Section:
             "feature_importances",
             "Feature importances",
             f"Top {len(pairs)} features of {champion or 'the champion'}.",
-            (10.0, 0.9 + 0.32 * len(pairs)),
+            (10.0, 0.9 + 0.27 * len(pairs)),
             lambda fig: _draw_importances(fig, pairs),
         )
     )
@@ -690,7 +693,9 @@ def _versions_section(models: list[dict[str, Any]], metric: str, last: int) -> S
             by_name.setdefault(str(row["name"]), []).append(row)
     series = {
         name: sorted(rows, key=lambda r: int(r["version"]))[-last:]
-        for name, rows in sorted(by_name.items(), key=lambda kv: (not kv[0].endswith("-best"), kv[0]))
+        for name, rows in sorted(
+            by_name.items(), key=lambda kv: (not kv[0].endswith("-best"), kv[0])
+        )
     }
     keys = [k for k in dict.fromkeys((metric, "val/rmse"))]
     section.blocks.append(
@@ -708,18 +713,19 @@ def _versions_section(models: list[dict[str, Any]], metric: str, last: int) -> S
             rows.append(
                 (
                     Cell(name),
-                    Cell(f"v{r['version']}"),
+                    Cell(f"★ v{r['version']}", "star")
+                    if r.get("champion")
+                    else Cell(f"v{r['version']}"),
                     Cell(str(r.get("algorithm") or "")),
-                    Cell(_display_time(parse_time(r.get("created")))),
+                    Cell(_compact_time(parse_time(r.get("created")))),
                     *(Cell(format_metric(_float(r.get(k)))) for k in keys),
                     Cell(str(r.get("data_md5") or "")[:8], "muted"),
                     Cell(str(r.get("git_commit") or "")[:10], "muted"),
-                    Cell("★ champion", "star") if r.get("champion") else Cell(""),
                 )
             )
     section.blocks.append(
         Table(
-            ("Registry name", "Version", "Algorithm", "Registered", *keys, "Data", "Git", ""),
+            ("Registry name", "Version", "Algorithm", "Registered (UTC)", *keys, "Data", "Git"),
             tuple(rows),
             frozenset({1, *range(4, 4 + len(keys))}),
         )
@@ -746,8 +752,9 @@ def _draw_versions(
             ax.plot(
                 xs,
                 ys,
-                marker="o",
-                ms=5 if best else 4,
+                marker="o" if best else MARKERS[i % len(MARKERS)],
+                ms=6 if best else 5,
+                mfc="white" if not best else color,
                 lw=2.4 if best else 1.6,
                 color=color,
                 label=name,
@@ -802,9 +809,7 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
             Note("No champion decisions recorded (MLflow champion.* tags, ClearML champions.json).")
         )
         return section
-    algorithm = {
-        (str(m["name"]), str(m["version"])): str(m.get("algorithm") or "") for m in models
-    }
+    algorithm = _algorithms(models)
 
     def label(name: str, version: str | None, fallback: str = "") -> str:
         if version is None:
@@ -815,13 +820,16 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
     by_name: dict[str, list[_Decision]] = {}
     for d in decisions:
         by_name.setdefault(d.event.registry_name, []).append(d)
+    several = len(by_name) > 1
+    sources = {d.backends for d in decisions}
+    per_row_source = len(sources) > 1
     section.blocks.append(
         _render(
             "champion_history",
             "Champion history",
             "Challengers by decision; filled: promoted, hollow: rejected; the step line is "
             "the champion's value.",
-            (10.0, 3.6),
+            (10.0, 3.2),
             lambda fig: _draw_history(fig, by_name),
         )
     )
@@ -830,44 +838,54 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
         e = d.event
         change = e.change
         rel = (
-            f" ({change / e.previous_value:+.1%})"
+            f" ({signed(100 * change / e.previous_value, 1)}%)"
             if change is not None and e.previous_value
             else ""
         )
+        faced = label(e.registry_name, e.previous_version)
+        if e.previous_value is not None:
+            faced += f": {format_metric(e.previous_value)}"
         rows.append(
             (
-                Cell(_display_time(parse_time(e.decided_at))),
-                Cell(e.registry_name),
+                Cell(_compact_time(parse_time(e.decided_at))),
+                *((Cell(e.registry_name),) if several else ()),
                 Cell(label(e.registry_name, e.version, e.model)),
-                Cell(f"{e.metric} {format_metric(e.value)}"),
-                Cell(
-                    label(e.registry_name, e.previous_version)
-                    + (f" {format_metric(e.previous_value)}" if e.previous_value is not None else "")
-                ),
-                Cell(f"{change:+.3f}{rel}" if change is not None else "first"),
+                Cell(format_metric(e.value)),
+                Cell(faced),
+                Cell(signed(change) + rel if change is not None else "first"),
                 Cell("promoted" if e.promoted else "rejected", "good" if e.promoted else "muted"),
-                Cell(e.reason),
-                Cell(", ".join(d.backends), "muted"),
+                Cell(e.reason, "wrap"),
+                *((Cell(", ".join(d.backends), "muted"),) if per_row_source else ()),
             )
         )
+    metric = decisions[-1].event.metric or "value"
     section.blocks.append(
         Table(
             (
-                "Decided",
-                "Registry name",
+                "Decided (UTC)",
+                *(("Registry name",) if several else ()),
                 "Challenger",
-                "Value",
+                metric,
                 "Champion faced",
                 "Change",
                 "Decision",
                 "Reason",
-                "Recorded by",
+                *(("Source",) if per_row_source else ()),
             ),
             tuple(rows),
-            frozenset({3, 5}),
+            frozenset({3, 5} if several else {2, 4}),
+            caption=_history_caption(decisions, several, per_row_source),
         )
     )
     return section
+
+
+def _history_caption(decisions: Sequence[_Decision], several: bool, per_row: bool) -> str:
+    parts = [] if several else [f"Registry: {decisions[0].event.registry_name}"]
+    if not per_row:
+        names = {"mlflow": "MLflow", "clearml": "ClearML"}
+        parts.append("recorded by " + " and ".join(names.get(b, b) for b in decisions[0].backends))
+    return "; ".join(parts)
 
 
 def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
@@ -899,13 +917,15 @@ def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
                     linewidths=1.6,
                 )
                 change = e.change
-                note = "first" if change is None else f"{change:+.3f}"
+                verdict = "promoted" if e.promoted else "rejected"
+                note = f"{verdict}: " + ("first" if change is None else signed(change))
                 ax.annotate(
-                    note,
+                    f"{note}\n{format_metric(e.value)}",
                     (x, e.value),
                     textcoords="offset points",
-                    xytext=(0, 9),
-                    ha="center",
+                    xytext=(9, 0),
+                    ha="left",
+                    va="center",
                     fontsize=8,
                     color=TEST_COLOR if e.promoted else "#6B7280",
                 )
@@ -919,13 +939,16 @@ def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
     ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
     metric = next((d.event.metric for ds in by_name.values() for d in ds if d.event.metric), "")
     ax.set_ylabel(metric or "selection metric")
-    ax.margins(x=0.08, y=0.25)
+    ax.set_xlim(-0.5, max(len(ticks), 3) - 0.3)
+    ax.margins(y=0.25)
     ax.grid(axis="x", visible=False)
     if len(by_name) > 1:
         ax.legend(loc="upper right")
 
 
-def _registry_line(decisions: list[_Decision], champion: str | None) -> str:
+def _registry_line(
+    decisions: list[_Decision], champion: str | None, algorithms: Mapping[tuple[str, str], str]
+) -> str:
     """Who holds the champion in the registry now, since when, and the latest decision."""
     best = [d for d in decisions if d.event.registry_name.endswith("-best")] or decisions
     if not best:
@@ -941,8 +964,12 @@ def _registry_line(decisions: list[_Decision], champion: str | None) -> str:
             f"since {_display_time(parse_time(holder.decided_at))}"
         )
         if holder.previous_version is not None and holder.change is not None:
+            before = algorithms.get((holder.registry_name, holder.previous_version), "")
             parts[-1] += (
-                f", replacing v{holder.previous_version} ({holder.metric} {holder.change:+.3f})"
+                f", replacing v{holder.previous_version}"
+                + (f" ({before})" if before else "")
+                + f": {holder.metric} {format_metric(holder.previous_value)} → "
+                f"{format_metric(holder.value)} ({signed(holder.change)})"
             )
         if champion and holder.model and holder.model != champion:
             parts.append(
@@ -983,7 +1010,9 @@ def _runs(experiments: list[dict[str, Any]], metric: str) -> list[dict[str, Any]
                 "test_rmse": _float((evaluate or {}).get("test/rmse")),
             }
         )
-    return sorted(runs, key=lambda r: r["started"] or datetime.min.replace(tzinfo=UTC), reverse=True)
+    return sorted(
+        runs, key=lambda r: r["started"] or datetime.min.replace(tzinfo=UTC), reverse=True
+    )
 
 
 def _runs_section(runs: list[dict[str, Any]], metric: str) -> Section:
@@ -1006,18 +1035,27 @@ def _runs_section(runs: list[dict[str, Any]], metric: str) -> Section:
         rows.append(
             (
                 Cell(r["run_id"]),
-                Cell(_display_time(r["started"])),
-                Cell(f"{r['seconds']:.1f} s" if r["seconds"] is not None else "–"),
+                Cell(_compact_time(r["started"])),
+                Cell(f"{r['seconds']:.1f} s" if r["seconds"] is not None else DASH),
                 Cell(str(r["tasks"])),
                 status,
-                Cell(r["model"] or "–"),
+                Cell(r["model"] or DASH),
                 Cell(format_metric(r["metric"])),
                 Cell(format_metric(r["test_rmse"])),
             )
         )
     section.blocks.append(
         Table(
-            ("Run", "Started", "Duration", "Stages", "Status", "Selected", metric, "Test RMSE"),
+            (
+                "Run",
+                "Started (UTC)",
+                "Duration",
+                "Stages",
+                "Status",
+                "Selected",
+                metric,
+                "Test RMSE",
+            ),
             tuple(rows),
             frozenset({2, 3, 6, 7}),
         )
@@ -1039,7 +1077,8 @@ def _render(
     import matplotlib as mpl
     from matplotlib.figure import Figure
 
-    with mpl.rc_context({**_RC, "svg.hashsalt": f"housing-{name}"}):
+    style: Any = {**_RC, "svg.hashsalt": f"housing-{name}"}  # deterministic, distinct ids
+    with mpl.rc_context(style):
         fig = Figure(figsize=size, layout="constrained")
         draw(fig)
         buffer = io.StringIO()
@@ -1097,7 +1136,8 @@ h1 { font-size: 32px; margin: 6px 0 4px; letter-spacing: -.01em; }
   border-radius: 12px; padding: 12px 14px; }
 .kpi.accent { background: #fff; color: var(--ink); border-color: #fff; }
 .kpi .label { font-size: 12px; text-transform: uppercase; letter-spacing: .06em; opacity: .8; }
-.kpi .value { display:block; font-size: 26px; font-weight: 700; font-variant-numeric: tabular-nums; }
+.kpi .value { display:block; font-size: 26px; font-weight: 700;
+  font-variant-numeric: tabular-nums; }
 .kpi.accent .value { color: var(--accent); }
 .kpi .hint { font-size: 12px; opacity: .7; }
 nav.toc { display:flex; flex-wrap:wrap; gap: 6px 18px; margin: 18px 0 0; font-size: 14px; }
@@ -1114,9 +1154,13 @@ svg.chart { width: 100%; height: auto; display: block; }
 .row { display:grid; grid-template-columns: 1fr 1fr; gap: 20px; }
 .table-wrap { overflow-x: auto; }
 table { border-collapse: collapse; width: 100%; font-size: 14px; margin: 6px 0 4px; }
+caption { caption-side: top; text-align: left; color: var(--muted); font-size: 13px;
+  padding: 0 0 6px; }
 th { text-align:left; font-weight:600; color:#374151; border-bottom: 2px solid var(--line);
   padding: 7px 10px; white-space: nowrap; font-size: 13px; }
 td { padding: 7px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
+td { white-space: nowrap; }
+td.long { white-space: normal; min-width: 200px; font-size: 13px; color: #4b5563; }
 tbody tr:nth-child(even) td { background: #fafbfc; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .badge { display:inline-block; padding: 1px 8px; border-radius: 999px; font-size: 12.5px;
@@ -1218,7 +1262,7 @@ def _html_block(block: Block) -> str:
     if isinstance(block, Note):
         return f'<div class="note">{_esc(block.text)}</div>'
     head = "".join(
-        f'<th{" class=num" if i in block.numeric else ""}>{_esc(h)}</th>'
+        f"<th{' class=num' if i in block.numeric else ''}>{_esc(h)}</th>"
         for i, h in enumerate(block.headers)
     )
     body = []
@@ -1227,7 +1271,9 @@ def _html_block(block: Block) -> str:
         for i, cell in enumerate(row):
             cls = ' class="num"' if i in block.numeric else ""
             text = _esc(cell.text)
-            if cell.badge in ("good", "bad"):
+            if cell.badge == "wrap":
+                cls = ' class="long"'
+            elif cell.badge in ("good", "bad"):
                 text = f'<span class="badge {cell.badge}">{text}</span>'
             elif cell.badge:
                 text = f'<span class="{cell.badge}">{text}</span>'
@@ -1275,13 +1321,21 @@ def render_markdown(page: Page) -> str:
 
 def _md_block(block: Block) -> list[str]:
     if isinstance(block, Chart):
-        return [f"![{_md(block.title)}]({FIGURES_DIR}/{block.name}.svg)", "", f"_{block.caption}_", ""]
+        return [
+            f"![{_md(block.title)}]({FIGURES_DIR}/{block.name}.svg)",
+            "",
+            f"_{block.caption}_",
+            "",
+        ]
     if isinstance(block, ChartRow):
         return [line for chart in block.charts for line in _md_block(chart)]
     if isinstance(block, Note):
         return [f"> {block.text}", ""]
-    align = "|" + "".join("---:|" if i in block.numeric else "---|" for i in range(len(block.headers)))
-    lines = ["| " + " | ".join(_md(h) or " " for h in block.headers) + " |", align]
+    align = "|" + "".join(
+        "---:|" if i in block.numeric else "---|" for i in range(len(block.headers))
+    )
+    lines = [f"_{block.caption}_", ""] if block.caption else []
+    lines += ["| " + " | ".join(_md(h) or " " for h in block.headers) + " |", align]
     for row in block.rows:
         cells = []
         for cell in row:
@@ -1295,9 +1349,9 @@ def _md_block(block: Block) -> list[str]:
 
 
 def format_metric(value: float | None, digits: int = 3) -> str:
-    """A metric as the report prints it (``2.801``); ``–`` when missing."""
+    """A metric as the report prints it (``2.801``); an en dash when missing."""
     if value is None or not math.isfinite(value):
-        return "–"
+        return DASH
     return f"{value:.{digits}f}"
 
 
@@ -1311,8 +1365,22 @@ def _float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _algorithms(models: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], str]:
+    """(registry name, version) -> algorithm."""
+    return {(str(m["name"]), str(m["version"])): str(m.get("algorithm") or "") for m in models}
+
+
+def signed(value: float, digits: int = 3) -> str:
+    """``+0.120`` / ``-1.178`` with a real minus sign (U+2212)."""
+    return f"{value:+.{digits}f}".replace("-", MINUS)
+
+
+def _compact_time(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if value else DASH
+
+
 def _display_time(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else "–"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else DASH
 
 
 def _short_time(value: datetime | None) -> str:
@@ -1329,11 +1397,9 @@ def _one_line(value: object) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``scripts/report.py`` / ``housing report``: write the report; exit code."""
-    from housing.reporting.compare import common_parser, configure_logging, positive_int
+    from housing.reporting.compare import common_parser, positive_int, run_cli
 
-    parser = common_parser(
-        "report", "Write reports/experiments.html and reports/experiments.md."
-    )
+    parser = common_parser("report", "Write reports/experiments.html and reports/experiments.md.")
     parser.add_argument(
         "--last",
         type=positive_int,
@@ -1341,21 +1407,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         dest="last_versions",
         help=f"versions per model to chart (default {DEFAULT_VERSIONS})",
     )
-    args = parser.parse_intermixed_args(argv)
-    configure_logging(args.verbosity)
-    try:
-        from housing.config import load_settings
+    return run_cli(parser, argv, _report_command)
 
-        settings = load_settings(args.overrides, config_dir=args.config_dir)
-        result = build_report(
-            settings, project=args.project, last_versions=args.last_versions
-        )
-    except HousingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+
+def _report_command(args: argparse.Namespace) -> int:
+    from housing.config import load_settings
+
+    settings = load_settings(args.overrides, config_dir=args.config_dir)
+    result = build_report(settings, project=args.project, last_versions=args.last_versions)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     champion = (

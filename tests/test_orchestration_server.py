@@ -1,0 +1,254 @@
+"""The ClearML server paths (PipelineController, TaskScheduler) against the recording fake.
+
+The SDK keeps process-global state, so each run happens in a subprocess pointed at the
+fake with CLEARML_API_HOST/WEB/FILES and keys. The fake gets a few generic handlers
+here: queues by name, ``tasks.enqueue`` (a simulated agent: the task is marked
+``completed`` or left ``queued``) and the ``_all_`` field filter the SDK uses to find
+cached steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from housing.scratch import make_scratch_repo
+from tests.fakes.clearml_api import FakeClearMLServer
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+ORIGIN = "https://git.example.invalid/team/housing.git"
+QUEUES = ("default", "services")
+Handler = Callable[[FakeClearMLServer, dict[str, Any]], dict[str, Any]]
+
+
+def _queues_get_all(_server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    queues = [{"id": f"q-{name}", "name": name} for name in QUEUES]
+    if body.get("name"):
+        queues = [q for q in queues if re.search(str(body["name"]), q["name"])]
+    return {"queues": queues}
+
+
+def _queues_get_by_id(_server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    queue = str(body.get("queue"))
+    return {"queue": {"id": queue, "name": queue.removeprefix("q-")}}
+
+
+def _enqueue(status: str) -> Handler:
+    def handler(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+        task = server.tasks[body["task"]]
+        task["status"] = status
+        task.setdefault("execution", {})["queue"] = body.get("queue")
+        return {"queued": 1, "updated": 1, "fields": {"status": "queued"}}
+
+    return handler
+
+
+def _field_filter(original: Handler) -> Handler:
+    """``tasks.get_all`` with ``_all_: {fields, pattern}`` (how the SDK finds cached steps)."""
+
+    def value(item: Any, dotted: str) -> Any:
+        for part in dotted.split("."):
+            item = item.get(part) if isinstance(item, dict) else None
+        return item
+
+    def handler(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+        query = body.get("_all_")
+        out = original(server, {k: v for k, v in body.items() if k != "_all_"})
+        if query:
+            pattern = re.compile(str(query["pattern"]))
+            out["tasks"] = [
+                t
+                for t in out["tasks"]
+                if all(
+                    pattern.search(str(value(server.tasks[t["id"]], f) or ""))
+                    for f in query["fields"]
+                )
+            ]
+        return out
+
+    return handler
+
+
+@pytest.fixture
+def server() -> Iterator[FakeClearMLServer]:
+    fake = FakeClearMLServer()
+    fake.handlers["queues.get_all"] = _queues_get_all
+    fake.handlers["queues.get_by_id"] = _queues_get_by_id
+    fake.handlers["tasks.enqueue"] = _enqueue("completed")
+    fake.handlers["tasks.get_all"] = _field_filter(fake.handlers["tasks.get_all"])
+    with fake:
+        yield fake
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A git checkout of the project with an ``origin`` remote (what agents clone)."""
+    root = make_scratch_repo(tmp_path / "repo", defaults={"tracking": "clearml"})
+    subprocess.run(["git", "remote", "add", "origin", ORIGIN], cwd=root, check=True)
+    return root
+
+
+def _run(
+    script: str, args: list[str], root: Path, server: FakeClearMLServer, timeout: float = 150
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_", "HOUSING_"))
+    }
+    env.update(server.env())
+    env["HOME"] = str(root.parent)  # no ~/clearml.conf of the developer
+    return subprocess.run(
+        [sys.executable, f"scripts/{script}", *args, "clearml.mode=online"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _tasks(server: FakeClearMLServer, name: str) -> list[dict[str, Any]]:
+    return [t for t in server.tasks.values() if t["name"] == name]
+
+
+def _head(root: Path) -> str:
+    proc = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+    )
+    return proc.stdout.strip()
+
+
+STEPS = ["prepare", "train_linear_regression", "train_ridge", "select_best", "evaluate"]
+CANDIDATES = "selection.candidates=[linear_regression,ridge]"
+
+
+def test_steps_are_enqueued_on_the_execution_queue(server: FakeClearMLServer, repo: Path) -> None:
+    args = [CANDIDATES, "clearml.pipeline.run_locally=false"]
+    args += ["++clearml.pipeline.controller_queue=null", "++clearml.pipeline.poll_sec=0.2"]
+    proc = _run("clearml_pipeline.py", args, repo, server)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout and "clearml-queue" in proc.stdout
+
+    (controller,) = _tasks(server, "housing:pipeline")
+    assert controller["type"] == "controller"
+    steps = {name: _tasks(server, f"housing:{name}") for name in STEPS}
+    assert all(len(found) == 1 for found in steps.values()), steps
+    ids = {name: found[0]["id"] for name, found in steps.items()}
+    for name, (task,) in steps.items():
+        script = task["script"]
+        assert script["repository"] == ORIGIN
+        assert script["version_num"] == _head(repo)
+        assert script["entry_point"].endswith(".py") and script["working_dir"] == "."
+        assert "scikit-learn==" in str(script.get("requirements"))
+        params = {
+            p["name"]: p["value"]
+            for p in (task["hyperparams"].get("kwargs") or {}).values()
+            if isinstance(p, dict)
+        }
+        assert params["stage"] == ("train" if name.startswith("train_") else name)
+        upstream = json.loads(params["upstream_json"])
+        # the ancestors' references were resolved to their task ids
+        assert set(upstream.values()) <= set(ids.values())
+    assert json.loads(_kwargs(steps["evaluate"][0])["upstream_json"]) == {
+        n: ids[n] for n in STEPS[:-1]
+    }
+
+    enqueued = [c["task"] for c in server.calls_to("tasks.enqueue")]
+    queues = {c["queue"] for c in server.calls_to("tasks.enqueue")}
+    assert queues <= {"default", "q-default"}
+    order = {task_id: i for i, task_id in enumerate(enqueued)}
+    assert sorted(order) == sorted(ids.values())
+    assert order[ids["prepare"]] == 0 and order[ids["evaluate"]] == len(STEPS) - 1
+    assert order[ids["select_best"]] > max(order[ids[s]] for s in STEPS[1:3])
+    assert controller["id"] not in order  # the controller itself ran here
+
+
+def _kwargs(task: dict[str, Any]) -> dict[str, str]:
+    section = task["hyperparams"].get("kwargs") or {}
+    return {p["name"]: p["value"] for p in section.values() if isinstance(p, dict)}
+
+
+def test_controller_goes_to_the_services_queue(server: FakeClearMLServer, repo: Path) -> None:
+    proc = _run(
+        "clearml_pipeline.py", [CANDIDATES, "clearml.pipeline.run_locally=false"], repo, server
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]  # the SDK ended the process
+    (controller,) = _tasks(server, "housing:pipeline")
+    enqueued = server.calls_to("tasks.enqueue")
+    assert [(c["task"], c["queue"]) for c in enqueued] in (
+        [(controller["id"], "services")],
+        [(controller["id"], "q-services")],
+    )
+    assert not any(_tasks(server, f"housing:{name}") for name in STEPS)  # the agent makes them
+    dag = json.loads(controller["configuration"]["Pipeline"]["value"])
+    assert sorted(dag) == sorted(STEPS)
+    assert dag["select_best"]["parents"] and set(dag["select_best"]["parents"]) >= {
+        "train_linear_regression",
+        "train_ridge",
+    }
+    assert all(dag[name]["queue"] == "default" for name in STEPS)
+
+
+def test_steps_run_locally_as_clearml_tasks(server: FakeClearMLServer, repo: Path) -> None:
+    args = ["selection.candidates=[linear_regression]", "++clearml.pipeline.poll_sec=0.2"]
+    proc = _run("clearml_pipeline.py", args, repo, server)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "clearml-local" in proc.stdout and "best_model=linear_regression" in proc.stdout
+    assert server.calls_to("tasks.enqueue") == []
+    steps = ["prepare", "train_linear_regression", "select_best", "evaluate"]
+    for name in steps:
+        (task,) = _tasks(server, f"housing:{name}")
+        assert task["status"] == "completed", (name, task["status"])
+        artifacts = {a["key"]: a for a in task["execution"].get("artifacts", [])}
+        assert artifacts, name
+        for key, artifact in artifacts.items():
+            sha = dict(artifact.get("display_data") or []).get("housing_sha256")
+            assert sha, (name, key)
+    record = json.loads((repo / "metrics" / "test_metrics.json").read_text())
+    assert record["model"] == "linear_regression"
+    events = [
+        json.loads(line)
+        for line in (repo / "metrics" / "pipeline_events.jsonl").read_text().splitlines()
+    ]
+    summary = [e for e in events if e["stage"] == "pipeline"][-1]
+    assert summary["status"] == "succeeded" and summary["executor"] == "clearml-local"
+    run_ids = {e["run_id"] for e in events}
+    assert len(run_ids) == 1  # the steps shared the controller's run id
+
+
+def test_scheduler_is_registered_once(server: FakeClearMLServer, repo: Path) -> None:
+    server.handlers["tasks.enqueue"] = _enqueue("queued")
+    dry = _run("clearml_schedule.py", [], repo, server)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "add_task(minute=0, hour=6, day=1)" in dry.stdout
+    assert server.calls_to("tasks.create") == []
+    text = (repo / "metrics" / "clearml_pipeline_schedule.txt").read_text()
+    assert "ClearML TaskScheduler on queue services" in text and "+00:00" in text
+
+    first = _run("clearml_schedule.py", ["--install"], repo, server)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (template,) = _tasks(server, "housing:pipeline")
+    assert template["script"]["entry_point"] == "scripts/clearml_pipeline.py"
+    assert template["script"]["repository"] == ORIGIN
+    (scheduler,) = _tasks(server, "housing:pipeline-scheduler")
+    jobs = json.loads(scheduler["configuration"]["schedule"]["value"])
+    assert [(j["base_task_id"], j["queue"], j["minute"], j["hour"], j["day"]) for j in jobs] == [
+        (template["id"], "default", 0, 6, 1)
+    ]
+    assert [c["task"] for c in server.calls_to("tasks.enqueue")] == [scheduler["id"]]
+    assert scheduler["status"] == "queued"
+
+    created = len(server.calls_to("tasks.create"))
+    again = _run("clearml_schedule.py", ["--install"], repo, server)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already runs this schedule" in again.stdout
+    assert len(server.calls_to("tasks.create")) == created

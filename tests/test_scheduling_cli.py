@@ -1,0 +1,139 @@
+"""Pipeline scheduling without a server: validation, next runs, idempotent crontab install."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from housing.config import load_settings
+from housing.errors import ConfigError
+from housing.orchestration import scheduling
+from housing.orchestration.scheduling import schedule, scheduler_entries
+from housing.schedule import FileCrontab, parse_cron
+from tests.conftest import CONF, PROJECT
+
+NOW = datetime(2026, 3, 2, 5, 30, tzinfo=UTC)  # a Monday
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CLEARML_API_ACCESS_KEY", raising=False)
+    monkeypatch.delenv("CLEARML_API_SECRET_KEY", raising=False)
+
+
+def test_invalid_cron_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    settings = load_settings(["clearml.pipeline.schedule_cron=0 25 * * *"], CONF, tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        schedule(settings, install=False, now=NOW)
+    message = str(caught.value)
+    assert message.startswith("clearml.pipeline.schedule_cron: ")
+    assert "hour" in message and "\n" not in message
+    assert not (tmp_path / "metrics" / "clearml_pipeline_schedule.txt").exists()
+
+
+def test_next_runs_and_command_go_to_the_schedule_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = load_settings(["clearml.pipeline.schedule_cron=0 6 * * 1-5"], CONF, tmp_path)
+    result = schedule(settings, install=False, now=NOW)
+    assert result.mode == "crontab" and not result.changed
+    assert [r.isoformat() for r in result.next_runs] == [
+        "2026-03-02T06:00:00+00:00",
+        "2026-03-03T06:00:00+00:00",
+        "2026-03-04T06:00:00+00:00",
+        "2026-03-05T06:00:00+00:00",
+        "2026-03-06T06:00:00+00:00",
+    ]
+    python = tmp_path / ".venv" / "bin" / "python"
+    expected = (
+        f"cd {tmp_path} && {python if python.is_file() else sys.executable} "
+        "scripts/clearml_pipeline.py >> metrics/clearml_pipeline_cron.log 2>&1"
+    )
+    assert result.command == expected
+    text = result.schedule_file.read_text()
+    assert result.schedule_file == tmp_path / "metrics" / "clearml_pipeline_schedule.txt"
+    assert "clearml.pipeline.schedule_cron: 0 6 * * 1-5" in text
+    assert f"command: {expected}" in text
+    assert "  - 2026-03-06T06:00:00+00:00" in text
+    assert result.crontab_line == f"0 6 * * 1-5 {expected} # housing:housing-pipeline"
+    assert result.crontab_line in capsys.readouterr().out
+
+
+def test_install_is_idempotent_on_a_crontab_file(tmp_path: Path) -> None:
+    crontab = FileCrontab(tmp_path / "crontab")
+    crontab.write("MAILTO=ops@example.com\n15 * * * * /usr/bin/backup # housing:other\n")
+    settings = load_settings([], CONF, tmp_path)
+    first = schedule(settings, install=True, crontab=crontab, now=NOW)
+    assert first.changed and first.installed
+    text = crontab.read()
+    second = schedule(settings, install=True, crontab=crontab, now=NOW)
+    assert not second.changed
+    assert crontab.read() == text
+    lines = text.splitlines()
+    assert lines[:2] == ["MAILTO=ops@example.com", "15 * * * * /usr/bin/backup # housing:other"]
+    assert [ln for ln in lines if ln.endswith("# housing:housing-pipeline")] == [first.crontab_line]
+    # a new expression replaces the line instead of adding one
+    hourly = load_settings(["clearml.pipeline.schedule_cron=@hourly"], CONF, tmp_path)
+    third = schedule(hourly, install=True, crontab=crontab, now=NOW)
+    assert third.changed
+    ours = [ln for ln in crontab.read().splitlines() if "housing:housing-pipeline" in ln]
+    assert len(ours) == 1 and ours[0].startswith("@hourly cd ")
+
+
+def test_script_entry_point(tmp_path: Path) -> None:
+    crontab = tmp_path / "crontab"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    cmd = [sys.executable, str(PROJECT / "scripts" / "clearml_schedule.py"), "--config-dir"]
+    cmd += [str(CONF), "--install", "--crontab-file", str(crontab)]
+    ok = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "crontab: installed" in ok.stdout
+    assert crontab.read_text().count("# housing:housing-pipeline") == 1
+    bad = subprocess.run(
+        [*cmd, "clearml.pipeline.schedule_cron=* * *"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert (
+        bad.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: clearml.pipeline.schedule_cron: expected 5 fields")
+    )
+
+
+@pytest.mark.parametrize(
+    ("expr", "entries"),
+    [
+        ("0 6 * * *", [{"minute": 0, "hour": 6, "day": 1}]),
+        (
+            "30 6,18 * * *",
+            [{"minute": 30, "hour": 6, "day": 1}, {"minute": 30, "hour": 18, "day": 1}],
+        ),
+        ("15 * * * *", [{"minute": 15, "hour": 1}]),
+        ("*/20 * * * *", [{"minute": 20}]),
+        ("0 8 * * 6,0", [{"minute": 0, "hour": 8, "day": 0, "weekdays": ["sunday", "saturday"]}]),
+        ("0 3 1 * *", [{"minute": 0, "hour": 3, "day": 1, "month": 1}]),
+    ],
+)
+def test_cron_maps_to_taskscheduler_entries(expr: str, entries: list[dict[str, object]]) -> None:
+    assert scheduler_entries(parse_cron(expr)) == entries
+
+
+@pytest.mark.parametrize("expr", ["0 6 * 1 *", "0 6 1 * 1", "5,10 * * * *", "0 * * * 1"])
+def test_cron_a_taskscheduler_cannot_express_is_refused(expr: str) -> None:
+    with pytest.raises(ConfigError, match=r"^clearml\.pipeline\.schedule_cron: "):
+        scheduler_entries(parse_cron(expr))
+
+
+def test_missing_expression(tmp_path: Path) -> None:
+    settings = load_settings(["~clearml.pipeline.schedule_cron"], CONF, tmp_path)
+    with pytest.raises(ConfigError, match="schedule_cron: not set"):
+        scheduling.schedule(settings, install=False, now=NOW)
