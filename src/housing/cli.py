@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from housing.entry import Parser, add_common_options, run_cli
 from housing.errors import ConfigError, HousingError
 
 if TYPE_CHECKING:
@@ -103,45 +104,13 @@ def run_all(overrides: Sequence[str] = (), config_dir: Path | None = None) -> di
     return results
 
 
-#: Library messages that are expected on every run and say nothing actionable.
-_EXPECTED_NOISE = (
-    "Saving scikit-learn models in the pickle or cloudpickle format",  # we pin + sha-check
-    "Failed to resolve installed pip version",  # uv venvs have no pip
-)
-
-
-class _DropExpected(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(text in message for text in _EXPECTED_NOISE)
-
-
-def _configure_logging(verbosity: int) -> None:
-    """Configure logging for a CLI process (never at import)."""
-    import os
-
-    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    # MLflow configures its own loggers when imported (later, lazily): set them via env.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbosity > 0 else "WARNING")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if verbosity <= 0:
-        for name in ("mlflow", "mlflow.sklearn", "mlflow.utils.environment"):
-            logging.getLogger(name).addFilter(_DropExpected())
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="housing",
         description="House-price regression pipeline (DVC + Hydra + MLflow + ClearML).",
         epilog="Overrides are Hydra syntax, e.g.: housing train model=ridge model.params.alpha=2",
     )
-    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity")
-    parser.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity")
-    parser.add_argument(
-        "--config-dir", type=Path, default=None, help="config folder (default: ./conf)"
-    )
-    parser.set_defaults(verbosity=0)
+    add_common_options(parser, overrides=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "prepare": "load, validate and split the data",
@@ -195,16 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command, rest = delegated
         module = importlib.import_module(DELEGATED[command][0])
         return int(module.main(rest))
-    args = _parser().parse_args(arguments)
-    _configure_logging(args.verbosity)
-    try:
-        return _dispatch(args)
-    except HousingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run_cli(_parser(), arguments, _dispatch, intermixed=False)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -60,6 +60,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from housing.entry import Parser, add_common_options, positive_int, run_cli
 from housing.errors import ArtifactError, ConfigError, HousingError
 
 if TYPE_CHECKING:
@@ -1008,43 +1009,29 @@ def pipeline_command(
     return 0
 
 
-def _configure_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="clearml_pipeline",
         description="Run the pipeline DAG (local parallel executor, or ClearML with a server).",
         epilog="Overrides are Hydra syntax, e.g.: selection.candidates=[ridge,random_forest]",
     )
-    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity")
-    parser.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity")
-    parser.add_argument("--config-dir", type=Path, default=None, help="config folder")
     parser.add_argument(
         "--no-cache", action="store_true", help="run every step (ignore the step cache)"
     )
-    parser.add_argument("--max-workers", type=int, default=None, help="parallel steps")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
-    parser.set_defaults(verbosity=0)
+    parser.add_argument("--max-workers", type=positive_int, default=None, help="parallel steps")
+    add_common_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``scripts/clearml_pipeline.py [--no-cache] [overrides...]``; returns the exit code."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    _configure_logging(args.verbosity)
-    try:
-        return pipeline_command(
+    return run_cli(
+        _parser(),
+        argv,
+        lambda args: pipeline_command(
             args.overrides,
             args.config_dir,
             use_cache=False if args.no_cache else None,
             max_workers=args.max_workers,
-        )
-    except HousingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        ),
+    )

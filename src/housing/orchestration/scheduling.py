@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from housing.entry import Parser, add_common_options, run_cli
 from housing.errors import ConfigError, HousingError
 
 if TYPE_CHECKING:
@@ -359,34 +360,24 @@ def schedule_command(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="clearml_schedule",
         description=f"Schedule the pipeline on {CRON_KEY} (crontab, or ClearML with a server).",
     )
-    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity")
-    parser.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity")
-    parser.add_argument("--config-dir", type=Path, default=None, help="config folder")
     parser.add_argument("--install", action="store_true", help="install the schedule")
     parser.add_argument(
         "--crontab-file", type=Path, default=None, help="a crontab file instead of `crontab`"
     )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
-    parser.set_defaults(verbosity=0)
+    add_common_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``scripts/clearml_schedule.py [--install] [overrides...]``; returns the exit code."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[args.verbosity]
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    try:
-        return schedule_command(
+    return run_cli(
+        _parser(),
+        argv,
+        lambda args: schedule_command(
             args.overrides, args.config_dir, install=args.install, crontab_file=args.crontab_file
-        )
-    except HousingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        ),
+    )

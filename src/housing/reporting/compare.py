@@ -58,8 +58,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final
 
+from housing.entry import Parser, add_common_options, positive_int, run_cli
 from housing.errors import ConfigError, HousingError
 
 if TYPE_CHECKING:
@@ -1122,86 +1123,15 @@ def _one_line(value: object) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
-def configure_logging(verbosity: int) -> None:
-    """Messages only, to stderr; INFO by default (as the ``housing`` command does)."""
-    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-class UsageError(HousingError):
-    """Bad command-line arguments."""
-
-    exit_code = 2
-
-
-class _ParserExitError(Exception):
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser that never calls ``sys.exit``.
-
-    ClearML hooks ``sys.exit``: once called in a process (even caught), later ClearML
-    tasks of that process stop reporting. ``main(argv)`` must be callable in-process.
-    """
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        if message:
-            sys.stderr.write(message)
-        raise _ParserExitError(status)
-
-
-def run_cli(
-    parser: argparse.ArgumentParser,
-    argv: Sequence[str] | None,
-    action: Callable[[argparse.Namespace], int],
-) -> int:
-    """Parse, configure logging, run ``action``; a HousingError is one ``error:`` line."""
-    try:
-        args = parser.parse_intermixed_args(argv)
-        configure_logging(args.verbosity)
-        return action(args)
-    except _ParserExitError as exc:  # --help
-        return exc.status
-    except HousingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-
-
 def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """Options shared by the compare and report entry points."""
-    parser = _Parser(
+    parser = Parser(
         prog=prog,
         description=description,
         epilog="Overrides are Hydra syntax, e.g.: mlflow.tracking_uri=sqlite:///other.db",
     )
     parser.add_argument("--project", help="ClearML project / MLflow experiment (default: config)")
-    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity")
-    parser.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity")
-    parser.add_argument(
-        "--config-dir", type=Path, default=None, help="config folder (default: ./conf)"
-    )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
-    parser.set_defaults(verbosity=0)
+    add_common_options(parser)
     return parser
 
 

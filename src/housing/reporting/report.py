@@ -1397,7 +1397,8 @@ def _one_line(value: object) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``scripts/report.py`` / ``housing report``: write the report; exit code."""
-    from housing.reporting.compare import common_parser, positive_int, run_cli
+    from housing.entry import positive_int, run_cli
+    from housing.reporting.compare import common_parser
 
     parser = common_parser("report", "Write reports/experiments.html and reports/experiments.md.")
     parser.add_argument(

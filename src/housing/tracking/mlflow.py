@@ -170,6 +170,20 @@ def _resolve_uri(uri: str, root: Path) -> str:
     return uri
 
 
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if absent) for the ``with`` body."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _sqlite_path(uri: str) -> Path | None:
     if uri.startswith("sqlite:////"):
         return Path(uri[len("sqlite:///") :])
@@ -341,6 +355,13 @@ class MLflowTracker:
         adopt the later run; two creators in the same millisecond are ordered by run id.
         The losing duplicate is tagged ``pipeline_duplicate`` and KILLED, never deleted.
         """
+        db = _sqlite_path(self.tracking_uri)
+        if db is not None:  # local store: serialise find-or-create across processes
+            with _file_lock(db.with_name(db.name + ".parent.lock")):
+                return self._find_or_create_parent(experiment_id, pipeline_run_id)
+        return self._find_or_create_parent(experiment_id, pipeline_run_id)
+
+    def _find_or_create_parent(self, experiment_id: str, pipeline_run_id: str) -> str:
         found = self._find_parents(experiment_id, pipeline_run_id)
         if found:
             return str(found[0].info.run_id)
