@@ -133,21 +133,6 @@ def test_push_and_pull_through_the_local_remote(repo: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_changed_ridge_alpha_reruns_only_ridge_and_downstream(repo: Path) -> None:
-    ridge = repo / "conf/model/ridge.yaml"
-    ridge.write_text(ridge.read_text().replace("alpha: 1.0", "alpha: 3.0"))
-    result = _dvc(repo, "repro")
-    assert result.returncode == 0, result.stderr
-    ran = _ran(result.stdout)
-    assert ran[0] == "train@ridge"
-    assert set(ran) <= {"train@ridge", "select_best", "evaluate"}
-    assert "train@ridge" in ran
-    record = json.loads((repo / "metrics/train_ridge.json").read_text())
-    assert record["params"]["alpha"] == 3.0
-
-
-@pytest.mark.slow
-@pytest.mark.integration
 def test_parallel_repro_matches_serial_and_leaves_dvc_up_to_date(
     repo: Path, tmp_path: Path
 ) -> None:
@@ -199,3 +184,55 @@ def test_parallel_repro_stops_on_a_failing_train_stage(tmp_path: Path) -> None:
     assert "model.params.alpha" in done.stderr
     assert "train@ridge" in done.stderr
     assert not (other / "models/best_model.joblib").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_clearml_pipeline_offline_matches_the_dvc_pipeline(repo: Path, tmp_path: Path) -> None:
+    """`housing pipeline` with no server gives the DVC pipeline's metrics and winner."""
+    other = make_scratch_repo(tmp_path / "clearml-pipeline", defaults={"tracking": "clearml"})
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.pop("CLEARML_API_ACCESS_KEY", None)
+    env.pop("CLEARML_API_SECRET_KEY", None)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "housing"), "pipeline"],
+        cwd=other,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in compose(["tracking=none"], CONF)["selection"]["candidates"]:
+        ours = json.loads((other / f"metrics/train_{name}.json").read_text())["metrics"]
+        dvcs = json.loads((repo / f"metrics/train_{name}.json").read_text())["metrics"]
+        ours.pop("train/fit_seconds")
+        dvcs.pop("train/fit_seconds")
+        assert ours == dvcs, name
+    for rel in ("metrics/train_metrics.json", "metrics/test_metrics.json"):
+        ours = json.loads((other / rel).read_text())
+        dvcs = json.loads((repo / rel).read_text())
+        assert ours.get("best_model", ours.get("model")) == dvcs.get(
+            "best_model", dvcs.get("model")
+        )
+    assert (
+        json.loads((other / "metrics/test_metrics.json").read_text())["metrics"]
+        == json.loads((repo / "metrics/test_metrics.json").read_text())["metrics"]
+    )
+    assert len(list((other / ".clearml" / "offline").glob("offline-*.zip"))) == 7
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_changed_ridge_alpha_reruns_only_ridge_and_downstream(repo: Path) -> None:
+    ridge = repo / "conf/model/ridge.yaml"
+    ridge.write_text(ridge.read_text().replace("alpha: 1.0", "alpha: 3.0"))
+    result = _dvc(repo, "repro")
+    assert result.returncode == 0, result.stderr
+    ran = _ran(result.stdout)
+    assert ran[0] == "train@ridge"
+    assert set(ran) <= {"train@ridge", "select_best", "evaluate"}
+    assert "train@ridge" in ran
+    record = json.loads((repo / "metrics/train_ridge.json").read_text())
+    assert record["params"]["alpha"] == 3.0
