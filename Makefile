@@ -32,9 +32,9 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 
 install: $(VENV)/.synced ## Create/refresh the locked environment in .venv (uv.lock)
 
-run: install ## Run the whole pipeline (dvc repro, train stages in parallel) and show metrics
+run: install ## Run the whole pipeline (dvc repro, train stages in parallel), show the outcome
 	HOUSING_RUN_ID=$${HOUSING_RUN_ID:-$$(date -u +%Y%m%dT%H%M%SZ)-make} housing repro
-	@dvc metrics show
+	@housing status
 
 repro: run ## Alias of run
 

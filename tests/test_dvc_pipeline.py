@@ -49,12 +49,17 @@ def test_dvc_params_name_existing_config_keys() -> None:
                     assert key in top or key in cfg, key
 
 
-def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _tool(
+    tool: str, repo: Path, *args: str, unset: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run a venv tool (dvc, housing) in ``repo`` with the venv on PATH."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["HOUSING_CONFIG_DIR"] = str(repo / "conf")
+    for name in unset:
+        env.pop(name, None)
     return subprocess.run(
-        [str(Path(sys.executable).parent / "dvc"), *args],
+        [str(Path(sys.executable).parent / tool), *args],
         cwd=repo,
         env=env,
         capture_output=True,
@@ -62,6 +67,16 @@ def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
         check=False,
         timeout=600,
     )
+
+
+def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return _tool("dvc", repo, *args)
+
+
+def _housing(
+    repo: Path, *args: str, unset: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    return _tool("housing", repo, *args, unset=unset)
 
 
 def _ran(output: str) -> list[str]:
@@ -142,16 +157,7 @@ def test_parallel_repro_matches_serial_and_leaves_dvc_up_to_date(
     assert plan(other).parallel == [
         f"train@{c}" for c in compose(["tracking=none"], CONF)["selection"]["candidates"]
     ]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "housing"), "repro", "-j", "2"],
-        cwd=other,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    done = _housing(other, "repro", "-j", "2")
     assert done.returncode == 0, done.stderr
     status = _dvc(other, "status")
     assert "up to date" in status.stdout, status.stdout
@@ -161,6 +167,10 @@ def test_parallel_repro_matches_serial_and_leaves_dvc_up_to_date(
     parallel = json.loads((other / "metrics/train_metrics.json").read_text())
     assert parallel["best_model"] == serial["best_model"]
     assert parallel["best_value"] == serial["best_value"]
+    status = _housing(other, "status")
+    assert status.returncode == 0, status.stdout
+    assert "SUCCEEDED" in status.stdout and "train_ridge" in status.stdout
+    assert f"selected model: {serial['best_model']}" in status.stdout
 
 
 @pytest.mark.slow
@@ -170,20 +180,15 @@ def test_parallel_repro_stops_on_a_failing_train_stage(tmp_path: Path) -> None:
     (other / "conf/model/ridge.yaml").write_text(
         "name: ridge\nestimator: ridge\nscale: true\nparams:\n  alpha: -1.0\n"
     )
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "housing"), "repro", "-j", "2"],
-        cwd=other,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    done = _housing(other, "repro", "-j", "2")
     assert done.returncode != 0
     assert "model.params.alpha" in done.stderr
     assert "train@ridge" in done.stderr
     assert not (other / "models/best_model.joblib").exists()
+    lines = (other / "metrics/pipeline_events.jsonl").read_text().splitlines()
+    summary = json.loads(lines[-1])
+    assert (summary["stage"], summary["status"]) == ("pipeline", "failed")
+    assert "train@ridge" in summary["error"]
 
 
 @pytest.mark.slow
@@ -191,18 +196,7 @@ def test_parallel_repro_stops_on_a_failing_train_stage(tmp_path: Path) -> None:
 def test_clearml_pipeline_offline_matches_the_dvc_pipeline(repo: Path, tmp_path: Path) -> None:
     """`housing pipeline` with no server gives the DVC pipeline's metrics and winner."""
     other = make_scratch_repo(tmp_path / "clearml-pipeline", defaults={"tracking": "clearml"})
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    env.pop("CLEARML_API_ACCESS_KEY", None)
-    env.pop("CLEARML_API_SECRET_KEY", None)
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "housing"), "pipeline"],
-        cwd=other,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    done = _housing(other, "pipeline", unset=("CLEARML_API_ACCESS_KEY", "CLEARML_API_SECRET_KEY"))
     assert done.returncode == 0, done.stderr[-2000:]
     for name in compose(["tracking=none"], CONF)["selection"]["candidates"]:
         ours = json.loads((other / f"metrics/train_{name}.json").read_text())["metrics"]

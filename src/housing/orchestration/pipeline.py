@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from housing.entry import Parser, add_common_options, positive_int, run_cli
 from housing.errors import ArtifactError, ConfigError, HousingError
+from housing.io import file_sha256
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -284,19 +285,13 @@ def _abs(rel: str, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
-def _sha256(path: Path) -> str:
-    from housing.io import file_sha256
-
-    return file_sha256(path)
-
-
 def hash_files(paths: Sequence[Path], root: Path) -> dict[str, str]:
     """``{relative path: sha256}``; a missing file is an :class:`ArtifactError`."""
     out: dict[str, str] = {}
     for path in paths:
         if not path.is_file():
             raise ArtifactError(f"{path}: expected output is missing")
-        out[_rel(path, root)] = _sha256(path)
+        out[_rel(path, root)] = file_sha256(path)
     return out
 
 
@@ -306,7 +301,7 @@ def verify_files(expected: Mapping[str, str], root: Path) -> None:
         path = _abs(rel, root)
         if not path.is_file():
             raise ArtifactError(f"{path}: input missing (its producing step recorded it)")
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != sha:
             raise ArtifactError(
                 f"{path}: sha256 {actual[:12]}... differs from the {sha[:12]}... its producing "
@@ -416,7 +411,7 @@ class StepCache:
             return {}
         for rel, sha in outputs.items():
             path = _abs(str(rel), root)
-            if not path.is_file() or _sha256(path) != sha:
+            if not path.is_file() or file_sha256(path) != sha:
                 return {}
         return {str(k): str(v) for k, v in outputs.items()}
 
@@ -627,7 +622,7 @@ def _resolve_inputs(
         elif rel in plan.producers:  # produced by a step of this DAG that did not run
             raise ArtifactError(f"{path}: not produced in this run (step {plan.producers[rel]})")
         elif path.is_file():  # an external input (the raw CSV)
-            inputs[rel] = _sha256(path)
+            inputs[rel] = file_sha256(path)
         else:
             raise ArtifactError(f"{path}: input not found")
     return inputs

@@ -61,6 +61,7 @@ from housing.tracking.offline import (
     METADATA_ARTIFACT_PREFIX,
     REGISTRY_FILE,
     ClearMLError,
+    comment_json,
     list_sessions,
     locked_json,
     ping,
@@ -743,7 +744,7 @@ class ClearMLTracker:
                 if candidate.get_metadata("champion_metric") == metric:
                     value = candidate.get_metadata("champion_value")
             if value is None:  # fall back to the metrics recorded at registration
-                value = (_comment_record(candidate.comment or "").get("metrics") or {}).get(metric)
+                value = (comment_json(candidate.comment or "").get("metrics") or {}).get(metric)
             if version is not None and value is not None:
                 return str(version), float(value)
         return None
@@ -899,16 +900,6 @@ def _safe_name(name: str) -> str:
 def _one_line(value: object) -> str:
     lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
     return lines[0] if lines else type(value).__name__
-
-
-def _comment_record(comment: str) -> dict[str, Any]:
-    for line in comment.splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
-                value = json.loads(line)
-                if isinstance(value, dict):
-                    return value
-    return {}
 
 
 def _now() -> str:

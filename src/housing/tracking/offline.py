@@ -443,7 +443,7 @@ def read_models(session: OfflineSession) -> list[OfflineModel]:
                 local = session.folder / "models" / Path(str(weights)).name
                 weights_path = local if local.is_file() else None
         comment = str(init.get("comment") or "")
-        metadata = _comment_json(comment)
+        metadata = comment_json(comment)
         name = str(init.get("name") or "")
         version = metadata.get("version")
         artifact = artifacts.get(f"{METADATA_ARTIFACT_PREFIX}{name}_v{version}")
@@ -466,7 +466,7 @@ def read_models(session: OfflineSession) -> list[OfflineModel]:
     return models
 
 
-def _comment_json(comment: str) -> dict[str, Any]:
+def comment_json(comment: str) -> dict[str, Any]:
     """The JSON line of a model comment (the SDK prepends its own lines)."""
     for line in comment.splitlines():
         if line.startswith("{"):
