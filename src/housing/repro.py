@@ -1,17 +1,17 @@
 """`housing repro`: ``dvc repro`` with the independent train stages run in parallel.
 
-DVC runs one stage at a time, but releases its repository lock while a stage's
-command runs, so independent stages can be reproduced by concurrent ``dvc repro -s``
-processes (``--wait-for-lock`` makes them queue for the short locked parts). This
-runs, in order: the stages before the ``foreach`` train stages; every ``train@<name>``
-stage, ``jobs`` at a time; then a plain ``dvc repro`` that finishes (and checks) the
-rest. Results and ``dvc.lock`` are the same as a serial ``dvc repro``.
+DVC reproduces one stage at a time. This drives DVC's Python API in one process
+(paying DVC's start-up once): reproduce the stages before the ``foreach`` train
+stages; ask DVC which ``train@<name>`` stages changed and run their commands ``jobs``
+at a time; record each finished one with ``dvc commit`` (DVC's documented way to
+register a stage whose command ran outside ``dvc repro``); then reproduce the rest,
+which also checks everything. Outputs, the DVC cache and ``dvc.lock`` end up as a
+serial ``dvc repro`` leaves them.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -62,40 +62,51 @@ def _foreach_items(root: Path, expr: Any) -> list[str]:
     return [str(x) for x in value]
 
 
-def parallel_repro(root: Path, jobs: int | None = None, dvc: str | None = None) -> int:
-    """Reproduce the pipeline in ``root``; returns 0 or the failing phase's exit code.
+def parallel_repro(root: Path, jobs: int | None = None) -> int:
+    """Reproduce the pipeline in ``root``; returns 0, or 1 when a stage failed.
 
     Every stage shares one ``HOUSING_RUN_ID`` (taken from the environment or made
     here), and a pipeline summary line closes the run in ``metrics/pipeline_events.jsonl``.
     """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
     from housing.monitoring import current_run_id
 
-    exe = dvc or shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
     phases = plan(root)
     workers = max(1, jobs or os.cpu_count() or 1)
     run_id = current_run_id()
-    env = dict(os.environ, HOUSING_RUN_ID=run_id)
+    os.environ["HOUSING_RUN_ID"] = run_id  # stage commands inherit it
     started = time.monotonic()
+    error: str | None = None
+    try:
+        repo = Repo(str(root))
+        if phases.before:
+            repo.reproduce(targets=phases.before)
+        changed = [n for n in phases.parallel if n in repo.status(targets=phases.parallel)]
+        commands = {n: repo.stage.collect(n)[0].cmd for n in changed}
 
-    def repro(*args: str) -> int:
-        return subprocess.call([exe, "--wait-for-lock", "repro", *args], cwd=root, env=env)
+        def run(stage: str) -> int:
+            print(f"Running stage '{stage}' (parallel):\n> {commands[stage]}", flush=True)
+            return subprocess.call(commands[stage], shell=True, cwd=root)
 
-    code = repro(*phases.before) if phases.before else 0
-    error = f"stages {', '.join(phases.before)} failed" if code else None
-    if code == 0 and phases.parallel:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            codes = list(pool.map(lambda stage: repro("-s", stage), phases.parallel))
-        failed = [s for s, c in zip(phases.parallel, codes, strict=True) if c != 0]
+            codes = dict(zip(changed, pool.map(run, changed), strict=True))
+        for stage in changed:
+            if codes[stage] == 0:
+                repo.commit(stage, force=True)
+        failed = [s for s in changed if codes[s] != 0]
         if failed:
             error = f"stages failed: {', '.join(failed)}"
-            code = next(c for c in codes if c != 0)
-    if code == 0:
-        code = repro()
-        error = "dvc repro failed" if code else None
+        else:
+            repo.reproduce()
+    except DvcException as exc:
+        error = f"dvc: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     _summarise(root, run_id, time.monotonic() - started, error)
     if error:
         print(f"error: {error}", file=sys.stderr)
-    return code
+        return 1
+    return 0
 
 
 def _summarise(root: Path, run_id: str, seconds: float, error: str | None) -> None:
