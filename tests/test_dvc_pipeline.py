@@ -230,3 +230,13 @@ def test_changed_ridge_alpha_reruns_only_ridge_and_downstream(repo: Path) -> Non
     assert "train@ridge" in ran
     record = json.loads((repo / "metrics/train_ridge.json").read_text())
     assert record["params"]["alpha"] == 3.0
+
+
+def test_plan_splits_stages_around_the_first_foreach_group() -> None:
+    from housing.repro import plan_stages
+
+    names = ["prepare", "train@a", "train@b", "select_best", "evaluate"]
+    assert plan_stages(names).before == ["prepare"]
+    assert plan_stages(names).parallel == ["train@a", "train@b"]
+    assert plan_stages(["a", "b"]).parallel == []
+    assert plan_stages(["a", "b"]).before == ["a", "b"]

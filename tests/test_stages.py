@@ -160,6 +160,16 @@ def test_evaluate_refuses_a_swapped_best_model(trained: SettingsFactory) -> None
     assert settings.paths.test_metrics.read_bytes() == before
 
 
+def test_evaluate_refuses_a_swapped_candidate(trained: SettingsFactory) -> None:
+    """The comparison loads every candidate, each checked against its train record."""
+    settings = trained()
+    select_best.run(settings)
+    settings.paths.model("ridge").write_bytes(b"swapped after selection")
+    with pytest.raises(ArtifactError, match=r"ridge\.joblib: sha256"):
+        evaluate.run(settings)
+    assert not settings.paths.test_metrics.exists()
+
+
 class _Booby:
     """Unpickling this creates a file: proof that a load happened."""
 

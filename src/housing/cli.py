@@ -264,18 +264,13 @@ def status(overrides: Sequence[str], config_dir: Path | None) -> int:
     print(render_status(run))
     test = settings.paths.test_metrics
     if test.is_file():
-        from housing.io import read_json
+        from housing.io import read_json, relpath
 
         record = read_json(test)
         scores = "  ".join(f"{k}={v:.3f}" for k, v in sorted(record.get("metrics", {}).items()))
-        print(f"selected model: {record.get('model')}  {scores}  ({io_rel(test, settings.root)})")
+        where = relpath(test, settings.root)
+        print(f"selected model: {record.get('model')}  {scores}  ({where})")
     return 0 if run.outcome != "failed" else 1
-
-
-def io_rel(path: Path, root: Path) -> str:
-    from housing.io import relpath
-
-    return relpath(path, root)
 
 
 def stage_main(stage: str, argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from housing.errors import HousingError
 
@@ -32,34 +31,18 @@ class ReproPlan:
 
 
 def plan(root: Path) -> ReproPlan:
-    """Read ``dvc.yaml`` (and the ``vars`` it names) to find the parallel train stages."""
-    import yaml
+    """The stages before the first ``foreach`` group, and that group (as DVC resolves it)."""
+    from dvc.repo import Repo
 
-    dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text())
-    stages: dict[str, Any] = dvc_yaml.get("stages", {})
-    before: list[str] = []
-    parallel: list[str] = []
-    for name, body in stages.items():
-        if isinstance(body, dict) and "foreach" in body:
-            parallel.extend(f"{name}@{item}" for item in _foreach_items(root, body["foreach"]))
-            break
-        before.append(name)
+    return plan_stages([stage.name for stage in Repo(str(root)).index.stages])
+
+
+def plan_stages(names: list[str]) -> ReproPlan:
+    """Split DVC stage names (in ``dvc.yaml`` order) around the first ``name@item`` group."""
+    group = next((n.split("@", 1)[0] for n in names if "@" in n), None)
+    parallel = [n for n in names if group is not None and n.startswith(f"{group}@")]
+    before = names[: names.index(parallel[0])] if parallel else names
     return ReproPlan(before, parallel)
-
-
-def _foreach_items(root: Path, expr: Any) -> list[str]:
-    """Items of a ``foreach``: a literal list or ``${key.path}`` from conf/pipeline.yaml."""
-    import yaml
-
-    if isinstance(expr, list):
-        return [str(x) for x in expr]
-    text = str(expr).strip()
-    if not (text.startswith("${") and text.endswith("}")):
-        raise HousingError(f"dvc.yaml: cannot read foreach {text!r}")
-    value: Any = yaml.safe_load((root / "conf" / "pipeline.yaml").read_text())
-    for part in text[2:-1].split("."):
-        value = value[part]
-    return [str(x) for x in value]
 
 
 def parallel_repro(root: Path, jobs: int | None = None) -> int:
@@ -73,7 +56,6 @@ def parallel_repro(root: Path, jobs: int | None = None) -> int:
 
     from housing.monitoring import current_run_id
 
-    phases = plan(root)
     workers = max(1, jobs or os.cpu_count() or 1)
     run_id = current_run_id()
     os.environ["HOUSING_RUN_ID"] = run_id  # stage commands inherit it
@@ -81,6 +63,7 @@ def parallel_repro(root: Path, jobs: int | None = None) -> int:
     error: str | None = None
     try:
         repo = Repo(str(root))
+        phases = plan_stages([stage.name for stage in repo.index.stages])
         if phases.before:
             repo.reproduce(targets=phases.before)
         changed = [n for n in phases.parallel if n in repo.status(targets=phases.parallel)]

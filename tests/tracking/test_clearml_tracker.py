@@ -29,6 +29,7 @@ from housing.tracking.base import (
     Tracker,
 )
 from housing.tracking.clearml import (
+    SCOPED_ENV,
     ClearMLError,
     ClearMLSettings,
     ClearMLTracker,
@@ -38,17 +39,6 @@ from housing.tracking.clearml import (
 from tests.fakes.clearml_api import FakeClearMLServer
 
 pytestmark = pytest.mark.integration
-
-SCOPED_ENV = (
-    "CLEARML_CACHE_DIR",
-    "CLEARML_CONFIG_FILE",
-    "CLEARML_OFFLINE_MODE",
-    "CLEARML_API_HOST",
-    "CLEARML_WEB_HOST",
-    "CLEARML_FILES_HOST",
-    "CLEARML_API_ACCESS_KEY",
-    "CLEARML_API_SECRET_KEY",
-)
 
 
 KEYS = ("CLEARML_API_ACCESS_KEY", "CLEARML_API_SECRET_KEY")  # tests may set these

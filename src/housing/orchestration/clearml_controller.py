@@ -163,6 +163,7 @@ def clearml_environment(cml: ClearMLSettings) -> Iterator[None]:
     The generated config (no credentials) turns off the report subprocess and the
     async repository detection that can stall for minutes; restored on exit.
     """
+    from housing.tracking.clearml import set_server_env
     from housing.tracking.offline import write_client_config
 
     keys = (
@@ -189,15 +190,7 @@ def clearml_environment(cml: ClearMLSettings) -> Iterator[None]:
                     files_host=cml.files_host,
                 )
             )
-        for key, value in (
-            ("CLEARML_API_HOST", cml.api_host),
-            ("CLEARML_WEB_HOST", cml.web_host),
-            ("CLEARML_FILES_HOST", cml.files_host),
-            ("CLEARML_API_ACCESS_KEY", os.environ.get(cml.access_key_env, "")),
-            ("CLEARML_API_SECRET_KEY", os.environ.get(cml.secret_key_env, "")),
-        ):
-            if value and not os.environ.get(key):
-                os.environ[key] = value
+        set_server_env(cml)
         os.environ.pop("CLEARML_OFFLINE_MODE", None)
         yield
     finally:

@@ -91,7 +91,7 @@ _TASK_TYPES: Final = {
     "evaluate": "testing",
 }
 # Variables the tracker may set while a task is open (restored on close).
-_SCOPED_ENV: Final = (
+SCOPED_ENV: Final = (
     "CLEARML_CACHE_DIR",
     "CLEARML_CONFIG_FILE",
     "CLEARML_OFFLINE_MODE",
@@ -188,6 +188,20 @@ def clearml_settings(mapping: Mapping[str, Any], root: Path) -> ClearMLSettings:
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(k.__name__ for k in kinds)
+
+
+def set_server_env(settings: ClearMLSettings) -> None:
+    """Point the SDK at the configured server: hosts and keys (read from the variables
+    named in ``clearml.auth``) go to the ``CLEARML_*`` variables it reads, unless set."""
+    for key, value in (
+        ("CLEARML_API_HOST", settings.api_host),
+        ("CLEARML_WEB_HOST", settings.web_host),
+        ("CLEARML_FILES_HOST", settings.files_host),
+        ("CLEARML_API_ACCESS_KEY", os.environ.get(settings.access_key_env, "")),
+        ("CLEARML_API_SECRET_KEY", os.environ.get(settings.secret_key_env, "")),
+    ):
+        if value and not os.environ.get(key):
+            os.environ[key] = value
 
 
 def resolve_mode(
@@ -401,7 +415,7 @@ class ClearMLTracker:
         s = self.settings
         # Snapshot every CLEARML_*/TRAINS_* variable: the SDK sets some itself
         # (CLEARML_PROC_MASTER_ID, TRAINS_OFFLINE_MODE).
-        self._env_before = {k: os.environ.get(k) for k in _SCOPED_ENV}
+        self._env_before = {k: os.environ.get(k) for k in SCOPED_ENV}
         self._env_before.update(
             {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
         )
@@ -419,15 +433,7 @@ class ClearMLTracker:
         else:
             _warn_slow_user_config()
         if mode == "online":
-            for key, value in (
-                ("CLEARML_API_HOST", s.api_host),
-                ("CLEARML_WEB_HOST", s.web_host),
-                ("CLEARML_FILES_HOST", s.files_host),
-                ("CLEARML_API_ACCESS_KEY", os.environ.get(s.access_key_env, "")),
-                ("CLEARML_API_SECRET_KEY", os.environ.get(s.secret_key_env, "")),
-            ):
-                if value and not os.environ.get(key):
-                    os.environ[key] = value
+            set_server_env(s)
         if bool(Task.is_offline()) != (mode == "offline"):
             Task.set_offline(mode == "offline")
 
