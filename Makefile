@@ -42,8 +42,8 @@ test: install ## Run the full test suite (slow and integration tests included)
 	bash scripts/ensure_test_tools.sh
 	pytest -q
 
-test-fast: install ## Run the tests not marked slow
-	pytest -q -m "not slow"
+test-fast: install ## Run the fast tests (not slow, not integration; under 3 minutes)
+	pytest -q -m "not slow and not integration"
 
 lint: install ## ruff lint + format check, mypy (strict)
 	ruff check .

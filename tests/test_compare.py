@@ -22,7 +22,6 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from housing.cli import run_all
 from housing.config import Settings, load_settings
 from housing.reporting.compare import (
     EXPERIMENT_COLUMNS,
@@ -33,6 +32,7 @@ from housing.reporting.compare import (
     main,
 )
 from tests.fakes.clearml_api import FakeClearMLServer
+from tests.helpers import run_all
 
 from .conftest import CONF, PROJECT
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +12,8 @@ import yaml
 
 from housing.config import compose
 from housing.scratch import make_scratch_repo
-
-from .conftest import CONF, PROJECT
+from tests.conftest import CONF, PROJECT
+from tests.helpers import ran_stages, run_tool
 
 
 def test_dvc_yaml_candidates_match_the_config() -> None:
@@ -49,38 +47,17 @@ def test_dvc_params_name_existing_config_keys() -> None:
                     assert key in top or key in cfg, key
 
 
-def _tool(
-    tool: str, repo: Path, *args: str, unset: tuple[str, ...] = ()
-) -> subprocess.CompletedProcess[str]:
-    """Run a venv tool (dvc, housing) in ``repo`` with the venv on PATH."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["HOUSING_CONFIG_DIR"] = str(repo / "conf")
-    for name in unset:
-        env.pop(name, None)
-    return subprocess.run(
-        [str(Path(sys.executable).parent / tool), *args],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
-
-
 def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return _tool("dvc", repo, *args)
+    return run_tool("dvc", repo, *args)
 
 
 def _housing(
     repo: Path, *args: str, unset: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    return _tool("housing", repo, *args, unset=unset)
+    return run_tool("housing", repo, *args, unset=unset)
 
 
-def _ran(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+_ran = ran_stages
 
 
 @pytest.fixture(scope="module")
@@ -151,12 +128,7 @@ def test_push_and_pull_through_the_local_remote(repo: Path) -> None:
 def test_parallel_repro_matches_serial_and_leaves_dvc_up_to_date(
     repo: Path, tmp_path: Path
 ) -> None:
-    from housing.repro import plan
-
     other = make_scratch_repo(tmp_path / "parallel", defaults={"tracking": "none"})
-    assert plan(other).parallel == [
-        f"train@{c}" for c in compose(["tracking=none"], CONF)["selection"]["candidates"]
-    ]
     done = _housing(other, "repro", "-j", "2")
     assert done.returncode == 0, done.stderr
     status = _dvc(other, "status")
@@ -230,13 +202,3 @@ def test_changed_ridge_alpha_reruns_only_ridge_and_downstream(repo: Path) -> Non
     assert "train@ridge" in ran
     record = json.loads((repo / "metrics/train_ridge.json").read_text())
     assert record["params"]["alpha"] == 3.0
-
-
-def test_plan_splits_stages_around_the_first_foreach_group() -> None:
-    from housing.repro import plan_stages
-
-    names = ["prepare", "train@a", "train@b", "select_best", "evaluate"]
-    assert plan_stages(names).before == ["prepare"]
-    assert plan_stages(names).parallel == ["train@a", "train@b"]
-    assert plan_stages(["a", "b"]).parallel == []
-    assert plan_stages(["a", "b"]).before == ["a", "b"]

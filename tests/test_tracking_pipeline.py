@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from housing.cli import run_all
 from housing.tracking.offline import list_sessions, read_artifacts, read_models, read_scalars
+from tests.helpers import run_all
 
 from .conftest import CONF
 

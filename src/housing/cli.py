@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from housing.entry import Parser, add_common_options, run_cli
-from housing.errors import ConfigError, HousingError
+from housing.errors import HousingError
 
 if TYPE_CHECKING:
-    from housing.config import Settings
+    pass
 
 log = logging.getLogger("housing")
 
@@ -32,76 +32,7 @@ DELEGATED = {
 }
 
 
-def run_stage(stage: str, overrides: Sequence[str] = (), config_dir: Path | None = None) -> Any:
-    """Compose the config and run one stage; returns the stage's result dataclass."""
-    from housing.config import load_settings
-
-    return execute_stage(stage, load_settings(overrides, config_dir=config_dir))
-
-
-def pipeline_run_id() -> str:
-    """``$HOUSING_RUN_ID`` (shared by the stages of one run), else a new id."""
-    from housing.monitoring import current_run_id
-
-    return current_run_id()
-
-
-def execute_stage(stage: str, settings: Settings, run_id: str | None = None) -> Any:
-    """Run one stage with its events, notifications and trackers around it."""
-    from housing.monitoring import EventLog, build_notifiers, track_stage
-    from housing.tracking.base import StageRun
-    from housing.tracking.recorder import record, tracked
-
-    name = f"train_{settings.model.name}" if stage == "train" else stage
-    run_id = run_id or pipeline_run_id()
-    events = EventLog(settings.paths.metrics_dir / "pipeline_events.jsonl")
-    try:
-        notifier = build_notifiers(settings.section("notifications"), base_dir=settings.root)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    run = StageRun(stage=stage, name=name, pipeline_run_id=run_id, tags=(stage,))
-    with track_stage(events, run_id, name, notifier) as handle, tracked(settings, run) as tset:
-        result = _stage_function(stage)(settings)
-        record(tset, stage, settings, result)
-        metrics = getattr(result, "metrics", None)
-        if isinstance(metrics, dict):
-            handle.update({"metrics": metrics})
-    return result
-
-
-def _stage_function(stage: str) -> Callable[[Any], Any]:
-    if stage == "prepare":
-        from housing.stages.prepare import run as prepare
-
-        return prepare
-    if stage == "train":
-        from housing.stages.train import run as train
-
-        return train
-    if stage == "select_best":
-        from housing.stages.select_best import run as select_best
-
-        return select_best
-    if stage == "evaluate":
-        from housing.stages.evaluate import run as evaluate
-
-        return evaluate
-    raise ValueError(f"unknown stage {stage!r}")
-
-
-def run_all(overrides: Sequence[str] = (), config_dir: Path | None = None) -> dict[str, Any]:
-    """prepare -> train every candidate -> select_best -> evaluate, in this process."""
-    from housing.config import load_settings
-
-    settings = load_settings(overrides, config_dir=config_dir)
-    run_id = pipeline_run_id()
-    results: dict[str, Any] = {"prepare": execute_stage("prepare", settings, run_id)}
-    for name in settings.selection.candidates:
-        model_settings = load_settings([*overrides, f"model={name}"], config_dir=config_dir)
-        results[f"train_{name}"] = execute_stage("train", model_settings, run_id)
-    results["select_best"] = execute_stage("select_best", settings, run_id)
-    results["evaluate"] = execute_stage("evaluate", settings, run_id)
-    return results
+from housing.runner import run_stage  # noqa: E402  (re-exported)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "train": "train one model (model=NAME)",
         "select_best": "pick the best trained candidate",
         "evaluate": "score the best model on the test split",
-        "run": "all stages in one process (prepare, train each candidate, select, evaluate)",
+        "run": "alias of repro",
         "config": "print the composed, validated config",
         "doctor": "check tracking backends, ClearML server, credentials, queues, agents",
         "status": "show the last pipeline run's stages from metrics/pipeline_events.jsonl",
@@ -126,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     }
     for name, text in helps.items():
         p = sub.add_parser(name, help=text, description=text)
-        if name == "repro":
+        if name in ("repro", "run"):
             p.add_argument("-j", "--jobs", type=int, default=None, help="default: CPU count")
             continue
         if name == "clearml":
@@ -173,9 +104,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command in STAGE_COMMANDS:
         run_stage(command, overrides, args.config_dir)
         return 0
-    if command == "run":
-        run_all(overrides, args.config_dir)
-        return 0
     if command == "config":
         import yaml
 
@@ -188,13 +116,34 @@ def _dispatch(args: argparse.Namespace) -> int:
         return doctor(overrides, args.config_dir)
     if command == "status":
         return status(overrides, args.config_dir)
-    if command == "repro":
-        from housing.repro import parallel_repro
-
-        return parallel_repro(Path.cwd(), args.jobs)
+    if command in ("repro", "run"):
+        return repro(args.jobs, args.verbosity)
     if command == "clearml":
         return clearml_sync(overrides, args.config_dir)
     raise HousingError(f"unknown command {command!r}")  # pragma: no cover - argparse guards
+
+
+def repro(jobs: int | None, verbosity: int = 0) -> int:
+    """``housing repro``: run what DVC says is stale; one line per stage, then a summary."""
+    from housing.repro import ReproError, reproduce
+
+    def show(stage: str, what: str) -> None:
+        if what == "running":
+            print(f"running {stage}", flush=True)
+        elif what == "skipped":
+            print(f"{stage} is up to date", flush=True)
+        elif what == "failed":
+            print(f"{stage} failed", flush=True)
+
+    result = reproduce(Path.cwd(), jobs=jobs, verbosity=verbosity, on_event=show)
+    if not result.ok:
+        raise ReproError(result.error or "failed", result.exit_code or 1)
+    ran = result.named("ran")
+    print(
+        f"run {result.run_id}: {len(ran)} stage(s) run, "
+        f"{len(result.named('skipped'))} up to date, in {result.seconds:.1f}s"
+    )
+    return 0
 
 
 def doctor(overrides: Sequence[str], config_dir: Path | None) -> int:

@@ -1,120 +1,415 @@
-"""`housing repro`: ``dvc repro`` with the independent train stages run in parallel.
+"""The one local engine: ``dvc.yaml`` run by DVC's rules, stages in pre-warmed workers.
 
-DVC reproduces one stage at a time. This drives DVC's Python API in one process
-(paying DVC's start-up once): reproduce the stages before the ``foreach`` train
-stages; ask DVC which ``train@<name>`` stages changed and run their commands ``jobs``
-at a time; record each finished one with ``dvc commit`` (DVC's documented way to
-register a stage whose command ran outside ``dvc repro``); then reproduce the rest,
-which also checks everything. Outputs, the DVC cache and ``dvc.lock`` end up as a
-serial ``dvc repro`` leaves them.
+``housing repro`` (``make run``) reproduces the pipeline exactly as ``dvc repro``
+decides it, but faster:
+
+- DVC's own graph and plan (``get_active_graph`` + ``plan_repro``) give the stages in
+  dependency order; a stage is checked with DVC's ``Stage.changed`` once everything
+  upstream of it is done, exactly when ``dvc repro`` would check it.
+- A changed stage whose command is one of the project's stage scripts
+  (``python scripts/<stage>.py [overrides]``) runs as a function call in a worker
+  process forked from a ``forkserver`` that imported scikit-learn, pandas, MLflow and
+  ClearML once; any other command runs in a shell, as DVC would run it. Independent
+  stages (the ``foreach`` train stages) run ``jobs`` at a time.
+- Each finished stage is recorded the way ``dvc repro`` records it (``save``,
+  ``commit``, dump to ``dvc.lock``), in this process, under DVC's repository lock,
+  so ``dvc status`` is clean afterwards and a second run is a no-op.
+
+Workers are forked per stage (``max_tasks_per_child=1``): ClearML keeps one task per
+process, and a fresh process cannot carry tracker state from a previous stage.
+On a failure no new stage starts; running ones finish and are recorded (as
+``dvc repro --keep-going`` would keep them), and the run fails.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-import subprocess
-import sys
+import shlex
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from housing.errors import HousingError
 
+if TYPE_CHECKING:
+    from housing.runs import RunContext
+
+log = logging.getLogger("housing")
+
+#: The stage scripts whose commands run as function calls in a warm worker.
+STAGE_SCRIPTS: Final = {
+    f"scripts/{name}.py": name for name in ("prepare", "train", "select_best", "evaluate")
+}
+#: Imported once by the fork server, so each stage's process starts warm.
+PRELOAD_MODULES: Final = (
+    "housing.runner",
+    "housing.config",
+    "housing.stages.prepare",
+    "housing.stages.train",
+    "housing.stages.select_best",
+    "housing.stages.evaluate",
+    "housing.tracking.recorder",
+    "housing.tracking.mlflow",
+    "housing.tracking.clearml",
+    "pandas",
+    "pyarrow.csv",
+    "joblib",
+    "sklearn.ensemble",
+    "sklearn.linear_model",
+    "sklearn.model_selection",
+    "mlflow",
+    "mlflow.sklearn",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "clearml",
+)
+
+StageStatus = Literal["ran", "skipped", "failed", "running", "not run"]
+
+
+class ReproError(HousingError):
+    """A stage failed or DVC refused; the message names the stage."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 @dataclass(frozen=True)
-class ReproPlan:
-    """Stage names per phase."""
+class StageJob:
+    """What a worker needs to run one DVC stage."""
 
-    before: list[str]
-    parallel: list[str]
-
-
-def plan(root: Path) -> ReproPlan:
-    """The stages before the first ``foreach`` group, and that group (as DVC resolves it)."""
-    from dvc.repo import Repo
-
-    return plan_stages([stage.name for stage in Repo(str(root)).index.stages])
+    name: str  # DVC addressing, e.g. train@ridge
+    cmd: str
+    wdir: str
+    root: str
+    context: RunContext
+    overrides: tuple[str, ...] = ()  # tracking-only overrides appended to the stage's
+    verbosity: int = 0
 
 
-def plan_stages(names: list[str]) -> ReproPlan:
-    """Split DVC stage names (in ``dvc.yaml`` order) around the first ``name@item`` group."""
-    group = next((n.split("@", 1)[0] for n in names if "@" in n), None)
-    parallel = [n for n in names if group is not None and n.startswith(f"{group}@")]
-    before = names[: names.index(parallel[0])] if parallel else names
-    return ReproPlan(before, parallel)
-
-
-def parallel_repro(root: Path, jobs: int | None = None) -> int:
-    """Reproduce the pipeline in ``root``; returns 0, or 1 when a stage failed.
-
-    Every stage shares one ``HOUSING_RUN_ID`` (taken from the environment or made
-    here), and a pipeline summary line closes the run in ``metrics/pipeline_events.jsonl``.
-    """
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    from housing.monitoring import current_run_id
-
-    workers = max(1, jobs or os.cpu_count() or 1)
-    run_id = current_run_id()
-    os.environ["HOUSING_RUN_ID"] = run_id  # stage commands inherit it
-    started = time.monotonic()
+@dataclass(frozen=True)
+class StageOutcome:
+    name: str
+    ok: bool
+    seconds: float
     error: str | None = None
+    exit_code: int = 0
+
+
+@dataclass
+class ReproResult:
+    """What one ``housing repro`` did."""
+
+    run_id: str
+    stages: dict[str, StageStatus] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+    exit_code: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def named(self, status: StageStatus) -> list[str]:
+        return [name for name, s in self.stages.items() if s == status]
+
+
+def stage_call(cmd: str) -> tuple[str, list[str]] | None:
+    """``(stage, overrides)`` when ``cmd`` runs one of the project's stage scripts."""
     try:
-        repo = Repo(str(root))
-        phases = plan_stages([stage.name for stage in repo.index.stages])
-        if phases.before:
-            repo.reproduce(targets=phases.before)
-        changed = [n for n in phases.parallel if n in repo.status(targets=phases.parallel)]
-        commands = {n: repo.stage.collect(n)[0].cmd for n in changed}
+        argv = shlex.split(cmd)
+    except ValueError:
+        return None
+    if len(argv) < 2 or Path(argv[0]).name not in ("python", "python3"):
+        return None
+    stage = STAGE_SCRIPTS.get(Path(argv[1]).as_posix().removeprefix("./"))
+    return (stage, argv[2:]) if stage else None
 
-        def run(stage: str) -> int:
-            print(f"Running stage '{stage}' (parallel):\n> {commands[stage]}", flush=True)
-            return subprocess.call(commands[stage], shell=True, cwd=root)
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            codes = dict(zip(changed, pool.map(run, changed), strict=True))
-        for stage in changed:
-            if codes[stage] == 0:
-                repo.commit(stage, force=True)
-        failed = [s for s in changed if codes[s] != 0]
-        if failed:
-            error = f"stages failed: {', '.join(failed)}"
-        else:
-            repo.reproduce()
+def run_job(job: StageJob) -> StageOutcome:
+    """Worker side: run one stage (a function call, or the command in a shell)."""
+    import signal
+    import subprocess
+
+    from housing.entry import configure_logging
+
+    t0 = time.monotonic()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the fork server ignores it
+    os.chdir(job.wdir)
+    configure_logging(job.verbosity)
+    call = stage_call(job.cmd)
+    try:
+        if call is None:
+            env = {**os.environ, "DVC_ROOT": job.root, "DVC_STAGE": job.name}
+            code = subprocess.call(job.cmd, shell=True, cwd=job.wdir, env=env)
+            error = None if code == 0 else f"command exited with code {code}"
+            return StageOutcome(job.name, code == 0, time.monotonic() - t0, error, code)
+        from housing.config import load_settings
+        from housing.runner import execute_stage
+
+        stage, overrides = call
+        settings = load_settings([*overrides, *job.overrides], root=Path(job.wdir))
+        execute_stage(stage, settings, context=job.context)
+    except HousingError as exc:
+        return StageOutcome(job.name, False, time.monotonic() - t0, str(exc), exc.exit_code)
+    except Exception as exc:
+        log.exception("stage %s crashed", job.name)
+        error = f"{type(exc).__name__}: {exc}"
+        return StageOutcome(job.name, False, time.monotonic() - t0, error, 1)
+    return StageOutcome(job.name, True, time.monotonic() - t0)
+
+
+def finish_job(job: StageJob, status: str) -> None:
+    """Worker side: close the pipeline run in the trackers (the engine owns it)."""
+    from housing.config import load_settings
+    from housing.tracking.recorder import finish_pipeline
+
+    os.chdir(job.root)
+    finish_pipeline(load_settings(job.overrides, root=Path(job.root)), job.context, status)
+
+
+def _make_pool(workers: int) -> Any:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD_MODULES))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1)
+
+
+def _default_jobs() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class _Run:
+    """One engine run: where, how wide, the template of its stage jobs, its workers."""
+
+    root: Path
+    jobs: int
+    force: bool
+    template: StageJob
+    notify: Callable[[str, str], None]
+    pool: Any = None  # started at the first stage that must run
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.pool is None:
+            self.pool = _make_pool(self.jobs)
+        return self.pool.submit(fn, *args)
+
+
+def reproduce(
+    root: Path,
+    *,
+    jobs: int | None = None,
+    force: bool = False,
+    overrides: Sequence[str] = (),
+    context: RunContext | None = None,
+    verbosity: int = 0,
+    on_event: Callable[[str, str], None] | None = None,
+) -> ReproResult:
+    """Reproduce ``root``'s ``dvc.yaml`` (see the module docstring); never raises for a
+    failed stage: the result carries the error. ``overrides`` are tracking-only Hydra
+    overrides added to every stage; ``on_event(stage, what)`` hears ``running``,
+    ``skipped``, ``done`` and ``failed`` as they happen."""
+    from housing import runs
+
+    root = root.resolve()
+    ctx = (context or runs.current()).owned_by_engine()
+    result = ReproResult(ctx.run_id)
+    template = StageJob("", "", str(root), str(root), ctx, tuple(overrides), verbosity)
+    run = _Run(root, jobs or _default_jobs(), force, template, on_event or _ignore)
+    t0 = time.monotonic()
+    try:
+        _reproduce(run, result)
+        if run.pool is not None and result.named("ran"):
+            status = "completed" if result.ok else "failed"
+            run.submit(finish_job, template, status).result()
+    except BaseException:
+        if result.error is None:
+            result.error, result.exit_code = "interrupted", 130
+        raise
+    finally:
+        if run.pool is not None:
+            _shutdown(run.pool, interrupted=result.exit_code == 130)
+        result.seconds = time.monotonic() - t0
+        _summarise(root, result)
+    return result
+
+
+def _ignore(stage: str, what: str) -> None:
+    """The default ``on_event``: hear nothing."""
+
+
+def _reproduce(run: _Run, result: ReproResult) -> None:
+    """The scheduling loop: check, dispatch and record each stage in DVC's order."""
+    from concurrent.futures import FIRST_COMPLETED, Future, wait
+
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo, lock_repo
+    from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
+
+    quiet_dvc()
+    try:
+        repo = Repo(str(run.root))
+        with lock_repo(repo):
+            graph = get_active_graph(repo.index.graph)
+            pending = plan_repro(graph, collect_stages(repo, ["dvc.yaml"]))
+            running: dict[Future[StageOutcome], Any] = {}
+            for stage in pending:
+                result.stages[stage.addressing] = "not run"
+            while pending or running:
+                for stage in list(pending) if result.ok else []:
+                    upstream = list(graph.successors(stage))
+                    waiting = ("not run", "running")
+                    if any(result.stages.get(u.addressing) in waiting for u in upstream):
+                        continue
+                    pending.remove(stage)
+                    if not run.force and not stage.changed(upstream=upstream):
+                        result.stages[stage.addressing] = "skipped"
+                        run.notify(stage.addressing, "skipped")
+                        continue
+                    if not stage.cmd or stage.frozen:  # data sources: DVC checks them
+                        stage.reproduce(force=run.force, upstream=upstream)
+                        stage.dump(update_pipeline=False)
+                        result.stages[stage.addressing] = "ran"
+                        continue
+                    stage.remove_outs(ignore_remove=False, force=False)
+                    job = replace(
+                        run.template, name=stage.addressing, cmd=stage.cmd, wdir=stage.wdir
+                    )
+                    run.notify(stage.addressing, "running")
+                    running[run.submit(run_job, job)] = stage
+                    result.stages[stage.addressing] = "running"
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    stage = running.pop(future)
+                    outcome = _outcome(future, stage.addressing)
+                    if outcome.ok:
+                        _record(stage)
+                        result.stages[stage.addressing] = "ran"
+                        run.notify(stage.addressing, "done")
+                    else:
+                        result.stages[stage.addressing] = "failed"
+                        if result.error is None:
+                            result.error = f"stage {stage.addressing} failed: {outcome.error}"
+                            result.exit_code = outcome.exit_code or 1
+                        run.notify(stage.addressing, "failed")
     except DvcException as exc:
-        error = f"dvc: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-    _summarise(root, run_id, time.monotonic() - started, error)
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        result.error = f"dvc: {_first_line(exc)}"
+        result.exit_code = 1
 
 
-def _summarise(root: Path, run_id: str, seconds: float, error: str | None) -> None:
-    """Append the run's summary line (best model and test rmse when it succeeded)."""
+def quiet_dvc() -> None:
+    """DVC sets up its console logging when imported: keep its warnings, once each."""
+    import dvc  # noqa: F401 - the import configures the "dvc" logger
+
+    dvc_log = logging.getLogger("dvc")
+    dvc_log.setLevel(logging.WARNING)
+    dvc_log.propagate = False
+
+
+def _outcome(future: Any, name: str) -> StageOutcome:
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        outcome: StageOutcome = future.result()
+    except BrokenProcessPool:
+        return StageOutcome(name, False, 0.0, "its worker process died", 1)
+    return outcome
+
+
+def _record(stage: Any) -> None:
+    """Record a finished stage as ``dvc repro`` does: save, commit, dump to dvc.lock."""
+    no_cache_outs = any(
+        not out.use_cache for out in stage.outs if not (out.is_metric or out.is_plot)
+    )
+    stage.save(allow_missing=False, run_cache=not no_cache_outs)
+    stage.commit(allow_missing=False)
+    stage.dump(update_pipeline=False)
+
+
+def _shutdown(pool: Any, interrupted: bool) -> None:
+    """Stop the workers; after an interrupt kill them, and the fork server with them."""
+    if not interrupted:
+        pool.shutdown(wait=True)
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + 3.0  # time for a stage to close its runs as KILLED
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=1.0)
+    for module in ("forkserver", "resource_tracker"):  # else they outlive us briefly
+        import importlib
+
+        helper = getattr(importlib.import_module(f"multiprocessing.{module}"), f"_{module}", None)
+        stop = getattr(helper, "_stop", None)
+        if stop is not None:
+            with contextlib.suppress(Exception):
+                stop()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _summarise(root: Path, result: ReproResult) -> None:
+    """Append the run's summary event (best model and test rmse when it succeeded)."""
+    if not any(s in ("ran", "failed") for s in result.stages.values()):
+        return
     import json
 
     from housing.config import load_settings
     from housing.monitoring import EventLog, build_notifiers, record_pipeline_summary
 
     try:
-        settings = load_settings(["tracking=none"], config_dir=root / "conf", root=root)
+        settings = load_settings(["tracking=none"], root=root, config_dir=root / "conf")
         notifier = build_notifiers(settings.section("notifications"), base_dir=root)
     except (HousingError, ValueError):
         return  # the stages already reported the config problem
     best = rmse = None
-    if error is None and settings.paths.test_metrics.is_file():
+    if result.ok and settings.paths.test_metrics.is_file():
         record = json.loads(settings.paths.test_metrics.read_text())
         best, rmse = record.get("model"), record.get("metrics", {}).get("test/rmse")
     record_pipeline_summary(
         EventLog(settings.paths.metrics_dir / "pipeline_events.jsonl"),
-        run_id,
-        "failed" if error else "succeeded",
-        seconds,
+        result.run_id,
+        "succeeded" if result.ok else "failed",
+        result.seconds,
         notifier=notifier,
         best_model=best,
         test_rmse=rmse,
-        error=error,
+        error=result.error,
+        extra={"stages_run": result.named("ran"), "stages_skipped": result.named("skipped")},
     )
+
+
+def parallel_repro(root: Path, jobs: int | None = None, *, force: bool = False) -> int:
+    """Command-layer helper kept for callers: reproduce and return an exit code."""
+    result = reproduce(root, jobs=jobs, force=force)
+    return 0 if result.ok else result.exit_code or 1
+
+
+__all__: Sequence[str] = (
+    "ReproError",
+    "ReproResult",
+    "StageJob",
+    "StageOutcome",
+    "parallel_repro",
+    "reproduce",
+    "run_job",
+    "stage_call",
+)

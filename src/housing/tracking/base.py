@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from housing.runs import RunContext
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class StageRun:
     name: str  # display name, e.g. "train_ridge"
     pipeline_run_id: str  # shared by every stage of one pipeline run
     tags: Sequence[str] = ()
+    context: RunContext | None = None  # who owns the pipeline run (housing.runs)
 
 
 @dataclass(frozen=True)

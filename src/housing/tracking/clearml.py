@@ -353,15 +353,20 @@ class ClearMLTracker:
         self._mode, self.mode_reason = mode, reason
         _active[:] = [self]
         with contextlib.suppress(Exception):
+            owner = run.context.tags if run.context else {}
             self._task.set_user_properties(
-                pipeline_run_id=run.pipeline_run_id, stage=run.stage, tracking_mode=mode
+                pipeline_run_id=run.pipeline_run_id,
+                stage=run.stage,
+                tracking_mode=mode,
+                **{k.removeprefix("housing."): v for k, v in owner.items()},
             )
         self.timings["start"] = time.perf_counter() - started
 
     def close(self, status: str, error: str | None = None) -> None:
-        """Close the task: ``completed``, or ``failed`` (recorded with ``error``)."""
-        if status not in ("completed", "failed"):
-            raise ValueError(f"close status must be 'completed' or 'failed', got {status!r}")
+        """Close the task: ``completed``, or ``failed``/``killed`` (recorded with ``error``)."""
+        if status not in ("completed", "failed", "killed"):
+            raise ValueError(f"close status must be completed, failed or killed, got {status!r}")
+        status = "failed" if status == "killed" else status
         task = self._task
         if task is None:
             return

@@ -67,6 +67,7 @@ TAG_STAGE = "housing.stage"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 TAG_PICKLE_SHA = "mlflow_pickle_sha256"
+TAG_PID = "housing.pid"  # the process that runs a stage run
 
 _PARAMS_PER_BATCH = 100
 _METRICS_PER_BATCH = 1000
@@ -294,17 +295,24 @@ class MLflowTracker:
     # ------------------------------------------------------------------ runs
 
     def start(self, run: StageRun) -> None:
-        """Create this stage's run under the pipeline's parent run (created if missing)."""
+        """Create this stage's run under the pipeline's parent run (created if missing).
+
+        Runs left RUNNING by a process that no longer exists are closed first (KILLED).
+        """
         if "'" in run.pipeline_run_id or '"' in run.pipeline_run_id:
             raise ValueError(f"pipeline_run_id must not contain quotes: {run.pipeline_run_id!r}")
         self.experiment_id = self._ensure_experiment()
-        self.parent_run_id = self._ensure_parent(self.experiment_id, run.pipeline_run_id)
+        close_orphans(self.client, self.experiment_id)
+        owner = run.context.tags if run.context else {}
+        self.parent_run_id = self._ensure_parent(self.experiment_id, run.pipeline_run_id, owner)
         tags = {
+            **owner,
             TAG_PARENT: self.parent_run_id,
             TAG_RUN_NAME: run.name,
             TAG_RUN_TYPE: "stage",
             TAG_STAGE: run.stage,
             TAG_PIPELINE_RUN_ID: run.pipeline_run_id,
+            TAG_PID: str(os.getpid()),
         }
         if run.tags:
             tags["housing.tags"] = ",".join(run.tags)
@@ -347,7 +355,9 @@ class MLflowTracker:
         )
         return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
-    def _ensure_parent(self, experiment_id: str, pipeline_run_id: str) -> str:
+    def _ensure_parent(
+        self, experiment_id: str, pipeline_run_id: str, owner: Mapping[str, str]
+    ) -> str:
         """The parent run's id; concurrent creators converge on the earliest-started one.
 
         Residual race: a stage that searched before any parent was committed, while
@@ -358,18 +368,24 @@ class MLflowTracker:
         db = _sqlite_path(self.tracking_uri)
         if db is not None:  # local store: serialise find-or-create across processes
             with _file_lock(db.with_name(db.name + ".parent.lock")):
-                return self._find_or_create_parent(experiment_id, pipeline_run_id)
-        return self._find_or_create_parent(experiment_id, pipeline_run_id)
+                return self._find_or_create_parent(experiment_id, pipeline_run_id, owner)
+        return self._find_or_create_parent(experiment_id, pipeline_run_id, owner)
 
-    def _find_or_create_parent(self, experiment_id: str, pipeline_run_id: str) -> str:
+    def _find_or_create_parent(
+        self, experiment_id: str, pipeline_run_id: str, owner: Mapping[str, str]
+    ) -> str:
         found = self._find_parents(experiment_id, pipeline_run_id)
         if found:
-            return str(found[0].info.run_id)
+            parent = found[0]
+            if parent.info.status != "RUNNING":  # closed by the previous stage: reopen
+                self.client.update_run(parent.info.run_id, status="RUNNING")
+            return str(parent.info.run_id)
         name = f"pipeline-{pipeline_run_id}"
         created = self.client.create_run(
             experiment_id,
             run_name=name,
             tags={
+                **owner,
                 TAG_RUN_NAME: name,
                 TAG_PIPELINE_RUN_ID: pipeline_run_id,
                 TAG_RUN_TYPE: "pipeline",
@@ -704,10 +720,55 @@ class MLflowTracker:
         self._closed = True
         if self.parent_run_id is None:
             return
-        if mlflow_status == "FAILED":
-            self.client.set_terminated(self.parent_run_id, "FAILED")
-        elif mlflow_status == "FINISHED" and self._stage and self._stage.stage == "evaluate":
-            self.client.set_terminated(self.parent_run_id, "FINISHED")
+        context = self._stage.context if self._stage else None
+        if mlflow_status != "FINISHED":
+            self.client.set_terminated(self.parent_run_id, mlflow_status)
+        elif context is None or context.closes_parent:
+            # No engine owns this run (dvc repro, a stage by hand): leave the parent
+            # closed; the next stage of the same run reopens it. FAILED stays FAILED.
+            parent = self.client.get_run(self.parent_run_id)
+            if parent.info.status == "RUNNING":
+                self.client.set_terminated(self.parent_run_id, "FINISHED")
+
+    def finish_pipeline(self, pipeline_run_id: str, status: str) -> None:
+        """Close the parent run of ``pipeline_run_id`` (the engine's last word on it)."""
+        mlflow_status = _STATUS[status.lower()]
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            return
+        for parent in self._find_parents(str(experiment.experiment_id), pipeline_run_id):
+            if parent.info.status == "RUNNING" or mlflow_status != "FINISHED":
+                self.client.set_terminated(parent.info.run_id, mlflow_status)
+
+
+def close_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Close (KILLED) runs left RUNNING by a process of this host that no longer exists.
+
+    A stage run belongs to the process in ``housing.pid``; a parent run to the owner of
+    its pipeline run (``housing.owner_pid``, ``housing.owner_started``).
+    """
+    from housing.runs import is_alive
+
+    closed: list[str] = []
+    running = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=200
+    )
+    for run in running:
+        tags = run.data.tags
+        pid_text = tags.get(TAG_PID) or tags.get("housing.owner_pid")
+        if not pid_text or not pid_text.isdigit():
+            continue
+        started_text = None if TAG_PID in tags else tags.get("housing.owner_started")
+        started = float(started_text) if started_text else None
+        if is_alive(int(pid_text), started, tags.get("housing.host", "")):
+            continue
+        with suppress(Exception):  # a concurrent sweep may have closed it
+            client.set_tag(run.info.run_id, "housing.closed_by", "orphan-sweep")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        log.info("MLflow: closed %d run(s) left RUNNING by ended processes", len(closed))
+    return closed
 
 
 def _pickle_file_name(flavors: Mapping[str, Any]) -> str:

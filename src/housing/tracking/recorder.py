@@ -19,6 +19,7 @@ from housing.tracking.lineage import config_hash, decide_champion, git_commit, r
 
 if TYPE_CHECKING:
     from housing.config import Settings
+    from housing.runs import RunContext
     from housing.stages.evaluate import EvaluationResult
     from housing.stages.prepare import PrepareResult
     from housing.stages.select_best import SelectionResult
@@ -63,7 +64,14 @@ def _close_quietly(tracker: Tracker, status: str, error: str | None) -> None:
 
 
 def build_trackers(settings: Settings) -> list[Tracker]:
-    """One tracker per active backend (``tracking.backends``), not yet started."""
+    """One tracker per active backend (``tracking.backends``), not yet started.
+
+    Local stores are resolved against the repository (:func:`housing.runs.store_root`),
+    so a DVC experiment's temporary copy records into the repository's own stores.
+    """
+    from housing.runs import store_root
+
+    root = store_root(settings.root)
     trackers: list[Tracker] = []
     for backend in settings.tracking:
         try:
@@ -79,15 +87,13 @@ def build_trackers(settings: Settings) -> list[Tracker]:
                         champion_alias=str(
                             settings.section("registry").get("champion_alias", "champion")
                         ),
-                        root=settings.root,
+                        root=root,
                     )
                 )
             elif backend == "clearml":
                 from housing.tracking.clearml import ClearMLTracker, clearml_settings
 
-                trackers.append(
-                    ClearMLTracker(clearml_settings(settings.section("clearml"), settings.root))
-                )
+                trackers.append(ClearMLTracker(clearml_settings(settings.section("clearml"), root)))
         except Exception as exc:
             log.warning("tracking: %s unavailable (%s: %s)", backend, type(exc).__name__, exc)
     return trackers
@@ -103,9 +109,24 @@ def tracked(settings: Settings, run: StageRun) -> Iterator[TrackerSet]:
         yield tset
     except BaseException as exc:
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        tset.close("failed", str(redact(message)))
+        killed = isinstance(exc, KeyboardInterrupt | SystemExit)
+        tset.close("killed" if killed else "failed", str(redact(message)))
         raise
     tset.close("completed", None)
+
+
+def finish_pipeline(settings: Settings, context: RunContext, status: str) -> None:
+    """Close a pipeline run that an engine owns (its MLflow parent run)."""
+    for tracker in build_trackers(settings):
+        finish = getattr(tracker, "finish_pipeline", None)
+        if finish is None:
+            continue
+        try:
+            finish(context.run_id, status)
+        except Exception as exc:
+            log.warning(
+                "tracking: closing the pipeline run in %s failed (%s)", tracker.backend, exc
+            )
 
 
 # ---------------------------------------------------------------------------

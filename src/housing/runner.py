@@ -1,0 +1,91 @@
+"""Run one stage with its events, notifications and trackers around it.
+
+The one place that wraps a pure stage (``housing.stages.*.run``) for every entry
+point: the ``housing`` commands, the scripts DVC calls, the ``housing repro`` workers
+and the ClearML pipeline steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from housing.errors import ConfigError
+
+if TYPE_CHECKING:
+    from housing.config import Settings
+    from housing.runs import RunContext
+
+STAGES = ("prepare", "train", "select_best", "evaluate")
+
+
+def run_stage(stage: str, overrides: Sequence[str] = (), config_dir: Path | None = None) -> Any:
+    """Compose the config and run one stage; returns the stage's result dataclass."""
+    from housing.config import load_settings
+
+    return execute_stage(stage, load_settings(overrides, config_dir=config_dir))
+
+
+def execute_stage(
+    stage: str,
+    settings: Settings,
+    run_id: str | None = None,
+    *,
+    context: RunContext | None = None,
+) -> Any:
+    """Run one stage with its events, notifications and trackers around it.
+
+    ``context`` says which pipeline run the stage belongs to (default: worked out from
+    the process, see :mod:`housing.runs`); ``run_id`` overrides its id.
+    """
+    from dataclasses import replace
+
+    from housing import runs
+    from housing.monitoring import EventLog, build_notifiers, track_stage
+    from housing.tracking.base import StageRun
+    from housing.tracking.recorder import record, tracked
+
+    context = context or runs.current()
+    if run_id is not None and run_id != context.run_id:
+        context = replace(context, run_id=run_id)
+    name = f"train_{settings.model.name}" if stage == "train" else stage
+    events = EventLog(settings.paths.metrics_dir / "pipeline_events.jsonl")
+    try:
+        notifier = build_notifiers(settings.section("notifications"), base_dir=settings.root)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    run = StageRun(
+        stage=stage, name=name, pipeline_run_id=context.run_id, tags=(stage,), context=context
+    )
+    with (
+        track_stage(events, context.run_id, name, notifier) as handle,
+        tracked(settings, run) as tset,
+    ):
+        result = stage_function(stage)(settings)
+        record(tset, stage, settings, result)
+        metrics = getattr(result, "metrics", None)
+        if isinstance(metrics, dict):
+            handle.update({"metrics": metrics})
+    return result
+
+
+def stage_function(stage: str) -> Callable[[Any], Any]:
+    """The pure ``run(settings)`` of a stage."""
+    if stage == "prepare":
+        from housing.stages.prepare import run as prepare
+
+        return prepare
+    if stage == "train":
+        from housing.stages.train import run as train
+
+        return train
+    if stage == "select_best":
+        from housing.stages.select_best import run as select_best
+
+        return select_best
+    if stage == "evaluate":
+        from housing.stages.evaluate import run as evaluate
+
+        return evaluate
+    raise ValueError(f"unknown stage {stage!r}")

@@ -1,0 +1,156 @@
+"""One pipeline run, one identity, whoever starts it.
+
+A *pipeline run* is what one command does to the DAG: ``housing repro`` (``make run``),
+plain ``dvc repro``, ``dvc exp run`` (workspace, ``--temp`` or queued), a scheduled run,
+or a stage run by hand. Every stage of it shares one run id and one MLflow parent run.
+:func:`current` works out which run the calling process belongs to:
+
+1. ``HOUSING_RUN_ID`` (set by ``housing repro``, ``make run``, the scheduler): that id,
+   owned by ``HOUSING_RUN_OWNER_PID`` when set (the engine closes the parent itself).
+2. Otherwise the nearest ancestor process that is DVC (``dvc repro``, ``dvc exp run``,
+   a queue worker's ``dvc exp exec-run``): its pid and start time name the run, so
+   every stage that one DVC process runs lands under one parent. DVC cannot tell a
+   stage that it is the last one, so each stage leaves the parent closed when it ends
+   (FINISHED, or FAILED once any stage failed) and the next one reopens it.
+3. Otherwise (a stage run by hand) a new id owned by this process.
+
+The owner's pid and start time are recorded with the runs, so a later run can tell
+runs left RUNNING by a killed process (:func:`is_alive`) and close them.
+
+DVC experiments run in a temporary copy under ``.dvc/tmp/exps/`` that DVC deletes;
+:func:`store_root` maps such a copy back to the repository, whose tracker stores
+(MLflow database, ClearML offline sessions, champion records) receive the records.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+RUN_ID_ENV = "HOUSING_RUN_ID"
+OWNER_PID_ENV = "HOUSING_RUN_OWNER_PID"
+_EXPS_DIR = (".dvc", "tmp", "exps")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Who owns the pipeline run that a stage belongs to."""
+
+    run_id: str
+    trigger: str  # housing | dvc | manual
+    owner_pid: int
+    owner_started: float  # the owner's process start time (guards against pid reuse)
+    host: str
+    closes_parent: bool  # True: each stage leaves the parent closed (no engine owns it)
+    experiment: str | None = None  # DVC experiment name
+    baseline: str | None = None  # DVC experiment baseline commit
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """Tags recorded on the runs: owner, trigger and DVC experiment."""
+        tags = {
+            "housing.trigger": self.trigger,
+            "housing.owner_pid": str(self.owner_pid),
+            "housing.owner_started": f"{self.owner_started:.3f}",
+            "housing.host": self.host,
+        }
+        if self.experiment:
+            tags["housing.dvc_experiment"] = self.experiment
+        if self.baseline:
+            tags["housing.dvc_baseline"] = self.baseline
+        return tags
+
+    def owned_by_engine(self) -> RunContext:
+        """The same run, closed by its owner (``housing repro``) rather than by each stage."""
+        return replace(self, closes_parent=False)
+
+
+def process_started(pid: int) -> float | None:
+    """The start time of process ``pid`` (seconds since the epoch), None if it is gone."""
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, ValueError):
+        return None
+
+
+def is_alive(pid: int, started: float | None, host: str) -> bool:
+    """Whether the process that recorded (pid, start time, host) still runs.
+
+    A run recorded on another host is assumed alive (it cannot be checked from here).
+    """
+    if host != socket.gethostname():
+        return True
+    now = process_started(pid)
+    if now is None:
+        return False
+    return started is None or abs(now - started) < 1.0
+
+
+def _dvc_ancestor() -> int | None:
+    """The pid of the nearest ancestor process that runs DVC, if any."""
+    import psutil
+
+    try:
+        process = psutil.Process().parent()
+        while process is not None and process.pid > 1:
+            cmdline = process.cmdline()
+            if any(Path(arg).name == "dvc" for arg in cmdline[:2]) or cmdline[1:3] == [
+                "-m",
+                "dvc",
+            ]:
+                return int(process.pid)
+            process = process.parent()
+    except psutil.Error:
+        return None
+    return None
+
+
+def current(env: Mapping[str, str] | None = None) -> RunContext:
+    """The run the calling process belongs to (see the module docstring)."""
+    from housing.monitoring import new_run_id
+
+    source = os.environ if env is None else env
+    host = socket.gethostname()
+    experiment = source.get("DVC_EXP_NAME") or None
+    baseline = source.get("DVC_EXP_BASELINE_REV") or None
+    run_id = source.get(RUN_ID_ENV, "").strip()
+    if run_id:
+        owner = source.get(OWNER_PID_ENV, "").strip()
+        pid = int(owner) if owner.isdigit() else os.getpid()
+        return RunContext(
+            run_id,
+            "housing",
+            pid,
+            process_started(pid) or 0.0,
+            host,
+            closes_parent=not owner.isdigit(),
+            experiment=experiment,
+            baseline=baseline,
+        )
+    dvc = _dvc_ancestor()
+    if dvc is not None:
+        started = process_started(dvc) or 0.0
+        stamp = f"{started:.0f}"
+        return RunContext(
+            f"dvc-{stamp}-{dvc}", "dvc", dvc, started, host, True, experiment, baseline
+        )
+    pid = os.getpid()
+    return RunContext(
+        new_run_id(), "manual", pid, process_started(pid) or 0.0, host, True, experiment, baseline
+    )
+
+
+def store_root(root: Path) -> Path:
+    """The repository whose stores get the records: ``root``, or the repository a DVC
+    experiment's temporary copy (``<repo>/.dvc/tmp/exps/...``) was made from."""
+    resolved = root.resolve()
+    parts = resolved.parts
+    for i in range(len(parts) - len(_EXPS_DIR), 0, -1):
+        if parts[i : i + len(_EXPS_DIR)] == _EXPS_DIR:
+            return Path(*parts[:i])
+    return resolved

@@ -1,0 +1,66 @@
+"""Test helpers: the whole pipeline in this process, with Hydra overrides.
+
+``housing repro`` runs ``dvc.yaml`` as it is; tests that need a pipeline run with
+other candidates, data or stores call :func:`run_all` instead: the same stage
+functions and trackers, one pipeline run, no DVC.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from housing import runs
+from housing.config import load_settings
+from housing.runner import execute_stage
+
+
+def run_all(overrides: Sequence[str] = (), config_dir: Path | None = None) -> dict[str, Any]:
+    """prepare -> train every candidate -> select_best -> evaluate, in this process."""
+    settings = load_settings(overrides, config_dir=config_dir)
+    context = runs.current()
+    results: dict[str, Any] = {"prepare": execute_stage("prepare", settings, context=context)}
+    for name in settings.selection.candidates:
+        model_settings = load_settings([*overrides, f"model={name}"], config_dir=config_dir)
+        results[f"train_{name}"] = execute_stage("train", model_settings, context=context)
+    results["select_best"] = execute_stage("select_best", settings, context=context)
+    results["evaluate"] = execute_stage("evaluate", settings, context=context)
+    return results
+
+
+def run_tool(
+    tool: str,
+    repo: Path,
+    *args: str,
+    unset: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess[str]:
+    """Run a venv tool (``dvc``, ``housing``) in ``repo`` with the venv on PATH."""
+    full = dict(os.environ)
+    full["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full['PATH']}"
+    full["HOUSING_CONFIG_DIR"] = str(repo / "conf")
+    full.update(env or {})
+    for name in (*unset, "HOUSING_RUN_ID", "HOUSING_RUN_OWNER_PID"):
+        if name not in (env or {}):
+            full.pop(name, None)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / tool), *args],
+        cwd=repo,
+        env=full,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+
+
+def ran_stages(dvc_output: str) -> list[str]:
+    """The stages ``dvc repro`` says it ran, in order."""
+    return [
+        line.split("'")[1] for line in dvc_output.splitlines() if line.startswith("Running stage")
+    ]
