@@ -48,3 +48,22 @@ def csv_file(tmp_path: Path, small_table: pd.DataFrame) -> Path:
 def csv_overrides(path: Path, *extra: str) -> list[str]:
     """Overrides selecting the CSV source for the ``small_table`` fixture."""
     return ["data=csv", f"data.path={path}", "data.target=price", *extra]
+
+
+def require_tool(names: Sequence[str], hint: str) -> str:
+    """The first of ``names`` on PATH; when none is: skip with the reason, or fail in CI.
+
+    ``make test`` in CI installs every tool the suite needs (scripts/ensure_test_tools.sh,
+    run by .ci/run through make test), so a missing one there is a defect, not a skip.
+    """
+    import os
+    import shutil
+
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    message = f"{names[0]} is not installed: {hint}"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)

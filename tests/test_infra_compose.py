@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import require_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra" / "clearml"
 COMPOSE = INFRA / "docker-compose.yml"
@@ -93,13 +95,10 @@ def _resolve(text: str, env: dict[str, str]) -> str:
 
 
 def _docker_compose() -> str:
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.fail(
-            "docker-compose is not installed: run scripts/ensure_test_tools.sh"
-            " (installs Debian's docker-compose 1.29 with apt-get; needs root)"
-        )
-    return binary
+    return require_tool(
+        ["docker-compose"],
+        "run scripts/ensure_test_tools.sh (Debian's docker-compose 1.29 via apt-get; root)",
+    )
 
 
 @pytest.fixture(scope="module")

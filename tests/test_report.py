@@ -20,7 +20,7 @@ from housing.reporting.report import ReportResult, build_report, format_metric, 
 from tests import browser
 from tests.test_compare import Tracked, tracked_project
 
-from .conftest import CONF
+from .conftest import CONF, require_tool
 
 FIGURES = (
     "model_comparison",
@@ -59,9 +59,7 @@ def restore_logging() -> Iterator[None]:
 
 def chromium() -> str:
     executable = browser.find_chromium()
-    if executable is None:
-        pytest.fail(f"chromium not found: {browser.INSTALL_HINT}", pytrace=False)
-    return executable
+    return executable or require_tool(list(browser.CANDIDATES), browser.INSTALL_HINT)
 
 
 def test_report_without_inputs_degrades_gracefully(tmp_path: Path) -> None:

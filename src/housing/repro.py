@@ -64,6 +64,8 @@ PRELOAD_MODULES: Final = (
     "mlflow",
     "mlflow.sklearn",
     "mlflow.store.tracking.sqlalchemy_store",
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
     "clearml",
 )
 

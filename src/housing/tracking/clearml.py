@@ -30,6 +30,7 @@ at import time and the SDK is imported lazily.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -235,9 +236,17 @@ def resolve_mode(
 
 
 def _log_once(message: str) -> None:
+    """Say once per process why ClearML is offline (``housing doctor`` says it too)."""
     if message not in _logged_reasons:
         _logged_reasons.add(message)
-        logger.info("%s", message)
+        logger.debug("%s", message)
+
+
+def _quiet_sdk() -> None:
+    """Keep the SDK's banner lines (task ids, session folders) off the console unless -v."""
+    if not logger.isEnabledFor(logging.DEBUG):
+        logging.getLogger("clearml").setLevel(logging.WARNING)
+        logging.getLogger("clearml.Repository Detection").setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------- tracker
@@ -382,7 +391,8 @@ class ClearMLTracker:
                 _quietly(task.mark_failed, status_reason=reason, status_message=reason)
             else:
                 _quietly(task.set_user_properties, status="completed")
-            task.close()
+            with contextlib.redirect_stdout(io.StringIO()):  # "Offline session stored in"
+                task.close()
             if status == "failed" and not self.offline:
                 # Task.close() marks a task completed; make the failure the final state.
                 _quietly(task.mark_failed, status_reason=reason, force=True)
@@ -467,6 +477,7 @@ class ClearMLTracker:
                 f"another ClearML task ({current.name!r}) is open in this process; close it first"
             )
         task_type = getattr(Task.TaskTypes, _TASK_TYPES.get(run.stage, "training"))
+        _quiet_sdk()
         return Task.init(
             project_name=self.settings.project_name,
             task_name=f"{self.settings.task_prefix}:{run.name}",

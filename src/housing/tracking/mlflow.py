@@ -207,6 +207,28 @@ def _error_code(exc: BaseException) -> str:
 
 
 @contextmanager
+def _no_requirement_scan() -> Iterator[None]:
+    """Skip MLflow's check that the logged requirements match the environment.
+
+    They are the installed versions themselves (:func:`_pinned_requirements`), so the
+    check cannot fail, and it costs ~2 s per model (a scan of every installed
+    distribution). Guarded: if MLflow renames the hook, the check simply runs.
+    """
+    from mlflow.utils import environment
+
+    name = "warn_dependency_requirement_mismatches"
+    original = getattr(environment, name, None)
+    if original is None:
+        yield
+        return
+    setattr(environment, name, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        setattr(environment, name, original)
+
+
+@contextmanager
 def _fluent_tracking_uri(uri: str) -> Iterator[None]:
     """Point mlflow's global (fluent) tracking URI at ``uri``; restore it afterwards."""
     import mlflow
@@ -600,7 +622,7 @@ class MLflowTracker:
         import mlflow.sklearn
         from mlflow.entities import LoggedModelOutput
 
-        with _fluent_tracking_uri(self.tracking_uri):
+        with _fluent_tracking_uri(self.tracking_uri), _no_requirement_scan():
             pin_run = {"run_id": run_id} if mlflow.active_run() is not None else {}
             try:
                 info: ModelInfo = mlflow.sklearn.log_model(

@@ -345,7 +345,9 @@ def _load_session(folder: Path, zip_path: Path | None) -> OfflineSession | None:
             raise ValueError("task.json has no task id")
     except (ValueError, UnicodeDecodeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        logger.warning("skipping corrupt ClearML offline session %s: %s", folder, reason)
+        # No zip yet: the session is still open (another stage is writing task.json).
+        level = logging.WARNING if zip_path is not None else logging.DEBUG
+        logger.log(level, "skipping unreadable ClearML offline session %s: %s", folder, reason)
         return None
     return OfflineSession(
         folder=folder,

@@ -277,7 +277,7 @@ def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult
         )
         t.promote(decision, registered)
         verb = "promoted" if decision.promoted else "kept the champion"
-        log.info("champion (%s): %s: %s", t.backend, verb, decision.reason)
+        log.debug("champion (%s): %s: %s", t.backend, verb, decision.reason)
         t.log_text(f"champion decision: {'promoted' if decision.promoted else 'rejected'}: "
                    f"{decision.reason}")  # fmt: skip
         return registered
