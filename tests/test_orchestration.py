@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from housing.config import load_settings
-from housing.errors import ArtifactError, HousingError
+from housing.errors import ArtifactError, ConfigError
 from housing.monitoring import read_events
 from housing.orchestration import pipeline
 from housing.orchestration.pipeline import (
@@ -125,9 +125,8 @@ def test_cache_setting_must_be_boolean(tmp_path: Path) -> None:
     assert pipeline.cache_enabled(load_settings([], CONF, tmp_path)) is True
     off = load_settings(["++clearml.pipeline.cache=false"], CONF, tmp_path)
     assert pipeline.cache_enabled(off) is False
-    bad = load_settings(["++clearml.pipeline.cache=maybe"], CONF, tmp_path)
-    with pytest.raises(HousingError, match=r"clearml\.pipeline\.cache"):
-        pipeline.cache_enabled(bad)
+    with pytest.raises(ConfigError, match=r"^clearml\.pipeline\.cache: expected true or false"):
+        load_settings(["++clearml.pipeline.cache=maybe"], CONF, tmp_path)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from housing.entry import Parser, add_common_options, run_cli
-from housing.errors import ConfigError, HousingError
+from housing.errors import HousingError
 
 if TYPE_CHECKING:
     from housing.config import Settings
@@ -55,10 +55,7 @@ def execute_stage(stage: str, settings: Settings, run_id: str | None = None) -> 
     name = f"train_{settings.model.name}" if stage == "train" else stage
     run_id = run_id or pipeline_run_id()
     events = EventLog(settings.paths.metrics_dir / "pipeline_events.jsonl")
-    try:
-        notifier = build_notifiers(settings.section("notifications"), base_dir=settings.root)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    notifier = build_notifiers(settings.notifications)
     run = StageRun(stage=stage, name=name, pipeline_run_id=run_id, tags=(stage,))
     with track_stage(events, run_id, name, notifier) as handle, tracked(settings, run) as tset:
         result = _stage_function(stage)(settings)
@@ -205,24 +202,20 @@ def doctor(overrides: Sequence[str], config_dir: Path | None) -> int:
     from housing.doctor import diagnose, render
 
     settings = load_settings(overrides, config_dir=config_dir)
-    clearml = settings.section("clearml")
-    server = clearml.get("server") or {}
-    auth = clearml.get("auth") or {}
-    pipeline = clearml.get("pipeline") or {}
-    queues = [] if pipeline.get("run_locally", True) else [str(pipeline["execution_queue"])]
+    cml = settings.clearml
     checks = diagnose(
         os.environ,
-        api_host=server.get("api_host"),
-        web_host=server.get("web_host"),
-        files_host=server.get("files_host"),
+        api_host=cml.api_host,
+        web_host=cml.web_host,
+        files_host=cml.files_host,
         config_file=os.environ.get("CLEARML_CONFIG_FILE"),
         tracking_backends=settings.tracking,
-        clearml_mode=str(clearml.get("mode", "auto")),
-        mlflow_uri=str(settings.section("mlflow").get("tracking_uri", "")),
-        timeout=float(clearml.get("connect_timeout_sec", 2.0)),
-        expected_queues=queues,
-        access_key_env=str(auth.get("access_key_env", "CLEARML_API_ACCESS_KEY")),
-        secret_key_env=str(auth.get("secret_key_env", "CLEARML_API_SECRET_KEY")),
+        clearml_mode=cml.mode,
+        mlflow_uri=settings.mlflow.tracking_uri,
+        timeout=cml.connect_timeout_sec,
+        expected_queues=[] if cml.pipeline.run_locally else [cml.pipeline.execution_queue],
+        access_key_env=cml.access_key_env,
+        secret_key_env=cml.secret_key_env,
     )
     print(render(checks))
     return 1 if any(c.status == "fail" for c in checks) else 0
@@ -231,11 +224,9 @@ def doctor(overrides: Sequence[str], config_dir: Path | None) -> int:
 def clearml_sync(overrides: Sequence[str], config_dir: Path | None) -> int:
     """Import every offline ClearML session not yet imported into the configured server."""
     from housing.config import load_settings
-    from housing.tracking.clearml import clearml_settings
     from housing.tracking.offline import sync
 
-    settings = load_settings(overrides, config_dir=config_dir)
-    cml = clearml_settings(settings.section("clearml"), settings.root)
+    cml = load_settings(overrides, config_dir=config_dir).clearml
     report = sync(
         cml.offline_dir,
         api_host=cml.api_host,

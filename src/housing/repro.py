@@ -101,7 +101,7 @@ def _summarise(root: Path, run_id: str, seconds: float, error: str | None) -> No
 
     try:
         settings = load_settings(["tracking=none"], config_dir=root / "conf", root=root)
-        notifier = build_notifiers(settings.section("notifications"), base_dir=root)
+        notifier = build_notifiers(settings.notifications)
     except (HousingError, ValueError):
         return  # the stages already reported the config problem
     best = rmse = None

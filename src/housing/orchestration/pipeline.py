@@ -507,10 +507,7 @@ def _run_job(job: _Job) -> _Outcome:
 def _notifier(settings: Settings) -> Notifier:
     from housing.monitoring import build_notifiers
 
-    try:
-        return build_notifiers(settings.section("notifications"), base_dir=settings.root)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    return build_notifiers(settings.notifications)
 
 
 def _events(settings: Settings) -> EventLog:
@@ -554,17 +551,9 @@ class _Plan:
     producers: dict[str, str] = field(default_factory=dict)  # output rel path -> step
 
 
-def _pipeline_section(settings: Settings) -> Mapping[str, Any]:
-    pipeline = settings.section("clearml").get("pipeline") or {}
-    return pipeline if isinstance(pipeline, Mapping) else {}
-
-
 def cache_enabled(settings: Settings) -> bool:
-    """``clearml.pipeline.cache`` (default true); a non-boolean is a ConfigError."""
-    value = _pipeline_section(settings).get("cache", True)
-    if not isinstance(value, bool):
-        raise ConfigError(f"clearml.pipeline.cache: expected true or false, got {value!r}")
-    return value
+    """``clearml.pipeline.cache`` (default true)."""
+    return settings.clearml.pipeline.cache
 
 
 def _step_settings(
@@ -878,9 +867,9 @@ def clearml_mode(settings: Settings) -> str:
         return "offline"
     if os.environ.get("CLEARML_TASK_ID"):  # executed as a ClearML task (agent): online
         return "online"
-    from housing.tracking.clearml import clearml_settings, resolve_mode
+    from housing.tracking.clearml import resolve_mode
 
-    mode, reason = resolve_mode(clearml_settings(settings.section("clearml"), settings.root))
+    mode, reason = resolve_mode(settings.clearml)
     log.debug("pipeline: ClearML %s (%s)", mode, reason)
     return mode
 

@@ -70,24 +70,20 @@ def build_trackers(settings: Settings) -> list[Tracker]:
             if backend == "mlflow":
                 from housing.tracking.mlflow import MLflowTracker
 
-                cfg = settings.section("mlflow")
+                cfg = settings.mlflow
                 trackers.append(
                     MLflowTracker(
-                        tracking_uri=str(cfg.get("tracking_uri", "sqlite:///mlflow.db")),
-                        experiment=str(cfg.get("experiment", "housing")),
-                        registry_uri=cfg.get("registry_uri"),
-                        champion_alias=str(
-                            settings.section("registry").get("champion_alias", "champion")
-                        ),
+                        tracking_uri=cfg.tracking_uri,
+                        experiment=cfg.experiment,
+                        registry_uri=cfg.registry_uri,
+                        champion_alias=settings.registry.champion_alias,
                         root=settings.root,
                     )
                 )
             elif backend == "clearml":
-                from housing.tracking.clearml import ClearMLTracker, clearml_settings
+                from housing.tracking.clearml import ClearMLTracker
 
-                trackers.append(
-                    ClearMLTracker(clearml_settings(settings.section("clearml"), settings.root))
-                )
+                trackers.append(ClearMLTracker(settings.clearml))
         except Exception as exc:
             log.warning("tracking: %s unavailable (%s: %s)", backend, type(exc).__name__, exc)
     return trackers
@@ -211,7 +207,7 @@ def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult
         "metric": result.metric,
         "greater_is_better": result.greater_is_better,
         "allow_missing": settings.selection.allow_missing,
-        "min_improvement": float(settings.section("registry").get("min_improvement", 0.0)),
+        "min_improvement": settings.registry.min_improvement,
     }
     tset.each("log_params", lambda t: t.log_params(params, "selection"))
     metrics = dict(result.metrics)
@@ -318,4 +314,4 @@ def _log_figure(tracker: Tracker, figure: Figure) -> None:
 
 
 def _model_name(settings: Settings) -> str:
-    return str(settings.section("clearml").get("model_name", "housing"))
+    return settings.clearml.model_name
