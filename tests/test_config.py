@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from housing.cli import main
-from housing.config import available_choices, compose, load_settings
+from housing.config import Settings, available_choices, compose, load_settings
 from housing.errors import ConfigError
 
 from .conftest import CONF
@@ -22,11 +22,55 @@ def test_every_group_option_composes_and_validates(group: str, tmp_path: Path) -
             ["data.path=x.csv", "data.target=price"] if (group, choice) == ("data", "csv") else []
         )
         settings = load_settings([f"{group}={choice}", *extra], config_dir=CONF, root=tmp_path)
+        assert isinstance(settings, Settings)
         assert settings.resolved[group] is not None
         if group == "model":
             assert settings.model.name == choice
         if group == "data":
             assert settings.data.name == choice
+        if group == "tracking":
+            assert list(settings.tracking) == settings.resolved["tracking"]["backends"]
+    assert settings.clearml.offline_dir == tmp_path / ".clearml"
+    assert settings.notifications.file == tmp_path / "reports" / "pipeline_notifications.log"
+    assert settings.clearml.pipeline.poll_sec == 5.0
+    assert settings.registry.champion_alias == "champion"
+    assert settings.mlflow.registry_uri is None
+
+
+def test_clearml_disabled_drops_the_backend(tmp_path: Path) -> None:
+    settings = load_settings(["clearml.enabled=false"], CONF, tmp_path)
+    assert settings.tracking == ("mlflow",)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["clearml.mode=onlnie"], "clearml.mode: unknown value 'onlnie'; did you mean online?"),
+        (["data=synthetic", "data.noise=abc"], "data.noise: expected a number, got 'abc'"),
+        (["clearml.pipeline.poll_sec=-1"], "clearml.pipeline.poll_sec: must be > 0, got -1"),
+        (
+            ["model=ridge", "model.params.alhpa=3"],
+            "model.params.alhpa: unknown key; did you mean model.params.alpha? "
+            "(use +model.params.alhpa=3 to add a new key)",
+        ),
+        (["+trian.cv_folds=3"], "trian: unknown key; did you mean train?"),
+        (["+train.cv_fold=3"], "train.cv_fold: unknown key; did you mean train.cv_folds?"),
+        (
+            ["+data.schema.columns.rm.mni=1"],
+            "data.schema.columns.rm.mni: unknown key; did you mean data.schema.columns.rm.min?",
+        ),
+        (
+            ["clearml.pipeline.schedule_cron=''"],
+            "clearml.pipeline.schedule_cron: must not be empty",
+        ),
+        (["mlflow.experiment=''"], "mlflow.experiment: must not be empty, got ''"),
+    ],
+)
+def test_bad_value_is_one_exact_line(overrides: list[str], line: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(overrides, config_dir=CONF, root=tmp_path)
+    assert str(err.value).startswith(line)
+    assert "\n" not in str(err.value)
 
 
 def test_defaults_match_the_report() -> None:
@@ -98,6 +142,16 @@ def test_cli_bad_config_exits_nonzero_with_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == ConfigError.exit_code != 0
     assert err == [err[0]] and err[0].startswith("error: prepare.test_size")
+    assert not (tmp_path / "data").exists()
+
+
+def test_cli_refuses_a_misspelt_mode_before_any_work(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config-dir", str(CONF), "prepare", "clearml.mode=onlnie"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: clearml.mode: unknown value 'onlnie'; did you mean online?"]
     assert not (tmp_path / "data").exists()
 
 

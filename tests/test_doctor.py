@@ -436,12 +436,6 @@ def test_offline_mode_from_environment(tmp_path: Path) -> None:
     assert "CLEARML_OFFLINE_MODE" in online["clearml mode"].detail
 
 
-def test_unknown_mode(tmp_path: Path) -> None:
-    by_name = _by_name(_run(_env(tmp_path), None, clearml_mode="sometimes"))
-    assert by_name["clearml mode"].status == "fail"
-    assert "auto|online|offline" in by_name["clearml mode"].next_step
-
-
 def test_no_backends_is_a_warning(tmp_path: Path) -> None:
     checks = _run(_env(tmp_path), None, tracking_backends=[])
     assert checks[0].name == "tracking backends"

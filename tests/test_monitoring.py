@@ -320,16 +320,18 @@ def test_multi_and_filtered_notifiers_isolate_failures() -> None:
     assert isinstance(notifier, mon.Notifier)
 
 
-def test_build_notifiers_validates_and_builds(tmp_path: Path) -> None:
-    settings = {
-        "console": True,
-        "file": "reports/pipeline_notifications.log",
-        "webhook": {"url_env": "MY_HOOK", "timeout_sec": 1, "retries": 1},
-        "on": ["failed", "succeeded_pipeline"],
-    }
-    built = mon.build_notifiers(
-        settings, {"MY_HOOK": "https://hooks.example.com/T/B/x"}, base_dir=tmp_path
-    )
+def test_build_notifiers_from_the_typed_section(tmp_path: Path) -> None:
+    from housing.config import NotificationSettings, load_settings
+    from housing.errors import ConfigError
+    from tests.conftest import CONF
+
+    overrides = [
+        "notifications.console=true",
+        "notifications.webhook={url_env: MY_HOOK, timeout_sec: 1, retries: 1}",
+        "notifications.on=[failed,succeeded_pipeline]",
+    ]
+    settings = load_settings(overrides, CONF, tmp_path).notifications
+    built = mon.build_notifiers(settings, {"MY_HOOK": "https://hooks.example.com/T/B/x"})
     sinks = built.inner.notifiers  # type: ignore[attr-defined]
     assert [type(s).__name__ for s in sinks] == [
         "ConsoleNotifier",
@@ -341,19 +343,32 @@ def test_build_notifiers_validates_and_builds(tmp_path: Path) -> None:
     assert built.on == {"failed", "succeeded_pipeline"}
 
     # webhook configured but env var missing -> skipped, not an error
-    built = mon.build_notifiers({"webhook": {}}, {})
+    built = mon.build_notifiers(NotificationSettings(webhook=True), {})  # type: ignore[arg-type]
     assert built.inner.notifiers == ()  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="must hold an http"):
+        mon.build_notifiers(
+            NotificationSettings(webhook=True),  # type: ignore[arg-type]
+            {"HOUSING_WEBHOOK_URL": "ftp://x/y"},
+        )
 
-    with pytest.raises(ValueError, match="unknown key 'slack'"):
-        mon.build_notifiers({"slack": True}, {})
-    with pytest.raises(ValueError, match="webhook: unknown key 'url'"):
-        mon.build_notifiers({"webhook": {"url": "https://x"}}, {})
-    with pytest.raises(ValueError, match="unknown notification trigger 'sometimes'"):
-        mon.build_notifiers({"on": ["failed", "sometimes"]}, {})
-    with pytest.raises(ValueError, match="console"):
-        mon.build_notifiers({"console": "yes"}, {})
-    with pytest.raises(ValueError, match="must hold an http"):
-        mon.build_notifiers({"webhook": True}, {"HOUSING_WEBHOOK_URL": "ftp://x/y"})
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+notifications.slack=true", "notifications.slack: unknown key"),
+        ("+notifications.webhook.url=x", "notifications.webhook.url: unknown key; did you mean"),
+        ("notifications.on=[failed,sometimes]", "notifications.on: unknown trigger 'sometimes'"),
+        ("notifications.console=yes", "notifications.console: expected true or false"),
+    ],
+)
+def test_bad_notifications_are_config_errors(tmp_path: Path, override: str, message: str) -> None:
+    from housing.config import load_settings
+    from housing.errors import ConfigError
+    from tests.conftest import CONF
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings([override], CONF, tmp_path)
+    assert str(caught.value).startswith(message)
 
 
 # --------------------------------------------------------------------------- webhook

@@ -26,9 +26,8 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_invalid_cron_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
-    settings = load_settings(["clearml.pipeline.schedule_cron=0 25 * * *"], CONF, tmp_path)
     with pytest.raises(ConfigError) as caught:
-        schedule(settings, install=False, now=NOW)
+        load_settings(["clearml.pipeline.schedule_cron=0 25 * * *"], CONF, tmp_path)
     message = str(caught.value)
     assert message.startswith("clearml.pipeline.schedule_cron: ")
     assert "hour" in message and "\n" not in message

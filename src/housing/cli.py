@@ -154,24 +154,20 @@ def doctor(overrides: Sequence[str], config_dir: Path | None) -> int:
     from housing.doctor import diagnose, render
 
     settings = load_settings(overrides, config_dir=config_dir)
-    clearml = settings.section("clearml")
-    server = clearml.get("server") or {}
-    auth = clearml.get("auth") or {}
-    pipeline = clearml.get("pipeline") or {}
-    queues = [] if pipeline.get("run_locally", True) else [str(pipeline["execution_queue"])]
+    cml = settings.clearml
     checks = diagnose(
         os.environ,
-        api_host=server.get("api_host"),
-        web_host=server.get("web_host"),
-        files_host=server.get("files_host"),
+        api_host=cml.api_host,
+        web_host=cml.web_host,
+        files_host=cml.files_host,
         config_file=os.environ.get("CLEARML_CONFIG_FILE"),
         tracking_backends=settings.tracking,
-        clearml_mode=str(clearml.get("mode", "auto")),
-        mlflow_uri=str(settings.section("mlflow").get("tracking_uri", "")),
-        timeout=float(clearml.get("connect_timeout_sec", 2.0)),
-        expected_queues=queues,
-        access_key_env=str(auth.get("access_key_env", "CLEARML_API_ACCESS_KEY")),
-        secret_key_env=str(auth.get("secret_key_env", "CLEARML_API_SECRET_KEY")),
+        clearml_mode=cml.mode,
+        mlflow_uri=settings.mlflow.tracking_uri,
+        timeout=cml.connect_timeout_sec,
+        expected_queues=[] if cml.pipeline.run_locally else [cml.pipeline.execution_queue],
+        access_key_env=cml.access_key_env,
+        secret_key_env=cml.secret_key_env,
     )
     print(render(checks))
     return 1 if any(c.status == "fail" for c in checks) else 0
@@ -180,11 +176,9 @@ def doctor(overrides: Sequence[str], config_dir: Path | None) -> int:
 def clearml_sync(overrides: Sequence[str], config_dir: Path | None) -> int:
     """Import every offline ClearML session not yet imported into the configured server."""
     from housing.config import load_settings
-    from housing.tracking.clearml import clearml_settings
     from housing.tracking.offline import sync
 
-    settings = load_settings(overrides, config_dir=config_dir)
-    cml = clearml_settings(settings.section("clearml"), settings.root)
+    cml = load_settings(overrides, config_dir=config_dir).clearml
     report = sync(
         cml.offline_dir,
         api_host=cml.api_host,

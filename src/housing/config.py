@@ -1,21 +1,35 @@
 """Typed settings composed from the Hydra config in ``conf/``.
 
 Entry points call :func:`load_settings` (compose + validate) once; everything below
-them receives plain, frozen dataclasses. Every check of a config value lives here
-and names the key to fix.
+them receives frozen pydantic models. Every section of ``conf/pipeline.yaml`` has a
+model here (unknown keys are refused), and every check of a config value lives here:
+a bad value is one :class:`~housing.errors.ConfigError` line ``<dotted.key>: <why>``.
 """
 
 from __future__ import annotations
 
-import math
+import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from housing.errors import ConfigError
 
+M = TypeVar("M", bound=BaseModel)
 CONFIG_NAME = "pipeline"
 #: Metrics every train stage reports, in the names every tracker uses.
 TRAIN_METRICS = (
@@ -38,55 +52,120 @@ def greater_is_better(metric: str) -> bool:
     return metric.endswith("r2")
 
 
-@dataclass(frozen=True)
-class ColumnRule:
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Text = Annotated[str, Field(min_length=1)]
+Fraction = Annotated[Number, Field(gt=0, lt=1)]
+Seed = Annotated[StrictInt, Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+def _root(info: ValidationInfo) -> Path:
+    return Path((info.context or {}).get("root") or Path.cwd())
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ColumnRule(_Section):
     """Checks on one column: numeric range, allowed values, missing values."""
 
-    min: float | None = None
-    max: float | None = None
-    allowed: tuple[float, ...] | None = None
-    nullable: bool | None = None  # None: the schema's allow_missing decides
+    min: Number | None = None
+    max: Number | None = None
+    allowed: tuple[Number, ...] | None = None
+    nullable: StrictBool | None = None  # None: the schema's allow_missing decides
 
 
-@dataclass(frozen=True)
-class Schema:
+class Schema(_Section):
     """Table-level checks plus per-column rules (listed columns are required)."""
 
-    min_rows: int = 1
-    allow_missing: bool = False
-    columns: Mapping[str, ColumnRule] = field(default_factory=dict)
+    min_rows: Annotated[StrictInt, Field(ge=1)] = 1
+    allow_missing: StrictBool = False
+    columns: dict[str, ColumnRule] = Field(default_factory=dict)
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _empty_rules(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):  # `rm:` with no rules is allowed
+            return {k: {} if v is None else v for k, v in value.items()}
+        return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _ranges(self) -> Schema:
+        for name, rule in self.columns.items():
+            if rule.min is not None and rule.max is not None and rule.min > rule.max:
+                raise ConfigError(
+                    f"data.schema.columns.{name}: min {rule.min:g} is greater than max {rule.max:g}"
+                )
+        return self
 
 
-@dataclass(frozen=True)
-class DataSettings:
+class DataSettings(_Section):
     """Where the raw table comes from and what it must look like."""
 
-    name: str
-    source: str
-    target: str
-    schema: Schema
+    name: Text
+    source: Literal["boston", "california", "csv", "synthetic"]
+    target: Text
+    schema_: Schema = Field(alias="schema")
     drop_columns: tuple[str, ...] = ()
     path: Path | None = None
-    sep: str = ","
+    sep: Text = ","
     cache_dir: Path | None = None
-    n_rows: int | None = None
-    noise: float = 0.05
-    random_state: int = 42
+    n_rows: Annotated[StrictInt, Field(ge=100)] | None = None
+    noise: Annotated[Number, Field(ge=0)] = 0.05
+    random_state: Seed = 42
+
+    @property
+    def schema(self) -> Schema:  # type: ignore[override]  # BaseModel.schema is deprecated
+        return self.schema_
+
+    @model_validator(mode="after")
+    def _per_source(self) -> DataSettings:
+        if self.source == "csv" and self.path is None:
+            raise ConfigError("data.path: required for data=csv (data.path=<file.csv>)")
+        if self.source == "synthetic" and self.n_rows is None:
+            raise ConfigError("data.n_rows: required for data=synthetic")
+        if self.target in self.drop_columns:
+            raise ConfigError(f"data.drop_columns: cannot drop the target column {self.target!r}")
+        return self
 
 
-@dataclass(frozen=True)
-class ModelSettings:
+# --------------------------------------------------------------------------- model
+
+
+class ModelSettings(_Section):
     """One candidate model: the estimator key, its params, preprocessing options."""
 
-    name: str
-    estimator: str
-    params: Mapping[str, Any]
-    scale: bool = True
+    name: Text
+    estimator: Text
+    params: dict[str, Any] = Field(default_factory=dict)
+    scale: StrictBool = True
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _no_params(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _estimator(self) -> ModelSettings:
+        from housing.models import ESTIMATORS, check_params
+
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(
+                f"model.estimator: unknown estimator {self.estimator!r}; "
+                f"choose one of {', '.join(ESTIMATORS)}"
+            )
+        check_params(self.estimator, self.params)
+        return self
 
 
-@dataclass(frozen=True)
-class Paths:
-    """Every file the pipeline reads or writes, absolute."""
+# --------------------------------------------------------------------------- paths
+
+
+class Paths(_Section):
+    """Every file the pipeline reads or writes, absolute (relative ones join the root)."""
 
     raw: Path
     train: Path
@@ -95,6 +174,18 @@ class Paths:
     metrics_dir: Path
     plots_dir: Path
     reports_dir: Path
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            raise ValueError("expected a non-empty path")
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _absolute(cls, value: Path, info: ValidationInfo) -> Path:
+        return _root(info) / value
 
     def model(self, name: str) -> Path:
         return self.models_dir / f"{name}.joblib"
@@ -131,21 +222,37 @@ class Paths:
         return self.plots_dir / "feature_importances.csv"
 
 
-@dataclass(frozen=True)
-class PrepareSettings:
-    test_size: float
-    random_state: int
+# --------------------------------------------------------------------------- stages
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    val_size: float
-    random_state: int
-    cv_folds: int
-    large_table_rows: int
-    cv_folds_large: int | None
-    n_jobs: int
-    refit_full: bool
+class PrepareSettings(_Section):
+    test_size: Fraction
+    random_state: Seed
+
+
+def _folds(value: int | None) -> int | None:
+    if value == 1:
+        raise ValueError("must be 0 (no CV) or at least 2")
+    return value
+
+
+class TrainSettings(_Section):
+    val_size: Fraction
+    random_state: Seed
+    cv_folds: Annotated[StrictInt, Field(ge=0)]
+    large_table_rows: Annotated[StrictInt, Field(ge=1)]
+    cv_folds_large: Annotated[StrictInt, Field(ge=0)] | None
+    n_jobs: StrictInt
+    refit_full: StrictBool
+
+    _check_folds = field_validator("cv_folds", "cv_folds_large")(_folds)
+
+    @field_validator("n_jobs")
+    @classmethod
+    def _jobs(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (all cores) or a positive count")
+        return value
 
     def folds_for(self, n_rows: int) -> int:
         """CV folds to use for a train split of ``n_rows`` rows (0: no CV)."""
@@ -154,40 +261,198 @@ class TrainSettings:
         return self.cv_folds
 
 
-@dataclass(frozen=True)
-class SelectionSettings:
-    candidates: tuple[str, ...]
-    metric: str
-    allow_missing: bool
+class SelectionSettings(_Section):
+    candidates: Annotated[tuple[str, ...], Field(min_length=1)]
+    metric: Literal[SELECTION_METRICS]  # type: ignore[valid-type]
+    allow_missing: StrictBool
+
+    @field_validator("candidates")
+    @classmethod
+    def _known(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        cdir = (info.context or {}).get("config_dir")
+        known = available_choices(cdir, "model") if cdir else list(value)
+        for name in value:
+            if name not in known:
+                raise ValueError(_unknown("model", name, known))
+        if len(set(value)) != len(value):
+            raise ValueError("duplicate names")
+        return value
 
     @property
     def greater_is_better(self) -> bool:
         return greater_is_better(self.metric)
 
 
-@dataclass(frozen=True)
-class Settings:
+class RegistrySettings(_Section):
+    champion_alias: Text = "champion"
+    min_improvement: Annotated[Number, Field(ge=0)] = 0.0
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+class TrackingSettings(_Section):
+    backends: tuple[Literal["mlflow", "clearml"], ...] = ()
+
+
+class MLflowSettings(_Section):
+    tracking_uri: Text = "sqlite:///mlflow.db"
+    experiment: Text = "housing"
+    registry_uri: Text | None = None  # None: same as tracking_uri
+
+
+class ClearMLServer(_Section):
+    api_host: Text = "http://127.0.0.1:8008"
+    web_host: Text = "http://127.0.0.1:8080"
+    files_host: Text = "http://127.0.0.1:8081"
+
+    @field_validator("*")
+    @classmethod
+    def _no_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class ClearMLAuth(_Section):
+    """Names of the environment variables holding the credentials (never the keys)."""
+
+    access_key_env: Text = "CLEARML_API_ACCESS_KEY"
+    secret_key_env: Text = "CLEARML_API_SECRET_KEY"
+
+
+class ClearMLPipeline(_Section):
+    execution_queue: Text = "default"
+    run_locally: StrictBool = True
+    controller_queue: Text | None = "services"
+    schedule_cron: Text | None = None
+    cache: StrictBool = True
+    poll_sec: Annotated[Number, Field(gt=0)] = 5.0
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        from housing.schedule import CronError, validate_cron
+
+        try:
+            return None if value is None else validate_cron(value, key="")
+        except CronError as exc:
+            raise ValueError(str(exc).removeprefix(": ")) from None
+
+
+class ClearMLSettings(_Section):
+    """The ``clearml:`` section (``offline_dir`` absolute); flat names for server/auth."""
+
+    enabled: StrictBool = True
+    mode: Literal["auto", "online", "offline"] = "auto"
+    project_name: Text = "housing"
+    task_prefix: Text = "housing"
+    model_name: Text = "housing"
+    output_uri: Text | None = None
+    tags: tuple[str, ...] = ()
+    offline_dir: Path = Path(".clearml")
+    server: ClearMLServer = ClearMLServer()
+    auth: ClearMLAuth = ClearMLAuth()
+    connect_timeout_sec: Annotated[Number, Field(gt=0)] = 2.0
+    pipeline: ClearMLPipeline = ClearMLPipeline()
+
+    @field_validator("offline_dir")
+    @classmethod
+    def _absolute(cls, value: Path, info: ValidationInfo) -> Path:
+        return _root(info) / value.expanduser()
+
+    @property
+    def api_host(self) -> str:
+        return self.server.api_host
+
+    @property
+    def web_host(self) -> str:
+        return self.server.web_host
+
+    @property
+    def files_host(self) -> str:
+        return self.server.files_host
+
+    @property
+    def access_key_env(self) -> str:
+        return self.auth.access_key_env
+
+    @property
+    def secret_key_env(self) -> str:
+        return self.auth.secret_key_env
+
+
+class WebhookSettings(_Section):
+    url_env: Text = "HOUSING_WEBHOOK_URL"
+    timeout_sec: Annotated[Number, Field(gt=0)] = 3.0
+    retries: Annotated[StrictInt, Field(ge=0)] = 2
+    backoff_sec: Annotated[Number, Field(ge=0)] = 0.5
+
+
+class NotificationSettings(_Section):
+    """Who hears about stage events besides ``metrics/pipeline_events.jsonl``."""
+
+    console: StrictBool = False
+    file: Path | None = None  # relative: under the project root
+    webhook: WebhookSettings | None = None  # true: defaults; null/false: off
+    on: tuple[str, ...] = ("failed", "pipeline")
+
+    @field_validator("webhook", mode="before")
+    @classmethod
+    def _webhook(cls, value: Any) -> Any:
+        return {} if value is True else None if value is False else value
+
+    @field_validator("file", mode="before")
+    @classmethod
+    def _file(cls, value: Any) -> Any:
+        return None if value is False or value == "" else value
+
+    @field_validator("on")
+    @classmethod
+    def _triggers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from housing.monitoring import NOTIFY_TRIGGERS
+
+        for name in value:
+            if name not in NOTIFY_TRIGGERS:
+                raise ValueError(_unknown("trigger", name, sorted(NOTIFY_TRIGGERS)))
+        return value
+
+    @field_validator("file")
+    @classmethod
+    def _absolute(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _root(info) / value
+
+
+# --------------------------------------------------------------------------- settings
+
+
+class Settings(_Section):
     """The validated configuration of one pipeline run."""
 
     root: Path
     config_dir: Path
+    resolved: dict[str, Any]  # the whole composed config, plain values
     data: DataSettings
     model: ModelSettings
     paths: Paths
     prepare: PrepareSettings
     train: TrainSettings
     selection: SelectionSettings
-    tracking: tuple[str, ...]  # active backends, in order (mlflow, clearml)
-    resolved: Mapping[str, Any]  # the whole composed config, plain values
+    tracking_: TrackingSettings = Field(alias="tracking")
+    mlflow: MLflowSettings = MLflowSettings()
+    clearml: ClearMLSettings = ClearMLSettings()
+    registry: RegistrySettings = RegistrySettings()
+    notifications: NotificationSettings = NotificationSettings()
 
-    def section(self, key: str) -> Mapping[str, Any]:
-        """A top-level config section as plain values ({} when absent)."""
-        value = self.resolved.get(key)
-        return value if isinstance(value, Mapping) else {}
+    @property
+    def tracking(self) -> tuple[str, ...]:
+        """Active backends, in order; ``clearml.enabled: false`` drops ClearML."""
+        return tuple(
+            dict.fromkeys(
+                b for b in self.tracking_.backends if b != "clearml" or self.clearml.enabled
+            )
+        )
 
 
-# ---------------------------------------------------------------------------
-# Composition
+# --------------------------------------------------------------------------- composition
 
 
 def default_config_dir() -> Path:
@@ -231,10 +496,24 @@ def compose(overrides: Sequence[str] = (), config_dir: Path | None = None) -> di
             f"config override {bad!r}: cannot parse; quote special characters (key='value')"
         ) from None
     except HydraException as exc:
-        raise ConfigError(f"config override: {_first_line(exc)}") from None
+        raise _override_error(exc, overrides) from None
     if not isinstance(container, dict):  # pragma: no cover - pipeline.yaml is a mapping
         raise ConfigError(f"{cdir}/{CONFIG_NAME}.yaml must be a mapping")
     return {str(k): v for k, v in container.items()}
+
+
+def _override_error(exc: BaseException, overrides: Sequence[str]) -> ConfigError:
+    """``key: unknown key; did you mean ...?`` for an override of a key the config lacks."""
+    cause = exc.__cause__
+    parent, key = getattr(cause, "parent_node", None), getattr(cause, "key", None)
+    full_key = str(getattr(cause, "full_key", "") or "")
+    if not isinstance(parent, Mapping) or not isinstance(key, str) or not full_key:
+        return ConfigError(f"config override: {_first_line(exc)}")
+    prefix = full_key[: -len(key)]
+    hint = _did_you_mean(key, [str(k) for k in parent], prefix)
+    item = next((o for o in overrides if o.partition("=")[0].startswith(full_key)), None)
+    add = f" (use +{item} to add a new key)" if item else ""
+    return ConfigError(f"{full_key}: unknown key{hint}{add}")
 
 
 def _check_group_choices(config_dir: Path, overrides: Sequence[str]) -> None:
@@ -265,254 +544,92 @@ def load_settings(
     return build_settings(resolved, config_dir=cdir, root=root or Path.cwd())
 
 
-# ---------------------------------------------------------------------------
-# Validation
+# --------------------------------------------------------------------------- validation
 
 
 def build_settings(cfg: Mapping[str, Any], *, config_dir: Path, root: Path) -> Settings:
     """Validate a composed config (plain mapping) into :class:`Settings`."""
     root = root.resolve()
-    return Settings(
-        root=root,
-        config_dir=config_dir,
-        data=_data(_section(cfg, "data")),
-        model=_model(_section(cfg, "model")),
-        paths=_paths(_section(cfg, "paths"), root),
-        prepare=_prepare(_section(cfg, "prepare")),
-        train=_train(_section(cfg, "train")),
-        selection=_selection(_section(cfg, "selection"), config_dir),
-        tracking=_tracking(cfg),
-        resolved=cfg,
-    )
+    extra = sorted(set(cfg) & {"root", "config_dir", "resolved"})
+    if extra:
+        raise ConfigError(f"{extra[0]}: unknown key")
+    values = {**cfg, "root": root, "config_dir": config_dir, "resolved": dict(cfg)}
+    return validate(Settings, values, root=root, config_dir=config_dir)
 
 
-def _section(cfg: Mapping[str, Any], key: str, parent: str = "") -> Mapping[str, Any]:
-    full = f"{parent}{key}"
-    value = cfg.get(key)
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{full}: missing or not a mapping in the config")
-    return value
+def validate(
+    model: type[M], values: Any, *, root: Path | None = None, config_dir: Path | None = None
+) -> M:
+    """``model`` from plain values; the first problem is one ConfigError line."""
+    try:
+        return model.model_validate(values, context={"root": root, "config_dir": config_dir})
+    except ValidationError as exc:
+        raise ConfigError(_error_line(model, exc.errors()[0])) from None
 
 
-def _get(section: Mapping[str, Any], key: str, prefix: str) -> Any:
-    if key not in section:
-        raise ConfigError(f"{prefix}.{key}: required key is missing")
-    return section[key]
+_EXPECTED = {
+    "float": "a number",
+    "int": "an integer",
+    "bool": "true or false",
+    "string": "a string",
+    "dict": "a mapping",
+    "model": "a mapping",
+    "tuple": "a list",
+    "list": "a list",
+    "path": "a path",
+}
 
 
-def _number(section: Mapping[str, Any], key: str, prefix: str) -> float:
-    value = _get(section, key, prefix)
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ConfigError(f"{prefix}.{key}: expected a number, got {value!r}")
-    return float(value)
+def _error_line(model: type[BaseModel], error: Mapping[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    kind, ctx, value = str(error["type"]), error.get("ctx") or {}, error.get("input")
+    if kind == "extra_forbidden":
+        names = _fields_at(model, loc[:-1])
+        prefix = key[: -len(str(loc[-1]))]
+        return f"{key}: unknown key{_did_you_mean(str(loc[-1]), names, prefix)}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    if kind == "value_error":
+        why = str(ctx.get("error", error["msg"]))
+        if repr(value) in why or isinstance(value, list | tuple | dict):
+            return f"{key}: {why}"
+    elif kind.endswith("too_short"):
+        why = "must not be empty"
+    elif kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return f"{key}: {_unknown('value', value, choices)}"
+    elif kind.partition("_")[0] in _EXPECTED and kind.endswith(("_type", "_parsing")):
+        why = f"expected {_EXPECTED[kind.partition('_')[0]]}"
+    else:
+        why = re.sub(r"^Input should (be )?", "must be ", str(error["msg"]))
+        for word, sign in (("greater", ">"), ("less", "<")):
+            why = why.replace(f"{word} than or equal to", f"{sign}=").replace(f"{word} than", sign)
+    return f"{key}: {why}, got {value!r}"
 
 
-def _int(section: Mapping[str, Any], key: str, prefix: str, minimum: int | None = None) -> int:
-    value = _get(section, key, prefix)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{prefix}.{key}: expected an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{prefix}.{key}: must be >= {minimum}, got {value}")
-    return value
+def _unknown(what: str, value: Any, choices: Sequence[str]) -> str:
+    hint = _did_you_mean(str(value), choices)
+    return f"unknown {what} {value!r}{hint or '; choose one of ' + ', '.join(choices)}"
 
 
-def _bool(section: Mapping[str, Any], key: str, prefix: str) -> bool:
-    value = _get(section, key, prefix)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{prefix}.{key}: expected true or false, got {value!r}")
-    return value
+def _did_you_mean(name: str, choices: Sequence[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
-def _str(section: Mapping[str, Any], key: str, prefix: str) -> str:
-    value = _get(section, key, prefix)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{prefix}.{key}: expected a non-empty string, got {value!r}")
-    return value
+def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """Input names of the model found at ``loc`` (dict keys and list indexes skipped)."""
+    for part in loc:
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        if part not in fields:
+            continue
+        annotation = fields[part].annotation
+        nested = [a for a in (annotation, *get_args(annotation)) if _is_model(a)]
+        if nested:  # Model, Model | None, dict[str, Model]
+            model = nested[0]
+    return [f.alias or n for n, f in model.model_fields.items()]
 
 
-def _fraction(section: Mapping[str, Any], key: str, prefix: str) -> float:
-    value = _number(section, key, prefix)
-    if not 0.0 < value < 1.0:
-        raise ConfigError(f"{prefix}.{key}: must be between 0 and 1 (exclusive), got {value:g}")
-    return value
-
-
-def _str_list(section: Mapping[str, Any], key: str, prefix: str) -> tuple[str, ...]:
-    value = section.get(key) or []
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{prefix}.{key}: expected a list of names, got {value!r}")
-    return tuple(value)
-
-
-def _schema(section: Mapping[str, Any]) -> Schema:
-    prefix = "data.schema"
-    columns: dict[str, ColumnRule] = {}
-    raw_cols = section.get("columns") or {}
-    if not isinstance(raw_cols, Mapping):
-        raise ConfigError(f"{prefix}.columns: expected a mapping of column rules")
-    for name, raw_rule in raw_cols.items():
-        cprefix = f"{prefix}.columns.{name}"
-        rule = raw_rule or {}
-        if not isinstance(rule, Mapping):
-            raise ConfigError(f"{cprefix}: expected a mapping like {{min: 0, max: 100}}")
-        unknown = set(rule) - {"min", "max", "allowed", "nullable"}
-        if unknown:
-            raise ConfigError(
-                f"{cprefix}.{sorted(unknown)[0]}: unknown rule (min, max, allowed, nullable)"
-            )
-        lo = _number(rule, "min", cprefix) if rule.get("min") is not None else None
-        hi = _number(rule, "max", cprefix) if rule.get("max") is not None else None
-        if lo is not None and hi is not None and lo > hi:
-            raise ConfigError(f"{cprefix}: min {lo:g} is greater than max {hi:g}")
-        allowed = rule.get("allowed")
-        if allowed is not None and (
-            not isinstance(allowed, list) or not all(isinstance(v, int | float) for v in allowed)
-        ):
-            raise ConfigError(f"{cprefix}.allowed: expected a list of numbers, got {allowed!r}")
-        nullable = rule.get("nullable")
-        if nullable is not None and not isinstance(nullable, bool):
-            raise ConfigError(f"{cprefix}.nullable: expected true or false, got {nullable!r}")
-        columns[str(name)] = ColumnRule(
-            lo, hi, tuple(float(v) for v in allowed) if allowed is not None else None, nullable
-        )
-    return Schema(
-        min_rows=_int(section, "min_rows", prefix, minimum=1),
-        allow_missing=_bool(section, "allow_missing", prefix),
-        columns=columns,
-    )
-
-
-def _data(section: Mapping[str, Any]) -> DataSettings:
-    prefix = "data"
-    source = _str(section, "source", prefix)
-    if source not in DATA_SOURCES:
-        raise ConfigError(f"data.source: unknown source {source!r}; choose one of {DATA_SOURCES}")
-    path = section.get("path")
-    if source == "csv":
-        path = _str(section, "path", prefix)
-    sep = section.get("sep", ",")
-    if not isinstance(sep, str) or not sep:
-        raise ConfigError(f"data.sep: expected a separator string, got {sep!r}")
-    n_rows = None
-    if source == "synthetic":
-        n_rows = _int(section, "n_rows", prefix, minimum=100)
-    noise = float(section.get("noise", 0.05))
-    if noise < 0:
-        raise ConfigError(f"data.noise: must be >= 0, got {noise:g}")
-    cache_dir = section.get("cache_dir")
-    target = _str(section, "target", prefix)
-    drop = _str_list(section, "drop_columns", prefix)
-    if target in drop:
-        raise ConfigError(f"data.drop_columns: cannot drop the target column {target!r}")
-    return DataSettings(
-        name=_str(section, "name", prefix),
-        source=source,
-        target=target,
-        schema=_schema(_section(section, "schema", "data.")),
-        drop_columns=drop,
-        path=Path(path) if path else None,
-        sep=sep,
-        cache_dir=Path(cache_dir) if cache_dir else None,
-        n_rows=n_rows,
-        noise=noise,
-        random_state=int(section.get("random_state", 42)),
-    )
-
-
-def _model(section: Mapping[str, Any]) -> ModelSettings:
-    from housing.models import ESTIMATORS, check_params
-
-    prefix = "model"
-    estimator = _str(section, "estimator", prefix)
-    if estimator not in ESTIMATORS:
-        raise ConfigError(
-            f"model.estimator: unknown estimator {estimator!r}; "
-            f"choose one of {', '.join(ESTIMATORS)}"
-        )
-    params = section.get("params") or {}
-    if not isinstance(params, Mapping):
-        raise ConfigError("model.params: expected a mapping of estimator parameters")
-    check_params(estimator, params)
-    return ModelSettings(
-        name=_str(section, "name", prefix),
-        estimator=estimator,
-        params=dict(params),
-        scale=_bool(section, "scale", prefix),
-    )
-
-
-def _paths(section: Mapping[str, Any], root: Path) -> Paths:
-    keys = ("raw", "train", "test", "models_dir", "metrics_dir", "plots_dir", "reports_dir")
-    values = {k: root / _str(section, k, "paths") for k in keys}
-    return Paths(**values)
-
-
-def _prepare(section: Mapping[str, Any]) -> PrepareSettings:
-    return PrepareSettings(
-        test_size=_fraction(section, "test_size", "prepare"),
-        random_state=_int(section, "random_state", "prepare", minimum=0),
-    )
-
-
-def _train(section: Mapping[str, Any]) -> TrainSettings:
-    p = "train"
-    folds = _int(section, "cv_folds", p, minimum=0)
-    if folds == 1:
-        raise ConfigError("train.cv_folds: must be 0 (no CV) or at least 2, got 1")
-    large = section.get("cv_folds_large")
-    if large is not None:
-        large = _int(section, "cv_folds_large", p, minimum=0)
-        if large == 1:
-            raise ConfigError("train.cv_folds_large: must be 0 (no CV) or at least 2, got 1")
-    n_jobs = _int(section, "n_jobs", p)
-    if n_jobs == 0:
-        raise ConfigError("train.n_jobs: must be -1 (all cores) or a positive count, got 0")
-    return TrainSettings(
-        val_size=_fraction(section, "val_size", p),
-        random_state=_int(section, "random_state", p, minimum=0),
-        cv_folds=folds,
-        large_table_rows=_int(section, "large_table_rows", p, minimum=1),
-        cv_folds_large=large,
-        n_jobs=n_jobs,
-        refit_full=_bool(section, "refit_full", p),
-    )
-
-
-def _selection(section: Mapping[str, Any], config_dir: Path) -> SelectionSettings:
-    p = "selection"
-    candidates = _str_list(section, "candidates", p)
-    if not candidates:
-        raise ConfigError("selection.candidates: name at least one model")
-    known = available_choices(config_dir, "model")
-    for name in candidates:
-        if name not in known:
-            raise ConfigError(
-                f"selection.candidates: unknown model {name!r}; choose from {', '.join(known)}"
-            )
-    if len(set(candidates)) != len(candidates):
-        raise ConfigError(f"selection.candidates: duplicate names in {list(candidates)}")
-    metric = _str(section, "metric", p)
-    if metric not in SELECTION_METRICS:
-        raise ConfigError(
-            f"selection.metric: unknown metric {metric!r}; "
-            f"choose one of {', '.join(SELECTION_METRICS)}"
-        )
-    return SelectionSettings(
-        candidates=candidates, metric=metric, allow_missing=_bool(section, "allow_missing", p)
-    )
-
-
-def _tracking(cfg: Mapping[str, Any]) -> tuple[str, ...]:
-    section = cfg.get("tracking") or {}
-    if not isinstance(section, Mapping):
-        raise ConfigError("tracking: expected a mapping; choose tracking=both|mlflow|clearml|none")
-    backends = _str_list(section, "backends", "tracking")
-    for name in backends:
-        if name not in TRACKING_BACKENDS:
-            raise ConfigError(
-                f"tracking.backends: unknown backend {name!r}; choose from mlflow, clearml"
-            )
-    clearml = cfg.get("clearml") or {}
-    if isinstance(clearml, Mapping) and clearml.get("enabled") is False:
-        backends = tuple(b for b in backends if b != "clearml")
-    return tuple(dict.fromkeys(backends))
+def _is_model(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, BaseModel)

@@ -34,7 +34,6 @@ Status = Literal["ok", "warn", "fail"]
 DEFAULT_API_HOST = "http://127.0.0.1:8008"
 DEFAULT_WEB_HOST = "http://127.0.0.1:8080"
 DEFAULT_FILES_HOST = "http://127.0.0.1:8081"
-CLEARML_MODES = ("auto", "online", "offline")
 
 _START_SERVER = (
     "start the server: cd infra/clearml && cp -n .env.example .env && docker compose up -d"
@@ -714,18 +713,6 @@ def diagnose(
     if not clearml_on:
         checks.append(
             Check("clearml mode", "ok", "ClearML disabled (not among the tracking backends)")
-        )
-        checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, budget))
-        return checks
-
-    if mode not in CLEARML_MODES:
-        checks.append(
-            Check(
-                "clearml mode",
-                "fail",
-                f"unknown mode {clearml_mode!r}",
-                f"use clearml.mode={'|'.join(CLEARML_MODES)}",
-            )
         )
         checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, budget))
         return checks

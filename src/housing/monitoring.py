@@ -31,7 +31,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol, TextIO, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TextIO, runtime_checkable
+
+from housing.errors import ConfigError
+
+if TYPE_CHECKING:
+    from housing.config import NotificationSettings
 
 __all__ = [
     "DEFAULT_NOTIFY_ON",
@@ -828,91 +833,31 @@ class FilteredNotifier:
             _safe_notify(self.inner, event)
 
 
-_SETTINGS_KEYS: Final = frozenset({"console", "file", "webhook", "on"})
-_WEBHOOK_KEYS: Final = frozenset({"url_env", "timeout_sec", "retries", "backoff_sec"})
-
-
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
 def build_notifiers(
-    settings: Mapping[str, Any],
-    env: Mapping[str, str] | None = None,
-    *,
-    base_dir: str | os.PathLike[str] | None = None,
-    config_key: str = "notifications",
+    settings: NotificationSettings, env: Mapping[str, str] | None = None
 ) -> FilteredNotifier:
-    """Build the notifier described by a plain mapping.
+    """The notifier ``settings`` (the validated ``notifications:`` section) describe.
 
-    Keys: ``console`` (bool), ``file`` (path or null), ``webhook`` (mapping with
-    ``url_env``, ``timeout_sec``, ``retries``, ``backoff_sec``; ``true`` for defaults;
-    null/false to disable) and ``on`` (trigger list, default ``["failed", "pipeline"]``).
-    A configured webhook whose env variable is unset is skipped with a warning.
-    Unknown keys or bad values raise ``ValueError`` naming the key.
+    A configured webhook whose env variable is unset is skipped with a warning; one that
+    holds no http(s) URL is a :class:`~housing.errors.ConfigError`.
     """
-    for key in settings:
-        if key not in _SETTINGS_KEYS:
-            raise ValueError(
-                f"{config_key}: unknown key {key!r}; expected one of {sorted(_SETTINGS_KEYS)}"
+    sinks: list[Notifier] = [ConsoleNotifier()] if settings.console else []
+    if settings.file is not None:
+        sinks.append(FileNotifier(settings.file))
+    hook = settings.webhook
+    if hook is not None:
+        try:
+            webhook = WebhookNotifier(
+                hook.url_env,
+                env=env,
+                timeout_sec=hook.timeout_sec,
+                retries=hook.retries,
+                backoff_sec=hook.backoff_sec,
             )
-    sinks: list[Notifier] = []
-
-    console = settings.get("console", False)
-    if not isinstance(console, bool):
-        raise ValueError(f"{config_key}.console must be true/false, got {console!r}")
-    if console:
-        sinks.append(ConsoleNotifier())
-
-    file_value = settings.get("file")
-    if file_value not in (None, False, ""):
-        if not isinstance(file_value, str | os.PathLike):
-            raise ValueError(f"{config_key}.file must be a path string, got {file_value!r}")
-        file_path = Path(file_value)
-        if base_dir is not None and not file_path.is_absolute():
-            file_path = Path(base_dir) / file_path
-        sinks.append(FileNotifier(file_path))
-
-    webhook = settings.get("webhook")
-    if webhook not in (None, False):
-        options: Mapping[str, Any] = {} if webhook is True else webhook
-        if not isinstance(options, Mapping):
-            raise ValueError(f"{config_key}.webhook must be a mapping, got {webhook!r}")
-        for key in options:
-            if key not in _WEBHOOK_KEYS:
-                raise ValueError(
-                    f"{config_key}.webhook: unknown key {key!r}; "
-                    f"expected one of {sorted(_WEBHOOK_KEYS)}"
-                )
-        url_env = options.get("url_env", DEFAULT_WEBHOOK_ENV)
-        if not isinstance(url_env, str) or not url_env:
-            raise ValueError(f"{config_key}.webhook.url_env must be a non-empty string")
-        retries = options.get("retries", 2)
-        if isinstance(retries, bool) or not isinstance(retries, int):
-            raise ValueError(f"{config_key}.webhook.retries must be an integer, got {retries!r}")
-        hook = WebhookNotifier(
-            url_env,
-            env=env,
-            timeout_sec=_number(
-                options.get("timeout_sec", 3.0), f"{config_key}.webhook.timeout_sec"
-            ),
-            retries=retries,
-            backoff_sec=_number(
-                options.get("backoff_sec", 0.5), f"{config_key}.webhook.backoff_sec"
-            ),
-        )
-        if hook.enabled:
-            sinks.append(hook)
+        except ValueError as exc:
+            raise ConfigError(f"notifications.webhook.url_env: {exc}") from None
+        if webhook.enabled:
+            sinks.append(webhook)
         else:
-            logger.warning("webhook notifications disabled: $%s is not set", url_env)
-
-    on_value = settings.get("on", DEFAULT_NOTIFY_ON)
-    if isinstance(on_value, str) or not isinstance(on_value, Sequence):
-        raise ValueError(f"{config_key}.on must be a list of triggers, got {on_value!r}")
-    on = [str(t) for t in on_value]
-    try:
-        return FilteredNotifier(MultiNotifier(sinks), on)
-    except ValueError as exc:
-        raise ValueError(f"{config_key}.on: {exc}") from None
+            logger.warning("webhook notifications disabled: $%s is not set", hook.url_env)
+    return FilteredNotifier(MultiNotifier(sinks), settings.on)

@@ -378,8 +378,8 @@ def _summarise(root: Path, result: ReproResult) -> None:
     from housing.monitoring import EventLog, build_notifiers, record_pipeline_summary
 
     try:
-        settings = load_settings(["tracking=none"], root=root, config_dir=root / "conf")
-        notifier = build_notifiers(settings.section("notifications"), base_dir=root)
+        settings = load_settings(["tracking=none"], config_dir=root / "conf", root=root)
+        notifier = build_notifiers(settings.notifications)
     except (HousingError, ValueError):
         return  # the stages already reported the config problem
     best = rmse = None

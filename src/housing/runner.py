@@ -11,8 +11,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from housing.errors import ConfigError
-
 if TYPE_CHECKING:
     from housing.config import Settings
     from housing.runs import RunContext
@@ -51,10 +49,7 @@ def execute_stage(
         context = replace(context, run_id=run_id)
     name = f"train_{settings.model.name}" if stage == "train" else stage
     events = EventLog(settings.paths.metrics_dir / "pipeline_events.jsonl")
-    try:
-        notifier = build_notifiers(settings.section("notifications"), base_dir=settings.root)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    notifier = build_notifiers(settings.notifications)
     run = StageRun(
         stage=stage, name=name, pipeline_run_id=context.run_id, tags=(stage,), context=context
     )

@@ -21,9 +21,10 @@ import joblib
 import pytest
 from sklearn.linear_model import Ridge
 
+from housing.config import ClearMLSettings
 from housing.tracking import offline
 from housing.tracking.base import ChampionDecision, ModelVersion, StageRun
-from housing.tracking.clearml import ClearMLSettings, ClearMLTracker, clearml_settings
+from housing.tracking.clearml import ClearMLTracker
 from housing.tracking.offline import SyncError
 from tests.fakes.clearml_api import FakeClearMLServer
 
@@ -42,8 +43,9 @@ def clean_clearml_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> ClearMLSettings:
-    return clearml_settings(
-        {"mode": "offline", "tags": ["housing"], "offline_dir": ".clearml"}, tmp_path
+    return ClearMLSettings.model_validate(
+        {"mode": "offline", "tags": ["housing"], "offline_dir": ".clearml"},
+        context={"root": tmp_path},
     )
 
 
@@ -403,12 +405,13 @@ ONLINE_SCRIPT = textwrap.dedent(
     import json, sys
     from pathlib import Path
     from housing.tracking.base import ChampionDecision, ModelVersion, StageRun
-    from housing.tracking.clearml import ClearMLTracker, clearml_settings
+    from housing.config import ClearMLSettings
+    from housing.tracking.clearml import ClearMLTracker
 
     root, model = Path(sys.argv[1]), Path(sys.argv[2])
-    settings = clearml_settings({"mode": "auto", "offline_dir": ".clearml", "server": {
+    settings = ClearMLSettings.model_validate({"mode": "auto", "server": {
         "api_host": sys.argv[3], "web_host": sys.argv[3] + "/web",
-        "files_host": sys.argv[3] + "/files"}}, root)
+        "files_host": sys.argv[3] + "/files"}}, context={"root": root})
     out = {}
     mv = ModelVersion("housing-best", model, "ridge", {"val/rmse": 0.25}, {},
                       {"model_sha256": "abc"})

@@ -19,6 +19,7 @@ from sklearn.linear_model import LinearRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from housing.config import load_settings
 from housing.errors import ArtifactError, ConfigError
 from housing.tracking import offline
 from housing.tracking.base import (
@@ -33,9 +34,9 @@ from housing.tracking.clearml import (
     ClearMLError,
     ClearMLSettings,
     ClearMLTracker,
-    clearml_settings,
     resolve_mode,
 )
+from tests.conftest import CONF
 from tests.fakes.clearml_api import FakeClearMLServer
 
 pytestmark = pytest.mark.integration
@@ -67,7 +68,7 @@ def make_settings(root: Path, **overrides: object) -> ClearMLSettings:
         "offline_dir": ".clearml",
         **overrides,
     }
-    return clearml_settings(mapping, root)
+    return ClearMLSettings.model_validate(mapping, context={"root": root})
 
 
 @pytest.fixture
@@ -135,33 +136,32 @@ def test_settings_from_the_clearml_section(tmp_path: Path) -> None:
         "connect_timeout_sec": 2.0,
         "pipeline": {"execution_queue": "default"},
     }
-    settings = clearml_settings(mapping, tmp_path)
+    settings = ClearMLSettings.model_validate(mapping, context={"root": tmp_path})
     assert settings.offline_dir == tmp_path / ".clearml"
     assert settings.tags == ("housing", "hw5")
     assert settings.api_host == "http://127.0.0.1:8008"
     assert (settings.access_key_env, settings.secret_key_env) == ("MY_KEY", "MY_SECRET")
     assert settings.output_uri is None
-    absolute = clearml_settings(
-        {**mapping, "offline_dir": str(tmp_path / "abs")}, Path("/elsewhere")
+    absolute = ClearMLSettings.model_validate(
+        {**mapping, "offline_dir": str(tmp_path / "abs")}, context={"root": Path("/elsewhere")}
     )
     assert absolute.offline_dir == tmp_path / "abs"
 
 
 @pytest.mark.parametrize(
-    ("override", "key"),
+    ("override", "message"),
     [
-        ({"mode": "sometimes"}, "clearml.mode"),
-        ({"tags": "housing"}, "clearml.tags"),
-        ({"connect_timeout_sec": 0}, "clearml.connect_timeout_sec"),
-        ({"enabled": "yes"}, "clearml.enabled"),
-        ({"server": {"api_host": ""}}, "clearml.server.api_host"),
+        ("clearml.mode=sometimes", "clearml.mode: unknown value 'sometimes'"),
+        ("clearml.tags=housing", "clearml.tags: expected a list, got 'housing'"),
+        ("clearml.connect_timeout_sec=0", "clearml.connect_timeout_sec: must be > 0, got 0"),
+        ("clearml.enabled=yes", "clearml.enabled: expected true or false, got 'yes'"),
+        ("clearml.server.api_host=''", "clearml.server.api_host: must not be empty, got ''"),
     ],
 )
-def test_settings_errors_name_the_key(
-    tmp_path: Path, override: dict[str, object], key: str
-) -> None:
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        clearml_settings({"mode": "auto", **override}, tmp_path)
+def test_settings_errors_name_the_key(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings([override], CONF, tmp_path)
+    assert str(caught.value).startswith(message)
 
 
 def test_resolve_mode(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -25,7 +25,7 @@ from sklearn.linear_model import Ridge
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from housing.errors import ArtifactError, ConfigError
+from housing.errors import ArtifactError
 from housing.tracking.base import (
     ChampionDecision,
     Figure,
@@ -376,22 +376,18 @@ def test_failed_close_marks_stage_and_parent_failed(
     assert tag.endswith("...[truncated]")
 
 
-def test_from_config_reads_pipeline_keys(store: Path) -> None:
-    config = {
-        "mlflow": {
-            "tracking_uri": "sqlite:///mlflow.db",
-            "experiment": "exp",
-            "registry_uri": None,
-        },
-        "registry": {"champion_alias": "best"},
-    }
-    tracker = MLflowTracker.from_config(config, store)
+def test_tracker_from_the_typed_settings(store: Path) -> None:
+    from housing.config import load_settings
+    from housing.tracking.recorder import build_trackers
+    from tests.conftest import CONF
+
+    overrides = ["tracking=mlflow", "mlflow.experiment=exp", "registry.champion_alias=best"]
+    (tracker,) = build_trackers(load_settings(overrides, CONF, store))
+    assert isinstance(tracker, MLflowTracker)
     assert tracker.tracking_uri == f"sqlite:///{store.resolve()}/mlflow.db"
     assert tracker.registry_uri is None
     assert (tracker.experiment, tracker.champion_alias) == ("exp", "best")
     assert tracker.artifact_location == (store.resolve() / "mlruns").as_uri()
-    with pytest.raises(ConfigError, match=r"mlflow\.experiment"):
-        MLflowTracker.from_config({"mlflow": {"tracking_uri": "sqlite:///x.db"}}, store)
 
 
 def test_changed_param_value_is_kept_not_fatal(

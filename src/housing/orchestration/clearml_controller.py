@@ -41,7 +41,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from housing.errors import ArtifactError, ConfigError
+from housing.errors import ArtifactError
 from housing.tracking.offline import ClearMLError
 
 if TYPE_CHECKING:
@@ -56,7 +56,6 @@ __all__ = [
     "build_controller",
     "execute_step",
     "locked_requirements",
-    "pipeline_options",
     "run_controller",
     "run_step",
 ]
@@ -71,38 +70,6 @@ _TASK_TYPES: Final = {
     "select_best": "qc",
     "evaluate": "testing",
 }
-
-
-# --------------------------------------------------------------------------- options
-
-
-def pipeline_options(settings: Settings) -> dict[str, Any]:
-    """``clearml.pipeline``: execution_queue, run_locally, controller_queue, poll_sec."""
-    section = settings.section("clearml").get("pipeline") or {}
-    if not isinstance(section, Mapping):
-        raise ConfigError("clearml.pipeline: expected a mapping")
-    queue = section.get("execution_queue", "default")
-    if not isinstance(queue, str) or not queue:
-        raise ConfigError(f"clearml.pipeline.execution_queue: expected a queue name, got {queue!r}")
-    run_locally = section.get("run_locally", True)
-    if not isinstance(run_locally, bool):
-        raise ConfigError(
-            f"clearml.pipeline.run_locally: expected true or false, got {run_locally!r}"
-        )
-    controller = section.get("controller_queue", DEFAULT_CONTROLLER_QUEUE)
-    if controller is not None and (not isinstance(controller, str) or not controller):
-        raise ConfigError(
-            f"clearml.pipeline.controller_queue: expected a queue name or null, got {controller!r}"
-        )
-    poll = section.get("poll_sec", DEFAULT_POLL_SEC)
-    if isinstance(poll, bool) or not isinstance(poll, int | float) or poll <= 0:
-        raise ConfigError(f"clearml.pipeline.poll_sec: expected seconds > 0, got {poll!r}")
-    return {
-        "execution_queue": queue,
-        "run_locally": run_locally,
-        "controller_queue": controller,
-        "poll_sec": float(poll),
-    }
 
 
 def locked_requirements(root: Path) -> list[str]:
@@ -369,9 +336,8 @@ def build_controller(
     from clearml.automation import PipelineController
 
     from housing.orchestration.pipeline import build_dag
-    from housing.tracking.clearml import clearml_settings
 
-    cml = clearml_settings(settings.section("clearml"), settings.root)
+    cml = settings.clearml
     reqs = list(packages) if packages is not None else locked_requirements(settings.root)
     controller: Any = PipelineController(
         name=f"{cml.task_prefix}:pipeline",
@@ -470,16 +436,15 @@ def run_controller(
     """
     from housing.monitoring import EventLog, current_run_id
     from housing.orchestration.pipeline import notifier_for
-    from housing.tracking.clearml import clearml_settings
 
-    options = pipeline_options(settings)
-    cml = clearml_settings(settings.section("clearml"), settings.root)
+    cml = settings.clearml
+    options = cml.pipeline
     run_id = current_run_id()
     os.environ["HOUSING_RUN_ID"] = run_id  # inherited by locally run steps
     events = EventLog(settings.paths.metrics_dir / "pipeline_events.jsonl")
     notifier = notifier_for(settings)
-    run_locally = bool(options["run_locally"])
-    controller_queue = options["controller_queue"]
+    run_locally = options.run_locally
+    controller_queue = options.controller_queue
     executor = "clearml-local" if run_locally else "clearml-queue"
     t0 = time.monotonic()
     with clearml_environment(cml):
@@ -489,8 +454,8 @@ def run_controller(
                 overrides,
                 config_dir,
                 run_locally=run_locally,
-                execution_queue=str(options["execution_queue"]),
-                poll_sec=float(options["poll_sec"]),
+                execution_queue=options.execution_queue,
+                poll_sec=options.poll_sec,
             )
         except Exception as exc:
             raise ClearMLError(f"ClearML pipeline controller could not start: {exc}") from exc
@@ -501,7 +466,7 @@ def run_controller(
                 "ClearML: controller %s goes to queue %r, steps to %r; this process ends now",
                 controller.id,
                 controller_queue,
-                options["execution_queue"],
+                options.execution_queue,
             )
             sys.stdout.flush()
             sys.stderr.flush()

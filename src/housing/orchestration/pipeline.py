@@ -200,10 +200,7 @@ def notifier_for(settings: Settings) -> Notifier:
     """The configured notification sinks (a bad ``notifications`` section is a ConfigError)."""
     from housing.monitoring import build_notifiers
 
-    try:
-        return build_notifiers(settings.section("notifications"), base_dir=settings.root)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    return build_notifiers(settings.notifications)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -241,9 +238,9 @@ def clearml_mode(settings: Settings) -> str:
         return "offline"
     if os.environ.get("CLEARML_TASK_ID"):  # executed as a ClearML task (agent): online
         return "online"
-    from housing.tracking.clearml import clearml_settings, resolve_mode
+    from housing.tracking.clearml import resolve_mode
 
-    mode, reason = resolve_mode(clearml_settings(settings.section("clearml"), settings.root))
+    mode, reason = resolve_mode(settings.clearml)
     log.debug("pipeline: ClearML %s (%s)", mode, reason)
     return mode
 
@@ -270,7 +267,7 @@ def run_local(
                 f"is; set {key} in conf/ or run `dvc exp run -S {item}`"
             )
     if use_cache is None:
-        use_cache = bool((settings.section("clearml").get("pipeline") or {}).get("cache", True))
+        use_cache = settings.clearml.pipeline.cache
     result = reproduce(
         settings.root, jobs=max_workers, force=not use_cache, overrides=tuple(overrides)
     )

@@ -81,16 +81,10 @@ class ScheduleResult:
 
 
 def _expression(settings: Settings) -> str:
-    pipeline = settings.section("clearml").get("pipeline") or {}
-    expr = pipeline.get("schedule_cron") if isinstance(pipeline, dict) else None
+    expr = settings.clearml.pipeline.schedule_cron  # validated by housing.config
     if expr is None:
         raise ConfigError(f"{CRON_KEY}: not set; add a cron expression such as '0 6 * * *'")
-    from housing.schedule import CronError, validate_cron
-
-    try:
-        return validate_cron(str(expr), key=CRON_KEY)
-    except CronError as exc:
-        raise ConfigError(str(exc)) from None
+    return expr
 
 
 def _python(root: Path) -> str:
@@ -217,18 +211,13 @@ def _schedule_clearml(
     *,
     install: bool,
 ) -> ScheduleResult:
-    from housing.orchestration.clearml_controller import (
-        DEFAULT_CONTROLLER_QUEUE,
-        pipeline_options,
-    )
+    from housing.orchestration.clearml_controller import DEFAULT_CONTROLLER_QUEUE
     from housing.schedule import write_schedule_file
-    from housing.tracking.clearml import clearml_settings
 
-    options = pipeline_options(settings)
-    cml = clearml_settings(settings.section("clearml"), settings.root)
+    cml = settings.clearml
     entries = scheduler_entries(cron)
-    services = str(options["controller_queue"] or DEFAULT_CONTROLLER_QUEUE)
-    queue = str(options["execution_queue"])
+    services = cml.pipeline.controller_queue or DEFAULT_CONTROLLER_QUEUE
+    queue = cml.pipeline.execution_queue
     command = (
         f"ClearML TaskScheduler on queue {services}: clone {cml.task_prefix}:pipeline "
         f"({PIPELINE_SCRIPT}) onto queue {queue} (UTC)"
@@ -261,9 +250,8 @@ def _register(
         git_origin,
         locked_requirements,
     )
-    from housing.tracking.clearml import clearml_settings
 
-    cml = clearml_settings(settings.section("clearml"), settings.root)
+    cml = settings.clearml
     name = f"{cml.task_prefix}:pipeline-scheduler"
     fingerprint = hashlib.sha256(
         json.dumps([result.expr, queue, services, list(result.entries)], sort_keys=True).encode()

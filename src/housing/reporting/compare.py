@@ -437,10 +437,10 @@ def collect_clearml(
     env: Mapping[str, str] | None = None,
 ) -> Collected:
     """ClearML tasks and models: the server when online, else the offline sessions."""
-    from housing.tracking.clearml import clearml_settings, resolve_mode
+    from housing.tracking.clearml import resolve_mode
     from housing.tracking.offline import ping
 
-    cml = clearml_settings(settings.section("clearml"), settings.root)
+    cml = settings.clearml
     name = project or cml.project_name
     env = os.environ if env is None else env
     filters = {"tags": tuple(tags), "stage": stage, "last_n": last_n}
@@ -863,12 +863,12 @@ def collect_mlflow(
     last_n: int | None = None,
 ) -> Collected:
     """MLflow stage runs of the experiment and the registry versions they registered."""
-    cfg = settings.section("mlflow")
-    uri = resolve_tracking_uri(str(cfg.get("tracking_uri") or "sqlite:///mlflow.db"), settings.root)
-    registry = cfg.get("registry_uri")
-    registry_uri = resolve_tracking_uri(str(registry), settings.root) if registry else None
-    name = project or str(cfg.get("experiment") or "housing")
-    alias = str(settings.section("registry").get("champion_alias") or "champion")
+    cfg = settings.mlflow
+    uri = resolve_tracking_uri(cfg.tracking_uri, settings.root)
+    registry = cfg.registry_uri
+    registry_uri = resolve_tracking_uri(registry, settings.root) if registry else None
+    name = project or cfg.experiment
+    alias = settings.registry.champion_alias
     source = "server" if uri.startswith(("http://", "https://", "databricks")) else "local"
     got = Collected("mlflow", source, uri, name)
     filters = {"tags": tuple(tags), "stage": stage, "last_n": last_n}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +53,7 @@ def prepare_frames(
     rules = data.schema
     if data.drop_columns:  # rules for dropped columns no longer apply
         kept = {c: r for c, r in rules.columns.items() if c not in data.drop_columns}
-        rules = replace(rules, columns=kept)
+        rules = rules.model_copy(update={"columns": kept})
     clean = schema.validate(frame, rules, data.target, table.origin)
     train, test = split.split_frame(clean, prep.test_size, prep.random_state)
     return clean, train, test

@@ -3,7 +3,7 @@
 ``ClearMLTracker`` implements :class:`housing.tracking.base.Tracker` and is also a context
 manager for standalone use::
 
-    settings = clearml_settings(cfg["clearml"], root=project_root)
+    settings = load_settings(overrides).clearml
     with ClearMLTracker(settings, run=StageRun("train", "train_ridge", run_id)) as tracker:
         tracker.connect_params({"alpha": 1.0}, "train_params")
         tracker.log_metrics({"val/rmse": 3.1})
@@ -40,12 +40,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
+from housing.config import ClearMLSettings
 from housing.errors import ArtifactError, ConfigError
 from housing.tracking.base import (
     ChampionDecision,
@@ -79,7 +80,6 @@ __all__ = [
     "ClearMLError",
     "ClearMLSettings",
     "ClearMLTracker",
-    "clearml_settings",
     "resolve_mode",
 ]
 
@@ -110,87 +110,6 @@ _active: list[ClearMLTracker] = []  # the tracker whose task is open in this pro
 # --------------------------------------------------------------------------- settings
 
 
-@dataclass(frozen=True)
-class ClearMLSettings:
-    """The ``clearml:`` config section as plain values (``offline_dir`` is absolute)."""
-
-    offline_dir: Path
-    enabled: bool = True
-    mode: str = "auto"
-    project_name: str = "housing"
-    task_prefix: str = "housing"
-    model_name: str = "housing"
-    output_uri: str | None = None
-    tags: tuple[str, ...] = ()
-    api_host: str = "http://127.0.0.1:8008"
-    web_host: str = "http://127.0.0.1:8080"
-    files_host: str = "http://127.0.0.1:8081"
-    access_key_env: str = "CLEARML_API_ACCESS_KEY"
-    secret_key_env: str = "CLEARML_API_SECRET_KEY"
-    connect_timeout_sec: float = 2.0
-
-
-def clearml_settings(mapping: Mapping[str, Any], root: Path) -> ClearMLSettings:
-    """Validate the ``clearml:`` mapping; a relative ``offline_dir`` is resolved against root."""
-
-    def get(key: str, default: Any, kind: type | tuple[type, ...]) -> Any:
-        value = mapping.get(key, default)
-        if value is None and default is None:
-            return None
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise ConfigError(f"clearml.{key}: expected {_kind_name(kind)}, got {value!r}")
-        return value
-
-    def sub(key: str) -> Mapping[str, Any]:
-        value = mapping.get(key) or {}
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"clearml.{key}: expected a mapping, got {value!r}")
-        return value
-
-    mode = get("mode", "auto", str)
-    if mode not in MODES:
-        raise ConfigError(f"clearml.mode: expected one of {'|'.join(MODES)}, got {mode!r}")
-    tags = mapping.get("tags") or []
-    if not isinstance(tags, list | tuple) or not all(isinstance(t, str) for t in tags):
-        raise ConfigError(f"clearml.tags: expected a list of strings, got {tags!r}")
-    timeout = get("connect_timeout_sec", 2.0, (int, float))
-    if timeout <= 0:
-        raise ConfigError(f"clearml.connect_timeout_sec: must be > 0, got {timeout!r}")
-    offline_dir = Path(get("offline_dir", ".clearml", str)).expanduser()
-    if not offline_dir.is_absolute():
-        offline_dir = Path(root) / offline_dir
-    server, auth = sub("server"), sub("auth")
-    defaults = ClearMLSettings(offline_dir=offline_dir)
-
-    def text(section: Mapping[str, Any], prefix: str, key: str, default: str) -> str:
-        value = section.get(key, default)
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"clearml.{prefix}.{key}: expected a non-empty string, got {value!r}")
-        return value
-
-    return ClearMLSettings(
-        offline_dir=offline_dir,
-        enabled=get("enabled", True, bool),
-        mode=mode,
-        project_name=get("project_name", defaults.project_name, str),
-        task_prefix=get("task_prefix", defaults.task_prefix, str),
-        model_name=get("model_name", defaults.model_name, str),
-        output_uri=get("output_uri", None, str),
-        tags=tuple(tags),
-        api_host=text(server, "server", "api_host", defaults.api_host).rstrip("/"),
-        web_host=text(server, "server", "web_host", defaults.web_host).rstrip("/"),
-        files_host=text(server, "server", "files_host", defaults.files_host).rstrip("/"),
-        access_key_env=text(auth, "auth", "access_key_env", defaults.access_key_env),
-        secret_key_env=text(auth, "auth", "secret_key_env", defaults.secret_key_env),
-        connect_timeout_sec=float(timeout),
-    )
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(k.__name__ for k in kinds)
-
-
 def set_server_env(settings: ClearMLSettings) -> None:
     """Point the SDK at the configured server: hosts and keys (read from the variables
     named in ``clearml.auth``) go to the ``CLEARML_*`` variables it reads, unless set."""
@@ -219,8 +138,6 @@ def resolve_mode(
     env = os.environ if env is None else env
     if settings.mode in ("online", "offline"):
         return settings.mode, f"clearml.mode={settings.mode}"
-    if settings.mode != "auto":
-        raise ConfigError(f"clearml.mode: expected one of {'|'.join(MODES)}, got {settings.mode!r}")
     missing = [n for n in (settings.access_key_env, settings.secret_key_env) if not env.get(n)]
     if missing:
         reason = f"{' and '.join(missing)} not set"

@@ -295,25 +295,6 @@ class MLflowTracker:
         self._registered_names: set[str] = set()
         self._closed = False
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], root: Path) -> MLflowTracker:
-        """Build from the pipeline config (``mlflow.*``, ``registry.champion_alias``)."""
-        section = config.get("mlflow")
-        if not isinstance(section, Mapping):
-            raise ConfigError("config key 'mlflow' is missing (see conf/pipeline.yaml)")
-        for key in ("tracking_uri", "experiment"):
-            if not section.get(key):
-                raise ConfigError(f"config key 'mlflow.{key}' is missing or empty")
-        registry = config.get("registry")
-        alias = registry.get("champion_alias") if isinstance(registry, Mapping) else None
-        return cls(
-            tracking_uri=str(section["tracking_uri"]),
-            experiment=str(section["experiment"]),
-            registry_uri=str(section["registry_uri"]) if section.get("registry_uri") else None,
-            champion_alias=str(alias or "champion"),
-            root=root,
-        )
-
     # ------------------------------------------------------------------ runs
 
     def start(self, run: StageRun) -> None:

@@ -78,22 +78,20 @@ def build_trackers(settings: Settings) -> list[Tracker]:
             if backend == "mlflow":
                 from housing.tracking.mlflow import MLflowTracker
 
-                cfg = settings.section("mlflow")
+                cfg = settings.mlflow
                 trackers.append(
                     MLflowTracker(
-                        tracking_uri=str(cfg.get("tracking_uri", "sqlite:///mlflow.db")),
-                        experiment=str(cfg.get("experiment", "housing")),
-                        registry_uri=cfg.get("registry_uri"),
-                        champion_alias=str(
-                            settings.section("registry").get("champion_alias", "champion")
-                        ),
+                        tracking_uri=cfg.tracking_uri,
+                        experiment=cfg.experiment,
+                        registry_uri=cfg.registry_uri,
+                        champion_alias=settings.registry.champion_alias,
                         root=root,
                     )
                 )
             elif backend == "clearml":
-                from housing.tracking.clearml import ClearMLTracker, clearml_settings
+                from housing.tracking.clearml import ClearMLTracker
 
-                trackers.append(ClearMLTracker(clearml_settings(settings.section("clearml"), root)))
+                trackers.append(ClearMLTracker(_in_store(settings)))
         except Exception as exc:
             log.warning("tracking: %s unavailable (%s: %s)", backend, type(exc).__name__, exc)
     return trackers
@@ -113,6 +111,19 @@ def tracked(settings: Settings, run: StageRun) -> Iterator[TrackerSet]:
         tset.close("killed" if killed else "failed", str(redact(message)))
         raise
     tset.close("completed", None)
+
+
+def _in_store(settings: Settings) -> Any:
+    """ClearML settings whose offline folder is in the repository's store
+    (:func:`housing.runs.store_root`) rather than a DVC experiment's temporary copy."""
+    from housing.runs import store_root
+
+    folder = settings.clearml.offline_dir
+    try:
+        moved = store_root(settings.root) / folder.relative_to(settings.root)
+    except ValueError:  # an offline_dir outside the project stays where it is
+        return settings.clearml
+    return settings.clearml.model_copy(update={"offline_dir": moved})
 
 
 def finish_pipeline(settings: Settings, context: RunContext, status: str) -> None:
@@ -232,7 +243,7 @@ def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult
         "metric": result.metric,
         "greater_is_better": result.greater_is_better,
         "allow_missing": settings.selection.allow_missing,
-        "min_improvement": float(settings.section("registry").get("min_improvement", 0.0)),
+        "min_improvement": settings.registry.min_improvement,
     }
     tset.each("log_params", lambda t: t.log_params(params, "selection"))
     metrics = dict(result.metrics)
@@ -339,4 +350,4 @@ def _log_figure(tracker: Tracker, figure: Figure) -> None:
 
 
 def _model_name(settings: Settings) -> str:
-    return str(settings.section("clearml").get("model_name", "housing"))
+    return settings.clearml.model_name
