@@ -23,7 +23,7 @@ from housing.orchestration.pipeline import (
     cache_key,
     run_pipeline,
 )
-from tests.conftest import CONF
+from tests.conftest import CONF, metrics_records
 
 FAST = "selection.candidates=[linear_regression,ridge,random_forest]"
 
@@ -59,7 +59,7 @@ def _ts(text: str) -> datetime:
 
 def _train_metrics(root: Path, name: str) -> dict[str, float]:
     record = json.loads((root / "metrics" / f"train_{name}.json").read_text())
-    return {k: v for k, v in record["metrics"].items() if not k.endswith("fit_seconds")}
+    return {k: v for k, v in record.items() if not k.endswith("fit_seconds")}
 
 
 # --------------------------------------------------------------------------- unit
@@ -181,9 +181,9 @@ def test_offline_pipeline_parallel_cached_and_equal_to_sequential(
     run_all(overrides, conf)
     for name in ("linear_regression", "ridge", "random_forest"):
         assert _train_metrics(par, name) == pytest.approx(_train_metrics(seq, name), rel=1e-12)
+    par_records, seq_records = metrics_records(par / "metrics"), metrics_records(seq / "metrics")
     for file in ("train_metrics.json", "test_metrics.json"):
-        got = json.loads((par / "metrics" / file).read_text())
-        want = json.loads((seq / "metrics" / file).read_text())
+        got, want = par_records[file], seq_records[file]
         if file == "test_metrics.json":
             assert got["metrics"] == pytest.approx(want["metrics"], rel=1e-12)
         assert got.get("best_model", got.get("model")) == want.get("best_model", want.get("model"))
@@ -271,7 +271,7 @@ def test_failing_train_step_stops_its_dependents(
     assert result.status == "succeeded"
     assert result.failed_steps == ["train_ridge"]
     assert result.best_model == "linear_regression"
-    summary = json.loads((root / "metrics" / "train_metrics.json").read_text())
+    summary = json.loads((root / "metrics" / "train_metrics.meta.json").read_text())
     assert list(summary["candidates"]) == ["linear_regression"]
     assert best.read_bytes() != b"the previous best model"
 

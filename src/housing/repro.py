@@ -94,7 +94,7 @@ def parallel_repro(root: Path, jobs: int | None = None) -> int:
 
 def _summarise(root: Path, run_id: str, seconds: float, error: str | None) -> None:
     """Append the run's summary line (best model and test rmse when it succeeded)."""
-    import json
+    import contextlib
 
     from housing.config import load_settings
     from housing.monitoring import EventLog, build_notifiers, record_pipeline_summary
@@ -106,8 +106,11 @@ def _summarise(root: Path, run_id: str, seconds: float, error: str | None) -> No
         return  # the stages already reported the config problem
     best = rmse = None
     if error is None and settings.paths.test_metrics.is_file():
-        record = json.loads(settings.paths.test_metrics.read_text())
-        best, rmse = record.get("model"), record.get("metrics", {}).get("test/rmse")
+        from housing.stages.evaluate import read_outcome
+
+        with contextlib.suppress(HousingError, KeyError):
+            best, scores = read_outcome(settings.paths)
+            rmse = scores.get("test/rmse")
     record_pipeline_summary(
         EventLog(settings.paths.metrics_dir / "pipeline_events.jsonl"),
         run_id,

@@ -178,11 +178,13 @@ def step_outputs(stage: str, settings: Settings) -> list[Path]:
         return [paths.raw, paths.train, paths.test, paths.fingerprint]
     if stage == "train":
         name = settings.model.name
-        return [paths.model(name), paths.train_metrics(name)]
+        metrics = paths.train_metrics(name)
+        return [paths.model(name), metrics, paths.meta(metrics)]
     if stage == "select_best":
-        return [paths.best_model, paths.train_summary]
+        return [paths.best_model, paths.train_summary, paths.meta(paths.train_summary)]
     if stage == "evaluate":
-        return [paths.test_metrics, paths.predictions, paths.importances]
+        meta = paths.meta(paths.test_metrics)
+        return [paths.test_metrics, meta, paths.test_summary, paths.predictions, paths.importances]
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -198,10 +200,11 @@ def step_inputs(stage: str, settings: Settings) -> list[Path]:
     if stage == "select_best":
         files: list[Path] = []
         for name in settings.selection.candidates:
-            files += [paths.model(name), paths.train_metrics(name)]
+            metrics = paths.train_metrics(name)
+            files += [paths.model(name), metrics, paths.meta(metrics)]
         return files
     if stage == "evaluate":
-        return [paths.best_model, paths.train_summary, paths.test]
+        return [paths.best_model, paths.meta(paths.train_summary), paths.test]
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -630,17 +633,18 @@ def _resolve_inputs(
 
 def _cached_metrics(step: Step, settings: Settings) -> dict[str, Any]:
     """Metrics a cached step reports in its event (read from its outputs)."""
-    from housing.io import read_json
+    from housing.io import read_json, read_scores
 
     paths = settings.paths
     with contextlib.suppress(HousingError, KeyError, TypeError):
         if step.stage == "train":
-            return dict(read_json(paths.train_metrics(settings.model.name))["metrics"])
+            scores = read_scores(paths.train_metrics(settings.model.name))
+            return {k: v for k, v in scores.items() if "/" in k}
         if step.stage == "select_best":
-            summary = read_json(paths.train_summary)
+            summary = read_json(paths.meta(paths.train_summary))
             return dict(summary["candidates"][summary["best_model"]]["metrics"])
         if step.stage == "evaluate":
-            return dict(read_json(paths.test_metrics)["metrics"])
+            return {k: v for k, v in read_scores(paths.test_metrics).items() if "/" in k}
     return {}
 
 
@@ -826,7 +830,7 @@ def _final_metrics(
     plan: _Plan, results: Mapping[str, StepResult]
 ) -> tuple[str | None, float | None]:
     """Best model and test rmse when evaluate succeeded (ran or cached) in this run."""
-    from housing.io import read_json
+    from housing.stages.evaluate import read_outcome
 
     evaluate = next((s for s in plan.steps if s.stage == "evaluate"), None)
     if (
@@ -835,8 +839,8 @@ def _final_metrics(
     ):
         return None, None
     try:
-        record = read_json(plan.base.paths.test_metrics)
-        return str(record["model"]), float(record["metrics"]["test/rmse"])
+        model, scores = read_outcome(plan.base.paths)
+        return model, float(scores["test/rmse"])
     except (HousingError, KeyError, TypeError, ValueError):
         return None, None
 
