@@ -205,7 +205,7 @@ def test_offline_pipeline_parallel_cached_and_equal_to_sequential(
     third = run_pipeline(overrides, conf, root=par, max_workers=2)
     assert third.executed_steps == ["train_ridge", "select_best", "evaluate"]
     assert third.cached_steps == ["prepare", "train_linear_regression", "train_random_forest"]
-    ridge_record = json.loads((par / "metrics" / "train_ridge.json").read_text())
+    ridge_record = json.loads((par / "metrics" / "train_ridge.meta.json").read_text())
     assert ridge_record["params"] == {"alpha": 3.0}
 
 
