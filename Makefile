@@ -70,4 +70,4 @@ agent-up: ## Start a ClearML agent (needs CLEARML_AGENT_ACCESS_KEY/SECRET_KEY in
 	cd infra/clearml && docker compose --profile agent up -d clearml-agent
 
 clean: ## Remove run outputs (keeps .venv and the DVC cache)
-	rm -rf data/raw data/processed models metrics plots reports .clearml mlruns mlflow.db
+	rm -rf data/raw data/processed models metrics metrics.json plots reports .clearml mlruns mlflow.db

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,3 +69,32 @@ def require_tool(names: Sequence[str], hint: str) -> str:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+def is_score_file(path: Path) -> bool:
+    """A JSON file under metrics/ that holds scores (not a .meta.json, not the fingerprint)."""
+    return (
+        path.suffix == ".json"
+        and not path.name.endswith(".meta.json")
+        and path.name != "data_fingerprint.json"
+    )
+
+
+def metrics_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """Each score file in ``folder`` (by name) read back with its ``.meta.json``.
+
+    A record is the meta record, the numbers at top level, the ``split/metric`` ones also
+    under ``metrics`` (what the trackers log), and ``best_value`` for the selection.
+    """
+    records: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.glob("*.json")):
+        if not is_score_file(path):
+            continue
+        scores = json.loads(path.read_text())
+        meta_path = path.with_name(f"{path.stem}.meta.json")
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        record = {**meta, **scores, "metrics": {k: v for k, v in scores.items() if "/" in k}}
+        if "selection/best_value" in scores:
+            record["best_value"] = scores["selection/best_value"]
+        records[path.name] = record
+    return records

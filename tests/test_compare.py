@@ -31,6 +31,7 @@ from housing.reporting.compare import (
     fetch_all_pages,
     main,
 )
+from tests.conftest import metrics_records
 from tests.fakes.clearml_api import FakeClearMLServer
 from tests.helpers import run_all
 
@@ -84,9 +85,7 @@ def tracked_project(factory: pytest.TempPathFactory) -> Tracked:
         for run_id, candidates, extra in RUNS:
             mp.setenv("HOUSING_RUN_ID", run_id)
             run_all([*COMMON, f"selection.candidates=[{','.join(candidates)}]", *extra], CONF)
-            files[run_id] = {
-                p.name: json.loads(p.read_text()) for p in (root / "metrics").glob("*.json")
-            }
+            files[run_id] = metrics_records(root / "metrics")
     finally:
         mp.undo()
     _CACHE["tracked"] = Tracked(root, files)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,24 @@ def test_drop_unknown_column_is_a_config_error(make_settings: SettingsFactory) -
 
     with pytest.raises(ConfigError, match=r"data\.drop_columns: 'zzz'"):
         prepare.run(make_settings(["data.drop_columns=[zzz]"]))
+
+
+def test_fingerprint_records_the_source_without_absolute_paths(
+    tmp_path: Path, make_settings: SettingsFactory, csv_file: Path
+) -> None:
+    """Inside the project: the path relative to it; outside: the name plus md5 only."""
+    from housing import io
+
+    inside = prepare.run(make_settings(csv_overrides(csv_file))).fingerprint
+    assert inside["origin"] == "input/houses.csv"
+    assert inside["raw"]["path"] == "data/raw/housing.csv"
+    elsewhere = tmp_path / "project"
+    elsewhere.mkdir()
+    outside = prepare.run(make_settings(csv_overrides(csv_file), root=elsewhere)).fingerprint
+    assert outside["origin"] == "houses.csv"
+    assert outside["origin_md5"] == io.file_md5(csv_file)
+    boston = prepare.run(make_settings(root=tmp_path / "boston")).fingerprint
+    assert boston["origin"] == "mlxtend:boston_housing.csv"
+    for record in (inside, outside, boston):
+        assert str(tmp_path) not in json.dumps(record)
+        assert "site-packages" not in json.dumps(record)

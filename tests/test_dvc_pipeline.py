@@ -12,7 +12,7 @@ import yaml
 
 from housing.config import compose
 from housing.scratch import make_scratch_repo
-from tests.conftest import CONF, PROJECT
+from tests.conftest import CONF, PROJECT, is_score_file, metrics_records
 from tests.helpers import ran_stages, run_tool
 
 
@@ -24,6 +24,7 @@ def test_dvc_yaml_candidates_match_the_config() -> None:
     for name in candidates:
         assert f"models/{name}.joblib" in deps
         assert f"metrics/train_{name}.json" in deps
+        assert f"metrics/train_{name}.meta.json" in deps
     listed = {d.split("/")[-1].removesuffix(".joblib") for d in deps if d.startswith("models/")}
     assert listed == set(candidates)
     evaluated = {
@@ -79,7 +80,7 @@ def test_fresh_repro_produces_every_output(repo: Path) -> None:
                 "models/best_model.joblib", "metrics/train_metrics.json",
                 "metrics/test_metrics.json", "plots/test_predictions.csv"]:  # fmt: skip
         assert (repo / rel).is_file(), rel
-    test_rmse = json.loads((repo / "metrics/test_metrics.json").read_text())["metrics"]
+    test_rmse = json.loads((repo / "metrics/test_metrics.json").read_text())
     assert test_rmse["test/rmse"] < 3.0
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     raw = next(o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/raw/housing.csv")
@@ -101,11 +102,75 @@ def test_second_repro_is_a_noop(repo: Path) -> None:
 def test_metrics_and_plots_are_declared(repo: Path) -> None:
     metrics = _dvc(repo, "metrics", "show", "--json")
     assert metrics.returncode == 0, metrics.stderr
-    assert "test/rmse" in metrics.stdout
+    shown = json.loads(metrics.stdout)
+    (files,) = [entry["data"] for entry in shown.values()]
+    assert list(files) == ["metrics.json"]  # the one DVC metrics file
+    assert set(files["metrics.json"]["data"]) == {"rmse", "mae", "r2"}
     plots = _dvc(repo, "plots", "show", "--json")
     assert plots.returncode == 0, plots.stderr
     for name in ("predicted_vs_actual", "residuals", "feature_importances"):
         assert name in plots.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_metrics_show_fits_in_40_columns(repo: Path) -> None:
+    shown = _dvc(repo, "metrics", "show")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert any("metrics.json" in line for line in lines), shown.stdout
+    assert max(len(line) for line in lines) <= 40, shown.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_score_files_hold_numbers_only(repo: Path) -> None:
+    scores = [p for p in (repo / "metrics").glob("*.json") if is_score_file(p)]
+    names = {p.name for p in scores}
+    assert {"train_ridge.json", "train_metrics.json", "test_metrics.json"} <= names
+    for path in [*scores, repo / "metrics.json"]:
+        data = json.loads(path.read_text())
+        assert isinstance(data, dict) and data, path
+        bad = {k: v for k, v in data.items() if type(v) not in (int, float)}
+        assert bad == {}, path
+        assert path.with_name(f"{path.stem}.meta.json").is_file() or path.name == "metrics.json"
+    assert set(json.loads((repo / "metrics.json").read_text())) == {"rmse", "mae", "r2"}
+    meta = json.loads((repo / "metrics/train_ridge.meta.json").read_text())
+    assert meta["model_path"] == "models/ridge.joblib"
+    fingerprint = json.loads((repo / "metrics/data_fingerprint.json").read_text())
+    assert fingerprint["origin"] == "mlxtend:boston_housing.csv"
+    assert fingerprint["raw"]["path"] == "data/raw/housing.csv"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_versioned_outputs_hold_no_absolute_path(repo: Path) -> None:
+    import sysconfig
+
+    written = [repo / "dvc.lock", repo / "metrics.json"]
+    for folder in ("metrics", "plots"):
+        written += [p for p in (repo / folder).rglob("*") if p.is_file()]
+    written += list(repo.glob("*.meta.json"))
+    needles = {str(repo), str(repo.resolve()), sysconfig.get_paths()["purelib"], "site-packages"}
+    found = [
+        f"{p.relative_to(repo)}: {needle}"
+        for p in written
+        for needle in needles
+        if needle in p.read_text(encoding="utf-8", errors="replace")
+    ]
+    assert found == []
+    assert any(p.name == "train_ridge.meta.json" for p in written)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_status_shows_the_selected_model_and_its_test_rmse(repo: Path) -> None:
+    status = _housing(repo, "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    meta = json.loads((repo / "metrics/test_metrics.meta.json").read_text())
+    rmse = json.loads((repo / "metrics.json").read_text())["rmse"]
+    assert f"selected model: {meta['model']}" in status.stdout
+    assert f"test/rmse={rmse:.3f}" in status.stdout
 
 
 @pytest.mark.slow
@@ -135,8 +200,8 @@ def test_parallel_repro_matches_serial_and_leaves_dvc_up_to_date(
     assert "up to date" in status.stdout, status.stdout
     lock = yaml.safe_load((other / "dvc.lock").read_text())["stages"]
     assert {"prepare", "select_best", "evaluate", "train@ridge"} <= set(lock)
-    serial = json.loads((repo / "metrics/train_metrics.json").read_text())
-    parallel = json.loads((other / "metrics/train_metrics.json").read_text())
+    serial = metrics_records(repo / "metrics")["train_metrics.json"]
+    parallel = metrics_records(other / "metrics")["train_metrics.json"]
     assert parallel["best_model"] == serial["best_model"]
     assert parallel["best_value"] == serial["best_value"]
     status = _housing(other, "status")
@@ -171,21 +236,19 @@ def test_clearml_pipeline_offline_matches_the_dvc_pipeline(repo: Path, tmp_path:
     done = _housing(other, "pipeline", unset=("CLEARML_API_ACCESS_KEY", "CLEARML_API_SECRET_KEY"))
     assert done.returncode == 0, done.stderr[-2000:]
     for name in compose(["tracking=none"], CONF)["selection"]["candidates"]:
-        ours = json.loads((other / f"metrics/train_{name}.json").read_text())["metrics"]
-        dvcs = json.loads((repo / f"metrics/train_{name}.json").read_text())["metrics"]
+        ours = json.loads((other / f"metrics/train_{name}.json").read_text())
+        dvcs = json.loads((repo / f"metrics/train_{name}.json").read_text())
         ours.pop("train/fit_seconds")
         dvcs.pop("train/fit_seconds")
         assert ours == dvcs, name
-    for rel in ("metrics/train_metrics.json", "metrics/test_metrics.json"):
+    for rel in ("metrics/train_metrics.meta.json", "metrics/test_metrics.meta.json"):
         ours = json.loads((other / rel).read_text())
         dvcs = json.loads((repo / rel).read_text())
         assert ours.get("best_model", ours.get("model")) == dvcs.get(
             "best_model", dvcs.get("model")
         )
-    assert (
-        json.loads((other / "metrics/test_metrics.json").read_text())["metrics"]
-        == json.loads((repo / "metrics/test_metrics.json").read_text())["metrics"]
-    )
+    for rel in ("metrics/test_metrics.json", "metrics.json"):
+        assert json.loads((other / rel).read_text()) == json.loads((repo / rel).read_text())
     assert len(list((other / ".clearml" / "offline").glob("offline-*.zip"))) == 7
 
 
@@ -200,5 +263,5 @@ def test_changed_ridge_alpha_reruns_only_ridge_and_downstream(repo: Path) -> Non
     assert ran[0] == "train@ridge"
     assert set(ran) <= {"train@ridge", "select_best", "evaluate"}
     assert "train@ridge" in ran
-    record = json.loads((repo / "metrics/train_ridge.json").read_text())
+    record = json.loads((repo / "metrics/train_ridge.meta.json").read_text())
     assert record["params"]["alpha"] == 3.0

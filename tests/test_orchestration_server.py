@@ -213,7 +213,7 @@ def test_steps_run_locally_as_clearml_tasks(server: FakeClearMLServer, repo: Pat
         for key, artifact in artifacts.items():
             sha = dict(artifact.get("display_data") or []).get("housing_sha256")
             assert sha, (name, key)
-    record = json.loads((repo / "metrics" / "test_metrics.json").read_text())
+    record = json.loads((repo / "metrics" / "test_metrics.meta.json").read_text())
     assert record["model"] == "linear_regression"
     events = [
         json.loads(line)

@@ -49,15 +49,25 @@ def test_stages_chain_and_return_their_records(trained: SettingsFactory) -> None
     chosen = select_best.run(settings)
     assert chosen.best_model in {"linear_regression", "ridge"}
     assert set(chosen.candidates) == {"linear_regression", "ridge"}
-    summary = json.loads(settings.paths.train_summary.read_text())
+    numbers = json.loads(settings.paths.train_summary.read_text())
+    summary = json.loads(settings.paths.meta(settings.paths.train_summary).read_text())
     assert summary["best_model"] == chosen.best_model
     assert summary["best_model_sha256"] == io.file_sha256(settings.paths.best_model)
     scores = {n: c["metrics"]["cv/rmse_mean"] for n, c in summary["candidates"].items()}
-    assert summary["best_value"] == min(scores.values())
+    assert numbers["selection/best_value"] == min(scores.values())
+    assert numbers == {**chosen.metrics, "selection/best_value": chosen.best_value}
 
     result = evaluate.run(settings)
     on_disk = json.loads(settings.paths.test_metrics.read_text())
-    assert on_disk["metrics"] == result.metrics
+    assert on_disk == {**result.metrics, "n_test": 24}
+    meta = json.loads(settings.paths.meta(settings.paths.test_metrics).read_text())
+    assert meta["model"] == chosen.best_model
+    assert set(meta["candidates"]) == {"linear_regression", "ridge"}
+    assert json.loads(settings.paths.test_summary.read_text()) == {
+        "rmse": result.metrics["test/rmse"],
+        "mae": result.metrics["test/mae"],
+        "r2": result.metrics["test/r2"],
+    }
     assert set(result.metrics) == {"test/rmse", "test/mae", "test/r2"}
     assert result.metrics["test/r2"] > 0.9  # a nearly linear table
     table = pd.read_csv(settings.paths.predictions)
@@ -67,14 +77,18 @@ def test_stages_chain_and_return_their_records(trained: SettingsFactory) -> None
 
 def test_train_record_has_every_metric(trained: SettingsFactory) -> None:
     settings = trained()
-    record = json.loads(settings.paths.train_metrics("ridge").read_text())
+    path = settings.paths.train_metrics("ridge")
+    record = json.loads(path.read_text())
     for key in ("train/rmse", "train/mae", "train/r2", "val/rmse", "val/mae", "val/r2",
                 "cv/rmse_mean", "cv/rmse_std", "train/fit_seconds"):  # fmt: skip
-        assert math.isfinite(record["metrics"][key]), key
+        assert math.isfinite(record[key]), key
     assert record["cv_folds"] == 5
     assert record["n_train"] + record["n_val"] == record["n_train_full"] == 96
-    assert record["model_sha256"] == io.file_sha256(settings.paths.model("ridge"))
-    assert record["params"] == {"alpha": 1.0}
+    assert all(type(v) in (int, float) for v in record.values())  # numbers only
+    meta = json.loads(settings.paths.meta(path).read_text())
+    assert meta["model_sha256"] == io.file_sha256(settings.paths.model("ridge"))
+    assert meta["params"] == {"alpha": 1.0}
+    assert meta["model_path"] == "models/ridge.joblib"
 
 
 def test_train_without_prepare_says_what_to_run(make_settings: SettingsFactory) -> None:
@@ -214,7 +228,7 @@ def test_boston_default_pipeline_meets_the_quality_bar(
     assert fingerprint["raw"]["rows"] == 506
     assert (fingerprint["train"]["rows"], fingerprint["test"]["rows"]) == (404, 102)
     ridge = json.loads((tmp_path / "metrics/train_ridge.json").read_text())
-    assert ridge["metrics"]["val/rmse"] == pytest.approx(4.825, abs=0.001)
+    assert ridge["val/rmse"] == pytest.approx(4.825, abs=0.001)
 
 
 @pytest.mark.slow

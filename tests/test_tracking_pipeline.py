@@ -12,7 +12,7 @@ import pytest
 from housing.tracking.offline import list_sessions, read_artifacts, read_models, read_scalars
 from tests.helpers import run_all
 
-from .conftest import CONF
+from .conftest import CONF, metrics_records
 
 SECRET = "SENTINEL-secret-7f3a9c"
 ACCESS = "SENTINEL-access-51bd02"
@@ -37,7 +37,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     try:
         mp.setenv("HOUSING_RUN_ID", "run-good")
         first = run_all([*common, f"selection.candidates=[{','.join(CANDIDATES)}]"], CONF)
-        metrics = {p.name: json.loads(p.read_text()) for p in (root / "metrics").glob("*.json")}
+        metrics = metrics_records(root / "metrics")
         mp.setenv("HOUSING_RUN_ID", "run-worse")
         second = run_all([*common, "selection.candidates=[linear_regression]"], CONF)
     finally:

@@ -205,14 +205,15 @@ def status(overrides: Sequence[str], config_dir: Path | None) -> int:
         print(f"no pipeline runs recorded yet in {events}")
         return 0
     print(render_status(run))
-    test = settings.paths.test_metrics
+    test = settings.paths.test_summary
     if test.is_file():
-        from housing.io import read_json, relpath
+        from housing.io import read_record, read_scores, relpath
 
-        record = read_json(test)
-        scores = "  ".join(f"{k}={v:.3f}" for k, v in sorted(record.get("metrics", {}).items()))
+        meta = settings.paths.meta(settings.paths.test_metrics)
+        model = read_record(meta).get("model") if meta.is_file() else None
+        scores = "  ".join(f"test/{k}={v:.3f}" for k, v in sorted(read_scores(test).items()))
         where = relpath(test, settings.root)
-        print(f"selected model: {record.get('model')}  {scores}  ({where})")
+        print(f"selected model: {model}  {scores}  ({where})")
     return 0 if run.outcome != "failed" else 1
 
 

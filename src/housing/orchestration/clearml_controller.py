@@ -495,9 +495,9 @@ def _result(
     t0: float,
 ) -> PipelineResult:
     """Summarize the controller's nodes; write the summary line; raise on failure."""
-    from housing.io import read_json
     from housing.monitoring import record_pipeline_summary
     from housing.orchestration.pipeline import PipelineError, PipelineResult, StepResult
+    from housing.stages.evaluate import read_outcome
 
     steps: dict[str, StepResult] = {}
     for name, node in controller.get_pipeline_dag().items():
@@ -514,8 +514,8 @@ def _result(
     rmse: float | None = None
     if steps.get("evaluate") is not None and steps["evaluate"].status == "succeeded":
         with contextlib.suppress(Exception):
-            record = read_json(settings.paths.test_metrics)
-            best, rmse = str(record["model"]), float(record["metrics"]["test/rmse"])
+            best, scores = read_outcome(settings.paths)
+            rmse = float(scores["test/rmse"])
     failed = [s.name for s in steps.values() if s.status == "failed"]
     ok = (
         bool(controller.is_successful(fail_on_step_fail=False))

@@ -84,11 +84,13 @@ def step_outputs(stage: str, settings: Settings) -> list[Path]:
         return [paths.raw, paths.train, paths.test, paths.fingerprint]
     if stage == "train":
         name = settings.model.name
-        return [paths.model(name), paths.train_metrics(name)]
+        metrics = paths.train_metrics(name)
+        return [paths.model(name), metrics, paths.meta(metrics)]
     if stage == "select_best":
-        return [paths.best_model, paths.train_summary]
+        return [paths.best_model, paths.train_summary, paths.meta(paths.train_summary)]
     if stage == "evaluate":
-        return [paths.test_metrics, paths.predictions, paths.importances]
+        meta = paths.meta(paths.test_metrics)
+        return [paths.test_metrics, meta, paths.test_summary, paths.predictions, paths.importances]
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -104,10 +106,11 @@ def step_inputs(stage: str, settings: Settings) -> list[Path]:
     if stage == "select_best":
         files: list[Path] = []
         for name in settings.selection.candidates:
-            files += [paths.model(name), paths.train_metrics(name)]
+            metrics = paths.train_metrics(name)
+            files += [paths.model(name), metrics, paths.meta(metrics)]
         return files
     if stage == "evaluate":
-        return [paths.best_model, paths.train_summary, paths.test]
+        return [paths.best_model, paths.meta(paths.train_summary), paths.test]
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -309,11 +312,11 @@ def _step_name(dvc_name: str) -> str:
 
 
 def _final_metrics(settings: Settings) -> tuple[str | None, float | None]:
-    from housing.io import read_json
+    from housing.stages.evaluate import read_outcome
 
     try:
-        record = read_json(settings.paths.test_metrics)
-        return str(record["model"]), float(record["metrics"]["test/rmse"])
+        best, scores = read_outcome(settings.paths)
+        return best, float(scores["test/rmse"])
     except (HousingError, KeyError, TypeError, ValueError):
         return None, None
 

@@ -1,8 +1,8 @@
 """The experiments report: ``reports/experiments.html`` and ``reports/experiments.md``.
 
 :func:`build_report` reads the pipeline's files (``metrics/train_metrics.json``,
-``metrics/test_metrics.json``, ``plots/model_comparison.csv``, ``plots/test_predictions.csv``,
-``plots/feature_importances.csv``) and the trackers through
+``metrics/test_metrics.json``, each with its ``.meta.json``, ``plots/model_comparison.csv``,
+``plots/test_predictions.csv``, ``plots/feature_importances.csv``) and the trackers through
 :mod:`housing.reporting.compare` (ClearML server or offline sessions and its
 ``champions.json`` ledger, the MLflow store and registry). Sections: the champion's
 headline numbers (its test RMSE as text), model comparison (validation, CV and test RMSE
@@ -207,6 +207,7 @@ def _relative(path: Path, root: Path) -> str:
 
 def _read_inputs(settings: Settings, project: str | None, env: Mapping[str, str] | None) -> Inputs:
     from housing.io import read_json
+    from housing.stages.select_best import SELECTION_VALUE
 
     paths = settings.paths
     got = Inputs()
@@ -222,8 +223,15 @@ def _read_inputs(settings: Settings, project: str | None, env: Mapping[str, str]
             return None
         return data if isinstance(data, dict) else None
 
-    got.summary = json_file(paths.train_summary, "not found; run `housing select_best`")
-    got.test = json_file(paths.test_metrics, "not found; run `housing evaluate`")
+    def scored(path: Path, hint: str) -> dict[str, Any] | None:
+        # A score file's numbers (also under "metrics") merged into its .meta.json record.
+        scores, meta = json_file(path, hint), json_file(paths.meta(path), hint)
+        return None if scores is None or meta is None else {**meta, **scores, "metrics": scores}
+
+    got.summary = scored(paths.train_summary, "not found; run `housing select_best`")
+    if got.summary is not None:
+        got.summary["best_value"] = got.summary.get(SELECTION_VALUE)
+    got.test = scored(paths.test_metrics, "not found; run `housing evaluate`")
     got.comparison = _csv(paths.comparison, settings.root, got.notes)
     got.predictions = _csv(paths.predictions, settings.root, got.notes)
     got.importances = _csv(paths.importances, settings.root, got.notes)

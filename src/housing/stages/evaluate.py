@@ -15,9 +15,13 @@ from housing.stages.train import read_split
 if TYPE_CHECKING:
     import pandas as pd
 
-    from housing.config import Settings
+    from housing.config import Paths, Settings
 
 log = logging.getLogger(__name__)
+
+#: The keys of ``metrics.json`` (``test/<key>`` in ``metrics/test_metrics.json``), kept
+#: short so that ``dvc metrics show`` fits in 40 columns.
+SUMMARY_METRICS = ("rmse", "mae", "r2")
 
 
 @dataclass(frozen=True)
@@ -26,13 +30,15 @@ class EvaluationResult:
 
     model_name: str
     metrics: dict[str, float]
-    metrics_path: Path
+    metrics_path: Path  # metrics/test_metrics.json: ``test/<metric>`` and ``n_test``
     predictions_path: Path
     importances_path: Path
     predictions: pd.DataFrame
     importances: dict[str, float]
     comparison: pd.DataFrame  # one row per candidate: val, CV and test metrics
     comparison_path: Path
+    meta_path: Path  # metrics/test_metrics.meta.json: model, sha256, candidates' test scores
+    summary_path: Path  # metrics.json: the DVC metrics file, ``{"rmse", "mae", "r2"}``
 
 
 def evaluate_model(
@@ -52,7 +58,7 @@ def run(settings: Settings) -> EvaluationResult:
     import pandas as pd
 
     paths = settings.paths
-    summary = io.read_json(paths.train_summary)
+    summary = io.read_record(paths.meta(paths.train_summary))
     pipeline = io.load_model(paths.best_model, summary.get("best_model_sha256"))
     test = read_split(paths.test)
     metrics, table = evaluate_model(pipeline, test, settings.data.target)
@@ -65,17 +71,17 @@ def run(settings: Settings) -> EvaluationResult:
     io.write_csv(paths.importances, imp)
     comparison = compare_candidates(settings, summary, test)
     io.write_csv(paths.comparison, comparison)
-    record = {
+    meta = {
         "model": summary["best_model"],
         "model_sha256": summary["best_model_sha256"],
-        "n_test": len(test),
-        "metrics": metrics,
         "candidates": {
             row["model"]: {k: row[k] for k in ("test/rmse", "test/mae", "test/r2")}
             for row in comparison.to_dict("records")
         },
     }
-    io.write_json(paths.test_metrics, record)
+    io.write_scores(paths.test_metrics, {**metrics, "n_test": len(test)})
+    io.write_json(paths.meta(paths.test_metrics), meta)
+    io.write_scores(paths.test_summary, {m: metrics[f"test/{m}"] for m in SUMMARY_METRICS})
     log.info(
         "evaluate %s: test/rmse=%.3f test/mae=%.3f test/r2=%.3f",
         summary["best_model"],
@@ -93,6 +99,8 @@ def run(settings: Settings) -> EvaluationResult:
         importances=importances,
         comparison=comparison,
         comparison_path=paths.comparison,
+        meta_path=paths.meta(paths.test_metrics),
+        summary_path=paths.test_summary,
     )
 
 
@@ -120,3 +128,9 @@ def compare_candidates(
             }
         )
     return pd.DataFrame(rows)
+
+
+def read_outcome(paths: Paths) -> tuple[str, dict[str, float]]:
+    """The selected model's name and its test scores (``test/<metric>``, ``n_test``)."""
+    scores = io.read_scores(paths.test_metrics)
+    return str(io.read_record(paths.meta(paths.test_metrics))["model"]), scores

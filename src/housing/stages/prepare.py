@@ -69,7 +69,7 @@ def run(settings: Settings) -> PrepareResult:
 
     def describe(path: Path, frame: pd.DataFrame) -> dict[str, Any]:
         return {
-            "path": io.relpath(path, settings.root),
+            "path": io.project_path(path, settings.root),
             "md5": io.file_md5(path),
             "rows": len(frame),
             "columns": frame.shape[1],
@@ -77,7 +77,7 @@ def run(settings: Settings) -> PrepareResult:
 
     fingerprint: dict[str, Any] = {
         "source": settings.data.name,
-        "origin": table.origin,
+        **sources.portable_origin(settings.data, settings.root),
         "target": settings.data.target,
         "features": [c for c in raw.columns if c != settings.data.target],
         "dropped_columns": list(settings.data.drop_columns),

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The winner's selection-metric value in ``metrics/train_metrics.json`` (and the trackers).
+SELECTION_VALUE = "selection/best_value"
+
 
 @dataclass(frozen=True)
 class SelectionResult:
@@ -32,7 +35,8 @@ class SelectionResult:
     best_path: Path
     summary_path: Path
     best_sha256: str
-    summary: dict[str, Any]
+    summary: dict[str, Any]  # the meta record plus ``best_value``
+    meta_path: Path
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -52,21 +56,27 @@ def choose_best(scores: Mapping[str, float], order: Sequence[str], greater_is_be
 def load_candidates(
     settings: Settings,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Read every candidate's train record; returns (records, missing names)."""
+    """Read every candidate's train scores and meta record; returns (records, missing names).
+
+    A record is the candidate's ``.meta.json`` plus ``metrics`` (its ``split/metric``
+    scores) and its counts, as the train stage returns it.
+    """
     records: dict[str, dict[str, Any]] = {}
     missing: list[str] = []
     metric = settings.selection.metric
+    paths = settings.paths
     for name in settings.selection.candidates:
-        path = settings.paths.train_metrics(name)
+        path = paths.train_metrics(name)
         if not path.is_file():
             missing.append(name)
             continue
-        record = io.read_json(path)
-        if not isinstance(record, dict) or metric not in record.get("metrics", {}):
-            raise ArtifactError(
-                f"{path}: no {metric!r} in 'metrics' (re-run: housing train model={name})"
-            )
-        records[name] = record
+        scores = io.read_scores(path)
+        if metric not in scores:
+            raise ArtifactError(f"{path}: no {metric!r} (re-run: housing train model={name})")
+        meta = io.read_record(paths.meta(path))
+        counts = {k: v for k, v in scores.items() if "/" not in k}
+        metrics = {k: float(v) for k, v in scores.items() if "/" in k}
+        records[name] = {**meta, **counts, "metrics": metrics}
     if missing and not settings.selection.allow_missing:
         first = settings.paths.train_metrics(missing[0])
         raise ArtifactError(
@@ -96,12 +106,11 @@ def run(settings: Settings) -> SelectionResult:
     best_path = settings.paths.best_model
     with io.atomic_path(best_path) as tmp:
         shutil.copyfile(source, tmp)
-    summary: dict[str, Any] = {
+    meta: dict[str, Any] = {
         "best_model": best,
         "selection_metric": metric,
         "greater_is_better": greater,
-        "best_value": scores[best],
-        "best_model_path": io.relpath(best_path, settings.root),
+        "best_model_path": io.project_path(best_path, settings.root),
         "best_model_sha256": sha,
         "best_estimator": winner["estimator"],
         "best_params": winner["params"],
@@ -118,7 +127,9 @@ def run(settings: Settings) -> SelectionResult:
         },
     }
     summary_path = settings.paths.train_summary
-    io.write_json(summary_path, summary)
+    io.write_scores(summary_path, {**winner["metrics"], SELECTION_VALUE: scores[best]})
+    io.write_json(settings.paths.meta(summary_path), meta)
+    summary = {**meta, "best_value": scores[best]}
     if missing:
         log.warning("select_best: candidates not trained, skipped: %s", ", ".join(missing))
     log.info("select_best: %s wins on %s=%.4f", best, metric, scores[best])
@@ -133,4 +144,5 @@ def run(settings: Settings) -> SelectionResult:
         summary_path=summary_path,
         best_sha256=sha,
         summary=summary,
+        meta_path=settings.paths.meta(summary_path),
     )

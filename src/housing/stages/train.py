@@ -46,7 +46,8 @@ class TrainResult:
     model_path: Path
     metrics_path: Path
     model_sha256: str
-    record: dict[str, Any]
+    record: dict[str, Any]  # the meta record plus the counts and ``metrics``
+    meta_path: Path
 
 
 def cross_validate_rmse(
@@ -167,26 +168,29 @@ def run(settings: Settings) -> TrainResult:
     model_path = paths.model(model.name)
     sha = io.save_model(model_path, outcome.pipeline)
     fingerprint = _read_fingerprint(paths.fingerprint)
-    record: dict[str, Any] = {
-        "model": model.name,
-        "estimator": model.estimator,
-        "params": dict(model.params),
-        "scale": model.scale,
-        "metrics": outcome.metrics,
+    counts = {
         "cv_folds": outcome.cv_folds,
         "n_train": outcome.n_train,
         "n_val": outcome.n_val,
         "n_train_full": len(train),
+    }
+    meta: dict[str, Any] = {
+        "model": model.name,
+        "estimator": model.estimator,
+        "params": dict(model.params),
+        "scale": model.scale,
         "refit_full": settings.train.refit_full,
         "features": outcome.features,
         "feature_importances": outcome.importances,
-        "model_path": io.relpath(model_path, settings.root),
+        "model_path": io.project_path(model_path, settings.root),
         "model_sha256": sha,
         "data_md5": fingerprint.get("raw", {}).get("md5"),
         "train_md5": io.file_md5(paths.train),
     }
     metrics_path = paths.train_metrics(model.name)
-    io.write_json(metrics_path, record)
+    io.write_scores(metrics_path, {**outcome.metrics, **counts})
+    io.write_json(paths.meta(metrics_path), meta)
+    record = {**meta, **counts, "metrics": outcome.metrics}
     m = outcome.metrics
     log.info(
         "train %s: val/rmse=%.3f cv/rmse_mean=%.3f (%d folds) fit %.2fs -> %s",
@@ -206,6 +210,7 @@ def run(settings: Settings) -> TrainResult:
         metrics_path=metrics_path,
         model_sha256=sha,
         record=record,
+        meta_path=paths.meta(metrics_path),
     )
 
 

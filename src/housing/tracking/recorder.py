@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from housing.stages.select_best import SELECTION_VALUE
 from housing.tracking.base import Figure, ModelVersion, RegisteredModel, StageRun, Tracker
 from housing.tracking.lineage import config_hash, decide_champion, git_commit, redact, utc_now
 
@@ -221,7 +222,8 @@ def _record_train(tset: TrackerSet, settings: Settings, result: TrainResult) -> 
     }
     tset.each("log_params", lambda t: t.log_params(params, "train_params"))
     tset.each("log_metrics", lambda t: t.log_metrics(result.metrics))
-    tset.each("log_artifact", lambda t: t.log_artifact(result.metrics_path))
+    for path in (result.metrics_path, result.meta_path):
+        tset.each("log_artifact", partial(_log_artifact, path=path))
     if rec.get("feature_importances"):
         fig = _importance_figure(rec["feature_importances"], f"{result.model_name} importances")
         tset.each("log_figure", lambda t: t.log_figure(fig))
@@ -247,9 +249,10 @@ def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult
     }
     tset.each("log_params", lambda t: t.log_params(params, "selection"))
     metrics = dict(result.metrics)
-    metrics["selection/best_value"] = result.best_value
+    metrics[SELECTION_VALUE] = result.best_value
     tset.each("log_metrics", lambda t: t.log_metrics(metrics))
-    tset.each("log_artifact", lambda t: t.log_artifact(result.summary_path))
+    for path in (result.summary_path, result.meta_path):
+        tset.each("log_artifact", partial(_log_artifact, path=path))
     scores = {n: float(r["metrics"][result.metric]) for n, r in result.candidates.items()}
     fig = Figure(
         name="candidates",
@@ -299,7 +302,13 @@ def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult
 def _record_evaluate(tset: TrackerSet, settings: Settings, result: EvaluationResult) -> None:
     tset.each("log_params", lambda t: t.log_params({"model": result.model_name}, "evaluate"))
     tset.each("log_metrics", lambda t: t.log_metrics(result.metrics))
-    for path in (result.metrics_path, result.predictions_path, result.comparison_path):
+    artifacts = (
+        result.metrics_path,
+        result.meta_path,
+        result.predictions_path,
+        result.comparison_path,
+    )
+    for path in artifacts:
         tset.each("log_artifact", partial(_log_artifact, path=path))
     table = result.predictions
     figures = [
