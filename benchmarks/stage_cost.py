@@ -1,0 +1,60 @@
+"""Tracking cost per stage beyond one-time imports, as ``housing repro`` workers see it.
+
+Imports what the engine's fork server preloads, then runs each stage in a process
+forked from this warm one (as the engine does), with tracking off and on (MLflow on a
+sqlite store + ClearML offline); prints seconds per stage as JSON. Run in a scratch
+copy of the project (benchmarks/bench.py makes one).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+from housing.repro import PRELOAD_MODULES
+
+ONE = "selection.candidates=[ridge]"
+STAGES = (
+    ("prepare", ()),
+    ("train", ("model=ridge",)),
+    ("select_best", (ONE,)),
+    ("evaluate", (ONE,)),
+)
+
+
+def _timed(stage: str, overrides: tuple[str, ...], tracking: str, queue: object) -> None:
+    from housing.config import load_settings
+    from housing.runner import execute_stage
+
+    settings = load_settings([f"tracking={tracking}", *overrides], root=Path.cwd())
+    t0 = time.perf_counter()
+    execute_stage(stage, settings)
+    queue.put(time.perf_counter() - t0)  # type: ignore[attr-defined]
+
+
+def main() -> None:
+    for module in PRELOAD_MODULES:
+        importlib.import_module(module)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    # each stage needs the previous one's outputs: passes run the stages in order
+    figures: dict[str, list[float]] = {}
+    for tracking in ("none", "both", "none", "both"):
+        for stage, overrides in STAGES:
+            proc = ctx.Process(target=_timed, args=(stage, overrides, tracking, queue))
+            proc.start()
+            seconds = queue.get(timeout=600)
+            proc.join()
+            figures.setdefault(f"{stage}:{tracking}", []).append(seconds)
+    stages = {
+        stage: (min(figures[f"{stage}:none"]), min(figures[f"{stage}:both"])) for stage, _ in STAGES
+    }
+    mean = sum(on - off for off, on in stages.values()) / len(stages)
+    print(json.dumps({"stages": stages, "mean_cost": mean}))
+
+
+if __name__ == "__main__":
+    main()
