@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from housing.cli import main
 from housing.config import load_settings
 from housing.errors import ArtifactError, HousingError
 from housing.monitoring import read_events
@@ -138,7 +139,7 @@ def test_cache_setting_must_be_boolean(tmp_path: Path) -> None:
 def test_offline_pipeline_parallel_cached_and_equal_to_sequential(
     tmp_path: Path, conf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from housing.cli import run_all
+    from housing.runner import run_all
     from housing.tracking.offline import list_sessions
 
     overrides = ["tracking=clearml", FAST]
@@ -261,7 +262,7 @@ def test_failing_train_step_stops_its_dependents(
 
     # the script entry point: one error line, non-zero exit
     monkeypatch.chdir(root)
-    code = pipeline.main(["-q", "--config-dir", str(conf), *overrides])
+    code = main(["pipeline", "-q", "--config-dir", str(conf), *overrides])
     assert code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: pipeline step train_ridge failed:")

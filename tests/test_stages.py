@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 
 from housing import io
-from housing.cli import main, run_all
+from housing.cli import main
 from housing.errors import ArtifactError, ConfigError, DataError
+from housing.runner import run_all
 from housing.stages import evaluate, prepare, select_best, train
 from housing.stages.select_best import choose_best
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from housing.cli import run_all
+from housing.runner import run_all
 from housing.tracking.offline import list_sessions, read_artifacts, read_models, read_scalars
 
 from .conftest import CONF

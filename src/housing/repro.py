@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +45,14 @@ def plan_stages(names: list[str]) -> ReproPlan:
     return ReproPlan(before, parallel)
 
 
-def parallel_repro(root: Path, jobs: int | None = None) -> int:
-    """Reproduce the pipeline in ``root``; returns 0, or 1 when a stage failed.
+def parallel_repro(
+    root: Path, jobs: int | None = None, announce: Callable[[str], None] | None = None
+) -> None:
+    """Reproduce the pipeline in ``root``; a :class:`HousingError` when a stage failed.
 
     Every stage shares one ``HOUSING_RUN_ID`` (taken from the environment or made
     here), and a pipeline summary line closes the run in ``metrics/pipeline_events.jsonl``.
+    ``announce`` receives a line when a parallel stage command starts.
     """
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
@@ -70,7 +73,8 @@ def parallel_repro(root: Path, jobs: int | None = None) -> int:
         commands = {n: repo.stage.collect(n)[0].cmd for n in changed}
 
         def run(stage: str) -> int:
-            print(f"Running stage '{stage}' (parallel):\n> {commands[stage]}", flush=True)
+            if announce is not None:
+                announce(f"Running stage '{stage}' (parallel):\n> {commands[stage]}")
             return subprocess.call(commands[stage], shell=True, cwd=root)
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -87,9 +91,7 @@ def parallel_repro(root: Path, jobs: int | None = None) -> int:
         error = f"dvc: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     _summarise(root, run_id, time.monotonic() - started, error)
     if error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        raise HousingError(error)
 
 
 def _summarise(root: Path, run_id: str, seconds: float, error: str | None) -> None:

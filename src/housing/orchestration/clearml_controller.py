@@ -14,7 +14,7 @@ Used by :func:`housing.orchestration.pipeline.run_pipeline` when ClearML is onli
 Every step is :func:`run_step`, a self-contained function (ClearML ships its source to
 the step's task) that calls :func:`execute_step`: it fetches the files its ancestors
 produced (artifacts, sha256-checked) when they are not already on disk, runs
-``housing.cli.execute_stage`` with the ClearML tracker off (the step's own task is the
+``housing.runner.execute_stage`` with the ClearML tracker off (the step's own task is the
 ClearML record; MLflow still runs), reports the stage's metrics, and uploads its outputs
 as artifacts with their sha256. Steps cache with ``cache_executed_step=True``: their
 parameters include the ids of their ancestors' tasks, so a step reruns exactly when an
@@ -244,9 +244,9 @@ def execute_step(
     """Fetch and verify inputs, run the stage, report metrics, upload outputs (JSON of them)."""
     from clearml import Task
 
-    from housing.cli import execute_stage
     from housing.config import load_settings
     from housing.orchestration.pipeline import hash_files, step_inputs, step_outputs
+    from housing.runner import execute_stage
 
     base = Path(root)
     task: Any = Task.current_task()

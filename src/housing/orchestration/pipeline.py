@@ -10,7 +10,7 @@ One DAG (:func:`build_dag`) serves every execution path::
 local executor below runs it.
 
 Local executor
-    Each step runs ``housing.cli.execute_stage`` (events, notifications, trackers) in its
+    Each step runs ``housing.runner.execute_stage`` (events, notifications, trackers) in its
     own worker process, so independent steps (the train steps) run truly in parallel and
     each gets its own ClearML offline session (ClearML keeps one task per process). The
     pool uses the ``forkserver`` start method with ``max_tasks_per_child=1``: every step
@@ -44,7 +44,6 @@ Failure
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -60,7 +59,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from housing.entry import Parser, add_common_options, positive_int, run_cli
 from housing.errors import ArtifactError, ConfigError, HousingError
 from housing.io import file_sha256
 
@@ -79,8 +77,6 @@ __all__ = [
     "Step",
     "StepResult",
     "build_dag",
-    "main",
-    "pipeline_command",
     "run_pipeline",
     "step_inputs",
     "step_outputs",
@@ -91,7 +87,7 @@ EVENTS_FILE: Final = "pipeline_events.jsonl"
 START_METHOD: Final = "forkserver"
 #: Imported once by the fork server so each step's process starts warm.
 PRELOAD_MODULES: Final = (
-    "housing.cli",
+    "housing.runner",
     "housing.config",
     "housing.orchestration.pipeline",
     "housing.stages.prepare",
@@ -488,7 +484,7 @@ def _run_job(job: _Job) -> _Outcome:
         )
 
     try:
-        from housing.cli import execute_stage
+        from housing.runner import execute_stage
 
         try:
             verify_files(job.inputs, root)
@@ -989,44 +985,3 @@ def run_local(
             ", ".join(r.name for r in failed),
         )
     return result
-
-
-def pipeline_command(
-    overrides: Sequence[str] = (),
-    config_dir: Path | None = None,
-    *,
-    use_cache: bool | None = None,
-    max_workers: int | None = None,
-) -> int:
-    """``housing pipeline``: run it and print the summary line; HousingError propagates."""
-    result = run_pipeline(overrides, config_dir, max_workers=max_workers, use_cache=use_cache)
-    print(result.summary_line())
-    return 0
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="clearml_pipeline",
-        description="Run the pipeline DAG (local parallel executor, or ClearML with a server).",
-        epilog="Overrides are Hydra syntax, e.g.: selection.candidates=[ridge,random_forest]",
-    )
-    parser.add_argument(
-        "--no-cache", action="store_true", help="run every step (ignore the step cache)"
-    )
-    parser.add_argument("--max-workers", type=positive_int, default=None, help="parallel steps")
-    add_common_options(parser)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``scripts/clearml_pipeline.py [--no-cache] [overrides...]``; returns the exit code."""
-    return run_cli(
-        _parser(),
-        argv,
-        lambda args: pipeline_command(
-            args.overrides,
-            args.config_dir,
-            use_cache=False if args.no_cache else None,
-            max_workers=args.max_workers,
-        ),
-    )
