@@ -453,7 +453,9 @@ def _print_status(console: Console, run: RunStatus) -> None:
 
     style = _STYLES.get(run.outcome, "")
     title = f"run {run.run_id}: [{style or 'bold'}]{run.outcome.upper()}[/]"
-    table = Table("stage", "status", "duration", "finished_at", "error", title=title)
+    table = Table(
+        "stage", "status", "duration", "finished_at", "error", title=title, title_justify="left"
+    )
     table.columns[2].justify = "right"
     for stage in run.stages:
         duration = f"{stage.duration_sec:.2f}s" if stage.duration_sec is not None else "-"
