@@ -177,6 +177,8 @@ def test_aliases_call_the_same_function() -> None:
     assert cli.cli.commands["run"].callback is cli.cli.commands["repro"].callback
     assert cli.cli.commands["select-best"].hidden
     assert cli.cli.commands["run"].params == cli.cli.commands["repro"].params
+    select = cli.cli.commands["select-best"].callback
+    assert select is cli.cli.commands["select_best"].callback
 
 
 def test_option_choices_match_the_library() -> None:

@@ -12,6 +12,7 @@ their subcommand.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -153,22 +154,36 @@ def cli(ctx: click.Context) -> None:
 # --------------------------------------------------------------------------- stages
 
 
-def _stage_command(stage: str, text: str, *, hidden: bool = False, name: str = "") -> None:
+def _stage_command(stage: str, text: str) -> click.Command:
     @_overrides
     @_leaf
     def command(options: Globals, overrides: tuple[str, ...]) -> int:
         run_stage(stage, list(overrides), options.config_dir)
         return 0
 
-    cli.command(name or stage, help=f"{text}\n\n{OVERRIDES_HELP}", short_help=text, hidden=hidden)(
-        command
+    return cli.command(stage, help=f"{text}\n\n{OVERRIDES_HELP}", short_help=text)(command)
+
+
+def _alias(command: click.Command, name: str, text: str, *, hidden: bool = False) -> None:
+    """``name`` runs ``command``'s very function with the same options."""
+    cli.add_command(
+        click.Command(
+            name,
+            callback=command.callback,
+            params=list(command.params),
+            help=f"{text}\n\n{inspect.cleandoc(command.help or '')}".strip(),
+            short_help=text,
+            hidden=hidden,
+        )
     )
 
 
 _stage_command("prepare", "Load, validate and split the data.")
 _stage_command("train", "Train one model (model=NAME).")
-_stage_command("select_best", "Pick the best trained candidate (alias: select-best).")
-_stage_command("select_best", "Pick the best trained candidate.", hidden=True, name="select-best")
+_select_best = _stage_command(
+    "select_best", "Pick the best trained candidate (alias: select-best)."
+)
+_alias(_select_best, "select-best", "Alias of select_best.", hidden=True)
 _stage_command("evaluate", "Score the best model on the test split.")
 
 
@@ -197,15 +212,7 @@ def repro(options: Globals, jobs: int | None) -> int:
     return 0
 
 
-cli.add_command(
-    click.Command(
-        "run",
-        callback=repro.callback,
-        params=list(repro.params),
-        help="Alias of repro: dvc repro with the train stages in parallel.",
-        short_help="Alias of repro.",
-    )
-)
+_alias(repro, "run", "Alias of repro.")
 
 
 @cli.command("pipeline", short_help="Run the pipeline DAG (local executor, or ClearML).")
@@ -352,6 +359,8 @@ def _compare_table(result: CompareResult) -> Any:
     from housing.reporting.compare import TABLES
 
     table = Table("backend", "source", "location", "tasks", "models", "result")
+    for column in table.columns[3:5]:
+        column.justify = "right"
     for name, got in result.backends.items():
         if got.error is not None:
             outcome = f"[red]not exported: {got.error}[/red]"
