@@ -255,3 +255,27 @@ def _script(name: str, *args: str, cwd: Path = PROJECT) -> subprocess.CompletedP
         check=False,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_doctor_renders_checks_and_fails_on_a_failed_check(
+    terminal: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rich.console import Console
+
+    from housing import doctor
+
+    checks = [
+        doctor.Check("mlflow", "ok", "local store"),
+        doctor.Check("agents", "fail", "none", "start one"),
+    ]
+    monkeypatch.setattr(doctor, "diagnose", lambda *_, **__: checks)
+    if terminal:
+        monkeypatch.setattr(cli, "_console", lambda: Console(file=sys.stdout, width=100))
+    assert main(["doctor", "--config-dir", str(CONF)]) == 1
+    out = capsys.readouterr().out
+    assert "1 ok, 0 warning(s), 1 failure(s)" in out
+    assert "next: start one" in out
+    assert ("│" in out) is terminal
+    if not terminal:
+        assert out.startswith("[ ok ] mlflow  local store\n[FAIL] agents  none\n")

@@ -125,8 +125,15 @@ def _overrides(function: F) -> F:
     return click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")(function)
 
 
-def _echo(text: str = "") -> None:
-    click.echo(text)
+def _echo(text: str = "", *, err: bool = False) -> None:
+    """One line to stdout (stderr with ``err``), through ``sys.stdout`` as it is now.
+
+    Not ``click.echo``: with a ClearML task open (``housing pipeline`` online) its
+    lines did not reach the captured stdout, while ClearML's own stream wrapper does.
+    """
+    stream = sys.stderr if err else sys.stdout
+    stream.write(f"{text}\n")
+    stream.flush()
 
 
 def _console() -> Console | None:
@@ -349,7 +356,7 @@ def compare(
         console.print(_compare_table(result))
     for name, got in result.backends.items():
         if got.error is not None:
-            click.echo(f"error: {name}: {got.error}", err=True)
+            _echo(f"error: {name}: {got.error}", err=True)
     return 0 if result.ok else 1
 
 
@@ -406,7 +413,7 @@ def report(
     settings = load_settings(list(overrides), config_dir=options.config_dir)
     result = build_report(settings, project=project, last_versions=last_versions)
     for note in result.notes:
-        click.echo(f"note: {note}", err=True)
+        _echo(f"note: {note}", err=True)
     champion = (
         f"champion {result.champion}, test RMSE {result.champion_test_rmse_text}"
         if result.champion
@@ -544,7 +551,7 @@ def config(options: Globals, overrides: tuple[str, ...]) -> int:
     from housing.config import load_settings
 
     settings = load_settings(list(overrides), config_dir=options.config_dir)
-    click.echo(yaml.safe_dump(dict(settings.resolved), sort_keys=False), nl=False)
+    sys.stdout.write(yaml.safe_dump(dict(settings.resolved), sort_keys=False))
     return 0
 
 
