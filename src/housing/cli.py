@@ -37,8 +37,6 @@ P = ParamSpec("P")
 F = TypeVar("F", bound=Callable[..., Any])
 
 PROG = "housing"
-#: Subcommands of the stages DVC runs (``scripts/<stage>.py``).
-STAGE_COMMANDS = ("prepare", "train", "select_best", "evaluate")
 #: ``housing compare --stage`` choices (as :data:`housing.reporting.compare.STAGES`).
 COMPARE_STAGES = ("prepare", "train", "select_best", "evaluate")
 #: ``housing report --last`` default (as :data:`housing.reporting.report.DEFAULT_VERSIONS`).
@@ -201,9 +199,9 @@ _stage_command("evaluate", "Score the best model on the test split.")
 @click.option(
     "-j",
     "--jobs",
-    type=click.IntRange(min=1),
+    type=int,
     default=None,
-    help="Parallel train stages (default: CPU count).",
+    help="Parallel train stages (default, or 0: CPU count).",
 )
 @_leaf
 def repro(options: Globals, jobs: int | None) -> int:
