@@ -1,10 +1,11 @@
-"""`python scripts/clearml_compare.py [--project P] [--tag T] [--stage S] [--last N] [overrides]`.
+"""`python scripts/clearml_compare.py [--project P] [--tag T] [--stage S] [--last N]`.
 
-Writes metrics/{clearml,mlflow}_experiments.csv and metrics/{clearml,mlflow}_models.csv
-(see housing.reporting.compare).
-"""
+Same as `housing compare`.
+Writes metrics/{clearml,mlflow}_experiments.csv and metrics/{clearml,mlflow}_models.csv."""
 
-from housing.reporting.compare import main
+import sys
+
+from housing.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["compare", *sys.argv[1:]]))

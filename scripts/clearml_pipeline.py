@@ -1,10 +1,11 @@
-"""Run the pipeline DAG: `python scripts/clearml_pipeline.py [--no-cache] [hydra overrides]`.
+"""`python scripts/clearml_pipeline.py [--no-cache] [overrides]` == `housing pipeline`.
 
 Local parallel executor with step caching, or a ClearML PipelineController when a
-ClearML server answers (see housing.orchestration.pipeline).
-"""
+ClearML server answers (the ClearML template and the crontab line run this script)."""
 
-from housing.orchestration.pipeline import main
+import sys
+
+from housing.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["pipeline", *sys.argv[1:]]))

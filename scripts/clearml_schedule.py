@@ -1,10 +1,10 @@
-"""Schedule the pipeline: `python scripts/clearml_schedule.py [--install] [hydra overrides]`.
+"""`python scripts/clearml_schedule.py [--install] [overrides]` == `housing schedule`.
 
-Crontab line (or a ClearML TaskScheduler with a server) for clearml.pipeline.schedule_cron
-(see housing.orchestration.scheduling).
-"""
+Crontab line (or a ClearML TaskScheduler with a server) for clearml.pipeline.schedule_cron."""
 
-from housing.orchestration.scheduling import main
+import sys
+
+from housing.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["schedule", *sys.argv[1:]]))

@@ -1,6 +1,8 @@
 """DVC stage entry point: `python scripts/evaluate.py [hydra overrides]` == `housing evaluate`."""
 
-from housing.cli import stage_main
+import sys
+
+from housing.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("evaluate"))
+    raise SystemExit(main(["evaluate", *sys.argv[1:]]))

@@ -1,6 +1,8 @@
 """DVC stage entry point: `python scripts/prepare.py [hydra overrides]` == `housing prepare`."""
 
-from housing.cli import stage_main
+import sys
+
+from housing.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("prepare"))
+    raise SystemExit(main(["prepare", *sys.argv[1:]]))

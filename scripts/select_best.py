@@ -1,6 +1,8 @@
 """DVC stage entry point: `python scripts/select_best.py [overrides]` == `housing select_best`."""
 
-from housing.cli import stage_main
+import sys
+
+from housing.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("select_best"))
+    raise SystemExit(main(["select_best", *sys.argv[1:]]))

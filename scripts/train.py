@@ -1,6 +1,8 @@
 """DVC stage entry point: `python scripts/train.py [hydra overrides]` == `housing train`."""
 
-from housing.cli import stage_main
+import sys
+
+from housing.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("train"))
+    raise SystemExit(main(["train", *sys.argv[1:]]))

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from housing.cli import main
 from housing.config import Settings, load_settings
 from housing.reporting.compare import (
     EXPERIMENT_COLUMNS,
@@ -29,7 +30,6 @@ from housing.reporting.compare import (
     MODEL_METRIC_COLUMNS,
     compare,
     fetch_all_pages,
-    main,
 )
 from tests.conftest import metrics_records
 from tests.fakes.clearml_api import FakeClearMLServer
@@ -265,7 +265,7 @@ def test_corrupt_session_is_skipped_with_a_warning(
     (half / "task.json").write_text('{"id": "offline-half0written", "name": "housing:tr')
     (sessions / "offline-badzip.zip").write_bytes(b"PK\x03\x04 not really a zip")
     monkeypatch.chdir(root)
-    code = main(["--config-dir", str(CONF), "clearml.mode=offline"])
+    code = main(["compare", "--config-dir", str(CONF), "clearml.mode=offline"])
     out, err = capsys.readouterr()
     assert code == 0, err
     warnings = [ln for ln in err.splitlines() if "offline-half0written" in ln]
@@ -287,7 +287,7 @@ def test_empty_project_writes_headers_only(
 ) -> None:
     root = tracked.copy(tmp_path / "project")
     monkeypatch.chdir(root)
-    code = main(["--project", "nope", "--config-dir", str(CONF), "clearml.mode=offline"])
+    code = main(["compare", "--project", "nope", "--config-dir", str(CONF), "clearml.mode=offline"])
     out, err = capsys.readouterr()
     assert code == 0, err
     for name in TABLES:
@@ -301,14 +301,16 @@ def test_empty_project_writes_headers_only(
 
 
 def test_bad_filters_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["--config-dir", str(CONF), "selection.metric=nope"])
+    code = main(["compare", "--config-dir", str(CONF), "selection.metric=nope"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == [err[0]] and err[0].startswith("error: selection.metric")
     # Usage errors are return codes too: main() never calls sys.exit (ClearML hooks it).
-    assert main(["--last", "0"]) == 2
-    assert capsys.readouterr().err.startswith("error: argument --last: expected a positive")
-    assert main(["--help"]) == 0
+    assert main(["compare", "--last", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Usage: housing compare ")
+    assert "Invalid value for '--last'" in err
+    assert main(["compare", "--help"]) == 0
     assert "--stage" in capsys.readouterr().out
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from housing.cli import main
 from housing.config import load_settings
-from housing.reporting.report import ReportResult, build_report, format_metric, main
+from housing.reporting.report import ReportResult, build_report, format_metric
 from tests import browser
 from tests.test_compare import Tracked, tracked_project
 
@@ -119,7 +120,7 @@ def test_report_entry_point(
     shutil.copytree(tracked.root / "metrics", root / "metrics")
     shutil.copytree(tracked.root / "plots", root / "plots")
     monkeypatch.chdir(root)
-    assert main(["--config-dir", str(CONF), "--last", "1", "clearml.mode=offline"]) == 0
+    assert main(["report", "--config-dir", str(CONF), "--last", "1", "clearml.mode=offline"]) == 0
     out = capsys.readouterr().out
     assert "champion random_forest" in out and (root / "reports" / "experiments.html").is_file()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from housing.cli import schedule_lines
 from housing.config import load_settings
 from housing.errors import ConfigError
 from housing.orchestration import scheduling
@@ -59,7 +60,9 @@ def test_next_runs_and_command_go_to_the_schedule_file(
     assert f"command: {expected}" in text
     assert "  - 2026-03-06T06:00:00+00:00" in text
     assert result.crontab_line == f"0 6 * * 1-5 {expected} # housing:housing-pipeline"
-    assert result.crontab_line in capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # only the command layer prints
+    assert schedule_lines(result)[0] == result.crontab_line
+    assert schedule_lines(result)[-1] == "crontab: not installed (add --install)"
 
 
 def test_install_is_idempotent_on_a_crontab_file(tmp_path: Path) -> None:
@@ -91,6 +94,7 @@ def test_script_entry_point(tmp_path: Path) -> None:
     ok = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
     assert ok.returncode == 0, ok.stderr
     assert "crontab: installed" in ok.stdout
+    assert ok.stdout.splitlines()[0].endswith("# housing:housing-pipeline")
     assert crontab.read_text().count("# housing:housing-pipeline") == 1
     bad = subprocess.run(
         [*cmd, "clearml.pipeline.schedule_cron=* * *"],

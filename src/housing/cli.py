@@ -1,159 +1,528 @@
-"""The ``housing`` command: one subcommand per stage plus pipeline utilities.
+"""The ``housing`` command: one click tree, the only layer that prints.
 
 Each subcommand composes the Hydra config from its overrides (``key=value``
-arguments), validates it, and calls one package function. User errors print one
-``error: ...`` line and exit non-zero; nothing is configured at import time.
+arguments), validates it, calls one package function and shows what it returned.
+:func:`main` runs the tree without click's standalone mode (ClearML hooks
+``sys.exit``): a :class:`~housing.errors.HousingError` becomes one ``error: ...``
+line and its exit code, a usage error click's usage message and 2, Ctrl-C 130.
+Nothing is configured at import time; ``scripts/*.py`` call :func:`main` with
+their subcommand.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
+import functools
+import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from housing.entry import Parser, add_common_options, run_cli
+import click
+
+from housing.entry import configure_logging, report_error
 from housing.errors import HousingError
+from housing.runner import run_stage
 
 if TYPE_CHECKING:
-    pass
+    from rich.console import Console
 
-log = logging.getLogger("housing")
+    from housing.doctor import Check
+    from housing.monitoring import RunStatus
+    from housing.orchestration.scheduling import ScheduleResult
+    from housing.reporting.compare import CompareResult
 
-STAGE_COMMANDS = ("prepare", "train", "select_best", "evaluate")
-#: Subcommands whose module parses its own options: command -> (module, help).
-DELEGATED = {
-    "pipeline": ("housing.orchestration.pipeline", "the ClearML pipeline (offline: local DAG)"),
-    "schedule": ("housing.orchestration.scheduling", "schedule the pipeline (cron or ClearML)"),
-    "compare": ("housing.reporting.compare", "export experiment/model comparison CSVs"),
-    "report": ("housing.reporting.report", "write reports/experiments.html and .md"),
-}
+P = ParamSpec("P")
+F = TypeVar("F", bound=Callable[..., Any])
+
+PROG = "housing"
+#: ``housing compare --stage`` choices (as :data:`housing.reporting.compare.STAGES`).
+COMPARE_STAGES = ("prepare", "train", "select_best", "evaluate")
+#: ``housing report --last`` default (as :data:`housing.reporting.report.DEFAULT_VERSIONS`).
+REPORT_VERSIONS = 10
+OVERRIDES_HELP = "Overrides are Hydra syntax (key=value), e.g. model=ridge model.params.alpha=2."
 
 
-from housing.runner import run_stage  # noqa: E402  (re-exported)
+@dataclass
+class Globals:
+    """Options every command accepts, before or after its name."""
+
+    verbosity: int = 0
+    config_dir: Path | None = None
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="housing",
-        description="House-price regression pipeline (DVC + Hydra + MLflow + ClearML).",
-        epilog="Overrides are Hydra syntax, e.g.: housing train model=ridge model.params.alpha=2",
+class _OrderedGroup(click.Group):
+    """Lists its commands in the order they were added (the workflow's order)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+def _set_quiet(ctx: click.Context, _: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Globals).verbosity = -1
+
+
+def _set_verbose(ctx: click.Context, _: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Globals).verbosity = 1
+
+
+def _set_config_dir(ctx: click.Context, _: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        ctx.ensure_object(Globals).config_dir = value
+
+
+_GLOBAL_OPTIONS = (
+    click.option(
+        "-q",
+        "--quiet",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_quiet,
+        help="Warnings and errors only.",
+    ),
+    click.option(
+        "-v",
+        "--verbose",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_verbose,
+        help="Debug messages too.",
+    ),
+    click.option(
+        "--config-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        expose_value=False,
+        callback=_set_config_dir,
+        help="Config folder (default: $HOUSING_CONFIG_DIR, else ./conf).",
+    ),
+)
+
+
+def _global_options(function: F) -> F:
+    for option in reversed(_GLOBAL_OPTIONS):
+        function = option(function)
+    return function
+
+
+def _leaf(function: Callable[Concatenate[Globals, P], int]) -> Callable[P, int]:
+    """A command body: gets the global options, logging configured; accepts them too."""
+
+    @functools.wraps(function)
+    def command(*args: P.args, **kwargs: P.kwargs) -> int:
+        options = click.get_current_context().ensure_object(Globals)
+        configure_logging(options.verbosity)
+        return function(options, *args, **kwargs)
+
+    return _global_options(command)
+
+
+def _overrides(function: F) -> F:
+    return click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")(function)
+
+
+def _echo(text: str = "", *, err: bool = False) -> None:
+    """One line to stdout (stderr with ``err``), through ``sys.stdout`` as it is now.
+
+    Not ``click.echo``: with a ClearML task open (``housing pipeline`` online) its
+    lines did not reach the captured stdout, while ClearML's own stream wrapper does.
+    """
+    stream = sys.stderr if err else sys.stdout
+    stream.write(f"{text}\n")
+    stream.flush()
+
+
+def _console() -> Console | None:
+    """A rich console when stdout is a terminal; ``None`` means plain, stable text."""
+    if not sys.stdout.isatty():
+        return None
+    from rich.console import Console
+
+    return Console(file=sys.stdout, highlight=False)
+
+
+@click.group(
+    cls=_OrderedGroup,
+    name=PROG,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=f"{OVERRIDES_HELP} `housing COMMAND --help` shows a command's options.",
+)
+@_global_options
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """House-price regression pipeline (DVC + Hydra + MLflow + ClearML)."""
+    ctx.ensure_object(Globals)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _stage_command(stage: str, text: str) -> click.Command:
+    @_overrides
+    @_leaf
+    def command(options: Globals, overrides: tuple[str, ...]) -> int:
+        run_stage(stage, list(overrides), options.config_dir)
+        return 0
+
+    return cli.command(stage, help=f"{text}\n\n{OVERRIDES_HELP}", short_help=text)(command)
+
+
+def _alias(command: click.Command, name: str, text: str, *, hidden: bool = False) -> None:
+    """``name`` runs ``command``'s very function with the same options."""
+    cli.add_command(
+        click.Command(
+            name,
+            callback=command.callback,
+            params=list(command.params),
+            help=f"{text}\n\n{inspect.cleandoc(command.help or '')}".strip(),
+            short_help=text,
+            hidden=hidden,
+        )
     )
-    add_common_options(parser, overrides=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    helps = {
-        "prepare": "load, validate and split the data",
-        "train": "train one model (model=NAME)",
-        "select_best": "pick the best trained candidate",
-        "evaluate": "score the best model on the test split",
-        "run": "alias of repro",
-        "config": "print the composed, validated config",
-        "doctor": "check tracking backends, ClearML server, credentials, queues, agents",
-        "status": "show the last pipeline run's stages from metrics/pipeline_events.jsonl",
-        "repro": "dvc repro with the train stages in parallel (-j N processes)",
-        "clearml": "ClearML utilities: `housing clearml sync` imports offline sessions",
-    }
-    for name, text in helps.items():
-        p = sub.add_parser(name, help=text, description=text)
-        if name in ("repro", "run"):
-            p.add_argument("-j", "--jobs", type=int, default=None, help="default: CPU count")
-            continue
-        if name == "clearml":
-            p.add_argument("action", choices=["sync"], help="sync: import offline sessions")
-        p.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
-        if name == "select_best":
-            sub._name_parser_map["select-best"] = p  # accept the dashed spelling too
-    for name, (_, text) in DELEGATED.items():
-        sub.add_parser(name, help=f"{text} (see housing {name} --help)", add_help=False)
-    return parser
 
 
-def _split_delegated(argv: Sequence[str]) -> tuple[str, list[str]] | None:
-    """(command, argv for its module) when ``argv`` names a delegated subcommand."""
-    globals_: list[str] = []
-    i = 0
-    while i < len(argv) and argv[i].startswith("-"):
-        globals_.append(argv[i])
-        if argv[i] == "--config-dir" and i + 1 < len(argv):
-            globals_.append(argv[i + 1])
-            i += 1
-        i += 1
-    if i < len(argv) and argv[i] in DELEGATED:
-        return argv[i], [*globals_, *argv[i + 1 :]]
-    return None
+_stage_command("prepare", "Load, validate and split the data.")
+_stage_command("train", "Train one model (model=NAME).")
+_select_best = _stage_command(
+    "select_best", "Pick the best trained candidate (alias: select-best)."
+)
+_alias(_select_best, "select-best", "Alias of select_best.", hidden=True)
+_stage_command("evaluate", "Score the best model on the test split.")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``housing`` command; returns the process exit code."""
-    import importlib
-
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    delegated = _split_delegated(arguments)
-    if delegated is not None:
-        command, rest = delegated
-        module = importlib.import_module(DELEGATED[command][0])
-        return int(module.main(rest))
-    return run_cli(_parser(), arguments, _dispatch, intermixed=False)
+# --------------------------------------------------------------------------- pipelines
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    command = "select_best" if args.command == "select-best" else args.command
-    overrides = list(getattr(args, "overrides", []))
-    if command in STAGE_COMMANDS:
-        run_stage(command, overrides, args.config_dir)
-        return 0
-    if command == "config":
-        import yaml
-
-        from housing.config import load_settings
-
-        settings = load_settings(overrides, config_dir=args.config_dir)
-        print(yaml.safe_dump(dict(settings.resolved), sort_keys=False), end="")
-        return 0
-    if command == "doctor":
-        return doctor(overrides, args.config_dir)
-    if command == "status":
-        return status(overrides, args.config_dir)
-    if command in ("repro", "run"):
-        return repro(args.jobs, args.verbosity)
-    if command == "clearml":
-        return clearml_sync(overrides, args.config_dir)
-    raise HousingError(f"unknown command {command!r}")  # pragma: no cover - argparse guards
-
-
-def repro(jobs: int | None, verbosity: int = 0) -> int:
-    """``housing repro``: run what DVC says is stale; one line per stage, then a summary."""
+@cli.command("repro", short_help="Run what DVC says is stale, stages in warm parallel workers.")
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stages at a time (default: CPU count).",
+)
+@click.option("-f", "--force", is_flag=True, help="Rerun every stage (dvc repro --force).")
+@_overrides
+@_leaf
+def repro(options: Globals, jobs: int | None, force: bool, overrides: tuple[str, ...]) -> int:
+    """dvc repro, faster: dvc.yaml's stages that DVC finds stale, run as function calls
+    in pre-warmed worker processes (independent stages in parallel), each recorded in
+    dvc.lock as dvc repro records it. Overrides: tracking only (tracking=, mlflow.*,
+    clearml.*, notifications.*).
+    """
     from housing.repro import ReproError, reproduce
 
-    def show(stage: str, what: str) -> None:
-        if what == "running":
-            print(f"running {stage}", flush=True)
-        elif what == "skipped":
-            print(f"{stage} is up to date", flush=True)
-        elif what == "failed":
-            print(f"{stage} failed", flush=True)
+    lines = {"running": "running {}", "failed": "{} failed"}
 
-    result = reproduce(Path.cwd(), jobs=jobs, verbosity=verbosity, on_event=show)
+    def show(stage: str, what: str) -> None:
+        if what in lines:
+            _echo(lines[what].format(stage))
+
+    result = reproduce(
+        Path.cwd(),
+        jobs=jobs,
+        force=force,
+        overrides=overrides,
+        verbosity=options.verbosity,
+        on_event=show,
+    )
     if not result.ok:
         raise ReproError(result.error or "failed", result.exit_code or 1)
-    ran = result.named("ran")
-    print(
-        f"run {result.run_id}: {len(ran)} stage(s) run, "
-        f"{len(result.named('skipped'))} up to date, in {result.seconds:.1f}s"
+    ran, fresh = result.named("ran"), result.named("skipped")
+    _echo(
+        f"run {result.run_id}: {len(ran)} stage(s) run, {len(fresh)} up to date, "
+        f"{result.seconds:.1f}s"
+    )
+    if ran:
+        _echo(
+            "next: housing status | housing report (reports/experiments.html) | "
+            "mlflow ui --backend-store-uri sqlite:///mlflow.db"
+        )
+    return 0
+
+
+_alias(repro, "run", "Alias of repro.")
+
+
+@cli.command("pipeline", short_help="Run the pipeline DAG (housing repro, or ClearML).")
+@click.option("--no-cache", is_flag=True, help="Rerun every step (dvc repro --force).")
+@click.option("--max-workers", type=click.IntRange(min=1), default=None, help="Parallel steps.")
+@_overrides
+@_leaf
+def pipeline(
+    options: Globals, no_cache: bool, max_workers: int | None, overrides: tuple[str, ...]
+) -> int:
+    """Run the pipeline DAG: ClearML's PipelineController with a server, else the
+    local engine (housing repro, each stage a ClearML offline session).
+
+    Without a server only tracking overrides apply (tracking=, clearml.*, ...).
+    """
+    from housing.orchestration.pipeline import run_pipeline
+
+    result = run_pipeline(
+        list(overrides),
+        options.config_dir,
+        max_workers=max_workers,
+        use_cache=False if no_cache else None,
+    )
+    _echo(result.summary_line())
+    return 0
+
+
+@cli.command("schedule", short_help="Schedule the pipeline (crontab, or a ClearML scheduler).")
+@click.option("--install", is_flag=True, help="Install the schedule.")
+@click.option(
+    "--crontab-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A crontab file instead of `crontab`.",
+)
+@_overrides
+@_leaf
+def schedule(
+    options: Globals, install: bool, crontab_file: Path | None, overrides: tuple[str, ...]
+) -> int:
+    """Schedule the pipeline on clearml.pipeline.schedule_cron (cron or ClearML).
+
+    Crontab line without a ClearML server, a ClearML TaskScheduler with one.
+    """
+    from housing.config import load_settings
+    from housing.orchestration.scheduling import schedule as make_schedule
+    from housing.schedule import FileCrontab
+
+    settings = load_settings(list(overrides), config_dir=options.config_dir)
+    result = make_schedule(
+        settings,
+        install=install,
+        crontab=FileCrontab(crontab_file) if crontab_file is not None else None,
+        before_exit=_show_schedule,  # registering a ClearML scheduler ends the process
+    )
+    _show_schedule(result)
+    return 0
+
+
+def _show_schedule(result: ScheduleResult) -> None:
+    for line in schedule_lines(result):
+        _echo(line)
+
+
+def schedule_lines(result: ScheduleResult) -> list[str]:
+    """What ``housing schedule`` shows for ``result``."""
+    if result.mode == "crontab":
+        lines = [result.crontab_line or result.command]
+    else:
+        lines = [result.command]
+        lines += [
+            f"  add_task({', '.join(f'{k}={v!r}' for k, v in entry.items())})"
+            for entry in result.entries
+        ]
+    lines.append(f"next runs ({result.expr}):")
+    lines += [f"  {run.isoformat()}" for run in result.next_runs]
+    lines.append(f"written: {result.schedule_file}")
+    if result.mode == "crontab" and result.installed:
+        lines.append("crontab: installed" if result.changed else "crontab: already installed")
+    elif result.mode == "crontab":
+        lines.append("crontab: not installed (add --install)")
+    elif result.installed and result.changed:
+        lines.append(
+            f"ClearML scheduler {result.scheduler_task_id} -> queue {result.controller_queue}; "
+            f"template {result.template_task_id}; this process ends now"
+        )
+    elif result.installed:
+        lines.append(
+            f"ClearML scheduler {result.scheduler_task_id} already runs this schedule; unchanged"
+        )
+    else:
+        lines.append("ClearML scheduler: not registered (add --install)")
+    return lines
+
+
+# --------------------------------------------------------------------------- reporting
+
+_project_option = click.option(
+    "--project", default=None, help="ClearML project / MLflow experiment (default: config)."
+)
+
+
+@cli.command("compare", short_help="Export experiment/model comparison CSVs to metrics/.")
+@_project_option
+@click.option("--tag", "tags", multiple=True, help="Keep tasks with this tag (repeatable).")
+@click.option("--stage", type=click.Choice(COMPARE_STAGES), default=None, help="Keep this stage.")
+@click.option(
+    "--last", "last_n", type=click.IntRange(min=1), default=None, help="The N newest runs."
+)
+@_overrides
+@_leaf
+def compare(
+    options: Globals,
+    *,
+    project: str | None,
+    tags: tuple[str, ...],
+    stage: str | None,
+    last_n: int | None,
+    overrides: tuple[str, ...],
+) -> int:
+    """Export ClearML and MLflow experiments and models to metrics/*.csv.
+
+    Overrides are Hydra syntax, e.g.: mlflow.tracking_uri=sqlite:///other.db
+    """
+    from housing.config import load_settings
+    from housing.reporting.compare import compare as export
+
+    settings = load_settings(list(overrides), config_dir=options.config_dir)
+    result = export(settings, project=project, tags=list(tags), stage=stage, last_n=last_n)
+    console = _console()
+    if console is None:
+        for line in result.summary_lines():
+            _echo(line)
+    else:
+        console.print(_compare_table(result))
+    for name, got in result.backends.items():
+        if got.error is not None:
+            _echo(f"error: {name}: {got.error}", err=True)
+    return 0 if result.ok else 1
+
+
+def _compare_table(result: CompareResult) -> Any:
+    from rich.table import Table
+
+    from housing.reporting.compare import TABLES
+
+    table = Table("backend", "source", "location", "tasks", "models", "result")
+    for column in table.columns[3:5]:
+        column.justify = "right"
+    for name, got in result.backends.items():
+        if got.error is not None:
+            outcome = f"[red]not exported: {got.error}[/red]"
+        elif got.empty:
+            outcome = f"{got.note or f'nothing found for project {got.project!r}'}; headers only"
+        else:
+            outcome = ", ".join(str(result.paths[f]) for f in TABLES[name] if f in result.paths)
+            if got.skipped:
+                outcome += f" ({len(got.skipped)} unreadable session(s) skipped)"
+        table.add_row(
+            name,
+            got.source,
+            got.location,
+            str(len(got.experiments)),
+            str(len(got.models)),
+            outcome,
+        )
+    return table
+
+
+@cli.command("report")
+@_project_option
+@click.option(
+    "--last",
+    "last_versions",
+    type=click.IntRange(min=1),
+    default=REPORT_VERSIONS,
+    show_default=True,
+    help="Versions per model to chart.",
+)
+@_overrides
+@_leaf
+def report(
+    options: Globals, project: str | None, last_versions: int, overrides: tuple[str, ...]
+) -> int:
+    """Write reports/experiments.html and reports/experiments.md.
+
+    Overrides are Hydra syntax, e.g.: mlflow.tracking_uri=sqlite:///other.db
+    """
+    from housing.config import load_settings
+    from housing.reporting.report import build_report
+
+    settings = load_settings(list(overrides), config_dir=options.config_dir)
+    result = build_report(settings, project=project, last_versions=last_versions)
+    for note in result.notes:
+        _echo(f"note: {note}", err=True)
+    champion = (
+        f"champion {result.champion}, test RMSE {result.champion_test_rmse_text}"
+        if result.champion
+        else "no champion evaluated yet"
+    )
+    _echo(
+        f"wrote {result.html_path} and {result.markdown_path} "
+        f"({len(result.figure_paths)} figures; {champion})"
     )
     return 0
 
 
-def doctor(overrides: Sequence[str], config_dir: Path | None) -> int:
-    """Print what the project will use and what is wrong; exit 1 when a check fails."""
+# --------------------------------------------------------------------------- utilities
+
+
+@cli.command("status", short_help="Show the last pipeline run: stages, durations, outcome.")
+@_overrides
+@_leaf
+def status(options: Globals, overrides: tuple[str, ...]) -> int:
+    """Show the last pipeline run's stages from metrics/pipeline_events.jsonl."""
+    from housing.config import load_settings
+    from housing.monitoring import last_run_status, render_status
+
+    settings = load_settings(list(overrides), config_dir=options.config_dir)
+    events = settings.paths.metrics_dir / "pipeline_events.jsonl"
+    run = last_run_status(events)
+    if run is None:
+        _echo(f"no pipeline runs recorded yet in {events}")
+        return 0
+    console = _console()
+    if console is None:
+        _echo(render_status(run))
+    else:
+        _print_status(console, run)
+    test = settings.paths.test_summary
+    if test.is_file():
+        from housing.io import read_record, read_scores, relpath
+
+        meta = settings.paths.meta(settings.paths.test_metrics)
+        model = read_record(meta).get("model") if meta.is_file() else None
+        scores = "  ".join(f"test/{k}={v:.3f}" for k, v in sorted(read_scores(test).items()))
+        where = relpath(test, settings.root)
+        _echo(f"selected model: {model}  {scores}  ({where})")
+    return 0 if run.outcome != "failed" else 1
+
+
+_STYLES = {"succeeded": "green", "ok": "green", "failed": "red", "fail": "red", "warn": "yellow"}
+
+
+def _print_status(console: Console, run: RunStatus) -> None:
+    from rich.table import Table
+
+    from housing.monitoring import render_summary
+
+    style = _STYLES.get(run.outcome, "")
+    title = f"run {run.run_id}: [{style or 'bold'}]{run.outcome.upper()}[/]"
+    table = Table(
+        "stage", "status", "duration", "finished_at", "error", title=title, title_justify="left"
+    )
+    table.columns[2].justify = "right"
+    for stage in run.stages:
+        duration = f"{stage.duration_sec:.2f}s" if stage.duration_sec is not None else "-"
+        state = stage.status
+        if state in _STYLES:
+            state = f"[{_STYLES[state]}]{state}[/]"
+        table.add_row(stage.stage, state, duration, stage.finished_at or "-", stage.error or "")
+    console.print(table)
+    console.print(render_summary(run), markup=False)
+
+
+@cli.command("doctor", short_help="Check tracking backends, ClearML server, queues, agents.")
+@_overrides
+@_leaf
+def doctor(options: Globals, overrides: tuple[str, ...]) -> int:
+    """Check tracking backends, ClearML server, credentials, queues, agents.
+
+    Exits 1 when a check fails.
+    """
     import os
 
     from housing.config import load_settings
     from housing.doctor import diagnose, render
 
-    settings = load_settings(overrides, config_dir=config_dir)
+    settings = load_settings(list(overrides), config_dir=options.config_dir)
     cml = settings.clearml
     checks = diagnose(
         os.environ,
@@ -169,17 +538,62 @@ def doctor(overrides: Sequence[str], config_dir: Path | None) -> int:
         access_key_env=cml.access_key_env,
         secret_key_env=cml.secret_key_env,
     )
-    print(render(checks))
+    console = _console()
+    if console is None:
+        _echo(render(checks))
+    else:
+        _print_checks(console, checks)
     return 1 if any(c.status == "fail" for c in checks) else 0
 
 
-def clearml_sync(overrides: Sequence[str], config_dir: Path | None) -> int:
+def _print_checks(console: Console, checks: Sequence[Check]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from housing.doctor import tally
+
+    table = Table("", "check", "detail")
+    for check in checks:
+        detail = Text(check.detail)
+        if check.next_step:
+            detail.append(f"\nnext: {check.next_step}", style="dim")
+        label = Text(check.status.upper(), style=_STYLES.get(check.status, ""))
+        table.add_row(label, Text(check.name), detail)
+    console.print(table)
+    console.print(tally(checks), markup=False)
+
+
+@cli.command("config")
+@_overrides
+@_leaf
+def config(options: Globals, overrides: tuple[str, ...]) -> int:
+    """Print the composed, validated config."""
+    import yaml
+
+    from housing.config import load_settings
+
+    settings = load_settings(list(overrides), config_dir=options.config_dir)
+    sys.stdout.write(yaml.safe_dump(dict(settings.resolved), sort_keys=False))
+    return 0
+
+
+@cli.group(
+    "clearml", cls=_OrderedGroup, short_help="ClearML utilities (sync: import offline sessions)."
+)
+def clearml() -> None:
+    """ClearML utilities: `housing clearml sync` imports offline sessions."""
+
+
+@clearml.command("sync", short_help="Import offline ClearML sessions into the server.")
+@_overrides
+@_leaf
+def clearml_sync(options: Globals, overrides: tuple[str, ...]) -> int:
     """Import every offline ClearML session not yet imported into the configured server."""
     from housing.config import load_settings
     from housing.tracking.offline import sync
 
-    cml = load_settings(overrides, config_dir=config_dir).clearml
-    report = sync(
+    cml = load_settings(list(overrides), config_dir=options.config_dir).clearml
+    result = sync(
         cml.offline_dir,
         api_host=cml.api_host,
         timeout_sec=cml.connect_timeout_sec,
@@ -189,37 +603,37 @@ def clearml_sync(overrides: Sequence[str], config_dir: Path | None) -> int:
         access_key_env=cml.access_key_env,
         secret_key_env=cml.secret_key_env,
     )
-    print(report.summary())
-    return 0 if report.ok else 1
+    _echo(result.summary())
+    return 0 if result.ok else 1
 
 
-def status(overrides: Sequence[str], config_dir: Path | None) -> int:
-    """Print the last run's stages, durations and outcome from the events log."""
-    from housing.config import load_settings
-    from housing.monitoring import last_run_status, render_status
+@clearml.command("import-sessions", hidden=True)
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@_leaf
+def clearml_import_sessions(options: Globals, manifest: Path, results: Path) -> int:
+    """Internal: the child process of `housing clearml sync` (imports with the SDK)."""
+    from housing.tracking.offline import import_sessions
 
-    settings = load_settings(overrides, config_dir=config_dir)
-    events = settings.paths.metrics_dir / "pipeline_events.jsonl"
-    run = last_run_status(events)
-    if run is None:
-        print(f"no pipeline runs recorded yet in {events}")
-        return 0
-    print(render_status(run))
-    test = settings.paths.test_summary
-    if test.is_file():
-        from housing.io import read_record, read_scores, relpath
-
-        meta = settings.paths.meta(settings.paths.test_metrics)
-        model = read_record(meta).get("model") if meta.is_file() else None
-        scores = "  ".join(f"test/{k}={v:.3f}" for k, v in sorted(read_scores(test).items()))
-        where = relpath(test, settings.root)
-        print(f"selected model: {model}  {scores}  ({where})")
-    return 0 if run.outcome != "failed" else 1
+    return import_sessions(manifest, results)
 
 
-def stage_main(stage: str, argv: Sequence[str] | None = None) -> int:
-    """Entry point used by ``scripts/<stage>.py``: same as ``housing <stage> ...``."""
-    return main([stage, *(sys.argv[1:] if argv is None else argv)])
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``housing`` and ``scripts/*.py``; returns the process exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = cli.main(arguments, prog_name=PROG, standalone_mode=False)
+    except click.exceptions.Abort:  # click's form of Ctrl-C
+        return report_error(KeyboardInterrupt())
+    except click.ClickException as exc:  # usage errors: click's message, exit 2
+        exc.show()
+        return exc.exit_code
+    except (HousingError, KeyboardInterrupt) as exc:
+        return report_error(exc)
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

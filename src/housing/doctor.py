@@ -788,6 +788,11 @@ def render(checks: Sequence[Check]) -> str:
         lines.append(f"[{_LABELS[check.status]}] {check.name.ljust(width)}  {check.detail}")
         if check.next_step:
             lines.append(f"       {' ' * width}  next: {check.next_step}")
-    counts = {status: sum(1 for c in checks if c.status == status) for status in _LABELS}
-    lines.append(f"{counts['ok']} ok, {counts['warn']} warning(s), {counts['fail']} failure(s)")
+    lines.append(tally(checks))
     return "\n".join(lines) + "\n"
+
+
+def tally(checks: Sequence[Check]) -> str:
+    """The closing line: how many checks passed, warned and failed."""
+    counts = {status: sum(1 for c in checks if c.status == status) for status in _LABELS}
+    return f"{counts['ok']} ok, {counts['warn']} warning(s), {counts['fail']} failure(s)"

@@ -1,27 +1,27 @@
-"""Entry-point plumbing shared by every command: parsing, logging, error lines.
+"""Entry-point plumbing: logging for a command's process, one-line errors.
 
 ClearML hooks ``sys.exit``: once called in a process (even when caught), later
-ClearML tasks of that process stop reporting. So parsers here never call
-``sys.exit``, and every ``main(argv)`` returns its exit code instead.
+ClearML tasks of that process stop reporting. So nothing here (or in
+:mod:`housing.cli`) calls ``sys.exit``: errors become an exit code that the
+console script returns.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import NoReturn
 
-from housing.errors import HousingError, UsageError
+from housing.errors import HousingError
 
 #: Library messages that are expected on every run and say nothing actionable.
 _EXPECTED_NOISE = (
     "Saving scikit-learn models in the pickle or cloudpickle format",  # we pin + sha-check
     "Failed to resolve installed pip version",  # uv venvs have no pip
 )
+
+#: Exit code of a command stopped by Ctrl-C (128 + SIGINT).
+INTERRUPTED = 130
 
 
 class _DropExpected(logging.Filter):
@@ -42,69 +42,22 @@ def configure_logging(verbosity: int) -> None:
             logging.getLogger(name).addFilter(_DropExpected())
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def error_line(message: str) -> None:
+    """``error: <message>`` on stderr: the one line a failed command prints."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
 
 
-class _ParserExit(Exception):  # noqa: N818 - a control-flow signal, not an error
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
+def report_error(exc: BaseException) -> int:
+    """Print the one line for ``exc`` and return the exit code it maps to.
 
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser that raises instead of calling ``sys.exit``."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        if message:
-            sys.stderr.write(message)
-        raise _ParserExit(status)
-
-
-def add_common_options(parser: argparse.ArgumentParser, *, overrides: bool = True) -> None:
-    """-q/-v, --config-dir and (optionally) the Hydra overrides."""
-    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity")
-    parser.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity")
-    parser.add_argument(
-        "--config-dir", type=Path, default=None, help="config folder (default: ./conf)"
-    )
-    if overrides:
-        parser.add_argument("overrides", nargs="*", help="Hydra overrides key=value")
-    parser.set_defaults(verbosity=0)
-
-
-def run_cli(
-    parser: argparse.ArgumentParser,
-    argv: Sequence[str] | None,
-    action: Callable[[argparse.Namespace], int],
-    *,
-    intermixed: bool = True,
-) -> int:
-    """Parse, configure logging, run ``action``; a HousingError is one ``error:`` line.
-
-    ``intermixed`` allows options after positionals (not with subcommands).
+    A :class:`HousingError` gives its message and ``exit_code``; Ctrl-C gives
+    ``error: interrupted`` and 130. Anything else is a bug and propagates.
     """
-    try:
-        arguments = sys.argv[1:] if argv is None else list(argv)
-        parse = parser.parse_intermixed_args if intermixed else parser.parse_args
-        args = parse(arguments)
-        configure_logging(args.verbosity)
-        return action(args)
-    except _ParserExit as exc:  # --help
-        return exc.status
-    except HousingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if isinstance(exc, HousingError):
+        error_line(str(exc))
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    if isinstance(exc, KeyboardInterrupt):
+        error_line("interrupted")
+        return INTERRUPTED
+    raise exc

@@ -30,9 +30,3 @@ class ArtifactError(HousingError):
     """A pipeline artifact (model, metrics file) is missing or corrupt."""
 
     exit_code = 4
-
-
-class UsageError(HousingError):
-    """Bad command-line arguments."""
-
-    exit_code = 2

@@ -66,6 +66,7 @@ __all__ = [
     "record_pipeline_summary",
     "redact_url",
     "render_status",
+    "render_summary",
     "track_pipeline",
     "track_stage",
 ]
@@ -570,21 +571,25 @@ def render_status(status: RunStatus) -> str:
             lines.append(row)
     else:
         lines.append("  (no stage events)")
+    lines.append(render_summary(status))
+    return "\n".join(lines)
+
+
+def render_summary(status: RunStatus) -> str:
+    """The ``summary: ...`` line of :func:`render_status` (the run's pipeline summary)."""
     summary = status.summary
     if summary is None:
-        lines.append("summary: none (run in progress, interrupted, or stages run separately)")
-    else:
-        rmse = summary.get("test_rmse")
-        rmse_text = f"{rmse:.4f}" if isinstance(rmse, int | float) else "-"
-        text = (
-            f"summary: status={summary.get('status')}"
-            f" duration={_fmt_duration(summary.get('duration_sec'))}"
-            f" best_model={summary.get('best_model') or '-'} test_rmse={rmse_text}"
-        )
-        if summary.get("error"):
-            text += f" error: {summary['error']}"
-        lines.append(text)
-    return "\n".join(lines)
+        return "summary: none (run in progress, interrupted, or stages run separately)"
+    rmse = summary.get("test_rmse")
+    rmse_text = f"{rmse:.4f}" if isinstance(rmse, int | float) else "-"
+    text = (
+        f"summary: status={summary.get('status')}"
+        f" duration={_fmt_duration(summary.get('duration_sec'))}"
+        f" best_model={summary.get('best_model') or '-'} test_rmse={rmse_text}"
+    )
+    if summary.get("error"):
+        text += f" error: {summary['error']}"
+    return text
 
 
 # --------------------------------------------------------------------------- notifiers

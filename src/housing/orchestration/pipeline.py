@@ -15,7 +15,6 @@ decides what is stale, every stage is recorded as a ClearML offline session, and
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -23,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from housing.entry import Parser, add_common_options, positive_int, run_cli
 from housing.errors import ArtifactError, ConfigError, HousingError
 from housing.io import file_sha256
 
@@ -319,44 +317,3 @@ def _final_metrics(settings: Settings) -> tuple[str | None, float | None]:
         return best, float(scores["test/rmse"])
     except (HousingError, KeyError, TypeError, ValueError):
         return None, None
-
-
-def pipeline_command(
-    overrides: Sequence[str] = (),
-    config_dir: Path | None = None,
-    *,
-    use_cache: bool | None = None,
-    max_workers: int | None = None,
-) -> int:
-    """``housing pipeline``: run it and print the summary line; HousingError propagates."""
-    result = run_pipeline(overrides, config_dir, max_workers=max_workers, use_cache=use_cache)
-    print(result.summary_line())
-    return 0
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="clearml_pipeline",
-        description="Run the pipeline DAG (local parallel executor, or ClearML with a server).",
-        epilog="Overrides are Hydra syntax, e.g.: selection.candidates=[ridge,random_forest]",
-    )
-    parser.add_argument(
-        "--no-cache", action="store_true", help="rerun every step (dvc repro --force)"
-    )
-    parser.add_argument("--max-workers", type=positive_int, default=None, help="parallel steps")
-    add_common_options(parser)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``scripts/clearml_pipeline.py [--no-cache] [overrides...]``; returns the exit code."""
-    return run_cli(
-        _parser(),
-        argv,
-        lambda args: pipeline_command(
-            args.overrides,
-            args.config_dir,
-            use_cache=False if args.no_cache else None,
-            max_workers=args.max_workers,
-        ),
-    )

@@ -3,35 +3,34 @@
 :func:`schedule` validates the expression (a :class:`~housing.errors.ConfigError` naming
 the key), computes the next five runs and writes ``metrics/clearml_pipeline_schedule.txt``.
 
-- Without a ClearML server it prints the crontab line (``<cron> cd <root> &&
+- Without a ClearML server it computes the crontab line (``<cron> cd <root> &&
   <venv python> scripts/clearml_pipeline.py >> metrics/clearml_pipeline_cron.log 2>&1
   # housing:housing-pipeline``) and, with ``install=True``, puts it in the crontab once
   (re-running replaces it).
-- With a server (ClearML online) it prints the ``TaskScheduler`` entries the expression
+- With a server (ClearML online) it computes the ``TaskScheduler`` entries the expression
   maps to; with ``install=True`` it creates a template task ``<task_prefix>:pipeline``
   (``scripts/clearml_pipeline.py`` at this checkout's commit) and a ``TaskScheduler``
   that clones it onto ``clearml.pipeline.execution_queue`` at those times, and sends
   the scheduler to ``clearml.pipeline.controller_queue`` (default ``services``). The SDK
-  ENDS THE PROCESS (exit 0) once the scheduler is enqueued. A scheduler already queued
+  ENDS THE PROCESS (exit 0) once the scheduler is enqueued (``before_exit`` gets the
+  result first, so the command can show it). A scheduler already queued
   or running with the same schedule is kept (idempotent); one with another schedule
   is stopped and replaced. ClearML schedules in UTC, so next runs are UTC there.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from housing.entry import Parser, add_common_options, run_cli
 from housing.errors import ConfigError, HousingError
 
 if TYPE_CHECKING:
@@ -46,9 +45,7 @@ __all__ = [
     "ScheduleError",
     "ScheduleResult",
     "cron_command",
-    "main",
     "schedule",
-    "schedule_command",
     "scheduler_entries",
 ]
 
@@ -78,6 +75,8 @@ class ScheduleResult:
     changed: bool = False  # the crontab was modified / a scheduler was registered
     entries: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     scheduler_task_id: str | None = None
+    template_task_id: str | None = None
+    controller_queue: str | None = None  # the queue the ClearML scheduler runs on
 
 
 def _expression(settings: Settings) -> str:
@@ -152,11 +151,13 @@ def schedule(
     install: bool,
     crontab: CrontabIO | None = None,
     now: datetime | None = None,
+    before_exit: Callable[[ScheduleResult], None] | None = None,
 ) -> ScheduleResult:
-    """Validate, compute the next runs, write the schedule file, print / install it.
+    """Validate, compute the next runs, write the schedule file, install it if asked.
 
     ``crontab`` defaults to the user's crontab (``crontab`` binary); ``now`` to the
-    current time (local for cron, UTC for ClearML).
+    current time (local for cron, UTC for ClearML). Registering a ClearML scheduler
+    ends the process: ``before_exit`` receives the result just before.
     """
     from housing.orchestration.pipeline import clearml_mode
     from housing.schedule import (
@@ -179,12 +180,13 @@ def schedule(
     runs = tuple(next_runs(cron, now, 5, key=CRON_KEY))
     target = settings.paths.metrics_dir / SCHEDULE_FILE
     if online:
-        return _schedule_clearml(settings, cron, runs, target, install=install)
+        return _schedule_clearml(
+            settings, cron, runs, target, install=install, before_exit=before_exit
+        )
 
     command = cron_command(settings)
     write_schedule_file(target, expr, runs, command, key=CRON_KEY)
     line = crontab_line(expr, command, MARKER, key=CRON_KEY)
-    print(line)
     changed = False
     if install:
         try:
@@ -210,6 +212,7 @@ def _schedule_clearml(
     target: Path,
     *,
     install: bool,
+    before_exit: Callable[[ScheduleResult], None] | None = None,
 ) -> ScheduleResult:
     from housing.orchestration.clearml_controller import DEFAULT_CONTROLLER_QUEUE
     from housing.schedule import write_schedule_file
@@ -223,9 +226,6 @@ def _schedule_clearml(
         f"({PIPELINE_SCRIPT}) onto queue {queue} (UTC)"
     )
     write_schedule_file(target, cron.expr, runs, command, key=CRON_KEY)
-    print(command)
-    for entry in entries:
-        print(f"  add_task({', '.join(f'{k}={v!r}' for k, v in entry.items())})")
     result = ScheduleResult(
         expr=cron.expr,
         next_runs=runs,
@@ -233,14 +233,20 @@ def _schedule_clearml(
         schedule_file=target,
         mode="clearml",
         entries=tuple(entries),
+        controller_queue=services,
     )
     if not install:
         return result
-    return _register(settings, result, services=services, queue=queue)
+    return _register(settings, result, services=services, queue=queue, before_exit=before_exit)
 
 
 def _register(
-    settings: Settings, result: ScheduleResult, *, services: str, queue: str
+    settings: Settings,
+    result: ScheduleResult,
+    *,
+    services: str,
+    queue: str,
+    before_exit: Callable[[ScheduleResult], None] | None = None,
 ) -> ScheduleResult:
     """Create the template and the TaskScheduler; the SDK then ends the process."""
     from dataclasses import replace
@@ -272,8 +278,7 @@ def _register(
                 task_filter={"status": ["queued", "in_progress"], "system_tags": ["-archived"]},
             )
             same = [t for t in active if tag in (t.get_tags() or [])]
-            if same:
-                print(f"ClearML scheduler {same[0].id} already runs this schedule; unchanged")
+            if same:  # unchanged
                 return replace(result, installed=True, scheduler_task_id=str(same[0].id))
             for old in active:
                 log.info("stopping the previous ClearML scheduler %s", old.id)
@@ -309,63 +314,16 @@ def _register(
             raise
         except Exception as exc:
             raise ScheduleError(f"ClearML scheduler could not be registered: {exc}") from exc
-        print(
-            f"ClearML scheduler {current.id} -> queue {services}; template {template.id}; "
-            "this process ends now"
+        registered = replace(
+            result,
+            installed=True,
+            changed=True,
+            scheduler_task_id=str(current.id),
+            template_task_id=str(template.id),
         )
+        if before_exit is not None:
+            before_exit(registered)
         sys.stdout.flush()
         sys.stderr.flush()
         scheduler.start_remotely(queue=services)
-    return replace(result, installed=True, changed=True, scheduler_task_id=str(current.id))
-
-
-def schedule_command(
-    overrides: Sequence[str] = (),
-    config_dir: Path | None = None,
-    *,
-    install: bool = False,
-    crontab_file: Path | None = None,
-) -> int:
-    """``housing schedule``: print (and with ``install`` install) the schedule."""
-    from housing.config import load_settings
-    from housing.schedule import FileCrontab
-
-    settings = load_settings(overrides, config_dir=config_dir)
-    result = schedule(
-        settings,
-        install=install,
-        crontab=FileCrontab(crontab_file) if crontab_file is not None else None,
-    )
-    print(f"next runs ({result.expr}):")
-    for run in result.next_runs:
-        print(f"  {run.isoformat()}")
-    print(f"written: {result.schedule_file}")
-    if result.mode == "crontab" and install:
-        print("crontab: installed" if result.changed else "crontab: already installed")
-    elif result.mode == "crontab":
-        print("crontab: not installed (add --install)")
-    return 0
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="clearml_schedule",
-        description=f"Schedule the pipeline on {CRON_KEY} (crontab, or ClearML with a server).",
-    )
-    parser.add_argument("--install", action="store_true", help="install the schedule")
-    parser.add_argument(
-        "--crontab-file", type=Path, default=None, help="a crontab file instead of `crontab`"
-    )
-    add_common_options(parser)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``scripts/clearml_schedule.py [--install] [overrides...]``; returns the exit code."""
-    return run_cli(
-        _parser(),
-        argv,
-        lambda args: schedule_command(
-            args.overrides, args.config_dir, install=args.install, crontab_file=args.crontab_file
-        ),
-    )
+    return registered

@@ -47,7 +47,6 @@ keep the versions registered by the selected tasks.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -60,7 +59,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from housing.entry import Parser, add_common_options, positive_int, run_cli
 from housing.errors import ConfigError, HousingError
 
 if TYPE_CHECKING:
@@ -82,7 +80,6 @@ __all__ = [
     "collect_clearml",
     "collect_mlflow",
     "compare",
-    "main",
     "resolve_tracking_uri",
 ]
 
@@ -1118,50 +1115,3 @@ def _one_line(value: object) -> str:
     lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
     text = lines[0] if lines else type(value).__name__
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-# --------------------------------------------------------------------------- entry point
-
-
-def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """Options shared by the compare and report entry points."""
-    parser = Parser(
-        prog=prog,
-        description=description,
-        epilog="Overrides are Hydra syntax, e.g.: mlflow.tracking_uri=sqlite:///other.db",
-    )
-    parser.add_argument("--project", help="ClearML project / MLflow experiment (default: config)")
-    add_common_options(parser)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``scripts/clearml_compare.py`` / ``housing compare``: write the tables; exit code."""
-    parser = common_parser(
-        "clearml_compare", "Export ClearML and MLflow experiments and models to metrics/*.csv."
-    )
-    parser.add_argument(
-        "--tag", action="append", default=[], dest="tags", help="keep tasks with this tag"
-    )
-    parser.add_argument("--stage", choices=STAGES, help="keep tasks of this stage")
-    parser.add_argument("--last", type=positive_int, dest="last_n", help="the N newest runs")
-    return run_cli(parser, argv, _compare_command)
-
-
-def _compare_command(args: argparse.Namespace) -> int:
-    from housing.config import load_settings
-
-    settings = load_settings(args.overrides, config_dir=args.config_dir)
-    result = compare(
-        settings, project=args.project, tags=args.tags, stage=args.stage, last_n=args.last_n
-    )
-    for line in result.summary_lines():
-        print(line)
-    for name, got in result.backends.items():
-        if got.error is not None:
-            print(f"error: {name}: {got.error}", file=sys.stderr)
-    return 0 if result.ok else 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

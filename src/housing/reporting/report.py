@@ -20,13 +20,11 @@ a note in its section instead of failing.
 
 from __future__ import annotations
 
-import argparse
 import html
 import io
 import logging
 import math
 import re
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ReportResult", "build_report", "format_metric", "main"]
+__all__ = ["ReportResult", "build_report", "format_metric"]
 
 HTML_NAME: Final = "experiments.html"
 MARKDOWN_NAME: Final = "experiments.md"
@@ -1398,45 +1396,3 @@ def _short_time(value: datetime | None) -> str:
 def _one_line(value: object) -> str:
     lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
     return lines[0][:300] if lines else type(value).__name__
-
-
-# --------------------------------------------------------------------------- entry point
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``scripts/report.py`` / ``housing report``: write the report; exit code."""
-    from housing.entry import positive_int, run_cli
-    from housing.reporting.compare import common_parser
-
-    parser = common_parser("report", "Write reports/experiments.html and reports/experiments.md.")
-    parser.add_argument(
-        "--last",
-        type=positive_int,
-        default=DEFAULT_VERSIONS,
-        dest="last_versions",
-        help=f"versions per model to chart (default {DEFAULT_VERSIONS})",
-    )
-    return run_cli(parser, argv, _report_command)
-
-
-def _report_command(args: argparse.Namespace) -> int:
-    from housing.config import load_settings
-
-    settings = load_settings(args.overrides, config_dir=args.config_dir)
-    result = build_report(settings, project=args.project, last_versions=args.last_versions)
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
-    champion = (
-        f"champion {result.champion}, test RMSE {result.champion_test_rmse_text}"
-        if result.champion
-        else "no champion evaluated yet"
-    )
-    print(
-        f"wrote {result.html_path} and {result.markdown_path} "
-        f"({len(result.figure_paths)} figures; {champion})"
-    )
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

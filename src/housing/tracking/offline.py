@@ -18,7 +18,6 @@ one-line warning that names it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
@@ -57,6 +56,7 @@ __all__ = [
     "OfflineSession",
     "SyncError",
     "SyncReport",
+    "import_sessions",
     "list_sessions",
     "locked_json",
     "ping",
@@ -787,8 +787,10 @@ def _run_import_child(
     cmd = [
         sys.executable,
         "-m",
-        "housing.tracking.offline",
-        "import",
+        "housing.cli",
+        "-q",
+        "clearml",
+        "import-sessions",
         str(manifest_path),
         str(results_path),
     ]
@@ -819,7 +821,7 @@ def _run_import_child(
     return results
 
 
-def _import_sessions(manifest_path: Path, results_path: Path) -> int:
+def import_sessions(manifest_path: Path, results_path: Path) -> int:
     """Child process: import each session of the manifest, one result line per session."""
     from clearml import Task
 
@@ -863,18 +865,3 @@ def _move_champion_tags(task_id: str, item: Mapping[str, Any]) -> None:
                 model.tags = [t for t in model.tags if t != CHAMPION_TAG]
     for model in new_models:
         model.publish()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m housing.tracking.offline import MANIFEST RESULTS`` (used by :func:`sync`)."""
-    parser = argparse.ArgumentParser(prog="housing.tracking.offline")
-    sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="import the sessions of a manifest (internal)")
-    imp.add_argument("manifest", type=Path)
-    imp.add_argument("results", type=Path)
-    args = parser.parse_args(argv)
-    return _import_sessions(args.manifest, args.results)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
