@@ -553,7 +553,7 @@ class ClearMLTracker:
 
     def _offline_version(self, name: str, registry: Mapping[str, Any]) -> int:
         ids: set[str] = set()
-        for session in list_sessions(self.settings.offline_dir):
+        for session in list_sessions(self.settings.offline_dir, others_running=True):
             ids.update(m.model_id for m in read_models(session) if m.name == name)
         ids.update(mid for mid, om in self._models.items() if om.name == name)
         last = int((registry.get(name) or {}).get("last_version") or 0)

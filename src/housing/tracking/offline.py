@@ -308,8 +308,10 @@ def sessions_root(offline_dir: Path) -> Path:
     return Path(offline_dir) / SESSIONS_SUBDIR
 
 
-def list_sessions(offline_dir: Path) -> list[OfflineSession]:
-    """Every readable session under ``offline_dir``, oldest first; corrupt ones are skipped."""
+def list_sessions(offline_dir: Path, *, others_running: bool = False) -> list[OfflineSession]:
+    """Every readable session under ``offline_dir``, oldest first; corrupt ones are skipped
+    with a warning (only a debug line when ``others_running`` and the session is still
+    open: another stage is writing it)."""
     root = sessions_root(offline_dir)
     if not root.is_dir():
         root = Path(offline_dir)
@@ -328,13 +330,15 @@ def list_sessions(offline_dir: Path) -> list[OfflineSession]:
                 candidates[entry.stem] = (folder, entry)
     sessions = []
     for folder, zip_path in candidates.values():
-        session = _load_session(folder, zip_path)
+        session = _load_session(folder, zip_path, others_running)
         if session is not None:
             sessions.append(session)
     return sorted(sessions, key=lambda s: (s.created, s.task_id))
 
 
-def _load_session(folder: Path, zip_path: Path | None) -> OfflineSession | None:
+def _load_session(
+    folder: Path, zip_path: Path | None, others_running: bool = False
+) -> OfflineSession | None:
     probe = OfflineSession(folder, folder.name, "", "", (), _EPOCH, zip_path, {})
     raw = probe.read_bytes("task.json")
     try:
@@ -345,8 +349,8 @@ def _load_session(folder: Path, zip_path: Path | None) -> OfflineSession | None:
             raise ValueError("task.json has no task id")
     except (ValueError, UnicodeDecodeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        # No zip yet: the session is still open (another stage is writing task.json).
-        level = logging.WARNING if zip_path is not None else logging.DEBUG
+        # No zip yet: the session may still be open (another stage writing task.json).
+        level = logging.DEBUG if others_running and zip_path is None else logging.WARNING
         logger.log(level, "skipping unreadable ClearML offline session %s: %s", folder, reason)
         return None
     return OfflineSession(
