@@ -207,6 +207,50 @@ def test_orchestration_never_imports_the_command_layer() -> None:
         assert "housing.cli" not in path.read_text(), path
 
 
+def _package_imports(path: Path, modules: set[str]) -> set[str]:
+    """The ``housing`` modules ``path`` imports anywhere (function bodies included),
+    except under ``if TYPE_CHECKING:`` (type-only imports are no run-time cycle)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    hidden = {
+        id(node)
+        for branch in ast.walk(tree)
+        if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+        for node in ast.walk(branch)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in hidden:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found.update(name for name in names if name in modules)
+    return found
+
+
+def test_no_import_cycles() -> None:
+    import networkx as nx
+
+    package = Path(cli.__file__).resolve().parent
+    files = {
+        ".".join(("housing", *p.relative_to(package).with_suffix("").parts)).removesuffix(
+            ".__init__"
+        ): p
+        for p in package.rglob("*.py")
+    }
+    graph = nx.DiGraph()
+    for module, path in files.items():
+        graph.add_edges_from(
+            (module, dep) for dep in _package_imports(path, set(files)) if dep != module
+        )
+    assert list(nx.simple_cycles(graph)) == []
+
+
 @pytest.mark.parametrize("script", sorted(SHIMS))
 def test_each_script_is_its_subcommand(script: str) -> None:
     done = _script(script, "--help")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from housing.config import load_settings
-from housing.orchestration.pipeline import Step, build_dag
+from housing.orchestration.dag import Step, build_dag
 from tests.conftest import CONF
 
 

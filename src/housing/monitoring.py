@@ -54,7 +54,6 @@ __all__ = [
     "StageStatus",
     "WebhookNotifier",
     "build_notifiers",
-    "current_run_id",
     "event_triggers",
     "format_event",
     "last_run_status",
@@ -67,7 +66,6 @@ __all__ = [
     "redact_url",
     "render_status",
     "render_summary",
-    "track_pipeline",
     "track_stage",
 ]
 
@@ -76,7 +74,6 @@ logger = logging.getLogger(__name__)
 Status = Literal["started", "succeeded", "failed"]
 PIPELINE_STAGE: Final = "pipeline"
 DEFAULT_WEBHOOK_ENV: Final = "HOUSING_WEBHOOK_URL"
-DEFAULT_RUN_ID_ENV: Final = "HOUSING_RUN_ID"
 DEFAULT_NOTIFY_ON: Final[tuple[str, ...]] = ("failed", "pipeline")
 RESERVED_FIELDS: Final = frozenset(
     {
@@ -125,13 +122,6 @@ def _iso(moment: datetime) -> str:
 def new_run_id() -> str:
     """Return a lexicographically time-sortable id: ``YYYYmmddTHHMMSSffffffZ-<8 hex>``."""
     return f"{_utc_now():%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(4)}"
-
-
-def current_run_id(env: Mapping[str, str] | None = None, var: str = DEFAULT_RUN_ID_ENV) -> str:
-    """Return the run id from ``env[var]`` (shared by stages of one run) or a new one."""
-    source = os.environ if env is None else env
-    value = source.get(var, "").strip()
-    return value or new_run_id()
 
 
 def one_line_error(exc: BaseException) -> str:
@@ -393,53 +383,6 @@ def record_pipeline_summary(
     )
     _safe_notify(notifier, events.append(record))
     return record
-
-
-@contextlib.contextmanager
-def track_pipeline(
-    events: EventLog,
-    run_id: str,
-    notifier: Notifier | None = None,
-) -> Iterator[StageHandle]:
-    """Wrap a whole run and write its summary line; set ``best_model``/``test_rmse`` etc.
-
-    on the handle.  Exceptions are recorded as a failed summary and re-raised.
-    """
-    started_at = _iso(_utc_now())
-    t0 = time.monotonic()
-    handle = StageHandle(run_id=run_id, stage=PIPELINE_STAGE)
-    try:
-        yield handle
-    except BaseException as exc:
-        extra = dict(handle.extra)
-        try:
-            record_pipeline_summary(
-                events,
-                run_id,
-                "failed",
-                time.monotonic() - t0,
-                notifier=notifier,
-                best_model=extra.pop("best_model", None),
-                test_rmse=extra.pop("test_rmse", None),
-                started_at=started_at,
-                error=one_line_error(exc),
-                extra=extra,
-            )
-        except OSError as log_exc:
-            logger.warning("could not record pipeline failure: %s", log_exc)
-        raise
-    extra = dict(handle.extra)
-    record_pipeline_summary(
-        events,
-        run_id,
-        "succeeded",
-        time.monotonic() - t0,
-        notifier=notifier,
-        best_model=extra.pop("best_model", None),
-        test_rmse=extra.pop("test_rmse", None),
-        started_at=started_at,
-        extra=extra,
-    )
 
 
 # --------------------------------------------------------------------------- reading

@@ -46,7 +46,7 @@ from housing.tracking.offline import ClearMLError
 
 if TYPE_CHECKING:
     from housing.config import Settings
-    from housing.orchestration.pipeline import PipelineResult, Step
+    from housing.orchestration.dag import PipelineResult, Step
     from housing.tracking.clearml import ClearMLSettings
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def execute_step(
     from clearml import Task
 
     from housing.config import load_settings
-    from housing.orchestration.pipeline import hash_files, step_inputs, step_outputs
+    from housing.orchestration.dag import hash_files, step_inputs, step_outputs
     from housing.runner import execute_stage
 
     base = Path(root)
@@ -335,7 +335,7 @@ def build_controller(
     """A ``PipelineController`` with one function step per DAG node (needs a server)."""
     from clearml.automation import PipelineController
 
-    from housing.orchestration.pipeline import build_dag
+    from housing.orchestration.dag import build_dag
 
     cml = settings.clearml
     reqs = list(packages) if packages is not None else locked_requirements(settings.root)
@@ -434,12 +434,13 @@ def run_controller(
     With ``run_locally: false`` and a ``controller_queue`` the SDK ends the process after
     enqueuing the controller (exit 0): this function does not return then.
     """
-    from housing.monitoring import EventLog, current_run_id
-    from housing.orchestration.pipeline import notifier_for
+    from housing import runs
+    from housing.monitoring import EventLog
+    from housing.orchestration.dag import notifier_for
 
     cml = settings.clearml
     options = cml.pipeline
-    run_id = current_run_id()
+    run_id = runs.current().run_id
     os.environ["HOUSING_RUN_ID"] = run_id  # inherited by locally run steps
     events = EventLog(settings.paths.metrics_dir / "pipeline_events.jsonl")
     notifier = notifier_for(settings)
@@ -496,7 +497,7 @@ def _result(
 ) -> PipelineResult:
     """Summarize the controller's nodes; write the summary line; raise on failure."""
     from housing.monitoring import record_pipeline_summary
-    from housing.orchestration.pipeline import PipelineError, PipelineResult, StepResult
+    from housing.orchestration.dag import PipelineError, PipelineResult, StepResult
     from housing.stages.evaluate import read_outcome
 
     steps: dict[str, StepResult] = {}
