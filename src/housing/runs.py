@@ -64,8 +64,9 @@ class RunContext:
         return tags
 
     def owned_by_engine(self) -> RunContext:
-        """The same run, closed by its owner (``housing repro``) rather than by each stage."""
-        return replace(self, closes_parent=False)
+        """The same run, owned and closed by the engine (``housing repro``), not by each stage."""
+        trigger = "housing" if self.trigger == "manual" else self.trigger
+        return replace(self, trigger=trigger, closes_parent=False)
 
 
 def process_started(pid: int) -> float | None:

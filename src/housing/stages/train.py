@@ -53,7 +53,12 @@ class TrainResult:
 def cross_validate_rmse(
     pipeline: Any, x: pd.DataFrame, y: pd.Series, folds: int, random_state: int
 ) -> tuple[float, float]:
-    """Mean and std of RMSE over shuffled k folds (NaN, NaN when ``folds`` is 0)."""
+    """Mean and std of RMSE over shuffled k folds (NaN, NaN when ``folds`` is 0).
+
+    A fold that ends more than 2 s after the start logs a progress line.
+    """
+    import time
+
     import numpy as np
     from sklearn.base import clone
     from sklearn.model_selection import KFold
@@ -61,10 +66,13 @@ def cross_validate_rmse(
     if folds == 0:
         return float("nan"), float("nan")
     scores = []
-    for tr, va in KFold(folds, shuffle=True, random_state=random_state).split(x):
+    started = time.monotonic()
+    for fold, (tr, va) in enumerate(KFold(folds, shuffle=True, random_state=random_state).split(x)):
         model = fit_deterministic(clone(pipeline), x.iloc[tr], y.iloc[tr])
         pred = model.predict(x.iloc[va])
         scores.append(float(np.sqrt(np.mean((pred - y.iloc[va].to_numpy()) ** 2))))
+        if time.monotonic() - started > 2.0:
+            log.info("  cv fold %d/%d: rmse %.3f", fold + 1, folds, scores[-1])
     return float(np.mean(scores)), float(np.std(scores))
 
 
