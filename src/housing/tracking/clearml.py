@@ -148,15 +148,20 @@ def resolve_mode(
         if problem is None:
             return "online", f"server {settings.api_host} answered"
         reason = problem
-    _log_once(f"ClearML offline ({reason}); sessions go to {settings.offline_dir}")
+    # No credentials is the normal offline-first case (debug); credentials set but no
+    # server answering is worth a line.
+    _log_once(
+        f"ClearML offline ({reason}); sessions go to {settings.offline_dir}",
+        logging.DEBUG if missing else logging.INFO,
+    )
     return "offline", reason
 
 
-def _log_once(message: str) -> None:
+def _log_once(message: str, level: int) -> None:
     """Say once per process why ClearML is offline (``housing doctor`` says it too)."""
     if message not in _logged_reasons:
         _logged_reasons.add(message)
-        logger.debug("%s", message)
+        logger.log(level, "%s", message)
 
 
 def _quiet_sdk() -> None:
@@ -805,7 +810,8 @@ def _warn_slow_user_config() -> None:
     if slow:
         _log_once(
             "CLEARML_CONFIG_FILE lacks sdk.development.report_use_subprocess: false / "
-            "vcs_repo_detect_async: false: Task.close() may take 10 s (or hang up to 300 s)"
+            "vcs_repo_detect_async: false: Task.close() may take 10 s (or hang up to 300 s)",
+            logging.WARNING,
         )
 
 
