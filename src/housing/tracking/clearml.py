@@ -164,11 +164,13 @@ def _log_once(message: str, level: int) -> None:
         logger.log(level, "%s", message)
 
 
-def _quiet_sdk() -> None:
-    """Keep the SDK's banner lines (task ids, session folders) off the console unless -v."""
-    if not logger.isEnabledFor(logging.DEBUG):
-        logging.getLogger("clearml").setLevel(logging.WARNING)
-        logging.getLogger("clearml.Repository Detection").setLevel(logging.ERROR)
+def _quiet_sdk() -> contextlib.AbstractContextManager[Any]:
+    """Keep the SDK's banners (task id, session folder: printed to stdout by ``Task.init``)
+    and its repository-detection warning off the console, unless -v."""
+    if logger.isEnabledFor(logging.DEBUG):
+        return contextlib.nullcontext()
+    logging.getLogger("clearml.Repository Detection").setLevel(logging.ERROR)
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 # --------------------------------------------------------------------------- tracker
@@ -399,19 +401,19 @@ class ClearMLTracker:
                 f"another ClearML task ({current.name!r}) is open in this process; close it first"
             )
         task_type = getattr(Task.TaskTypes, _TASK_TYPES.get(run.stage, "training"))
-        _quiet_sdk()
-        return Task.init(
-            project_name=self.settings.project_name,
-            task_name=f"{self.settings.task_prefix}:{run.name}",
-            task_type=task_type,
-            tags=_unique([*self.settings.tags, *run.tags, run.stage]),
-            reuse_last_task_id=False,
-            # Online, None means "the server's file server" (True); offline: the session.
-            output_uri=(self.settings.output_uri or True) if mode == "online" else None,
-            auto_connect_arg_parser=False,
-            auto_connect_frameworks=False,
-            auto_resource_monitoring=False,
-        )
+        with _quiet_sdk():
+            return Task.init(
+                project_name=self.settings.project_name,
+                task_name=f"{self.settings.task_prefix}:{run.name}",
+                task_type=task_type,
+                tags=_unique([*self.settings.tags, *run.tags, run.stage]),
+                reuse_last_task_id=False,
+                # Online, None means "the server's file server" (True); offline: the session.
+                output_uri=(self.settings.output_uri or True) if mode == "online" else None,
+                auto_connect_arg_parser=False,
+                auto_connect_frameworks=False,
+                auto_resource_monitoring=False,
+            )
 
     def _require(self) -> Any:
         if self._task is None:
