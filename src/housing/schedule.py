@@ -5,9 +5,9 @@ Only standard crontab syntax is accepted: five fields of ``*``, numbers, month/w
 names, lists, ranges and ``*/n`` / ``a-b/n`` steps, or one of the macros
 ``@yearly``/``@annually``/``@monthly``/``@weekly``/``@daily``/``@midnight``/``@hourly``.
 croniter's extensions (seconds/year fields, ``L``, ``W``, ``#``, ``?``, ``H``, ``n/step``)
-are refused, as the line goes into a real crontab.  Values, ranges and names are checked
-and expanded by croniter (which reads a reversed range such as ``5-1`` as wrapping
-around).  Day rule as in cron: if day-of-month and day-of-week both are restricted
+are refused, as the line goes into a real crontab, and so are reversed ranges (``5-1``,
+which croniter would read as wrapping around).  croniter checks and expands values,
+ranges and names.  Day rule as in cron: if day-of-month and day-of-week both are restricted
 (neither starts with ``*``), a day matching *either* runs, otherwise both must match.
 Next runs follow croniter under DST: a wall time skipped by spring-forward runs at the
 first instant after the gap (``02:30`` -> ``03:00``); one repeated by fall-back is
@@ -64,6 +64,7 @@ _MACROS: Final = "@yearly, @annually, @monthly, @weekly, @daily, @midnight, @hou
 # One standard list item: '*' or a value or a range, a step only after '*' or a range.
 _ITEM: Final = r"(?:\*|(?:\d+|[a-z]{3})-(?:\d+|[a-z]{3}))(?:/\d+)?|\d+|[a-z]{3}"
 _FIELD_RE: Final = re.compile(rf"(?:{_ITEM})(?:,(?:{_ITEM}))*", re.IGNORECASE)
+_RANGE_RE: Final = re.compile(r"(\w+)-(\w+)")
 _MARKER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
 _TAG_RE: Final = re.compile(r"#\s*housing:(?P<marker>\S+)\s*$")
 
@@ -95,6 +96,18 @@ def _reason(exc: CroniterError) -> str:
     return re.sub(r"^\[[^]]*\]\s*", "", last)
 
 
+def _probe(part: str, index: int) -> str:
+    """An expression with ``part`` in field ``index`` and ``*`` elsewhere."""
+    return " ".join(part if i == index else "*" for i in range(len(_FIELDS)))
+
+
+def _number(token: str, index: int) -> int:
+    """A value as cron orders it in a range: digits as written (weekday 7 stays 7)."""
+    if token.isdigit():
+        return int(token)
+    return int(croniter.expand(_probe(token, index))[0][index][0])  # a name
+
+
 def parse_cron(expr: str, *, key: str = DEFAULT_CRON_KEY) -> CronSchedule:
     """Validate and expand a cron expression; raise :class:`CronError` on any problem."""
     if not isinstance(expr, str):
@@ -116,7 +129,9 @@ def parse_cron(expr: str, *, key: str = DEFAULT_CRON_KEY) -> CronSchedule:
             try:
                 if not _FIELD_RE.fullmatch(part):
                     raise CroniterError("is not standard cron syntax")
-                croniter.expand(" ".join(part if i == index else "*" for i in range(5)))
+                croniter.expand(_probe(part, index))
+                if any(_number(a, index) > _number(b, index) for a, b in _RANGE_RE.findall(part)):
+                    raise CroniterError("is a reversed range")
             except CroniterError as exc:
                 raise CronError(
                     f"{key}: field '{field}' value '{part}' {_reason(exc)} "
