@@ -1,4 +1,4 @@
-"""Tests for housing.schedule: cron parsing, next runs, crontab install, schedule file."""
+"""Tests for housing.schedule: cron validation, next runs (croniter), crontab install, file."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import stat
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -28,6 +29,9 @@ def _utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> dat
         "0 0 1 jan,JUL *",
         "30 9 * * mon-fri",
         "0 0 * * 7",
+        "0 0 * * 5-7",
+        "0 0 * * 0-7/2",
+        "0 0 1-1 oct-dec *",
         "0 0 29 2 *",
         "  15 3 * * sun  ",
         "@daily",
@@ -43,35 +47,51 @@ def test_parsed_sets() -> None:
     s = sch.parse_cron("1-10/3 */6 1,15 feb-apr mon-wed,7")
     assert s.minutes == (1, 4, 7, 10)
     assert s.hours == (0, 6, 12, 18)
-    assert s.days == {1, 15}
+    assert s.days == (1, 15)
     assert s.months == (2, 3, 4)
-    assert s.weekdays == {0, 1, 2, 3}  # 7 folds into 0 = Sunday
-    assert not s.dom_star and not s.dow_star
-    assert sch.parse_cron("0 0 * * 7").weekdays == sch.parse_cron("0 0 * * sun").weekdays == {0}
+    assert s.weekdays == (0, 1, 2, 3)  # 7 folds into 0 = Sunday
+    assert s.day_or  # both day fields restricted: either one runs
+    assert sch.parse_cron("0 0 * * 7").weekdays == sch.parse_cron("0 0 * * sun").weekdays == (0,)
+    every = sch.parse_cron("@daily")  # '*' expands to the whole range
+    assert (len(every.minutes), every.hours, len(every.days)) == (1, (0,), 31)
+    assert (len(every.months), len(every.weekdays), every.day_or) == (12, 7, False)
+    assert not sch.parse_cron("0 0 13 * */2").day_or  # a field starting with '*': both
 
 
 @pytest.mark.parametrize(
     ("expr", "needle"),
     [
-        ("0 25 * * *", "field 'hour' value '25' out of range 0-23 in '0 25 * * *'"),
-        ("60 * * * *", "field 'minute' value '60' out of range 0-59"),
-        ("* * 0 * *", "field 'day-of-month' value '0' out of range 1-31"),
-        ("* * 32 * *", "field 'day-of-month' value '32' out of range 1-31"),
-        ("* * * 13 *", "field 'month' value '13' out of range 1-12"),
-        ("* * * * 8", "field 'day-of-week' value '8' out of range 0-7"),
-        ("* * * foo *", "field 'month' value 'foo' is not a number"),
-        ("* * * * funday", "field 'day-of-week' value 'funday' is not a number"),
-        ("*/0 * * * *", "field 'minute' value '*/0' has an invalid step"),
-        ("*/x * * * *", "field 'minute' value '*/x' has an invalid step"),
-        ("5-1 * * * *", "field 'minute' value '5-1' is a reversed range"),
-        ("1/5 * * * *", "field 'minute' value '1/5' uses a step without a range"),
-        ("-1 * * * *", "field 'minute' value '-1' is not a valid range"),
-        ("1,,2 * * * *", "field 'minute' value '1,,2' has an empty list element"),
-        ("0 0 30 2 *", "field 'day-of-month' value '30' never occurs in month(s) '2'"),
+        ("0 25 * * *", "field 'hour' value '25' is not acceptable, out of range (allowed: 0-23)"),
+        ("60 * * * *", "field 'minute' value '60' is not acceptable, out of range (allowed: 0-59)"),
+        ("* * 0 * *", "field 'day-of-month' value '0' is not acceptable, out of range"),
+        ("* * 32 * *", "field 'day-of-month' value '32' is not acceptable, out of range"),
+        ("* * * 13 *", "field 'month' value '13' is not acceptable, out of range"),
+        ("* * * * 8", "field 'day-of-week' value '8' is not acceptable, out of range"),
+        ("* * * foo *", "field 'month' value 'foo' is not acceptable (allowed: 1-12 or jan-dec)"),
+        ("jan * * * *", "field 'minute' value 'jan' is not acceptable (allowed: 0-59)"),
+        ("* * * * funday", "field 'day-of-week' value 'funday' is not standard cron syntax"),
+        ("*/0 * * * *", "field 'minute' value '*/0' step '0' in field 0 is not acceptable"),
+        ("*/x * * * *", "field 'minute' value '*/x' is not standard cron syntax"),
+        ("5-1 * * * *", "field 'minute' value '5-1' is a reversed range (allowed: 0-59)"),
+        ("* * * * sat-sun", "field 'day-of-week' value 'sat-sun' is a reversed range"),
+        ("* * * dec-jan/2 *", "field 'month' value 'dec-jan/2' is a reversed range"),
+        ("1/5 * * * *", "field 'minute' value '1/5' is not standard cron syntax"),
+        ("-1 * * * *", "field 'minute' value '-1' is not standard cron syntax"),
+        ("1,,2 * * * *", "field 'minute' value '1,,2' is not standard cron syntax"),
+        # croniter extensions a crontab does not understand
+        ("0 0 L * *", "field 'day-of-month' value 'L' is not standard cron syntax"),
+        ("0 0 15W * *", "field 'day-of-month' value '15W' is not standard cron syntax"),
+        ("0 0 * * 1#2", "field 'day-of-week' value '1#2' is not standard cron syntax"),
+        ("0 0 ? * *", "field 'day-of-month' value '?' is not standard cron syntax"),
+        ("H * * * *", "field 'minute' value 'H' is not standard cron syntax"),
+        ("0 0 30 2 *", "'0 0 30 2 *' is not acceptable. Day(s) [30] can never occur in month"),
+        ("0 0 31 4 */7", "Day(s) [31] can never occur in month(s) [4]"),
         ("0 0 * *", "expected 5 fields"),
-        ("0 0 * * * *", "expected 5 fields"),
+        ("0 0 * * * *", "expected 5 fields"),  # no seconds field
+        ("0 0 * * * * 2030", "expected 5 fields"),  # no year field
         ("", "expected 5 fields"),
-        ("@reboot", "unsupported macro '@reboot'"),
+        ("@reboot", "unsupported macro '@reboot' (use one of @yearly, "),
+        ("@daily 5", "unsupported macro '@daily 5'"),
     ],
 )
 def test_invalid_expressions_name_key_and_field(expr: str, needle: str) -> None:
@@ -93,8 +113,24 @@ def test_error_message_exact_example() -> None:
     with pytest.raises(sch.CronError) as info:
         sch.parse_cron("0 25 * * *")
     assert str(info.value) == (
-        "clearml.pipeline.schedule_cron: field 'hour' value '25' out of range 0-23 in '0 25 * * *'"
+        "clearml.pipeline.schedule_cron: field 'hour' value '25' is not acceptable, "
+        "out of range (allowed: 0-23) in '0 25 * * *'"
     )
+
+
+def test_non_string_and_multiline_are_refused() -> None:
+    with pytest.raises(sch.CronError, match=r"^k: expected a cron expression string, got 5$"):
+        sch.validate_cron(5, key="k")  # type: ignore[arg-type]
+    with pytest.raises(sch.CronError, match=r"^k: cron expression must be a single line"):
+        sch.validate_cron("0 6 * * *\n* * * * * rm -rf /", key="k")
+
+
+def test_day_of_month_with_restricted_weekday_may_be_impossible_alone() -> None:
+    # OR rule: Mondays in February run although February never has a 30th
+    assert sch.next_runs("0 0 30 2 mon", _utc(2024, 1, 1), count=2) == [
+        _utc(2024, 2, 5),
+        _utc(2024, 2, 12),
+    ]
 
 
 # --------------------------------------------------------------------------- next runs
@@ -192,6 +228,12 @@ def test_dom_dow_or_rule() -> None:
     ]
 
 
+def _matches(s: sch.CronSchedule, t: datetime) -> bool:
+    in_dom, in_dow = t.day in s.days, t.isoweekday() % 7 in s.weekdays
+    day = (in_dom or in_dow) if s.day_or else (in_dom and in_dow)
+    return t.minute in s.minutes and t.hour in s.hours and t.month in s.months and day
+
+
 def test_next_runs_agree_with_brute_force() -> None:
     start = _utc(2024, 2, 20, 13, 7)
     for expr in ["*/7 3-5 * * *", "0 0 1,15 * mon", "5 4 * * sun", "0 */8 28-31 * *"]:
@@ -199,10 +241,48 @@ def test_next_runs_agree_with_brute_force() -> None:
         expected: list[datetime] = []
         t = start.replace(second=0) + timedelta(minutes=1)
         while len(expected) < 6:
-            if parsed.matches(t):
+            if _matches(parsed, t):
                 expected.append(t)
             t += timedelta(minutes=1)
         assert sch.next_runs(parsed, start, count=6) == expected, expr
+
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def _berlin(month: int, day: int, hour: int, minute: int = 0, fold: int = 0) -> datetime:
+    return datetime(2024, month, day, hour, minute, fold=fold, tzinfo=BERLIN)
+
+
+@pytest.mark.parametrize(
+    ("expr", "start", "expected"),
+    [
+        # 2024-03-31 spring forward: 02:00-02:59 do not exist; like cron, the run is not
+        # dropped but happens right after the gap, at 03:00 CEST.
+        ("0 2 * * *", _berlin(3, 30, 12), [_berlin(3, 31, 3), _berlin(4, 1, 2)]),
+        ("30 2 * * *", _berlin(3, 30, 12), [_berlin(3, 31, 3), _berlin(4, 1, 2, 30)]),
+        # 2024-10-27 fall back: 02:00-02:59 happen twice (CEST, then CET); croniter lists both.
+        (
+            "0 2 * * *",
+            _berlin(10, 26, 12),
+            [_berlin(10, 27, 2), _berlin(10, 27, 2, fold=1), _berlin(10, 28, 2)],
+        ),
+        (
+            "30 2 * * *",
+            _berlin(10, 26, 12),
+            [_berlin(10, 27, 2, 30), _berlin(10, 27, 2, 30, fold=1), _berlin(10, 28, 2, 30)],
+        ),
+        # starting inside the repeated hour (second pass) goes on to the next day
+        ("30 2 * * *", _berlin(10, 27, 2, 40, fold=1), [_berlin(10, 28, 2, 30)]),
+    ],
+)
+def test_next_runs_on_daylight_saving_days(
+    expr: str, start: datetime, expected: list[datetime]
+) -> None:
+    runs = sch.next_runs(expr, start, count=len(expected))
+    assert [r.astimezone(UTC) for r in runs] == [e.astimezone(UTC) for e in expected]
+    assert [(r.isoformat(), r.fold) for r in runs] == [(e.isoformat(), e.fold) for e in expected]
+    assert all(r.tzinfo is BERLIN for r in runs)
 
 
 def test_next_runs_keeps_start_timezone() -> None:
@@ -220,6 +300,9 @@ def test_next_runs_rejects_naive_and_bad_count() -> None:
     assert sch.next_runs("0 6 * * *", _utc(2024, 1, 1), count=0) == []
     with pytest.raises(sch.CronError, match=r"custom\.key: field 'hour'"):
         sch.next_runs("0 99 * * *", _utc(2024, 1, 1), key="custom.key")
+    never = sch.CronSchedule("0 0 30 2 *", (0,), (0,), (30,), (2,), tuple(range(7)), False)
+    with pytest.raises(sch.CronError, match=r"^k: '0 0 30 2 \*' has no run time within 50 years"):
+        sch.next_runs(never, _utc(2024, 1, 1), key="k")
 
 
 # --------------------------------------------------------------------------- crontab

@@ -124,13 +124,19 @@ def test_script_entry_point(tmp_path: Path) -> None:
         ("*/20 * * * *", [{"minute": 20}]),
         ("0 8 * * 6,0", [{"minute": 0, "hour": 8, "day": 0, "weekdays": ["sunday", "saturday"]}]),
         ("0 3 1 * *", [{"minute": 0, "hour": 3, "day": 1, "month": 1}]),
+        ("0 3 * * */7", [{"minute": 0, "hour": 3, "day": 0, "weekdays": ["sunday"]}]),
+        ("0 3 * * 0-7", [{"minute": 0, "hour": 3, "day": 1}]),
+        ("@hourly", [{"minute": 0, "hour": 1}]),
     ],
 )
 def test_cron_maps_to_taskscheduler_entries(expr: str, entries: list[dict[str, object]]) -> None:
     assert scheduler_entries(parse_cron(expr)) == entries
 
 
-@pytest.mark.parametrize("expr", ["0 6 * 1 *", "0 6 1 * 1", "5,10 * * * *", "0 * * * 1"])
+@pytest.mark.parametrize(
+    "expr",
+    ["0 6 * 1 *", "0 6 1 * 1", "0 6 */2 * 1", "0 6 1-31 * 1", "5,10 * * * *", "0 * * * 1"],
+)
 def test_cron_a_taskscheduler_cannot_express_is_refused(expr: str) -> None:
     with pytest.raises(ConfigError, match=r"^clearml\.pipeline\.schedule_cron: "):
         scheduler_entries(parse_cron(expr))

@@ -1,27 +1,34 @@
-"""Cron scheduling helpers: parse/validate 5-field expressions, compute next runs, and
-install an idempotent, marker-tagged line into a crontab (system or plain file).
+"""Cron scheduling helpers: validate 5-field expressions and compute next runs with
+croniter, and install an idempotent, marker-tagged line into a crontab (system or file).
 
-Semantics follow Vixie/cronie cron: ``*``, lists, ranges, ``*/n`` and ``a-b/n`` steps,
-month and weekday names, weekday ``7`` = Sunday, and the day rule "if day-of-month and
-day-of-week are both restricted (neither starts with ``*``), a day matching *either*
-runs; otherwise both must match".  ``@hourly``/``@daily``/``@midnight``/``@weekly``/
-``@monthly``/``@yearly``/``@annually`` are accepted.  Nothing happens at import time.
+Only standard crontab syntax is accepted: five fields of ``*``, numbers, month/weekday
+names, lists, ranges and ``*/n`` / ``a-b/n`` steps, or one of the macros
+``@yearly``/``@annually``/``@monthly``/``@weekly``/``@daily``/``@midnight``/``@hourly``.
+croniter's extensions (seconds/year fields, ``L``, ``W``, ``#``, ``?``, ``H``, ``n/step``)
+are refused, as the line goes into a real crontab, and so are reversed ranges (``5-1``,
+which croniter would read as wrapping around).  croniter checks and expands values,
+ranges and names.  Day rule as in cron: if day-of-month and day-of-week both are restricted
+(neither starts with ``*``), a day matching *either* runs, otherwise both must match.
+Next runs follow croniter under DST: a wall time skipped by spring-forward runs at the
+first instant after the gap (``02:30`` -> ``03:00``); one repeated by fall-back is
+listed twice.  Nothing happens at import time.
 """
 
 from __future__ import annotations
 
-import calendar
 import contextlib
 import os
 import re
 import shlex
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import datetime
 from pathlib import Path
-from typing import Final, Protocol, TypedDict
+from typing import Final, Protocol
+
+from croniter import CroniterBadDateError, CroniterError, croniter
 
 __all__ = [
     "DEFAULT_CRON_KEY",
@@ -46,35 +53,18 @@ __all__ = [
 
 DEFAULT_CRON_KEY: Final = "clearml.pipeline.schedule_cron"
 
-_FIELDS: Final[tuple[tuple[str, int, int], ...]] = (
-    ("minute", 0, 59),
-    ("hour", 0, 23),
-    ("day-of-month", 1, 31),
-    ("month", 1, 12),
-    ("day-of-week", 0, 7),
+_FIELDS: Final = (
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day-of-month", "1-31"),
+    ("month", "1-12 or jan-dec"),
+    ("day-of-week", "0-7 or sun-sat"),
 )
-_MONTH_NAMES: Final = {
-    name: i
-    for i, name in enumerate(
-        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
-        start=1,
-    )
-}
-_DOW_NAMES: Final = {
-    name: i for i, name in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))
-}
-_MACROS: Final = {
-    "@yearly": "0 0 1 1 *",
-    "@annually": "0 0 1 1 *",
-    "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0",
-    "@daily": "0 0 * * *",
-    "@midnight": "0 0 * * *",
-    "@hourly": "0 * * * *",
-}
-# Longest days per month (leap February) for the "can this ever match" check.
-_MAX_DAYS: Final = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
-_SEARCH_YEARS: Final = 400  # the Gregorian calendar repeats every 400 years
+_MACROS: Final = "@yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly"
+# One standard list item: '*' or a value or a range, a step only after '*' or a range.
+_ITEM: Final = r"(?:\*|(?:\d+|[a-z]{3})-(?:\d+|[a-z]{3}))(?:/\d+)?|\d+|[a-z]{3}"
+_FIELD_RE: Final = re.compile(rf"(?:{_ITEM})(?:,(?:{_ITEM}))*", re.IGNORECASE)
+_RANGE_RE: Final = re.compile(r"(\w+)-(\w+)")
 _MARKER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
 _TAG_RE: Final = re.compile(r"#\s*housing:(?P<marker>\S+)\s*$")
 
@@ -89,181 +79,79 @@ class CrontabError(RuntimeError):
 
 @dataclass(frozen=True)
 class CronSchedule:
-    """A parsed cron expression; weekdays use 0 = Sunday .. 6 = Saturday."""
+    """A valid expression and croniter's expansion of it (weekdays 0 = Sunday .. 6)."""
 
     expr: str
     minutes: tuple[int, ...]
     hours: tuple[int, ...]
-    days: frozenset[int]
+    days: tuple[int, ...]
     months: tuple[int, ...]
-    weekdays: frozenset[int]
-    dom_star: bool
-    dow_star: bool
-
-    def day_matches(self, year: int, month: int, day: int) -> bool:
-        """Whether cron would run on this calendar date (day fields and month only)."""
-        if month not in self.months:
-            return False
-        cron_dow = (calendar.weekday(year, month, day) + 1) % 7
-        return self._day_ok(day, cron_dow)
-
-    def matches(self, moment: datetime) -> bool:
-        """Whether ``moment``'s wall-clock minute is a scheduled minute."""
-        return (
-            moment.minute in self.minutes
-            and moment.hour in self.hours
-            and self.day_matches(moment.year, moment.month, moment.day)
-        )
-
-    def _day_ok(self, day: int, cron_dow: int) -> bool:
-        in_dom = day in self.days
-        in_dow = cron_dow in self.weekdays
-        if self.dom_star or self.dow_star:
-            return in_dom and in_dow
-        return in_dom or in_dow
-
-    def _days_in(self, year: int, month: int) -> list[int]:
-        first_dow, ndays = calendar.monthrange(year, month)  # Monday = 0
-        first_cron_dow = (first_dow + 1) % 7
-        return [
-            day for day in range(1, ndays + 1) if self._day_ok(day, (first_cron_dow + day - 1) % 7)
-        ]
+    weekdays: tuple[int, ...]
+    day_or: bool  # both day fields restricted: a day matching either one runs
 
 
-def _error(key: str, field: str, value: str, problem: str, expr: str) -> CronError:
-    return CronError(f"{key}: field '{field}' value '{value}' {problem} in '{expr}'")
+def _reason(exc: CroniterError) -> str:
+    """croniter's message as one line, without its ``[expression]`` prefix."""
+    last = (str(exc).strip().splitlines() or ["is not acceptable"])[-1]
+    return re.sub(r"^\[[^]]*\]\s*", "", last)
 
 
-class _ValueOpts(TypedDict):
-    lo: int
-    hi: int
-    names: dict[str, int]
-    key: str
-    expr: str
+def _probe(part: str, index: int) -> str:
+    """An expression with ``part`` in field ``index`` and ``*`` elsewhere."""
+    return " ".join(part if i == index else "*" for i in range(len(_FIELDS)))
 
 
-def _parse_value(
-    token: str, field: str, *, lo: int, hi: int, names: dict[str, int], key: str, expr: str
-) -> int:
-    lowered = token.lower()
-    if lowered in names:
-        return names[lowered]
-    if not token.isdigit():
-        hint = f"; names allowed: {', '.join(names)}" if names else ""
-        raise _error(key, field, token, f"is not a number{hint}", expr)
-    value = int(token)
-    if not lo <= value <= hi:
-        raise _error(key, field, token, f"out of range {lo}-{hi}", expr)
-    return value
-
-
-def _parse_field(text: str, index: int, key: str, expr: str) -> set[int]:
-    field, lo, hi = _FIELDS[index]
-    names = _MONTH_NAMES if field == "month" else _DOW_NAMES if field == "day-of-week" else {}
-    opts: _ValueOpts = {"lo": lo, "hi": hi, "names": names, "key": key, "expr": expr}
-    values: set[int] = set()
-    for item in text.split(","):
-        if not item:
-            raise _error(key, field, text, "has an empty list element", expr)
-        base, slash, step_text = item.partition("/")
-        step = 1
-        if slash:
-            if not step_text.isdigit() or int(step_text) == 0:
-                raise _error(key, field, item, "has an invalid step (need an integer >= 1)", expr)
-            step = int(step_text)
-        if base == "*":
-            start, end = lo, hi
-        elif "-" in base:
-            first, _, last = base.partition("-")
-            if not first or not last:
-                raise _error(key, field, item, "is not a valid range", expr)
-            start = _parse_value(first, field, **opts)
-            end = _parse_value(last, field, **opts)
-            if start > end:
-                raise _error(key, field, item, "is a reversed range", expr)
-        else:
-            if slash:
-                raise _error(key, field, item, "uses a step without a range or '*'", expr)
-            start = end = _parse_value(base, field, **opts)
-        values.update(range(start, end + 1, step))
-    if field == "day-of-week" and 7 in values:
-        values.discard(7)
-        values.add(0)
-    return values
+def _number(token: str, index: int) -> int:
+    """A value as cron orders it in a range: digits as written (weekday 7 stays 7)."""
+    if token.isdigit():
+        return int(token)
+    return int(croniter.expand(_probe(token, index))[0][index][0])  # a name
 
 
 def parse_cron(expr: str, *, key: str = DEFAULT_CRON_KEY) -> CronSchedule:
-    """Parse and validate a cron expression; raise :class:`CronError` on any problem."""
+    """Validate and expand a cron expression; raise :class:`CronError` on any problem."""
     if not isinstance(expr, str):
         raise CronError(f"{key}: expected a cron expression string, got {expr!r}")
     original = expr.strip()
     if "\n" in original or "\r" in original:
         raise CronError(f"{key}: cron expression must be a single line, got {expr!r}")
-    text = _MACROS.get(original.lower(), original)
-    if text.startswith("@"):
-        raise CronError(
-            f"{key}: unsupported macro '{original}' (use one of {', '.join(_MACROS)}) "
-            f"in '{original}'"
-        )
-    parts = text.split()
-    if len(parts) != len(_FIELDS):
+    parts = original.split()
+    if original.startswith("@"):
+        if len(parts) != 1 or not croniter.is_valid(original):
+            raise CronError(f"{key}: unsupported macro '{original}' (use one of {_MACROS})")
+    elif len(parts) != len(_FIELDS):
         raise CronError(
             f"{key}: expected 5 fields (minute hour day-of-month month day-of-week), "
             f"got {len(parts)} in '{original}'"
         )
-    sets = [_parse_field(part, i, key, original) for i, part in enumerate(parts)]
-    schedule = CronSchedule(
-        expr=original,
-        minutes=tuple(sorted(sets[0])),
-        hours=tuple(sorted(sets[1])),
-        days=frozenset(sets[2]),
-        months=tuple(sorted(sets[3])),
-        weekdays=frozenset(sets[4]),
-        dom_star=parts[2].startswith("*"),
-        dow_star=parts[4].startswith("*"),
-    )
-    # Day-of-month alone decides (AND with an unrestricted weekday): it must be able to
-    # occur in at least one selected month, otherwise the job would silently never run.
-    possible = any(d <= _MAX_DAYS[m - 1] for m in schedule.months for d in schedule.days)
-    if schedule.dow_star and len(schedule.weekdays) == 7 and not possible:
-        raise _error(
-            key, "day-of-month", parts[2], f"never occurs in month(s) '{parts[3]}'", original
-        )
-    return schedule
+    else:
+        for index, (part, (field, allowed)) in enumerate(zip(parts, _FIELDS, strict=True)):
+            try:
+                if not _FIELD_RE.fullmatch(part):
+                    raise CroniterError("is not standard cron syntax")
+                croniter.expand(_probe(part, index))
+                if any(_number(a, index) > _number(b, index) for a, b in _RANGE_RE.findall(part)):
+                    raise CroniterError("is a reversed range")
+            except CroniterError as exc:
+                raise CronError(
+                    f"{key}: field '{field}' value '{part}' {_reason(exc)} "
+                    f"(allowed: {allowed}) in '{original}'"
+                ) from None
+    try:  # strict: a day-of-month that alone decides must occur in a selected month
+        expanded, _ = croniter.expand(original, strict=parts[-1].startswith("*"))
+    except CroniterError as exc:
+        raise CronError(f"{key}: '{original}' {_reason(exc)}") from None
+    minutes, hours, days, months, weekdays = [
+        tuple(range(lo, hi + 1)) if values == ["*"] else tuple(int(v) for v in values)
+        for values, (lo, hi) in zip(expanded, croniter.RANGES[:5], strict=True)
+    ]
+    day_or = len(parts) == 5 and not any(p.startswith("*") for p in parts[2:5:2])
+    return CronSchedule(original, minutes, hours, days, months, weekdays, day_or)
 
 
 def validate_cron(expr: str, *, key: str = DEFAULT_CRON_KEY) -> str:
     """Return the stripped expression if valid, else raise :class:`CronError`."""
     return parse_cron(expr, key=key).expr
-
-
-def _iter_wall_times(schedule: CronSchedule, after: datetime) -> Iterator[datetime]:
-    """Naive wall-clock matches strictly after the naive minute-floored ``after``."""
-    first = after.replace(second=0, microsecond=0) + timedelta(minutes=1)
-    start_date = (first.year, first.month, first.day)
-    for year in range(first.year, first.year + _SEARCH_YEARS + 1):
-        for month in schedule.months:
-            if (year, month) < start_date[:2]:
-                continue
-            for day in schedule._days_in(year, month):
-                if (year, month, day) < start_date:
-                    continue
-                same_day = (year, month, day) == start_date
-                for hour in schedule.hours:
-                    if same_day and hour < first.hour:
-                        continue
-                    for minute in schedule.minutes:
-                        if same_day and hour == first.hour and minute < first.minute:
-                            continue
-                        yield datetime(year, month, day, hour, minute)
-
-
-def _localize(naive: datetime, tz: tzinfo) -> datetime | None:
-    """Attach ``tz`` (fold=0); ``None`` if the wall time does not exist (DST gap)."""
-    aware = naive.replace(tzinfo=tz)
-    if aware.astimezone(UTC).astimezone(tz).replace(tzinfo=None) != naive:
-        return None
-    return aware
 
 
 def next_runs(
@@ -273,35 +161,22 @@ def next_runs(
     *,
     key: str = DEFAULT_CRON_KEY,
 ) -> list[datetime]:
-    """The next ``count`` run times strictly after ``start`` (timezone-aware, same tz).
+    """The next ``count`` run times strictly after ``start`` (croniter; same tz as it).
 
-    Matching uses ``start``'s wall clock.  Under DST, non-existent local times are
-    skipped and ambiguous ones run once (first occurrence).  Whole months and days that
-    cannot match are skipped, so sparse schedules (e.g. ``0 0 29 2 *``) are fast.
+    Matching uses ``start``'s wall clock; see the module docstring for DST.
     """
     if start.tzinfo is None or start.utcoffset() is None:
         raise ValueError("start must be timezone-aware (e.g. datetime.now(UTC))")
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     schedule = expr if isinstance(expr, CronSchedule) else parse_cron(expr, key=key)
-    tz = start.tzinfo
-    start_utc = start.astimezone(UTC)
-    # Start one hour early in wall time so a fold=1 start still sees later wall times.
-    wall = start.replace(tzinfo=None) - timedelta(hours=1)
-    runs: list[datetime] = []
-    if count == 0:
-        return runs
-    for naive in _iter_wall_times(schedule, wall):
-        aware = _localize(naive, tz)
-        if aware is None or aware.astimezone(UTC) <= start_utc:
-            continue
-        runs.append(aware)
-        if len(runs) == count:
-            return runs
-    raise CronError(
-        f"{key}: '{schedule.expr}' has no run time within {_SEARCH_YEARS} years after "
-        f"{start.isoformat()}"
-    )
+    runs = croniter(schedule.expr, start, day_or=schedule.day_or)
+    try:
+        return [runs.get_next(datetime) for _ in range(count)]
+    except CroniterBadDateError:
+        raise CronError(
+            f"{key}: '{schedule.expr}' has no run time within 50 years after {start.isoformat()}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- crontab

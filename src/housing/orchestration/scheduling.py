@@ -114,10 +114,11 @@ def scheduler_entries(cron: CronSchedule) -> list[dict[str, Any]]:
             "simplify it or schedule with cron (clearml.mode=offline)"
         )
 
-    all_days = cron.dom_star and cron.dow_star
+    every_dom, every_dow = len(cron.days) == 31, len(cron.weekdays) == 7
+    all_days = every_dom and every_dow
     if len(cron.months) != 12:
         raise unsupported("months must be '*'")
-    if not cron.dom_star and not cron.dow_star:
+    if cron.day_or or not (every_dom or every_dow):
         raise unsupported("restrict day-of-month or day-of-week, not both")
     every_hour = len(cron.hours) == 24
     if len(cron.minutes) > 1:
@@ -135,13 +136,11 @@ def scheduler_entries(cron: CronSchedule) -> list[dict[str, Any]]:
     for hour in cron.hours:
         if all_days:
             entries.append({"minute": minute, "hour": hour, "day": 1})
-        elif not cron.dow_star:
-            days = [_WEEKDAYS[d] for d in sorted(cron.weekdays)]
+        elif not every_dow:
+            days = [_WEEKDAYS[d] for d in cron.weekdays]
             entries.append({"minute": minute, "hour": hour, "day": 0, "weekdays": days})
         else:
-            entries += [
-                {"minute": minute, "hour": hour, "day": d, "month": 1} for d in sorted(cron.days)
-            ]
+            entries += [{"minute": minute, "hour": hour, "day": d, "month": 1} for d in cron.days]
     return entries
 
 
