@@ -33,11 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from housing.errors import HousingError
-from housing.reporting.compare import (
-    ChampionEvent,
-    Collected,
-    parse_time,
-)
+from housing.reporting.compare import ChampionEvent, Collected, parse_time
 
 if TYPE_CHECKING:
     import pandas as pd
