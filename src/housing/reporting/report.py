@@ -395,7 +395,7 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
         sections=sections,
         sources=sources,
         notes=list(inputs.notes),
-        generated_at=_display_time(datetime.now(UTC)),
+        generated_at=_time(datetime.now(UTC), "%Y-%m-%d %H:%M UTC"),
     )
 
 
@@ -730,7 +730,7 @@ def _versions_section(models: list[dict[str, Any]], metric: str, last: int) -> S
                     if r.get("champion")
                     else Cell(f"v{r['version']}"),
                     Cell(str(r.get("algorithm") or "")),
-                    Cell(_compact_time(parse_time(r.get("created")))),
+                    Cell(_time(parse_time(r.get("created")))),
                     *(Cell(format_metric(_float(r.get(k)))) for k in keys),
                     Cell(str(r.get("data_md5") or "")[:8], "muted"),
                     Cell(str(r.get("git_commit") or "")[:10], "muted"),
@@ -860,7 +860,7 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
             faced += f": {format_metric(e.previous_value)}"
         rows.append(
             (
-                Cell(_compact_time(parse_time(e.decided_at))),
+                Cell(_time(parse_time(e.decided_at))),
                 *((Cell(e.registry_name),) if several else ()),
                 Cell(label(e.registry_name, e.version, e.model)),
                 Cell(format_metric(e.value)),
@@ -942,7 +942,7 @@ def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
                     fontsize=8,
                     color=TEST_COLOR if e.promoted else "#6B7280",
                 )
-            date = _short_time(parse_time(e.decided_at))
+            date = _time(parse_time(e.decided_at), "%m-%d %H:%M", "")
             ticks.append(f"{name.rsplit('-', 1)[-1]} v{e.version}\n{date}")
             x += 1
         if champion_x:
@@ -974,7 +974,7 @@ def _registry_line(
         algo = f" ({holder.model})" if holder.model else ""
         parts.append(
             f"Registry: {holder.registry_name} v{holder.version}{algo} holds the champion "
-            f"since {_display_time(parse_time(holder.decided_at))}"
+            f"since {_time(parse_time(holder.decided_at), '%Y-%m-%d %H:%M UTC')}"
         )
         if holder.previous_version is not None and holder.change is not None:
             before = algorithms.get((holder.registry_name, holder.previous_version), "")
@@ -1048,7 +1048,7 @@ def _runs_section(runs: list[dict[str, Any]], metric: str) -> Section:
         rows.append(
             (
                 Cell(r["run_id"]),
-                Cell(_compact_time(r["started"])),
+                Cell(_time(r["started"])),
                 Cell(f"{r['seconds']:.1f} s" if r["seconds"] is not None else DASH),
                 Cell(str(r["tasks"])),
                 status,
@@ -1183,16 +1183,9 @@ def signed(value: float, digits: int = 3) -> str:
     return f"{value:+.{digits}f}".replace("-", MINUS)
 
 
-def _compact_time(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if value else DASH
-
-
-def _display_time(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else DASH
-
-
-def _short_time(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%m-%d %H:%M") if value else ""
+def _time(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M", missing: str = DASH) -> str:
+    """``value`` in UTC as ``fmt``; ``missing`` when unknown."""
+    return value.astimezone(UTC).strftime(fmt) if value else missing
 
 
 def _one_line(value: object) -> str:
