@@ -71,19 +71,49 @@ def _run(executable: str, args: list[str], timeout: float) -> subprocess.Complet
         )
 
 
-def dump_dom(executable: str, page: Path, timeout: float = 60.0) -> PageRun:
-    """Load ``page`` and return the DOM after its scripts ran, plus its console lines."""
-    proc = _run(
-        executable,
-        [
-            "--enable-logging=stderr",
-            "--v=0",
-            "--virtual-time-budget=3000",
-            "--dump-dom",
-            page.resolve().as_uri(),
-        ],
-        timeout,
-    )
+# A check run from the test side (the page ships no script): marks ``<body>`` with how many
+# ``svg.chart`` figures got a size (``data-figures="3/3"``) and ``data-render-check``.
+FIGURE_CHECK = """
+(function () {
+  var charts = document.querySelectorAll("svg.chart"), sized = 0;
+  for (var i = 0; i < charts.length; i++) {
+    var box = charts[i].getBoundingClientRect();
+    if (box.width > 0 && box.height > 0) { sized++; }
+  }
+  document.body.setAttribute("data-figures", sized + "/" + charts.length);
+  document.body.setAttribute("data-render-check", sized === charts.length ? "ok" : "failed");
+})();
+"""
+
+
+def dump_dom(
+    executable: str, page: Path, timeout: float = 60.0, script: str | None = None
+) -> PageRun:
+    """Load ``page`` and return the DOM after its scripts ran, plus its console lines.
+
+    ``script``: run after the page's own content, from a copy of ``page`` next to it (the
+    page itself is left as it is).
+    """
+    if script is not None:
+        text = page.read_text(encoding="utf-8")
+        at = text.rindex("</body>")
+        page = page.with_name(f".{page.stem}.check{page.suffix}")
+        page.write_text(f"{text[:at]}<script>{script}</script>{text[at:]}", encoding="utf-8")
+    try:
+        proc = _run(
+            executable,
+            [
+                "--enable-logging=stderr",
+                "--v=0",
+                "--virtual-time-budget=3000",
+                "--dump-dom",
+                page.resolve().as_uri(),
+            ],
+            timeout,
+        )
+    finally:
+        if script is not None:
+            page.unlink(missing_ok=True)
     if proc.returncode != 0 or "<html" not in proc.stdout:
         tail = "\n".join(proc.stderr.splitlines()[-15:])
         raise RuntimeError(f"chromium --dump-dom exited {proc.returncode}:\n{tail}")

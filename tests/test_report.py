@@ -1,5 +1,6 @@
 """The experiments report (housing.reporting.report): content, graceful degradation, and
-how it renders in headless Chromium (no console errors, figures drawn, champion RMSE shown).
+how it renders in headless Chromium (no console errors, figures drawn as checked by
+tests/browser.py's FIGURE_CHECK, champion RMSE shown).
 
 The tracked project comes from the real pipeline runs of tests/test_compare.py (run once
 per session).
@@ -74,7 +75,8 @@ def test_report_without_inputs_degrades_gracefully(tmp_path: Path) -> None:
     notes = " ".join(result.notes)
     for missing in ("metrics/test_metrics.json", "plots/test_predictions.csv", "MLflow"):
         assert missing in notes
-    assert "data-render-check" not in page.split("<script>")[0]  # set by the script only
+    assert "<script" not in page and "<link" not in page  # no test code, no external file
+    assert ".kpi .value {" in page  # templates/report.css, inlined
     assert result.figure_paths == ()
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / ".clearml").exists()
 
@@ -90,7 +92,7 @@ def test_report_content(tracked: Tracked, report: ReportResult) -> None:
     assert f'id="champion-test-rmse">{shown}<' in page
     assert page.count("<svg") == len(FIGURES)
     assert EXTERNAL.search(page) is None, EXTERNAL.search(page)
-    assert "<link" not in page and "<img" not in page
+    assert "<link" not in page and "<img" not in page and "<script" not in page
     for name in FIGURES:
         assert f'id="fig-{name}"' in page
     # Every id is unique once the figures are inlined together.
@@ -131,7 +133,7 @@ def test_report_renders_in_headless_chromium(
     tracked: Tracked, report: ReportResult, tmp_path: Path
 ) -> None:
     executable = chromium()
-    run = browser.dump_dom(executable, report.html_path)
+    run = browser.dump_dom(executable, report.html_path, script=browser.FIGURE_CHECK)
     assert run.errors == [], run.errors
     body = re.search(r"<body[^>]*>", run.dom)
     assert body is not None

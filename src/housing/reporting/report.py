@@ -10,12 +10,13 @@ per candidate), predicted vs actual and residuals of the champion, feature impor
 metrics across the last versions of each registered model, the champion history (who
 replaced whom, when, by how much) and the recent pipeline runs.
 
-The HTML page is self-contained: figures are inline SVG rendered by matplotlib (text as
-paths, so no font is needed), the CSS is inline and one inline script only records whether
-every figure has a size (``data-render-check`` on ``<body>``); it references no URL. The
-Markdown file has the same content with its figures as SVG files in
-``reports/experiments_figures/``. A missing input (a stage not run, tracking off) leaves
-a note in its section instead of failing.
+:func:`build_report` builds a :class:`Page` (sections of charts, tables and notes) and
+renders it through the Jinja2 templates in ``templates/``: ``report.html.j2``
+(autoescaped, ``report.css`` inlined) and ``report.md.j2``. The HTML page is
+self-contained, no script, no URL: figures are inline SVG rendered by matplotlib (text as
+paths, so no font is needed). The Markdown file has the same content with its figures as
+SVG files in ``reports/experiments_figures/``. A missing input (a stage not run, tracking
+off) leaves a note in its section instead of failing.
 """
 
 from __future__ import annotations
@@ -29,14 +30,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from housing.errors import HousingError
-from housing.reporting.compare import (
-    ChampionEvent,
-    Collected,
-    parse_time,
-)
+from housing.reporting.compare import ChampionEvent, Collected, parse_time
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -117,6 +114,7 @@ class Chart:
     title: str
     caption: str
     svg: str
+    kind: ClassVar = "chart"  # the templates' switch
 
 
 @dataclass(frozen=True)
@@ -126,6 +124,12 @@ class Cell:
     text: str
     badge: str = ""
 
+    @property
+    def md(self) -> str:
+        """The cell in a Markdown table: star and good in bold."""
+        text = _md(self.text)
+        return f"**{text}**" if text and self.badge in ("star", "good") else text
+
 
 @dataclass(frozen=True)
 class Table:
@@ -133,11 +137,13 @@ class Table:
     rows: tuple[tuple[Cell, ...], ...]
     numeric: frozenset[int] = frozenset()  # right-aligned columns
     caption: str = ""
+    kind: ClassVar = "table"
 
 
 @dataclass(frozen=True)
 class Note:
     text: str
+    kind: ClassVar = "note"
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,7 @@ class ChartRow:
     """Charts side by side (stacked in Markdown)."""
 
     charts: tuple[Chart, ...]
+    kind: ClassVar = "row"
 
 
 Block = Chart | ChartRow | Table | Note
@@ -297,8 +304,8 @@ def build_report(
     figure_paths = _write_figures(reports / FIGURES_DIR, _charts(page))
     from housing.io import write_text
 
-    write_text(html_path, render_html(page))
-    write_text(md_path, render_markdown(page))
+    write_text(html_path, render(page, "report.html.j2"))
+    write_text(md_path, render(page, "report.md.j2"))
     champion, rmse = _champion(inputs)
     return ReportResult(
         html_path=html_path,
@@ -388,7 +395,7 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
         sections=sections,
         sources=sources,
         notes=list(inputs.notes),
-        generated_at=_display_time(datetime.now(UTC)),
+        generated_at=_time(datetime.now(UTC), "%Y-%m-%d %H:%M UTC"),
     )
 
 
@@ -723,7 +730,7 @@ def _versions_section(models: list[dict[str, Any]], metric: str, last: int) -> S
                     if r.get("champion")
                     else Cell(f"v{r['version']}"),
                     Cell(str(r.get("algorithm") or "")),
-                    Cell(_compact_time(parse_time(r.get("created")))),
+                    Cell(_time(parse_time(r.get("created")))),
                     *(Cell(format_metric(_float(r.get(k)))) for k in keys),
                     Cell(str(r.get("data_md5") or "")[:8], "muted"),
                     Cell(str(r.get("git_commit") or "")[:10], "muted"),
@@ -853,7 +860,7 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
             faced += f": {format_metric(e.previous_value)}"
         rows.append(
             (
-                Cell(_compact_time(parse_time(e.decided_at))),
+                Cell(_time(parse_time(e.decided_at))),
                 *((Cell(e.registry_name),) if several else ()),
                 Cell(label(e.registry_name, e.version, e.model)),
                 Cell(format_metric(e.value)),
@@ -935,7 +942,7 @@ def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
                     fontsize=8,
                     color=TEST_COLOR if e.promoted else "#6B7280",
                 )
-            date = _short_time(parse_time(e.decided_at))
+            date = _time(parse_time(e.decided_at), "%m-%d %H:%M", "")
             ticks.append(f"{name.rsplit('-', 1)[-1]} v{e.version}\n{date}")
             x += 1
         if champion_x:
@@ -967,7 +974,7 @@ def _registry_line(
         algo = f" ({holder.model})" if holder.model else ""
         parts.append(
             f"Registry: {holder.registry_name} v{holder.version}{algo} holds the champion "
-            f"since {_display_time(parse_time(holder.decided_at))}"
+            f"since {_time(parse_time(holder.decided_at), '%Y-%m-%d %H:%M UTC')}"
         )
         if holder.previous_version is not None and holder.change is not None:
             before = algorithms.get((holder.registry_name, holder.previous_version), "")
@@ -1041,7 +1048,7 @@ def _runs_section(runs: list[dict[str, Any]], metric: str) -> Section:
         rows.append(
             (
                 Cell(r["run_id"]),
-                Cell(_compact_time(r["started"])),
+                Cell(_time(r["started"])),
                 Cell(f"{r['seconds']:.1f} s" if r["seconds"] is not None else DASH),
                 Cell(str(r["tasks"])),
                 status,
@@ -1121,234 +1128,29 @@ def inline_svg(svg: str, prefix: str, label: str) -> str:
     return head + attrs + body[head_end:]
 
 
-# --------------------------------------------------------------------------- HTML
+# --------------------------------------------------------------------------- pages
 
 
-_CSS: Final = """
-:root { --ink:#1f2937; --muted:#6b7280; --line:#e5e7eb; --bg:#f4f6f9; --card:#fff;
-  --accent:#e45756; --good:#2f7d32; --good-bg:#e7f4e8; --bad:#b42318; --bad-bg:#fde8e7; }
-* { box-sizing: border-box; }
-body { margin:0; background:var(--bg); color:var(--ink);
-  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
-.hero { background: linear-gradient(135deg, #0f172a 0%, #1e3a5f 100%); color:#f8fafc;
-  padding: 36px 0 30px; }
-.wrap { max-width: 1120px; margin: 0 auto; padding: 0 28px; }
-.eyebrow { text-transform: uppercase; letter-spacing: .12em; font-size: 12px; color:#93c5fd; }
-h1 { font-size: 32px; margin: 6px 0 4px; letter-spacing: -.01em; }
-.subtitle { margin: 0; color:#cbd5e1; }
-.registry { margin: 10px 0 0; color:#e2e8f0; font-size: 14px; }
-.kpis { display:grid; grid-template-columns: repeat(6, 1fr); gap: 12px; margin-top: 22px; }
-.kpi { background: rgba(255,255,255,.08); border: 1px solid rgba(255,255,255,.14);
-  border-radius: 12px; padding: 12px 14px; }
-.kpi.accent { background: #fff; color: var(--ink); border-color: #fff; }
-.kpi .label { font-size: 12px; text-transform: uppercase; letter-spacing: .06em; opacity: .8; }
-.kpi .value { display:block; font-size: 26px; font-weight: 700;
-  font-variant-numeric: tabular-nums; }
-.kpi.accent .value { color: var(--accent); }
-.kpi .hint { font-size: 12px; opacity: .7; }
-nav.toc { display:flex; flex-wrap:wrap; gap: 6px 18px; margin: 18px 0 0; font-size: 14px; }
-nav.toc a { color:#bfdbfe; text-decoration:none; }
-nav.toc a:hover { text-decoration: underline; }
-main { padding: 8px 0 40px; }
-section.card { background: var(--card); border-radius: 14px; margin: 22px 0;
-  padding: 22px 26px; box-shadow: 0 1px 2px rgba(15,23,42,.06), 0 4px 14px rgba(15,23,42,.05); }
-h2 { font-size: 21px; margin: 0 0 4px; }
-.lead { color: var(--muted); margin: 0 0 14px; max-width: 860px; }
-figure { margin: 10px 0 16px; }
-figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
-svg.chart { width: 100%; height: auto; display: block; }
-.row { display:grid; grid-template-columns: 1fr 1fr; gap: 20px; }
-.table-wrap { overflow-x: auto; }
-table { border-collapse: collapse; width: 100%; font-size: 14px; margin: 6px 0 4px; }
-caption { caption-side: top; text-align: left; color: var(--muted); font-size: 13px;
-  padding: 0 0 6px; }
-th { text-align:left; font-weight:600; color:#374151; border-bottom: 2px solid var(--line);
-  padding: 7px 10px; white-space: nowrap; font-size: 13px; }
-td { padding: 7px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
-td { white-space: nowrap; }
-td.long { white-space: normal; min-width: 200px; font-size: 13px; color: #4b5563; }
-tbody tr:nth-child(even) td { background: #fafbfc; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.badge { display:inline-block; padding: 1px 8px; border-radius: 999px; font-size: 12.5px;
-  font-weight: 600; }
-.badge.good { color: var(--good); background: var(--good-bg); }
-.badge.bad { color: var(--bad); background: var(--bad-bg); }
-.muted { color: var(--muted); }
-.star { color: var(--accent); font-weight: 700; }
-.note { background:#fff8e6; border-left: 4px solid #f5b400; padding: 10px 14px;
-  border-radius: 6px; color:#5b4300; margin: 8px 0; }
-.sources li { margin: 3px 0; }
-footer { color: var(--muted); font-size: 13px; padding: 0 0 36px; }
-@media (max-width: 900px) { .kpis { grid-template-columns: repeat(3, 1fr); }
-  .row { grid-template-columns: 1fr; } }
-"""
+def render(page: Page, template: str) -> str:
+    """``page`` through ``templates/<template>`` (HTML autoescaped, CSS inlined)."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+    from markupsafe import Markup
 
-# Records whether every figure got a size, for headless checks; touches nothing else.
-_CHECK_SCRIPT: Final = """
-(function () {
-  var charts = document.querySelectorAll("svg.chart"), sized = 0;
-  for (var i = 0; i < charts.length; i++) {
-    var box = charts[i].getBoundingClientRect();
-    if (box.width > 0 && box.height > 0) { sized++; }
-  }
-  document.body.setAttribute("data-figures", sized + "/" + charts.length);
-  document.body.setAttribute("data-render-check", sized === charts.length ? "ok" : "failed");
-})();
-"""
-
-
-def _esc(text: str) -> str:
-    return html.escape(text, quote=True)
-
-
-def render_html(page: Page) -> str:
-    """The whole page as one self-contained HTML document."""
-    out: list[str] = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_esc(page.title)}</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body>",
-        '<header class="hero"><div class="wrap">',
-        '<div class="eyebrow">housing · experiment report</div>',
-        f"<h1>{_esc(page.headline)}</h1>",
-        f'<p class="subtitle">{_esc(page.subtitle)}</p>',
-    ]
-    if page.registry_line:
-        out.append(f'<p class="registry">{_esc(page.registry_line)}</p>')
-    out.append('<div class="kpis">')
-    for kpi in page.kpis:
-        ident = f' id="{_esc(kpi.anchor)}"' if kpi.anchor else ""
-        out.append(
-            f'<div class="kpi{" accent" if kpi.accent else ""}">'
-            f'<span class="label">{_esc(kpi.label)}</span>'
-            f'<span class="value"{ident}>{_esc(kpi.value)}</span>'
-            f'<span class="hint">{_esc(kpi.hint)}</span></div>'
-        )
-    out.append("</div>")
-    out.append('<nav class="toc">')
-    for section in page.sections:
-        out.append(f'<a href="#{section.anchor}">{_esc(section.title)}</a>')
-    out.append('<a href="#sources">Sources &amp; notes</a></nav>')
-    out.append("</div></header>")
-    out.append('<main class="wrap">')
-    for section in page.sections:
-        out.append(f'<section class="card" id="{section.anchor}">')
-        out.append(f"<h2>{_esc(section.title)}</h2>")
-        out.append(f'<p class="lead">{_esc(section.lead)}</p>')
-        for block in section.blocks:
-            out.append(_html_block(block))
-        out.append("</section>")
-    out.append('<section class="card" id="sources"><h2>Sources &amp; notes</h2>')
-    out.append('<ul class="sources">')
-    for line in page.sources:
-        out.append(f"<li>{_esc(line)}</li>")
-    out.append("</ul>")
-    for note in page.notes:
-        out.append(f'<div class="note">{_esc(note)}</div>')
-    out.append("</section></main>")
-    out.append(
-        f'<footer class="wrap">Generated {_esc(page.generated_at)} by housing.reporting.report; '
-        "self-contained: no network needed.</footer>"
+    env = Environment(
+        loader=PackageLoader("housing.reporting"),
+        autoescape=select_autoescape(("html.j2",)),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
     )
-    out.append(f"<script>{_CHECK_SCRIPT}</script>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
-def _html_block(block: Block) -> str:
-    if isinstance(block, Chart):
-        return _html_chart(block)
-    if isinstance(block, ChartRow):
-        return '<div class="row">' + "".join(_html_chart(c) for c in block.charts) + "</div>"
-    if isinstance(block, Note):
-        return f'<div class="note">{_esc(block.text)}</div>'
-    head = "".join(
-        f"<th{' class=num' if i in block.numeric else ''}>{_esc(h)}</th>"
-        for i, h in enumerate(block.headers)
-    )
-    body = []
-    for row in block.rows:
-        cells = []
-        for i, cell in enumerate(row):
-            cls = ' class="num"' if i in block.numeric else ""
-            text = _esc(cell.text)
-            if cell.badge == "wrap":
-                cls = ' class="long"'
-            elif cell.badge in ("good", "bad"):
-                text = f'<span class="badge {cell.badge}">{text}</span>'
-            elif cell.badge:
-                text = f'<span class="{cell.badge}">{text}</span>'
-            cells.append(f"<td{cls}>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    caption = f"<caption>{_esc(block.caption)}</caption>" if block.caption else ""
-    return (
-        f'<div class="table-wrap"><table>{caption}<thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table></div>"
-    )
-
-
-def _html_chart(chart: Chart) -> str:
-    return (
-        f'<figure id="fig-{chart.name}">{inline_svg(chart.svg, chart.name, chart.title)}'
-        f"<figcaption>{_esc(chart.caption)}</figcaption></figure>"
-    )
-
-
-# --------------------------------------------------------------------------- Markdown
+    env.filters["svg"] = lambda c: Markup(inline_svg(c.svg, c.name, c.title))
+    env.filters["md"] = _md
+    return env.get_template(template).render(page=page, figures=FIGURES_DIR)
 
 
 def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(page: Page) -> str:
-    """The same content as Markdown; figures link to ``experiments_figures/<name>.svg``."""
-    out = [f"# {page.headline}", "", page.subtitle, ""]
-    if page.registry_line:
-        out += [page.registry_line, ""]
-    out += ["| " + " | ".join(_md(k.label) for k in page.kpis) + " |"]
-    out += ["|" + "---:|" * len(page.kpis)]
-    out += ["| " + " | ".join(_md(k.value) for k in page.kpis) + " |", ""]
-    for section in page.sections:
-        out += [f"## {section.title}", "", section.lead, ""]
-        for block in section.blocks:
-            out += _md_block(block)
-    out += ["## Sources & notes", ""]
-    out += [f"- {line}" for line in page.sources]
-    out += [f"- Note: {note}" for note in page.notes]
-    out += ["", f"_Generated {page.generated_at} by housing.reporting.report._", ""]
-    return "\n".join(out)
-
-
-def _md_block(block: Block) -> list[str]:
-    if isinstance(block, Chart):
-        return [
-            f"![{_md(block.title)}]({FIGURES_DIR}/{block.name}.svg)",
-            "",
-            f"_{block.caption}_",
-            "",
-        ]
-    if isinstance(block, ChartRow):
-        return [line for chart in block.charts for line in _md_block(chart)]
-    if isinstance(block, Note):
-        return [f"> {block.text}", ""]
-    align = "|" + "".join(
-        "---:|" if i in block.numeric else "---|" for i in range(len(block.headers))
-    )
-    lines = [f"_{block.caption}_", ""] if block.caption else []
-    lines += ["| " + " | ".join(_md(h) or " " for h in block.headers) + " |", align]
-    for row in block.rows:
-        cells = []
-        for cell in row:
-            text = _md(cell.text)
-            cells.append(f"**{text}**" if cell.badge in ("star", "good") and text else text)
-        lines.append("| " + " | ".join(cells) + " |")
-    return [*lines, ""]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1381,16 +1183,9 @@ def signed(value: float, digits: int = 3) -> str:
     return f"{value:+.{digits}f}".replace("-", MINUS)
 
 
-def _compact_time(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if value else DASH
-
-
-def _display_time(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else DASH
-
-
-def _short_time(value: datetime | None) -> str:
-    return value.astimezone(UTC).strftime("%m-%d %H:%M") if value else ""
+def _time(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M", missing: str = DASH) -> str:
+    """``value`` in UTC as ``fmt``; ``missing`` when unknown."""
+    return value.astimezone(UTC).strftime(fmt) if value else missing
 
 
 def _one_line(value: object) -> str:
