@@ -36,6 +36,7 @@ Status = Literal["ok", "warn", "fail"]
 DEFAULT_API_HOST = "http://127.0.0.1:8008"
 DEFAULT_WEB_HOST = "http://127.0.0.1:8080"
 DEFAULT_FILES_HOST = "http://127.0.0.1:8081"
+_DEFAULT_HOSTS = {"api": DEFAULT_API_HOST, "web": DEFAULT_WEB_HOST, "files": DEFAULT_FILES_HOST}
 
 _START_SERVER = (
     "start the server: cd infra/clearml && cp -n .env.example .env && docker compose up -d"
@@ -91,6 +92,11 @@ class _Reply:
     status: int | None  # HTTP status; None when no HTTP answer arrived
     payload: Any  # decoded JSON body, or None
     error: str  # why there was no HTTP answer ("" when there was one)
+
+    @property
+    def why(self) -> str:
+        """Why the request did not succeed, for a check's detail."""
+        return self.error or f"HTTP {self.status}"
 
 
 class _Client:
@@ -262,21 +268,18 @@ def _config_file_check(
 
 
 def _resolve_host(
-    given: str | None,
-    env: Mapping[str, str],
-    *,
-    env_name: str,
-    literals: Mapping[str, str],
-    conf_key: str,
-    default: str,
+    kind: str, given: str | None, env: Mapping[str, str], literals: Mapping[str, str]
 ) -> tuple[str, str]:
-    if given:
-        return _clean_host(given), "given setting"
-    if env.get(env_name):
-        return _clean_host(env[env_name]), env_name
-    if literals.get(conf_key):
-        return _clean_host(literals[conf_key]), "config file"
-    return default, "default"
+    """The ``kind`` ("api", "web", "files") host and where it came from."""
+    env_name = f"CLEARML_{kind.upper()}_HOST"
+    for value, source in (
+        (given, "given setting"),
+        (env.get(env_name), env_name),
+        (literals.get(f"{kind}_server"), "config file"),
+    ):
+        if value:
+            return _clean_host(value), source
+    return _DEFAULT_HOSTS[kind], "default"
 
 
 def _clean_host(url: str) -> str:
@@ -329,11 +332,10 @@ def _check_mlflow(env: Mapping[str, str], uri: str, enabled: bool, client: _Clie
         reply = client.request(f"{uri.rstrip('/')}/health")
         if reply.status == 200:
             return Check("mlflow", "ok", f"tracking server {shown} answers /health{note}")
-        why = reply.error or f"HTTP {reply.status}"
         return Check(
             "mlflow",
             "warn",
-            f"tracking server {shown} did not answer /health ({why}){note}",
+            f"tracking server {shown} did not answer /health ({reply.why}){note}",
             "start it (mlflow server --host 127.0.0.1 --port 5000 ...) or use a local"
             " store: mlflow.tracking_uri=sqlite:///mlflow.db",
         )
@@ -454,11 +456,10 @@ def _check_credentials(
             + (f": {message})" if message else ")"),
             create,
         )
-    why = reply.error or f"HTTP {reply.status}"
     return Check(
         "clearml credentials",
         "warn",
-        f"{who} present; auth.login did not confirm them ({why})",
+        f"{who} present; auth.login did not confirm them ({reply.why})",
         "retry; check the API server log: docker compose logs apiserver",
     )
 
@@ -471,17 +472,24 @@ def _queue_names(queues: Sequence[Any]) -> dict[str, str]:
     return names
 
 
-def _check_queues(state: _ServerState, expected: Sequence[str]) -> tuple[Check, dict[str, str]]:
+def _get_all(state: _ServerState, kind: str) -> list[Any] | str:
+    """``<kind>.get_all`` with the session token: the list, or why there is none."""
     reply = state.client.request(
-        f"{state.api_host}/queues.get_all",
+        f"{state.api_host}/{kind}.get_all",
         method="POST",
         headers={"Authorization": f"Bearer {state.token}"},
         body={},
     )
-    queues = _data(reply.payload).get("queues")
-    if reply.status != 200 or not isinstance(queues, list):
-        why = reply.error or f"HTTP {reply.status}"
-        return Check("clearml queues", "warn", f"queues.get_all failed ({why})"), {}
+    items = _data(reply.payload).get(kind)
+    if reply.status == 200 and isinstance(items, list):
+        return items
+    return f"{kind}.get_all failed ({reply.why})"
+
+
+def _check_queues(state: _ServerState, expected: Sequence[str]) -> tuple[Check, dict[str, str]]:
+    queues = _get_all(state, "queues")
+    if isinstance(queues, str):
+        return Check("clearml queues", "warn", queues), {}
     names = _queue_names(queues)
     if not names:
         return (
@@ -529,16 +537,9 @@ def _worker_queues(worker: Mapping[str, Any], names: Mapping[str, str]) -> list[
 
 
 def _check_agents(state: _ServerState, expected: Sequence[str], names: Mapping[str, str]) -> Check:
-    reply = state.client.request(
-        f"{state.api_host}/workers.get_all",
-        method="POST",
-        headers={"Authorization": f"Bearer {state.token}"},
-        body={},
-    )
-    workers = _data(reply.payload).get("workers")
-    if reply.status != 200 or not isinstance(workers, list):
-        why = reply.error or f"HTTP {reply.status}"
-        return Check("clearml agents", "warn", f"workers.get_all failed ({why})")
+    workers = _get_all(state, "workers")
+    if isinstance(workers, str):
+        return Check("clearml agents", "warn", workers)
     start_agent = (
         "cd infra/clearml && docker compose --profile agent up -d clearml-agent"
         " (pipeline controllers: --profile services up -d clearml-agent-services)"
@@ -703,30 +704,9 @@ def diagnose(
 
     config_check, config_path = _config_file_check(env, config_file)
     literals = _read_config_literals(config_path) if config_path else {}
-    api, api_source = _resolve_host(
-        api_host,
-        env,
-        env_name="CLEARML_API_HOST",
-        literals=literals,
-        conf_key="api_server",
-        default=DEFAULT_API_HOST,
-    )
-    web, _ = _resolve_host(
-        web_host,
-        env,
-        env_name="CLEARML_WEB_HOST",
-        literals=literals,
-        conf_key="web_server",
-        default=DEFAULT_WEB_HOST,
-    )
-    files, _ = _resolve_host(
-        files_host,
-        env,
-        env_name="CLEARML_FILES_HOST",
-        literals=literals,
-        conf_key="files_server",
-        default=DEFAULT_FILES_HOST,
-    )
+    api, api_source = _resolve_host("api", api_host, env, literals)
+    web = _resolve_host("web", web_host, env, literals)[0]
+    files = _resolve_host("files", files_host, env, literals)[0]
     key_names = (access_key_env, secret_key_env)
     access, secret, cred_source = _resolve_credentials(env, literals, key_names)
 

@@ -299,35 +299,30 @@ def track_stage(
         notifier, events.append(make_event(run_id, stage, "started", started_at=started_at))
     )
     handle = StageHandle(run_id=run_id, stage=stage)
-    try:
-        yield handle
-    except BaseException as exc:
-        failed = make_event(
+
+    def final(status: str, error: str | None = None) -> dict[str, Any]:
+        return make_event(
             run_id,
             stage,
-            "failed",
+            status,
             started_at=started_at,
             finished_at=_iso(_utc_now()),
             duration_sec=time.monotonic() - t0,
-            error=one_line_error(exc),
+            error=error,
             extra=handle.extra,
         )
+
+    try:
+        yield handle
+    except BaseException as exc:
+        failed = final("failed", one_line_error(exc))
         try:
             events.append(failed)
         except OSError as log_exc:  # keep the original exception as the one raised
             logger.warning("could not record failure of stage %r: %s", stage, log_exc)
         _safe_notify(notifier, failed)
         raise
-    succeeded = make_event(
-        run_id,
-        stage,
-        "succeeded",
-        started_at=started_at,
-        finished_at=_iso(_utc_now()),
-        duration_sec=time.monotonic() - t0,
-        extra=handle.extra,
-    )
-    _safe_notify(notifier, events.append(succeeded))
+    _safe_notify(notifier, events.append(final("succeeded")))
 
 
 def pipeline_summary(
@@ -701,16 +696,8 @@ class WebhookNotifier:
         if self._url is None:
             logger.debug("webhook disabled: $%s is not set", self.url_env)
             return False
-        # urllib3 logs request paths (retries at WARNING): scrub the URL out of them too.
-        redact = _Redact(self._url)
-        urllib3_loggers = [logging.getLogger(f"urllib3.{name}") for name in _URLLIB3_LOGGERS]
-        for each in urllib3_loggers:
-            each.addFilter(redact)
-        try:
+        with _urllib3_logs_scrubbed(self._url):
             reason = self._post(self._url, {"text": format_event(event)})
-        finally:
-            for each in urllib3_loggers:
-                each.removeFilter(redact)
         if not reason:
             return True
         logger.warning(
@@ -757,16 +744,22 @@ class WebhookNotifier:
 _URLLIB3_LOGGERS: Final = ("connectionpool", "connection", "poolmanager", "response", "util.retry")
 
 
-class _Redact(logging.Filter):
-    """Scrub a webhook URL out of the records of the logger it is attached to."""
+@contextlib.contextmanager
+def _urllib3_logs_scrubbed(url: str) -> Iterator[None]:
+    """urllib3 logs request paths (retries at WARNING): scrub ``url`` out of its records."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__()
-        self.url = url
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = _scrub(record.getMessage(), self.url), None
+    def scrub(record: logging.LogRecord) -> bool:
+        record.msg, record.args = _scrub(record.getMessage(), url), None
         return True
+
+    loggers = [logging.getLogger(f"urllib3.{name}") for name in _URLLIB3_LOGGERS]
+    for each in loggers:
+        each.addFilter(scrub)
+    try:
+        yield
+    finally:
+        for each in loggers:
+            each.removeFilter(scrub)
 
 
 class MultiNotifier:
