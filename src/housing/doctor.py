@@ -175,25 +175,15 @@ def _reason(exc: BaseException, timeout: float) -> str:
 
 def _decode(raw: bytes) -> Any:
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        return json.loads(raw)
+    except ValueError:  # not JSON, not UTF-8
         return None
 
 
-def _meta_message(payload: Any) -> str:
-    if isinstance(payload, dict):
-        meta = payload.get("meta")
-        if isinstance(meta, dict):
-            return str(meta.get("result_msg") or "")
-    return ""
-
-
-def _data(payload: Any) -> dict[str, Any]:
-    if isinstance(payload, dict):
-        data = payload.get("data")
-        if isinstance(data, dict):
-            return data
-    return {}
+def _section(payload: Any, name: str) -> dict[str, Any]:
+    """``payload[name]`` of a ClearML answer (``meta`` or ``data``), ``{}`` if not a dict."""
+    section = payload.get(name) if isinstance(payload, dict) else None
+    return section if isinstance(section, dict) else {}
 
 
 _URI_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://")
@@ -441,14 +431,14 @@ def _check_credentials(
         headers={"Authorization": f"Basic {basic}"},
         body={},
     )
-    token = _data(reply.payload).get("token")
+    token = _section(reply.payload, "data").get("token")
     if reply.status == 200 and isinstance(token, str) and token:
         state.credentials_valid = True
         state.token = token
         return Check("clearml credentials", "ok", f"{who} accepted by auth.login")
     if reply.status in {401, 403}:
         state.credentials_valid = False
-        message = _meta_message(reply.payload)
+        message = str(_section(reply.payload, "meta").get("result_msg") or "")
         return Check(
             "clearml credentials",
             rejected_severity,
@@ -480,7 +470,7 @@ def _get_all(state: _ServerState, kind: str) -> list[Any] | str:
         headers={"Authorization": f"Bearer {state.token}"},
         body={},
     )
-    items = _data(reply.payload).get(kind)
+    items = _section(reply.payload, "data").get(kind)
     if reply.status == 200 and isinstance(items, list):
         return items
     return f"{kind}.get_all failed ({reply.why})"
