@@ -233,6 +233,29 @@ def test_silent_server_is_bounded_by_timeout(tmp_path: Path) -> None:
     _assert_no_secret(checks)
 
 
+def test_black_hole_host_is_bounded_by_timeout(tmp_path: Path) -> None:
+    # A listener whose accept queue is full drops further SYNs: connecting never ends.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(4)]
+        for sock in fillers:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+        started = time.monotonic()
+        checks = _run(_env(tmp_path), f"http://127.0.0.1:{port}", timeout=0.5)
+        elapsed = time.monotonic() - started
+        for sock in fillers:
+            sock.close()
+
+    assert elapsed < 3.0  # the budget: at most 2.5 x 0.5 s, plus slack
+    server = _by_name(checks)["clearml server"]
+    assert server.status == "warn"
+    assert "no answer within 0.5 s" in server.detail
+    _assert_no_secret(checks)
+
+
 # --------------------------------------------------------------------------- reachable
 
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -414,8 +413,8 @@ def hook_server() -> Iterator[_HookServer]:
 
 def _hook(server: _HookServer, **kwargs: Any) -> mon.WebhookNotifier:
     url = f"http://127.0.0.1:{server.server_address[1]}/services/T000/B000/{TOKEN}"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never use a proxy
-    return mon.WebhookNotifier(env={"HOUSING_WEBHOOK_URL": url}, opener=opener, **kwargs)
+    # trust_env=False: never use a proxy
+    return mon.WebhookNotifier(env={"HOUSING_WEBHOOK_URL": url}, trust_env=False, **kwargs)
 
 
 def _assert_no_token(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
@@ -502,9 +501,8 @@ def test_webhook_connection_refused_never_raises(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/hook/{TOKEN}?token={TOKEN}"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     hook = mon.WebhookNotifier(
-        "X_HOOK", env={"X_HOOK": url}, retries=1, backoff_sec=0.01, opener=opener
+        "X_HOOK", env={"X_HOOK": url}, retries=1, backoff_sec=0.01, trust_env=False
     )
     with caplog.at_level(logging.WARNING):
         multi = mon.MultiNotifier([hook, mon.ConsoleNotifier()])

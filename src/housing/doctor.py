@@ -1,17 +1,19 @@
 """Diagnose the tracking setup: backends, ClearML mode, server, credentials, queues, agents.
 
 ``diagnose`` looks at an environment mapping and the resolved settings it is given,
-talks to the ClearML API server over plain HTTP (``urllib``; the ClearML SDK is not
+talks to the ClearML API server over plain HTTP (requests; the ClearML SDK is not
 imported) and returns a list of :class:`Check`. ``render`` turns them into text.
 The CLI wires both into ``housing doctor``.
 
 Guarantees:
 
-* bounded time: every request uses at most ``timeout`` seconds and all requests
-  together at most ``2 * timeout`` (an unreachable server costs one failed connect);
+* bounded time: a request waits at most ``timeout`` seconds to connect (two tries of
+  half of it) and ``timeout`` for the answer, no request starts after ``2 * timeout``
+  and later ones get only what is left, so a diagnosis takes at most ``2.5 * timeout``;
 * no secret in the output: the secret key and session tokens never appear, the access
   key only as its first four characters (``ABCD…``), URLs without their user info;
-* importing this module does nothing but import the standard library.
+* importing this module does nothing but import the standard library (requests is
+  imported when a diagnosis starts).
 """
 
 from __future__ import annotations
@@ -21,19 +23,20 @@ import json
 import re
 import socket
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from housing import http
+
 Status = Literal["ok", "warn", "fail"]
 
 DEFAULT_API_HOST = "http://127.0.0.1:8008"
 DEFAULT_WEB_HOST = "http://127.0.0.1:8080"
 DEFAULT_FILES_HOST = "http://127.0.0.1:8081"
+_DEFAULT_HOSTS = {"api": DEFAULT_API_HOST, "web": DEFAULT_WEB_HOST, "files": DEFAULT_FILES_HOST}
 
 _START_SERVER = (
     "start the server: cd infra/clearml && cp -n .env.example .env && docker compose up -d"
@@ -84,120 +87,103 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in _TRUE
 
 
-class _Budget:
-    """Wall-clock allowance shared by all requests of one diagnosis."""
-
-    def __init__(self, per_request: float, total: float) -> None:
-        self.per_request = max(per_request, 0.05)
-        self._deadline = time.monotonic() + max(total, self.per_request)
-
-    def next_timeout(self) -> float | None:
-        """Timeout for the next request, or None when the allowance is spent."""
-        left = self._deadline - time.monotonic()
-        if left < 0.05:
-            return None
-        return min(self.per_request, left)
-
-
 @dataclass(frozen=True)
 class _Reply:
     status: int | None  # HTTP status; None when no HTTP answer arrived
     payload: Any  # decoded JSON body, or None
     error: str  # why there was no HTTP answer ("" when there was one)
 
+    @property
+    def why(self) -> str:
+        """Why the request did not succeed, for a check's detail."""
+        return self.error or f"HTTP {self.status}"
+
+
+class _Client:
+    """One requests Session and the time budget shared by all requests of a diagnosis.
+
+    The session ignores ``os.environ`` (and ~/.netrc): proxies come from the ``env``
+    mapping the diagnosis was given. A refused or timed-out connection is tried again
+    once; an answer that is slow to come is not.
+    """
+
+    def __init__(self, env: Mapping[str, str], timeout: float) -> None:
+        self.env = env
+        self.timeout = max(timeout, 0.05)
+        self.deadline = time.monotonic() + 2 * self.timeout
+        self.session = http.session(trust_env=False, total=1, connect=1, read=False, other=0)
+
+    def request(
+        self,
+        url: str,
+        *,
+        method: str = "GET",
+        headers: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
+    ) -> _Reply:
+        import urllib3
+
+        timeout = min(self.timeout, self.deadline - time.monotonic())
+        if timeout < 0.05:
+            return _Reply(None, None, "not tried: time budget spent")
+        try:
+            with self.session.request(
+                method,
+                url,
+                json=body,
+                headers={"Accept": "application/json", **(headers or {})},
+                timeout=(timeout / 2, timeout),
+                proxies=_proxies(self.env, url),
+                stream=True,
+            ) as response:
+                raw = response.raw.read(_MAX_BODY, decode_content=True)
+                return _Reply(response.status_code, _decode(raw), "")
+        except (OSError, ValueError, urllib3.exceptions.HTTPError) as exc:
+            return _Reply(None, None, _reason(http.root_cause(exc), timeout))
+
 
 def _is_loopback(host: str) -> bool:
     return host in {"localhost", "::1"} or host.startswith("127.")
 
 
-def _proxy_handler(env: Mapping[str, str], url: str) -> urllib.request.ProxyHandler:
-    """Proxies from ``env`` (not os.environ); loopback and no_proxy hosts go direct."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    no_proxy = (env.get("no_proxy") or env.get("NO_PROXY") or "").lower()
-    bypass = _is_loopback(host) or no_proxy.strip() == "*"
-    for entry in filter(None, (item.strip().lstrip(".") for item in no_proxy.split(","))):
-        if host == entry or host.endswith("." + entry):
-            bypass = True
-    if bypass:
-        return urllib.request.ProxyHandler({})
-    scheme = parts.scheme.lower()
-    proxy = env.get(f"{scheme}_proxy") or env.get(f"{scheme.upper()}_PROXY")
-    return urllib.request.ProxyHandler({scheme: proxy} if proxy else {})
+def _proxies(env: Mapping[str, str], url: str) -> dict[str, str]:
+    """``*_proxy`` variables of ``env`` (lower case wins); loopback, no_proxy hosts go direct."""
+    found = {
+        name.lower().removesuffix("_proxy"): value
+        for name, value in sorted(env.items(), key=lambda item: item[0].islower())
+        if name.lower().endswith("_proxy") and value
+    }
+    from requests.utils import should_bypass_proxies
+
+    no_proxy = found.pop("no", "")
+    if _is_loopback((urlsplit(url).hostname or "").lower()):
+        return {}
+    return {} if should_bypass_proxies(url, no_proxy=no_proxy) else found
 
 
-def _request(
-    url: str,
-    *,
-    env: Mapping[str, str],
-    budget: _Budget,
-    method: str = "GET",
-    headers: Mapping[str, str] | None = None,
-    body: Mapping[str, Any] | None = None,
-) -> _Reply:
-    timeout = budget.next_timeout()
-    if timeout is None:
-        return _Reply(None, None, "not tried: time budget spent")
-    data = json.dumps(dict(body)).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("Accept", "application/json")
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    for key, value in (headers or {}).items():
-        request.add_header(key, value)
-    opener = urllib.request.build_opener(_proxy_handler(env, url))
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            return _Reply(response.status, _decode(response.read(_MAX_BODY)), "")
-    except urllib.error.HTTPError as exc:
-        try:
-            raw = exc.read(_MAX_BODY)
-        except OSError:
-            raw = b""
-        finally:
-            exc.close()
-        return _Reply(exc.code, _decode(raw), "")
-    except urllib.error.URLError as exc:
-        return _Reply(None, None, _reason(exc.reason, timeout))
-    except TimeoutError:
-        return _Reply(None, None, f"no answer within {timeout:.1f} s")
-    except (OSError, ValueError) as exc:
-        return _Reply(None, None, _reason(exc, timeout))
-
-
-def _reason(reason: object, timeout: float) -> str:
-    if isinstance(reason, TimeoutError):
+def _reason(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
         return f"no answer within {timeout:.1f} s"
-    if isinstance(reason, ConnectionRefusedError):
+    if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
-    if isinstance(reason, socket.gaierror):
+    if isinstance(exc, socket.gaierror):
         return "host name not found"
-    if isinstance(reason, OSError) and reason.strerror:
-        return str(reason.strerror).lower()
-    return str(reason) or type(reason).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        return str(exc.strerror).lower()
+    return str(exc) or type(exc).__name__
 
 
 def _decode(raw: bytes) -> Any:
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        return json.loads(raw)
+    except ValueError:  # not JSON, not UTF-8
         return None
 
 
-def _meta_message(payload: Any) -> str:
-    if isinstance(payload, dict):
-        meta = payload.get("meta")
-        if isinstance(meta, dict):
-            return str(meta.get("result_msg") or "")
-    return ""
-
-
-def _data(payload: Any) -> dict[str, Any]:
-    if isinstance(payload, dict):
-        data = payload.get("data")
-        if isinstance(data, dict):
-            return data
-    return {}
+def _section(payload: Any, name: str) -> dict[str, Any]:
+    """``payload[name]`` of a ClearML answer (``meta`` or ``data``), ``{}`` if not a dict."""
+    section = payload.get(name) if isinstance(payload, dict) else None
+    return section if isinstance(section, dict) else {}
 
 
 _URI_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://")
@@ -272,21 +258,18 @@ def _config_file_check(
 
 
 def _resolve_host(
-    given: str | None,
-    env: Mapping[str, str],
-    *,
-    env_name: str,
-    literals: Mapping[str, str],
-    conf_key: str,
-    default: str,
+    kind: str, given: str | None, env: Mapping[str, str], literals: Mapping[str, str]
 ) -> tuple[str, str]:
-    if given:
-        return _clean_host(given), "given setting"
-    if env.get(env_name):
-        return _clean_host(env[env_name]), env_name
-    if literals.get(conf_key):
-        return _clean_host(literals[conf_key]), "config file"
-    return default, "default"
+    """The ``kind`` ("api", "web", "files") host and where it came from."""
+    env_name = f"CLEARML_{kind.upper()}_HOST"
+    for value, source in (
+        (given, "given setting"),
+        (env.get(env_name), env_name),
+        (literals.get(f"{kind}_server"), "config file"),
+    ):
+        if value:
+            return _clean_host(value), source
+    return _DEFAULT_HOSTS[kind], "default"
 
 
 def _clean_host(url: str) -> str:
@@ -303,8 +286,7 @@ def _clean_host(url: str) -> str:
 class _ServerState:
     """What the ClearML checks found out, and what they share."""
 
-    env: Mapping[str, str]
-    budget: _Budget
+    client: _Client
     api_host: str
     web_host: str
     reachable: bool = False
@@ -314,7 +296,7 @@ class _ServerState:
     unreachable_reason: str = ""
 
 
-def _check_mlflow(env: Mapping[str, str], uri: str, enabled: bool, budget: _Budget) -> Check:
+def _check_mlflow(env: Mapping[str, str], uri: str, enabled: bool, client: _Client) -> Check:
     if not enabled:
         return Check("mlflow", "ok", "MLflow disabled (not among the tracking backends)")
     env_uri = env.get("MLFLOW_TRACKING_URI", "")
@@ -337,14 +319,13 @@ def _check_mlflow(env: Mapping[str, str], uri: str, enabled: bool, budget: _Budg
     else:
         scheme = ""  # a plain path
     if scheme in {"http", "https"}:
-        reply = _request(f"{uri.rstrip('/')}/health", env=env, budget=budget)
+        reply = client.request(f"{uri.rstrip('/')}/health")
         if reply.status == 200:
             return Check("mlflow", "ok", f"tracking server {shown} answers /health{note}")
-        why = reply.error or f"HTTP {reply.status}"
         return Check(
             "mlflow",
             "warn",
-            f"tracking server {shown} did not answer /health ({why}){note}",
+            f"tracking server {shown} did not answer /health ({reply.why}){note}",
             "start it (mlflow server --host 127.0.0.1 --port 5000 ...) or use a local"
             " store: mlflow.tracking_uri=sqlite:///mlflow.db",
         )
@@ -365,7 +346,7 @@ def _check_mlflow(env: Mapping[str, str], uri: str, enabled: bool, budget: _Budg
 def _check_server(
     state: _ServerState, *, api_source: str, files_host: str, severity: Status
 ) -> Check:
-    env, budget, api_host, web_host = state.env, state.budget, state.api_host, state.web_host
+    api_host, web_host = state.api_host, state.web_host
     shown = display_url(api_host)
     parts = urlsplit(api_host)
     if parts.scheme not in {"http", "https"} or not parts.netloc:
@@ -376,7 +357,7 @@ def _check_server(
             f"API host {shown!r} (from {api_source}) is not an http(s) URL",
             "set CLEARML_API_HOST=http://127.0.0.1:8008 (or api.api_server in the config file)",
         )
-    reply = _request(f"{api_host}/debug.ping", env=env, budget=budget)
+    reply = state.client.request(f"{api_host}/debug.ping")
     if reply.status == 200:
         state.reachable = True
         return Check(
@@ -424,7 +405,7 @@ def _check_credentials(
     names: tuple[str, str],
     severities: tuple[Status, Status],
 ) -> Check:
-    env, budget, api_host, web_host = state.env, state.budget, state.api_host, state.web_host
+    api_host, web_host = state.api_host, state.web_host
     missing_severity, rejected_severity = severities
     create = (
         f"create credentials in the web UI ({display_url(web_host)}: Settings > Workspace >"
@@ -444,22 +425,20 @@ def _check_credentials(
             f"{who} present; not verified: the server is unreachable",
         )
     basic = base64.b64encode(f"{access}:{secret}".encode()).decode("ascii")
-    reply = _request(
+    reply = state.client.request(
         f"{api_host}/auth.login",
-        env=env,
-        budget=budget,
         method="POST",
         headers={"Authorization": f"Basic {basic}"},
         body={},
     )
-    token = _data(reply.payload).get("token")
+    token = _section(reply.payload, "data").get("token")
     if reply.status == 200 and isinstance(token, str) and token:
         state.credentials_valid = True
         state.token = token
         return Check("clearml credentials", "ok", f"{who} accepted by auth.login")
     if reply.status in {401, 403}:
         state.credentials_valid = False
-        message = _meta_message(reply.payload)
+        message = str(_section(reply.payload, "meta").get("result_msg") or "")
         return Check(
             "clearml credentials",
             rejected_severity,
@@ -467,11 +446,10 @@ def _check_credentials(
             + (f": {message})" if message else ")"),
             create,
         )
-    why = reply.error or f"HTTP {reply.status}"
     return Check(
         "clearml credentials",
         "warn",
-        f"{who} present; auth.login did not confirm them ({why})",
+        f"{who} present; auth.login did not confirm them ({reply.why})",
         "retry; check the API server log: docker compose logs apiserver",
     )
 
@@ -484,19 +462,24 @@ def _queue_names(queues: Sequence[Any]) -> dict[str, str]:
     return names
 
 
-def _check_queues(state: _ServerState, expected: Sequence[str]) -> tuple[Check, dict[str, str]]:
-    reply = _request(
-        f"{state.api_host}/queues.get_all",
-        env=state.env,
-        budget=state.budget,
+def _get_all(state: _ServerState, kind: str) -> list[Any] | str:
+    """``<kind>.get_all`` with the session token: the list, or why there is none."""
+    reply = state.client.request(
+        f"{state.api_host}/{kind}.get_all",
         method="POST",
         headers={"Authorization": f"Bearer {state.token}"},
         body={},
     )
-    queues = _data(reply.payload).get("queues")
-    if reply.status != 200 or not isinstance(queues, list):
-        why = reply.error or f"HTTP {reply.status}"
-        return Check("clearml queues", "warn", f"queues.get_all failed ({why})"), {}
+    items = _section(reply.payload, "data").get(kind)
+    if reply.status == 200 and isinstance(items, list):
+        return items
+    return f"{kind}.get_all failed ({reply.why})"
+
+
+def _check_queues(state: _ServerState, expected: Sequence[str]) -> tuple[Check, dict[str, str]]:
+    queues = _get_all(state, "queues")
+    if isinstance(queues, str):
+        return Check("clearml queues", "warn", queues), {}
     names = _queue_names(queues)
     if not names:
         return (
@@ -544,18 +527,9 @@ def _worker_queues(worker: Mapping[str, Any], names: Mapping[str, str]) -> list[
 
 
 def _check_agents(state: _ServerState, expected: Sequence[str], names: Mapping[str, str]) -> Check:
-    reply = _request(
-        f"{state.api_host}/workers.get_all",
-        env=state.env,
-        budget=state.budget,
-        method="POST",
-        headers={"Authorization": f"Bearer {state.token}"},
-        body={},
-    )
-    workers = _data(reply.payload).get("workers")
-    if reply.status != 200 or not isinstance(workers, list):
-        why = reply.error or f"HTTP {reply.status}"
-        return Check("clearml agents", "warn", f"workers.get_all failed ({why})")
+    workers = _get_all(state, "workers")
+    if isinstance(workers, str):
+        return Check("clearml agents", "warn", workers)
     start_agent = (
         "cd infra/clearml && docker compose --profile agent up -d clearml-agent"
         " (pipeline controllers: --profile services up -d clearml-agent-services)"
@@ -692,7 +666,7 @@ def diagnose(
     ``access_key_env`` / ``secret_key_env`` name the variables holding the API keys
     (``clearml.auth.*_key_env``); without them the config file's literal keys are used.
     """
-    budget = _Budget(timeout, 2 * timeout)
+    client = _Client(env, timeout)
     backends = [b.strip().lower() for b in tracking_backends if b.strip()]
     mode = clearml_mode.strip().lower()
     checks: list[Check] = []
@@ -714,41 +688,21 @@ def diagnose(
         checks.append(
             Check("clearml mode", "ok", "ClearML disabled (not among the tracking backends)")
         )
-        checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, budget))
+        checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, client))
+        client.session.close()
         return checks
 
     config_check, config_path = _config_file_check(env, config_file)
     literals = _read_config_literals(config_path) if config_path else {}
-    api, api_source = _resolve_host(
-        api_host,
-        env,
-        env_name="CLEARML_API_HOST",
-        literals=literals,
-        conf_key="api_server",
-        default=DEFAULT_API_HOST,
-    )
-    web, _ = _resolve_host(
-        web_host,
-        env,
-        env_name="CLEARML_WEB_HOST",
-        literals=literals,
-        conf_key="web_server",
-        default=DEFAULT_WEB_HOST,
-    )
-    files, _ = _resolve_host(
-        files_host,
-        env,
-        env_name="CLEARML_FILES_HOST",
-        literals=literals,
-        conf_key="files_server",
-        default=DEFAULT_FILES_HOST,
-    )
+    api, api_source = _resolve_host("api", api_host, env, literals)
+    web = _resolve_host("web", web_host, env, literals)[0]
+    files = _resolve_host("files", files_host, env, literals)[0]
     key_names = (access_key_env, secret_key_env)
     access, secret, cred_source = _resolve_credentials(env, literals, key_names)
 
     # An explicit offline mode needs the server only for `housing clearml sync`.
     severity: Status = "fail" if mode == "online" else "warn"
-    state = _ServerState(env=env, budget=budget, api_host=api, web_host=web)
+    state = _ServerState(client=client, api_host=api, web_host=web)
     server_check = _check_server(state, api_source=api_source, files_host=files, severity=severity)
     # Missing keys are a choice outside online mode; rejected keys are a mistake unless
     # the run is offline on purpose.
@@ -771,7 +725,8 @@ def diagnose(
         extra.append(_check_agents(state, expected_queues, names))
 
     checks.append(_mode_check(mode, env, state, key_names))
-    checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, budget))
+    checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, client))
+    client.session.close()
     checks.extend([config_check, server_check, cred_check, *extra])
     basic = base64.b64encode(f"{access}:{secret}".encode()).decode("ascii") if secret else ""
     return _scrub(checks, [secret, basic, state.token, access if len(access) > 4 else ""])

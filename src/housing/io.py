@@ -1,8 +1,9 @@
 """Atomic writes, hashing and artifact I/O.
 
 Every file the pipeline produces is written to a temporary file in the same
-directory and renamed into place, so a failing stage never leaves a half-written
-output and the previous version survives.
+directory, fsynced and renamed into place, so a failing stage never leaves a
+half-written output and the previous version survives. This module is also the one
+sha256 and the one inter-process file lock of the package.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,14 +22,13 @@ from housing.errors import ArtifactError
 if TYPE_CHECKING:
     import pandas as pd
 
-_CHUNK = 1 << 20
-
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is untouched.
+    The temporary file is fsynced before the rename. On any exception it is removed
+    and ``path`` is untouched.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +37,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         tmp.replace(target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -139,19 +144,40 @@ def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def file_md5(path: str | os.PathLike[str]) -> str:
     """MD5 of a file's bytes: the hash DVC 3 records for a file output."""
-    return _file_digest(path, hashlib.md5(usedforsecurity=False))
+    return _file_digest(path, lambda: hashlib.md5(usedforsecurity=False))
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes."""
-    return _file_digest(path, hashlib.sha256())
+    return _file_digest(path, hashlib.sha256)
 
 
-def _file_digest(path: str | os.PathLike[str], digest: Any) -> str:
+def _file_digest(path: str | os.PathLike[str], digest: Callable[[], Any]) -> str:
     with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return str(digest.hexdigest())
+        return str(hashlib.file_digest(fh, digest).hexdigest())
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str], *, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on the lock file ``path`` (created, with its directory).
+
+    Excludes other processes and other threads (each call opens its own lock). Yields
+    True once held; with ``blocking=False`` yields False at once when someone else holds
+    it. Uses the ``filelock`` library (an ``flock`` on POSIX).
+    """
+    from filelock import FileLock, Timeout
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=-1 if blocking else 0)
+    try:
+        lock.acquire()
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def save_model(path: str | os.PathLike[str], model: Any) -> str:

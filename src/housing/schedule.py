@@ -16,12 +16,10 @@ listed twice.  Nothing happens at import time.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +27,8 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from croniter import CroniterBadDateError, CroniterError, croniter
+
+from housing.io import write_text
 
 __all__ = [
     "DEFAULT_CRON_KEY",
@@ -265,28 +265,6 @@ class CrontabIO(Protocol):
         ...
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory, fsync, then ``replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            with contextlib.suppress(OSError):
-                tmp.chmod(path.stat().st_mode & 0o777)
-        else:
-            tmp.chmod(0o644)
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 class FileCrontab:
     """Crontab stored in a plain file (tests, systems without cron, /etc/cron.d-like use)."""
 
@@ -302,7 +280,7 @@ class FileCrontab:
 
     def write(self, text: str) -> None:
         """Atomically replace the file."""
-        _atomic_write_text(self.path, text)
+        write_text(self.path, text)
 
 
 class SystemCrontab:
@@ -386,5 +364,5 @@ def write_schedule_file(
         "next_runs:",
         *(f"  - {run.isoformat()}" for run in next_runs),
     ]
-    _atomic_write_text(target, "\n".join(lines) + "\n")
+    write_text(target, "\n".join(lines) + "\n")
     return target

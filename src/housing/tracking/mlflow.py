@@ -16,7 +16,6 @@ afterwards. Other threads using mlflow's fluent API at that moment would see it 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from housing.errors import ArtifactError, ConfigError
+from housing.io import file_lock, file_sha256
 from housing.tracking.base import (
     ChampionDecision,
     Figure,
@@ -145,14 +145,6 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _resolve_uri(uri: str, root: Path) -> str:
     """Make local store URIs absolute against ``root`` (remote URIs pass through)."""
     if uri.startswith("sqlite:///"):
@@ -169,20 +161,6 @@ def _resolve_uri(uri: str, root: Path) -> str:
         local = Path(uri)
         return (local if local.is_absolute() else (root / local).resolve()).as_uri()
     return uri
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if absent) for the ``with`` body."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -370,7 +348,7 @@ class MLflowTracker:
         """
         db = _sqlite_path(self.tracking_uri)
         if db is not None:  # local store: serialise find-or-create across processes
-            with _file_lock(db.with_name(db.name + ".parent.lock")):
+            with file_lock(db.with_name(db.name + ".parent.lock")):
                 return self._find_or_create_parent(experiment_id, pipeline_run_id, owner)
         return self._find_or_create_parent(experiment_id, pipeline_run_id, owner)
 
@@ -528,7 +506,7 @@ class MLflowTracker:
         if not path.is_file():
             raise ArtifactError(f"cannot register {model.registry_name}: {path} does not exist")
         expected = model.metadata.get("model_sha256")
-        if expected and _sha256(path) != expected:
+        if expected and file_sha256(path) != expected:
             raise ArtifactError(
                 f"cannot register {model.registry_name}: sha256 of {path} does not match "
                 "metadata model_sha256; re-run the train stage"
@@ -633,7 +611,7 @@ class MLflowTracker:
                 dst_path=tmp,
                 tracking_uri=self.tracking_uri,
             )
-            return _sha256(Path(local))
+            return file_sha256(local)
 
     def _ensure_registered_model(self, name: str) -> None:
         if name in self._registered_names:
@@ -843,7 +821,7 @@ def load_registered_model(
         pickle_path = local / _pickle_file_name(spec.get("flavors") or {})
         if not pickle_path.is_file():
             raise ArtifactError(f"MLflow model {label}: {pickle_path.name} missing at {source}")
-        actual = _sha256(pickle_path)
+        actual = file_sha256(pickle_path)
         if actual != recorded:
             raise ArtifactError(
                 f"MLflow model {label}: sha256 of {pickle_path.name} is {actual}, tag "

@@ -12,14 +12,13 @@ Layout of ``clearml.offline_dir`` (default ``.clearml/``)::
 
 The SDK (clearml) is imported only inside :func:`sync`'s child process; everything else
 reads plain JSON files. Ledgers are written atomically (temp file + rename) under an
-exclusive ``fcntl`` lock. A session whose ``task.json`` cannot be read is skipped with a
-one-line warning that names it.
+exclusive lock (``housing.io.file_lock``). A session whose ``task.json`` cannot be read
+is skipped with a one-line warning that names it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from housing.errors import HousingError
-from housing.io import write_json, write_text
+from housing.io import file_lock, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -191,18 +190,12 @@ def read_json_file(path: Path, default: Any) -> Any:
 @contextlib.contextmanager
 def locked_json(path: Path, default: Callable[[], dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Read-modify-write ``path`` under an exclusive lock; written atomically on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = path.with_name(path.name + _LOCK_SUFFIX)
-    with lock_path.open("a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            data = read_json_file(path, None)
-            if not isinstance(data, dict):
-                data = default()
-            yield data
-            write_json(path, data)
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    with file_lock(path.with_name(path.name + _LOCK_SUFFIX)):
+        data = read_json_file(path, None)
+        if not isinstance(data, dict):
+            data = default()
+        yield data
+        write_json(path, data)
 
 
 # --------------------------------------------------------------------------- sessions
@@ -547,7 +540,7 @@ def sync(
     offline_dir = Path(offline_dir)
     api_host = api_host.rstrip("/")
     env = dict(os.environ if env is None else env)
-    with _exclusive(offline_dir / SYNC_LOCK_FILE) as acquired:
+    with file_lock(offline_dir / SYNC_LOCK_FILE, blocking=False) as acquired:
         if not acquired:
             raise SyncError(f"another ClearML sync of {offline_dir} is running; try again later")
         report = _sync_locked(
@@ -565,22 +558,6 @@ def sync(
     report.seconds = time.monotonic() - started
     logger.info("%s", report.summary())
     return report
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[bool]:
-    """A non-blocking exclusive lock on ``lock_path``: yields whether it was acquired."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a+b") as lock:
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def _sync_locked(
