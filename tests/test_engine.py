@@ -187,13 +187,21 @@ def test_interrupted_repro_leaves_no_worker_and_no_open_run(tmp_path: Path) -> N
     proc.wait(timeout=60)
     assert proc.returncode == 130
     time.sleep(1.0)
-    pgrep = ["pgrep", "-g", str(proc.pid)]
-    left = subprocess.run(pgrep, capture_output=True, text=True, check=False)
-    assert left.stdout.strip() == "", "worker processes outlived the command"
+    import psutil
+
+    left = [p.pid for p in psutil.process_iter() if _pgid(p.pid) == proc.pid]
+    assert left == [], "worker processes outlived the command"
     # a later run closes whatever the interrupted one could not
     later = run_tool("housing", root, "prepare")
     assert later.returncode == 0, later.stderr[-2000:]
     assert _running(root) == []
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def test_orphans_of_ended_processes_are_closed_killed(tmp_path: Path) -> None:
