@@ -1,6 +1,7 @@
 """Tracking cost per stage beyond one-time imports, as ``housing repro`` workers see it.
 
-Imports what the engine's fork server preloads, then runs each stage in a process
+Imports what the engine's fork server preloads (with the environment the engine
+gives it, so its warm-up runs as it does there), then runs each stage in a process
 forked from this warm one (as the engine does), with tracking off and on (MLflow on a
 sqlite store + ClearML offline); prints seconds per stage as JSON. Run in a scratch
 copy of the project (benchmarks/bench.py makes one).
@@ -14,7 +15,8 @@ import multiprocessing
 import time
 from pathlib import Path
 
-from housing.repro import PRELOAD_MODULES
+from housing.repro import PRELOAD_MODULES, fork_server_env
+from housing.tracking.warmup import scoped_env
 
 ONE = "selection.candidates=[ridge]"
 STAGES = (
@@ -36,8 +38,10 @@ def _timed(stage: str, overrides: tuple[str, ...], tracking: str, queue: object)
 
 
 def main() -> None:
-    for module in PRELOAD_MODULES:
-        importlib.import_module(module)
+    # as the engine starts its fork server: with the environment its warm-up needs
+    with scoped_env(fork_server_env(Path.cwd(), ["tracking=both"])):
+        for module in PRELOAD_MODULES:
+            importlib.import_module(module)
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     # each stage needs the previous one's outputs: passes run the stages in order

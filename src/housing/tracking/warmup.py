@@ -1,0 +1,91 @@
+"""First-use work done once in the ``housing repro`` fork server, not in every stage.
+
+:func:`warm` runs in the engine's fork server when it imports
+:mod:`housing.tracking.preload` (the last of :data:`housing.repro.PRELOAD_MODULES`,
+after the libraries are imported). Importing this module does nothing. :func:`warm`:
+
+- ClearML's config (HOCON, parsed in pure Python, ~1 s) is read with the ``CLEARML_*``
+  variables the stages' trackers will use. The engine passes them as JSON in
+  :data:`ENV_VARIABLE` (see :func:`housing.tracking.recorder.clearml_env`); they are set
+  only while the config is read, then the fork server's environment is as it was.
+  Without that variable ClearML's config is left to the trackers.
+- matplotlib draws one small figure (fonts, text layout, PNG writer), as the MLflow
+  tracker's ``log_figure`` does.
+- :mod:`inspect` indexes the source files of the loaded modules (ClearML's loggers call
+  ``inspect.stack()``, whose first call in a process walks every module).
+
+Nothing here opens a database, a file for writing or a network connection, so nothing
+unsafe crosses the fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+#: The variable that carries the ClearML environment (JSON) from the engine.
+ENV_VARIABLE: Final = "HOUSING_WARMUP_CLEARML_ENV"
+
+
+@contextlib.contextmanager
+def scoped_env(env: Mapping[str, str]) -> Iterator[None]:
+    """Set ``env`` for the ``with`` body; every variable goes back to its value before."""
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def warm_clearml(env: Mapping[str, str]) -> None:
+    """Read ClearML's config as a tracker with ``env`` (``CLEARML_*``) would."""
+    from housing.tracking.clearml import load_sdk_config
+
+    with scoped_env(env):
+        load_sdk_config()
+
+
+def warm_matplotlib() -> None:
+    """Draw a small scatter and bar figure to PNG in memory (Agg, no pyplot)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2), dpi=50)
+    ax = fig.add_subplot()
+    ax.scatter([0.0, 1.0], [1.0, 0.0], s=4)
+    ax.bar(["a", "b"], [1.0, 2.0])
+    ax.set_title("warm-up")
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    fig.tight_layout()
+    fig.savefig(io.BytesIO(), format="png")
+
+
+def warm_inspect() -> None:
+    """Let :mod:`inspect` index the loaded modules' files now (once per process)."""
+    inspect.getmodule(None, _filename="<housing warm-up>")
+
+
+def warm() -> None:
+    """Everything above; a step that fails is skipped (the stage does it itself)."""
+    raw = os.environ.pop(ENV_VARIABLE, None)
+    steps = [warm_matplotlib, warm_inspect]
+    if raw:
+        steps.insert(0, lambda: warm_clearml(json.loads(raw)))
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:
+            log.debug("warm-up step failed: %s: %s", type(exc).__name__, exc)
