@@ -96,3 +96,14 @@ def test_warm_without_clearml_env_leaves_the_config(monkeypatch: pytest.MonkeyPa
     before = list(clearml_tracking._sdk_config_from)
     warm()
     assert clearml_tracking._sdk_config_from == before
+
+
+def test_warm_freezes_what_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    monkeypatch.delenv(ENV_VARIABLE, raising=False)
+    try:
+        warm()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
