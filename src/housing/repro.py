@@ -28,7 +28,7 @@ import logging
 import os
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -67,6 +67,24 @@ PRELOAD_MODULES: Final = (
     "matplotlib.figure",
     "matplotlib.backends.backend_agg",
     "clearml",
+    # imported on first use by the stages and the trackers
+    "housing.features",
+    "housing.runs",
+    "sklearn.impute",
+    "mlflow.pyfunc",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "mlflow.tracing.processor.otel",
+    "sqlalchemy.dialects.sqlite",
+    "alembic.command",
+    "alembic.config",
+    "clearml.utilities.pigar.reqs",
+    "clearml.backend_api.services.v2_9.tasks",
+    "clearml.backend_api.services.v2_9.models",
+    "clearml.backend_api.services.v2_9.events",
+    "clearml.backend_api.services.v2_9.projects",
+    "PIL.PngImagePlugin",
+    # last: first-use work (ClearML's config, fonts); see housing.tracking.warmup
+    "housing.tracking.preload",
 )
 
 StageStatus = Literal["ran", "skipped", "failed", "running", "not run"]
@@ -174,12 +192,38 @@ def finish_job(job: StageJob, status: str) -> None:
     finish_pipeline(load_settings(job.overrides, root=Path(job.root)), job.context, status)
 
 
-def _make_pool(workers: int) -> Any:
+def fork_server_env(root: Path, overrides: Sequence[str] = ()) -> dict[str, str]:
+    """What the fork server's environment needs for its warm-up
+    (:mod:`housing.tracking.warmup`): the ClearML variables the stages' trackers will
+    use, as the trackers of ``root``'s settings with ``overrides`` see them."""
+    import json
+
+    from housing.config import load_settings
+    from housing.tracking.recorder import clearml_env
+    from housing.tracking.warmup import ENV_VARIABLE
+
+    try:
+        settings = load_settings(list(overrides), config_dir=root / "conf", root=root)
+        env = clearml_env(settings)
+    except (HousingError, ValueError, OSError) as exc:  # the stages report it
+        log.debug("fork server warm-up without ClearML's config: %s", exc)
+        return {}
+    return {ENV_VARIABLE: json.dumps(env)} if env else {}
+
+
+def _make_pool(workers: int, env: Mapping[str, str]) -> Any:
+    """The workers; the fork server starts now, with ``env`` added to its environment
+    (this process's own is restored right after)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import forkserver
+
+    from housing.tracking.warmup import scoped_env
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD_MODULES))
+    with scoped_env(env):
+        forkserver.ensure_running()
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1)
 
 
@@ -203,7 +247,7 @@ class _Run:
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self.pool is None:
-            self.pool = _make_pool(self.jobs)
+            self.pool = _make_pool(self.jobs, fork_server_env(self.root, self.template.overrides))
         return self.pool.submit(fn, *args)
 
 
@@ -412,6 +456,7 @@ __all__: Sequence[str] = (
     "ReproResult",
     "StageJob",
     "StageOutcome",
+    "fork_server_env",
     "parallel_repro",
     "reproduce",
     "run_job",

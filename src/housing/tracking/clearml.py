@@ -80,6 +80,8 @@ __all__ = [
     "ClearMLError",
     "ClearMLSettings",
     "ClearMLTracker",
+    "client_env",
+    "load_sdk_config",
     "resolve_mode",
 ]
 
@@ -171,6 +173,56 @@ def _quiet_sdk() -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
     logging.getLogger("clearml.Repository Detection").setLevel(logging.ERROR)
     return contextlib.redirect_stdout(io.StringIO())
+
+
+def client_env(settings: ClearMLSettings) -> dict[str, str]:
+    """The ``CLEARML_*`` variables a tracker for ``settings`` runs the SDK with.
+
+    ``CLEARML_CACHE_DIR`` is ``offline_dir``; ``CLEARML_CONFIG_FILE`` is the user's own
+    (when set in the environment) or the generated client config in ``offline_dir``,
+    (re)written here. Nothing is set in the environment: the caller decides where.
+    """
+    settings.offline_dir.mkdir(parents=True, exist_ok=True)
+    conf = os.environ.get("CLEARML_CONFIG_FILE") or str(
+        write_client_config(
+            settings.offline_dir / CLIENT_CONFIG_FILE,
+            retries=2,
+            api_host=settings.api_host,
+            web_host=settings.web_host,
+            files_host=settings.files_host,
+        )
+    )
+    return {"CLEARML_CACHE_DIR": str(settings.offline_dir), "CLEARML_CONFIG_FILE": conf}
+
+
+_sdk_config_from: list[str] = []  # the CLEARML_CONFIG_FILE load_sdk_config() read (0 or 1)
+
+
+def load_sdk_config() -> None:
+    """Parse the SDK's config now, with the ``CLEARML_*`` variables as they are set.
+
+    The SDK parses its HOCON files (pure Python, ~1 s) on first use in a process. A
+    parent that calls this before forking (the ``housing repro`` fork server, under
+    :func:`client_env`) spares each forked stage the parse. A tracker whose config
+    file differs from the one read here makes the SDK read its own instead.
+    """
+    from clearml.config import ConfigSDKWrapper, ConfigWrapper
+
+    ConfigWrapper._init()
+    ConfigSDKWrapper._init()
+    _sdk_config_from[:] = [os.environ.get("CLEARML_CONFIG_FILE", "")]
+
+
+def _drop_stale_sdk_config() -> None:
+    """Forget a config :func:`load_sdk_config` read from another file than the current
+    ``CLEARML_CONFIG_FILE`` (the SDK then reads the current one on first use)."""
+    if not _sdk_config_from or _sdk_config_from[0] == os.environ.get("CLEARML_CONFIG_FILE", ""):
+        return
+    from clearml.config import ConfigSDKWrapper, ConfigWrapper
+
+    ConfigWrapper._config = None
+    ConfigSDKWrapper.clear_config_impl()
+    _sdk_config_from.clear()
 
 
 # --------------------------------------------------------------------------- tracker
@@ -358,18 +410,9 @@ class ClearMLTracker:
         self._env_before.update(
             {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
         )
-        s.offline_dir.mkdir(parents=True, exist_ok=True)
-        os.environ["CLEARML_CACHE_DIR"] = str(s.offline_dir)
-        if not self._env_before["CLEARML_CONFIG_FILE"]:
-            conf = write_client_config(
-                s.offline_dir / CLIENT_CONFIG_FILE,
-                retries=2,
-                api_host=s.api_host,
-                web_host=s.web_host,
-                files_host=s.files_host,
-            )
-            os.environ["CLEARML_CONFIG_FILE"] = str(conf)
-        else:
+        os.environ.update(client_env(s))
+        _drop_stale_sdk_config()
+        if self._env_before["CLEARML_CONFIG_FILE"]:
             _warn_slow_user_config()
         if mode == "online":
             set_server_env(s)

@@ -127,6 +127,16 @@ def _in_store(settings: Settings) -> Any:
     return settings.clearml.model_copy(update={"offline_dir": moved})
 
 
+def clearml_env(settings: Settings) -> dict[str, str]:
+    """The ``CLEARML_*`` variables the ClearML tracker of ``settings`` will run with
+    (its client config written), or ``{}`` when ClearML is not a tracking backend."""
+    if "clearml" not in settings.tracking:
+        return {}
+    from housing.tracking.clearml import client_env
+
+    return client_env(_in_store(settings))
+
+
 def finish_pipeline(settings: Settings, context: RunContext, status: str) -> None:
     """Close a pipeline run that an engine owns (its MLflow parent run)."""
     for tracker in build_trackers(settings):

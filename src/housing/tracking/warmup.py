@@ -1,0 +1,114 @@
+"""First-use work done once in the ``housing repro`` fork server, not in every stage.
+
+:func:`warm` runs in the engine's fork server when it imports
+:mod:`housing.tracking.preload` (the last of :data:`housing.repro.PRELOAD_MODULES`,
+after the libraries are imported). Importing this module does nothing. :func:`warm`:
+
+- ClearML's config (HOCON, parsed in pure Python, ~1 s) is read with the ``CLEARML_*``
+  variables the stages' trackers will use. The engine passes them as JSON in
+  :data:`ENV_VARIABLE` (see :func:`housing.tracking.recorder.clearml_env`); they are set
+  only while the config is read, then the fork server's environment is as it was.
+  Without that variable ClearML's config is left to the trackers.
+- matplotlib draws one small figure (fonts, text layout, PNG writer), as the MLflow
+  tracker's ``log_figure`` does.
+- MLflow's newest schema revision is worked out (:func:`warm_mlflow_schema`).
+- :mod:`inspect` indexes the source files of the loaded modules (ClearML's loggers call
+  ``inspect.stack()``, whose first call in a process walks every module).
+- Last, :func:`gc.freeze` moves everything loaded so far out of the garbage collector's
+  reach: otherwise the first full collection in each stage (ClearML's and MLflow's
+  allocations trigger one) walks every object the libraries created, 0.3-0.6 s, and
+  touches their memory pages, which the fork then has to copy.
+
+Nothing here opens a database, a file for writing or a network connection, so nothing
+unsafe crosses the fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+#: The variable that carries the ClearML environment (JSON) from the engine.
+ENV_VARIABLE: Final = "HOUSING_WARMUP_CLEARML_ENV"
+
+
+@contextlib.contextmanager
+def scoped_env(env: Mapping[str, str]) -> Iterator[None]:
+    """Set ``env`` for the ``with`` body; every variable goes back to its value before."""
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def warm_clearml(env: Mapping[str, str]) -> None:
+    """Read ClearML's config as a tracker with ``env`` (``CLEARML_*``) would."""
+    from housing.tracking.clearml import load_sdk_config
+
+    with scoped_env(env):
+        load_sdk_config()
+
+
+def warm_matplotlib() -> None:
+    """Draw a small scatter and bar figure to PNG in memory (Agg, no pyplot)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2), dpi=50)
+    ax = fig.add_subplot()
+    ax.scatter([0.0, 1.0], [1.0, 0.0], s=4)
+    ax.bar(["a", "b"], [1.0, 2.0])
+    ax.set_title("warm-up")
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    fig.tight_layout()
+    fig.savefig(io.BytesIO(), format="png")
+
+
+def warm_mlflow_schema() -> None:
+    """Work out MLflow's newest store schema revision once.
+
+    Every SQL store MLflow opens checks the database's schema against it, loading
+    ~70 alembic migration scripts each time (~40 ms); it only depends on the installed
+    MLflow, so the stages forked from here reuse this answer. The database itself is
+    still checked by every store (no connection is opened here).
+    """
+    from mlflow.store.db import utils
+
+    latest: Callable[[], str] = utils._get_latest_schema_revision
+    head = latest()
+    setattr(utils, "_get_latest_schema_revision", lambda: head)  # noqa: B010
+
+
+def warm_inspect() -> None:
+    """Let :mod:`inspect` index the loaded modules' files now (once per process)."""
+    inspect.getmodule(None, _filename="<housing warm-up>")
+
+
+def warm() -> None:
+    """Everything above, then :func:`gc.freeze`; a step that fails is skipped (the
+    stage does that work itself)."""
+    raw = os.environ.pop(ENV_VARIABLE, None)
+    steps = [warm_matplotlib, warm_mlflow_schema, warm_inspect]
+    if raw:
+        steps.insert(0, lambda: warm_clearml(json.loads(raw)))
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:
+            log.debug("warm-up step failed: %s: %s", type(exc).__name__, exc)
+    gc.freeze()
