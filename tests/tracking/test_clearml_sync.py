@@ -291,7 +291,9 @@ def test_wrong_credentials_stop_the_sync(settings: ClearMLSettings, model_file: 
 
 
 def test_one_sync_at_a_time(settings: ClearMLSettings) -> None:
-    with offline._exclusive(settings.offline_dir / offline.SYNC_LOCK_FILE) as acquired:
+    from housing.io import file_lock
+
+    with file_lock(settings.offline_dir / offline.SYNC_LOCK_FILE) as acquired:
         assert acquired
         with pytest.raises(SyncError, match="another ClearML sync"):
             offline.sync(settings.offline_dir, api_host="http://127.0.0.1:9", env={})
