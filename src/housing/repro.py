@@ -445,19 +445,12 @@ def _summarise(root: Path, result: ReproResult) -> None:
     )
 
 
-def parallel_repro(root: Path, jobs: int | None = None, *, force: bool = False) -> int:
-    """Command-layer helper kept for callers: reproduce and return an exit code."""
-    result = reproduce(root, jobs=jobs, force=force)
-    return 0 if result.ok else result.exit_code or 1
-
-
 __all__: Sequence[str] = (
     "ReproError",
     "ReproResult",
     "StageJob",
     "StageOutcome",
     "fork_server_env",
-    "parallel_repro",
     "reproduce",
     "run_job",
     "stage_call",
