@@ -37,6 +37,8 @@ SCALE_OVERRIDES = {
     "dvc.yaml": [
         ("models/gradient_boosting.joblib", "models/hist_gradient_boosting.joblib"),
         ("metrics/train_gradient_boosting.json", "metrics/train_hist_gradient_boosting.json"),
+        ("metrics/train_gradient_boosting.meta.json",
+         "metrics/train_hist_gradient_boosting.meta.json"),
     ],
     "conf/model/random_forest.yaml": [
         ("n_estimators: 100", "n_estimators: 20"),
@@ -89,22 +91,29 @@ def bench_pipeline(workdir: Path) -> None:
     engine_repo = make_scratch_repo(workdir / "engine", defaults={"tracking": "both"})
     serial_repo = make_scratch_repo(workdir / "serial", defaults={"tracking": "both"})
     bare = run([sys.executable, str(project_root() / "benchmarks" / "bare.py")], engine_repo)
-    engine = run([str(BIN / "housing"), "repro"], engine_repo)
-    noop = run([str(BIN / "housing"), "repro"], engine_repo)
-    status = run([str(BIN / "housing"), "status"], engine_repo)
+    first = run([str(BIN / "housing"), "repro"], engine_repo)  # a new project: creates stores
+    engine = run([str(BIN / "housing"), "repro", "--force"], engine_repo)  # every later run
+    noops = [
+        run([str(BIN / "housing"), "repro"], engine_repo).seconds
+        + run([str(BIN / "housing"), "status"], engine_repo).seconds
+        for _ in range(3)
+    ]
     serial = run([str(BIN / "dvc"), "repro", "--force"], serial_repo)
     bare_info = json.loads(bare.stdout)
     test = json.loads((engine_repo / "metrics/test_metrics.json").read_text())
     engine_target = 1.5 * bare.seconds + 5.0
     serial_target = 4.9 * bare.seconds
-    noop_seconds = noop.seconds + status.seconds
+    noop_seconds = min(noops)
     rows = [
         ("bare sklearn, one process", bare.seconds, "", f"imports {bare_info['import_sec']:.2f} s"),
-        ("make run (housing repro)", engine.seconds, f"<= {engine_target:.1f} s",
+        ("first make run, new project", first.seconds, f"<= {engine_target:.1f} s",
+         verdict(first.seconds <= engine_target) + " (creates mlflow.db, .clearml)"),
+        ("make run (repro --force)", engine.seconds, f"<= {engine_target:.1f} s",
          verdict(engine.seconds <= engine_target)),
         ("dvc repro --force", serial.seconds, f"<= {serial_target:.1f} s",
          verdict(serial.seconds <= serial_target)),
-        ("no-op make run (+ status)", noop_seconds, "< 3.0 s", verdict(noop_seconds < 3.0)),
+        ("no-op make run (+ status)", noop_seconds, "< 3.0 s",
+         verdict(noop_seconds < 3.0) + f" (best of 3: {', '.join(f'{n:.2f}' for n in noops)})"),
     ]  # fmt: skip
     for name, seconds, target, note in rows:
         print(
