@@ -235,6 +235,11 @@ def test_clearml_pipeline_offline_matches_the_dvc_pipeline(repo: Path, tmp_path:
     other = make_scratch_repo(tmp_path / "clearml-pipeline", defaults={"tracking": "clearml"})
     done = _housing(other, "pipeline", unset=("CLEARML_API_ACCESS_KEY", "CLEARML_API_SECRET_KEY"))
     assert done.returncode == 0, done.stderr[-2000:]
+    # the console: each line once, the champion decision once, no library banners/warnings
+    lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+    assert len(lines) == len(set(lines)), lines
+    assert sum("champion decision" in ln for ln in lines) == 1, lines
+    assert not [ln for ln in lines if "ClearML Task" in ln or "Warning" in ln], lines
     for name in compose(["tracking=none"], CONF)["selection"]["candidates"]:
         ours = json.loads((other / f"metrics/train_{name}.json").read_text())
         dvcs = json.loads((repo / f"metrics/train_{name}.json").read_text())
