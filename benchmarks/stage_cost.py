@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from housing.config import load_settings
 from housing.repro import PRELOAD_MODULES, fork_server_env
 from housing.tracking.warmup import scoped_env
 
@@ -41,7 +42,8 @@ def _timed(stage: str, overrides: tuple[str, ...], tracking: str, queue: object)
 
 def main(passes: int = 2) -> None:
     # as the engine starts its fork server: with the environment its warm-up needs
-    with scoped_env(fork_server_env(Path.cwd(), ["tracking=both"])):
+    settings = load_settings(["tracking=both"], root=Path.cwd())
+    with scoped_env(fork_server_env(settings)):
         for module in PRELOAD_MODULES:
             importlib.import_module(module)
     ctx = multiprocessing.get_context("fork")

@@ -24,6 +24,7 @@ On a failure no new stage starts; running ones finish and are recorded (as
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shlex
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from housing.errors import HousingError
 
 if TYPE_CHECKING:
+    from housing.config import Settings
     from housing.runs import RunContext
 
 log = logging.getLogger("housing")
@@ -192,18 +194,18 @@ def finish_job(job: StageJob, status: str) -> None:
     finish_pipeline(load_settings(job.overrides, root=Path(job.root)), job.context, status)
 
 
-def fork_server_env(root: Path, overrides: Sequence[str] = ()) -> dict[str, str]:
+def fork_server_env(settings: Settings | None) -> dict[str, str]:
     """What the fork server's environment needs for its warm-up
     (:mod:`housing.tracking.warmup`): the ClearML variables the stages' trackers will
-    use, as the trackers of ``root``'s settings with ``overrides`` see them."""
+    use with ``settings`` (None: the config is broken, the stages will say so)."""
     import json
 
-    from housing.config import load_settings
     from housing.tracking.recorder import clearml_env
     from housing.tracking.warmup import ENV_VARIABLE
 
+    if settings is None:
+        return {}
     try:
-        settings = load_settings(list(overrides), config_dir=root / "conf", root=root)
         env = clearml_env(settings)
     except (HousingError, ValueError, OSError) as exc:  # the stages report it
         log.debug("fork server warm-up without ClearML's config: %s", exc)
@@ -245,9 +247,22 @@ class _Run:
     notify: Callable[[str, str], None]
     pool: Any = None  # started at the first stage that must run
 
+    @functools.cached_property
+    def settings(self) -> Settings | None:
+        """The run's settings (``conf/`` + its tracking overrides), loaded once; None if
+        they do not load: each stage reports its own config error."""
+        from housing.config import load_settings
+
+        try:
+            return load_settings(
+                list(self.template.overrides), config_dir=self.root / "conf", root=self.root
+            )
+        except (HousingError, ValueError):
+            return None
+
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self.pool is None:
-            self.pool = _make_pool(self.jobs, fork_server_env(self.root, self.template.overrides))
+            self.pool = _make_pool(self.jobs, fork_server_env(self.settings))
         return self.pool.submit(fn, *args)
 
 
@@ -286,7 +301,7 @@ def reproduce(
         if run.pool is not None:
             _shutdown(run.pool, interrupted=result.exit_code == 130)
         result.seconds = time.monotonic() - t0
-        _summarise(root, result)
+        _summarise(run, result)
     return result
 
 
@@ -412,19 +427,20 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _summarise(root: Path, result: ReproResult) -> None:
+def _summarise(run: _Run, result: ReproResult) -> None:
     """Append the run's summary event (best model and test rmse when it succeeded)."""
     if not any(s in ("ran", "failed") for s in result.stages.values()):
         return
 
-    from housing.config import load_settings
     from housing.monitoring import EventLog, build_notifiers, record_pipeline_summary
 
+    settings = run.settings
+    if settings is None:
+        return  # the stages already reported the config problem
     try:
-        settings = load_settings(["tracking=none"], config_dir=root / "conf", root=root)
         notifier = build_notifiers(settings.notifications)
     except (HousingError, ValueError):
-        return  # the stages already reported the config problem
+        return
     best = rmse = None
     if result.ok and settings.paths.test_metrics.is_file():
         from housing.stages.evaluate import read_outcome

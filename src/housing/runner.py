@@ -15,8 +15,6 @@ if TYPE_CHECKING:
     from housing.config import Settings
     from housing.runs import RunContext
 
-STAGES = ("prepare", "train", "select_best", "evaluate")
-
 
 def run_stage(stage: str, overrides: Sequence[str] = (), config_dir: Path | None = None) -> Any:
     """Compose the config and run one stage; returns the stage's result dataclass."""
