@@ -132,6 +132,7 @@ def clearml_environment(cml: ClearMLSettings) -> Iterator[None]:
     """
     from housing.tracking.clearml import set_server_env
     from housing.tracking.offline import write_client_config
+    from housing.tracking.warmup import scoped_env
 
     keys = (
         "CLEARML_CONFIG_FILE",
@@ -145,9 +146,8 @@ def clearml_environment(cml: ClearMLSettings) -> Iterator[None]:
     if os.environ.get("CLEARML_TASK_ID"):  # run by an agent: it configured the SDK
         yield
         return
-    before = {k: os.environ.get(k) for k in keys}
-    try:
-        if not before["CLEARML_CONFIG_FILE"]:
+    with scoped_env({}, restore=keys):
+        if not os.environ.get("CLEARML_CONFIG_FILE"):
             os.environ["CLEARML_CONFIG_FILE"] = str(
                 write_client_config(
                     cml.offline_dir / CONFIG_FILE,
@@ -160,12 +160,6 @@ def clearml_environment(cml: ClearMLSettings) -> Iterator[None]:
         set_server_env(cml)
         os.environ.pop("CLEARML_OFFLINE_MODE", None)
         yield
-    finally:
-        for key, old in before.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
 
 
 # --------------------------------------------------------------------------- the steps

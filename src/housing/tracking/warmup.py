@@ -32,7 +32,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,10 @@ ENV_VARIABLE: Final = "HOUSING_WARMUP_CLEARML_ENV"
 
 
 @contextlib.contextmanager
-def scoped_env(env: Mapping[str, str]) -> Iterator[None]:
-    """Set ``env`` for the ``with`` body; every variable goes back to its value before."""
-    before = {key: os.environ.get(key) for key in env}
+def scoped_env(env: Mapping[str, str], restore: Iterable[str] = ()) -> Iterator[None]:
+    """Set ``env`` for the ``with`` body; those variables, and the ``restore`` ones the
+    body may change, go back to their values before (unset ones are unset again)."""
+    before = {key: os.environ.get(key) for key in (*env, *restore)}
     os.environ.update(env)
     try:
         yield
