@@ -245,3 +245,27 @@ def test_run_context_from_the_environment_and_from_a_dvc_parent(tmp_path: Path) 
     fake.chmod(0o755)
     out = subprocess.run([str(fake)], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "dvc" and out[1] == out[2]
+
+
+def test_pipeline_without_a_server_refuses_overrides_that_change_outputs(
+    tmp_path: Path,
+) -> None:
+    """Offline, `housing pipeline` is dvc.yaml with conf/ as it is: only tracking keys."""
+    from housing.errors import ConfigError
+    from housing.orchestration.pipeline import run_pipeline
+    from tests.conftest import CONF
+
+    with pytest.raises(ConfigError, match=r"prepare\.test_size: .*dvc exp run -S"):
+        run_pipeline(["tracking=none", "prepare.test_size=0.3"], CONF, root=tmp_path)
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_experiment_copies_track_into_the_repository_clearml_folder(tmp_path: Path) -> None:
+    from housing.config import load_settings
+    from housing.tracking.recorder import _in_store
+    from tests.conftest import CONF
+
+    copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12"
+    settings = load_settings(["tracking=clearml"], CONF, copy)
+    assert settings.clearml.offline_dir == copy / ".clearml"
+    assert _in_store(settings).offline_dir == tmp_path / "repo" / ".clearml"
