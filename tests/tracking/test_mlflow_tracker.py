@@ -38,7 +38,6 @@ from housing.tracking.mlflow import MLflowTracker, load_registered_model
 
 EXPERIMENT = "housing-test"
 REGISTRY = "housing-ridge"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -268,23 +267,24 @@ def test_pipeline_run_logging_registry_and_champion(
     assert train_run.data.metrics == {"val/rmse": 3.5, "val/r2": 0.75, "train/loss": 1.25}
     assert [m.step for m in client.get_metric_history(train.run_id, "train/loss")] == [3]
 
-    # artifacts: config, files, figures (PNG + JSON), stage log
+    # artifacts: config, files, figures (SVG + JSON), stage log
     files = artifact_files(client, train.run_id)
     assert {
         "config/pipeline.yaml",
         "metrics/train_ridge.json",
         "train_metrics.json",
-        "plots/predicted_vs_actual.png",
+        "plots/predicted_vs_actual.svg",
         "plots/predicted_vs_actual.json",
-        "plots/importance.png",
+        "plots/importance.svg",
         "plots/importance.json",
         "logs/stage.log",
     } <= files
     config_text = read_artifact(client, train.run_id, "config/pipeline.yaml", store).decode()
     assert "cv_folds: 5" in config_text
     assert "raw: data/raw.csv" in config_text
-    png = read_artifact(client, train.run_id, "plots/predicted_vs_actual.png", store)
-    assert png.startswith(PNG_MAGIC)
+    svg = read_artifact(client, train.run_id, "plots/predicted_vs_actual.svg", store).decode()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert "Predicted vs actual" in svg  # text kept as text: searchable, sharp at any zoom
     plot = json.loads(read_artifact(client, train.run_id, "plots/predicted_vs_actual.json", store))
     assert plot["x"] == [1.0, 2.0, 3.0]
     assert plot["y"] == [1.1, 1.9, 3.2]
@@ -530,7 +530,7 @@ def test_register_and_champion_through_server(
     run = client.get_run(tracker.run_id)
     assert run.data.metrics == {"val/rmse": 3.5, "val/r2": 0.75}
     assert run.info.status == "FINISHED"
-    assert {"plots/residuals.png", "plots/residuals.json"} <= artifact_files(
+    assert {"plots/residuals.svg", "plots/residuals.json"} <= artifact_files(
         client, run.info.run_id
     )
     v2 = client.get_model_version(REGISTRY, "2")

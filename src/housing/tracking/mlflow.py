@@ -450,14 +450,22 @@ class MLflowTracker:
                 self.client.log_artifact(run_id, str(renamed), folder or None)
 
     def log_figure(self, figure: Figure) -> None:
-        """Render to ``plots/<name>.png`` (Agg, no pyplot) and log the data as ``.json``."""
+        """Render to ``plots/<name>.svg`` (Agg-free SVG, no pyplot) and the data as ``.json``.
+
+        SVG with text kept as text renders in about half the time of a PNG and the MLflow
+        UI previews it; fixed margins instead of ``tight_layout`` spare a second draw.
+        """
+        import io
+
+        import matplotlib
         from matplotlib.figure import Figure as MplFigure
 
         run_id = self._require_run()
         if figure.kind not in ("scatter", "bar"):
             raise ValueError(f"unknown figure kind {figure.kind!r} (scatter|bar)")
-        # An Agg-rendered Figure object, not pyplot: no global backend switch needed.
-        fig = MplFigure(figsize=(6.4, 4.8), dpi=100)
+        rotate = figure.kind == "bar" and len(figure.x) > 4
+        fig = MplFigure(figsize=(6.4, 4.8))
+        fig.subplots_adjust(left=0.12, right=0.96, top=0.92, bottom=0.24 if rotate else 0.12)
         ax = fig.add_subplot()
         y = [float(v) for v in figure.y]
         if figure.kind == "scatter":
@@ -469,14 +477,16 @@ class MLflowTracker:
         else:
             labels = [str(v) for v in figure.x]
             ax.bar(labels, y)
-            if len(labels) > 4:
+            if rotate:
                 ax.tick_params(axis="x", labelrotation=30)
         ax.set_title(figure.title)
         ax.set_xlabel(figure.x_label)
         ax.set_ylabel(figure.y_label)
-        fig.tight_layout()
+        svg = io.StringIO()
+        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "housing"}):
+            fig.savefig(svg, format="svg")
         name = _file_name(figure.name)
-        self.client.log_figure(run_id, fig, f"plots/{name}.png")
+        self.client.log_text(run_id, svg.getvalue(), f"plots/{name}.svg")
         data = {
             "name": figure.name,
             "title": figure.title,
