@@ -2,7 +2,7 @@
 
 import sys
 
-from housing.cli import main
+from housing.stage_server import main
 
 if __name__ == "__main__":
     raise SystemExit(main(["prepare", *sys.argv[1:]]))

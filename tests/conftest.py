@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,11 @@ PROJECT = Path(__file__).resolve().parents[1]
 CONF = PROJECT / "conf"
 
 SettingsFactory = Callable[..., Settings]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Stage servers started by the tests' ``dvc repro`` runs exit soon after them."""
+    os.environ.setdefault("HOUSING_STAGE_SERVER_IDLE", "10")
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ plain ``dvc repro``, ``dvc exp run`` (workspace, ``--temp`` or queued), a schedu
 or a stage run by hand. Every stage of it shares one run id and one MLflow parent run.
 :func:`current` works out which run the calling process belongs to:
 
+0. ``HOUSING_RUN_CONTEXT``: a whole context (JSON) handed to a stage that runs on
+   behalf of another process (:mod:`housing.stage_server`).
 1. ``HOUSING_RUN_ID`` (set by ``housing repro``, ``make run``, the scheduler): that id,
    owned by ``HOUSING_RUN_OWNER_PID`` when set (the engine closes the parent itself).
 2. Otherwise the nearest ancestor process that is DVC (``dvc repro``, ``dvc exp run``,
@@ -24,14 +26,16 @@ DVC experiments run in a temporary copy under ``.dvc/tmp/exps/`` that DVC delete
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 RUN_ID_ENV = "HOUSING_RUN_ID"
 OWNER_PID_ENV = "HOUSING_RUN_OWNER_PID"
+CONTEXT_ENV = "HOUSING_RUN_CONTEXT"
 _EXPS_DIR = (".dvc", "tmp", "exps")
 
 
@@ -62,6 +66,10 @@ class RunContext:
         if self.baseline:
             tags["housing.dvc_baseline"] = self.baseline
         return tags
+
+    def to_json(self) -> str:
+        """This context as :data:`CONTEXT_ENV` carries it."""
+        return json.dumps(asdict(self))
 
     def owned_by_engine(self) -> RunContext:
         """The same run, owned and closed by the engine (``housing repro``), not by each stage."""
@@ -116,6 +124,8 @@ def current(env: Mapping[str, str] | None = None) -> RunContext:
     from housing.monitoring import new_run_id
 
     source = os.environ if env is None else env
+    if source.get(CONTEXT_ENV):
+        return RunContext(**json.loads(source[CONTEXT_ENV]))
     host = socket.gethostname()
     experiment = source.get("DVC_EXP_NAME") or None
     baseline = source.get("DVC_EXP_BASELINE_REV") or None
