@@ -4,8 +4,9 @@ Imports what the engine's fork server preloads (with the environment the engine
 gives it, so its warm-up runs as it does there), then runs each stage in a process
 forked from this warm one (as the engine does), with tracking off and on (MLflow on a
 sqlite store + ClearML offline); prints seconds per stage as JSON. Run in a scratch
-copy of the project (benchmarks/bench.py makes one); ``stage_cost.py [passes]`` (default
-2; each figure is the best of the passes).
+copy of the project (benchmarks/bench.py makes one). The stages share one pipeline run
+owned by the engine, as in ``housing repro``. ``stage_cost.py [passes]`` (default 2;
+each figure is the best of the passes).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from housing import runs
 from housing.config import load_settings
 from housing.repro import PRELOAD_MODULES, fork_server_env
+from housing.runs import RunContext
 from housing.tracking.warmup import scoped_env
 
 ONE = "selection.candidates=[ridge]"
@@ -30,13 +33,15 @@ STAGES = (
 )
 
 
-def _timed(stage: str, overrides: tuple[str, ...], tracking: str, queue: object) -> None:
+def _timed(
+    stage: str, overrides: tuple[str, ...], tracking: str, context: RunContext, queue: object
+) -> None:
     from housing.config import load_settings
     from housing.runner import execute_stage
 
     settings = load_settings([f"tracking={tracking}", *overrides], root=Path.cwd())
     t0, c0 = time.perf_counter(), time.process_time()
-    execute_stage(stage, settings)
+    execute_stage(stage, settings, context=context)
     queue.put((time.perf_counter() - t0, time.process_time() - c0))  # type: ignore[attr-defined]
 
 
@@ -48,11 +53,13 @@ def main(passes: int = 2) -> None:
             importlib.import_module(module)
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
+    # one pipeline run owned by the engine, as housing repro hands it to its workers
+    context = runs.current().owned_by_engine()
     # each stage needs the previous one's outputs: passes run the stages in order
     figures: dict[str, list[tuple[float, float]]] = {}
     for tracking in ("none", "both") * passes:
         for stage, overrides in STAGES:
-            proc = ctx.Process(target=_timed, args=(stage, overrides, tracking, queue))
+            proc = ctx.Process(target=_timed, args=(stage, overrides, tracking, context, queue))
             proc.start()
             seconds = queue.get(timeout=600)
             proc.join()

@@ -227,6 +227,26 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
                 os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
+def _check_prompts_once(client: MlflowClient) -> None:
+    """Check once per name, not before every registry call, that a model is no prompt.
+
+    MLflow 3's client asks the registry for the registered model before each alias or
+    tag call (``_raise_if_prompt``), six extra requests per champion decision. Guarded:
+    if MLflow renames the hook, every call checks again.
+    """
+    check = getattr(client, "_raise_if_prompt", None)
+    if check is None:
+        return
+    checked: set[str] = set()
+
+    def once(name: str) -> None:
+        if name not in checked:
+            check(name)
+            checked.add(name)
+
+    setattr(client, "_raise_if_prompt", once)  # noqa: B010
+
+
 class MLflowTracker:
     """MLflow tracker for one stage run (nested under its pipeline's parent run)."""
 
@@ -264,11 +284,14 @@ class MLflowTracker:
         self.client: MlflowClient = MlflowClient(
             tracking_uri=self.tracking_uri, registry_uri=self.registry_uri
         )
+        _check_prompts_once(self.client)
         self.run_id: str | None = None
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
         self._stage: StageRun | None = None
         self._params: dict[str, str] = {}
+        self._pending_params: list[Any] = []
+        self._pending_metrics: list[Any] = []
         self._log_lines: list[str] = []
         self._registered_names: set[str] = set()
         self._closed = False
@@ -278,12 +301,12 @@ class MLflowTracker:
     def start(self, run: StageRun) -> None:
         """Create this stage's run under the pipeline's parent run (created if missing).
 
-        Runs left RUNNING by a process that no longer exists are closed first (KILLED).
+        The stage that creates the parent first closes (KILLED) the runs left RUNNING by
+        processes that no longer exist.
         """
         if "'" in run.pipeline_run_id or '"' in run.pipeline_run_id:
             raise ValueError(f"pipeline_run_id must not contain quotes: {run.pipeline_run_id!r}")
         self.experiment_id = self._ensure_experiment()
-        close_orphans(self.client, self.experiment_id)
         owner = run.context.tags if run.context else {}
         self.parent_run_id = self._ensure_parent(self.experiment_id, run.pipeline_run_id, owner)
         tags = {
@@ -302,6 +325,7 @@ class MLflowTracker:
         self.run_id = child.info.run_id
         self._stage = run
         self._params.clear()
+        self._pending_params, self._pending_metrics = [], []
         self._log_lines.clear()
         self._closed = False
 
@@ -361,6 +385,8 @@ class MLflowTracker:
             if parent.info.status != "RUNNING":  # closed by the previous stage: reopen
                 self.client.update_run(parent.info.run_id, status="RUNNING")
             return str(parent.info.run_id)
+        # a new pipeline run: first close what ended processes left RUNNING
+        close_orphans(self.client, experiment_id)
         name = f"pipeline-{pipeline_run_id}"
         created = self.client.create_run(
             experiment_id,
@@ -390,11 +416,13 @@ class MLflowTracker:
     # --------------------------------------------------------------- logging
 
     def log_params(self, params: Mapping[str, Any], section: str) -> None:
-        """Log nested params flattened to ``section.key.sub`` (values cut at 500 chars)."""
+        """Log nested params flattened to ``section.key.sub`` (values cut at 500 chars).
+
+        Params and metrics are sent in one batch when the stage run closes.
+        """
         from mlflow.entities import Param
 
-        run_id = self._require_run()
-        batch: list[Param] = []
+        self._require_run()
         for name, raw in _flatten(params, section).items():
             key, value = _key(name), _truncate(raw, PARAM_VALUE_MAX)
             previous = self._params.get(key)
@@ -403,9 +431,7 @@ class MLflowTracker:
                     log.warning("MLflow param %s already logged as %r; keeping it", key, previous)
                 continue
             self._params[key] = value
-            batch.append(Param(key, value))
-        for i in range(0, len(batch), _PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=batch[i : i + _PARAMS_PER_BATCH])
+            self._pending_params.append(Param(key, value))
 
     def log_config(self, config: Mapping[str, Any], name: str) -> None:
         """Log the (already redacted) config as artifact ``config/<name>.yaml``."""
@@ -419,17 +445,25 @@ class MLflowTracker:
         """Log metrics under their own names (``val/rmse``); NaN values are skipped."""
         from mlflow.entities import Metric
 
-        run_id = self._require_run()
+        self._require_run()
         timestamp = _now_ms()
-        batch: list[Metric] = []
         for name, raw in metrics.items():
             value = float(raw)
             if math.isnan(value):
                 log.debug("MLflow metric %s is NaN; not logged", name)
                 continue
-            batch.append(Metric(_key(name), value, timestamp, step or 0))
-        for i in range(0, len(batch), _METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=batch[i : i + _METRICS_PER_BATCH])
+            self._pending_metrics.append(Metric(_key(name), value, timestamp, step or 0))
+
+    def _flush(self) -> None:
+        """Send the buffered params and metrics (few requests: they are batched)."""
+        params, metrics = self._pending_params, self._pending_metrics
+        self._pending_params, self._pending_metrics = [], []
+        run_id = self._require_run()
+        while params or metrics:
+            self.client.log_batch(
+                run_id, params=params[:_PARAMS_PER_BATCH], metrics=metrics[:_METRICS_PER_BATCH]
+            )
+            params, metrics = params[_PARAMS_PER_BATCH:], metrics[_METRICS_PER_BATCH:]
 
     def log_artifact(self, path: Path, name: str | None = None) -> None:
         """Attach a file or directory; ``name`` is its artifact path (default: its name)."""
@@ -700,6 +734,10 @@ class MLflowTracker:
         if mlflow_status is None:
             raise ValueError(f"unknown close status {status!r} (completed|failed|killed)")
         try:  # the run must be terminated even if these fail
+            self._flush()
+        except Exception as exc:
+            log.warning("MLflow: could not record the stage's params and metrics: %s", exc)
+        try:
             if self._log_lines:
                 text = "\n".join(self._log_lines) + "\n"
                 self.client.log_text(self.run_id, text, _STAGE_LOG_ARTIFACT)
