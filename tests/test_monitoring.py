@@ -123,7 +123,7 @@ def test_track_stage_success(tmp_path: Path) -> None:
 
     with mon.track_stage(log, "run1", "train_ridge", Recorder()) as handle:
         time.sleep(0.05)
-        handle.set(rmse=1.25, n_features=8)
+        handle.update({"rmse": 1.25, "n_features": 8})
 
     started, done = log.read()
     assert started["status"] == "started"
@@ -161,7 +161,7 @@ def test_track_stage_failure_reraises_and_records_one_line_error(tmp_path: Path)
 def test_handle_rejects_reserved_fields() -> None:
     handle = mon.StageHandle("r", "s")
     with pytest.raises(ValueError, match="status"):
-        handle.set(status="x")
+        handle.update({"status": "x"})
 
 
 def test_read_events_tolerates_truncated_last_line(
@@ -218,7 +218,7 @@ def test_last_run_status_picks_last_run_and_renders(tmp_path: Path) -> None:
     )
     status = mon.last_run_status(log.path)
     assert status is not None and status.summary is not None
-    assert status.outcome == "failed" and status.duration_sec == 2.5
+    assert status.outcome == "failed" and status.summary["duration_sec"] == 2.5
     text = mon.render_status(status)
     assert "run run-new: FAILED" in text
     assert re.search(r"train_ridge\s+failed\s+\d+\.\d\ds", text)
