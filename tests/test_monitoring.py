@@ -282,14 +282,14 @@ def test_multi_and_filtered_notifiers_isolate_failures() -> None:
         def notify(self, event: Any) -> None:
             got.append(f"{event['stage']}:{event['status']}")
 
-    notifier = mon.FilteredNotifier(mon.MultiNotifier([Boom(), Rec()]), ["failed", "pipeline"])
+    notifier = mon.Notifiers([Boom(), Rec()], ["failed", "pipeline"])
     notifier.notify(_event("started"))
     notifier.notify(_event("succeeded"))
     notifier.notify(_event("failed"))
     notifier.notify(_event("succeeded", stage="pipeline"))
     assert got == ["train_ridge:failed", "pipeline:succeeded"]
 
-    only = mon.FilteredNotifier(Rec(), ["succeeded_pipeline"])
+    only = mon.Notifiers([Rec()], ["succeeded_pipeline"])
     got.clear()
     only.notify(_event("failed", stage="pipeline"))
     only.notify(_event("succeeded", stage="pipeline"))
@@ -309,7 +309,7 @@ def test_build_notifiers_from_the_typed_section(tmp_path: Path) -> None:
     ]
     settings = load_settings(overrides, CONF, tmp_path).notifications
     built = mon.build_notifiers(settings, {"MY_HOOK": "https://hooks.example.com/T/B/x"})
-    sinks = built.inner.notifiers  # type: ignore[attr-defined]
+    sinks = built.sinks
     assert [type(s).__name__ for s in sinks] == [
         "ConsoleNotifier",
         "FileNotifier",
@@ -321,7 +321,7 @@ def test_build_notifiers_from_the_typed_section(tmp_path: Path) -> None:
 
     # webhook configured but env var missing -> skipped, not an error
     built = mon.build_notifiers(NotificationSettings(webhook=True), {})  # type: ignore[arg-type]
-    assert built.inner.notifiers == ()  # type: ignore[attr-defined]
+    assert built.sinks == ()
     with pytest.raises(ConfigError, match="must hold an http"):
         mon.build_notifiers(
             NotificationSettings(webhook=True),  # type: ignore[arg-type]
@@ -505,7 +505,7 @@ def test_webhook_connection_refused_never_raises(
         "X_HOOK", env={"X_HOOK": url}, retries=1, backoff_sec=0.01, trust_env=False
     )
     with caplog.at_level(logging.WARNING):
-        multi = mon.MultiNotifier([hook, mon.ConsoleNotifier()])
+        multi = mon.Notifiers([hook, mon.ConsoleNotifier()], ["all"])
         multi.notify(_event())
     assert hook.last_attempts == 2
     assert "connection error" in caplog.text

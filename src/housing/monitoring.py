@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 PIPELINE_STAGE: Final = "pipeline"
 DEFAULT_WEBHOOK_ENV: Final = "HOUSING_WEBHOOK_URL"
-DEFAULT_NOTIFY_ON: Final[tuple[str, ...]] = ("failed", "pipeline")
 RESERVED_FIELDS: Final = frozenset(
     {"run_id", "stage", "status", "error", "host", "pid"}
     | {"started_at", "finished_at", "duration_sec"}
@@ -617,35 +616,24 @@ class WebhookNotifier:
         return False
 
 
-class MultiNotifier:
-    """Fan out to several notifiers; one failing sink does not affect the others."""
+class Notifiers:
+    """Fan an event out to ``sinks`` when it matches one of ``on`` (see ``NOTIFY_TRIGGERS``)."""
 
-    def __init__(self, notifiers: Sequence[Notifier]) -> None:
-        self.notifiers: tuple[Notifier, ...] = tuple(notifiers)
-
-    def notify(self, event: Mapping[str, Any]) -> None:
-        """Notify every sink, logging (not raising) individual failures."""
-        for notifier in self.notifiers:
-            _safe_notify(notifier, event)
-
-
-class FilteredNotifier:
-    """Forward only the events matching one of ``on`` (see ``NOTIFY_TRIGGERS``)."""
-
-    def __init__(self, inner: Notifier, on: Sequence[str] = DEFAULT_NOTIFY_ON) -> None:
-        self.inner = inner
+    def __init__(self, sinks: Sequence[Notifier], on: Sequence[str] = ("failed", "pipeline")):
+        self.sinks: tuple[Notifier, ...] = tuple(sinks)
         self.on = frozenset(on)
 
     def notify(self, event: Mapping[str, Any]) -> None:
-        """Forward the event if it matches, e.g. as ``failed``, ``stage`` or ``failed_stage``."""
+        """Notify every sink of a matching event; one failing sink does not stop the others."""
         kind = PIPELINE_STAGE if event.get("stage") == PIPELINE_STAGE else "stage"
         if self.on & _triggers(str(event.get("status")), kind):
-            _safe_notify(self.inner, event)
+            for sink in self.sinks:
+                _safe_notify(sink, event)
 
 
 def build_notifiers(
     settings: NotificationSettings, env: Mapping[str, str] | None = None
-) -> FilteredNotifier:
+) -> Notifiers:
     """The notifier ``settings`` (the validated ``notifications:`` section) describe.
 
     A configured webhook whose env variable is unset is skipped with a warning; one that
@@ -670,4 +658,4 @@ def build_notifiers(
             sinks.append(webhook)
         else:
             logger.warning("webhook notifications disabled: $%s is not set", hook.url_env)
-    return FilteredNotifier(MultiNotifier(sinks), settings.on)
+    return Notifiers(sinks, settings.on)
