@@ -233,7 +233,7 @@ def _config_file_check(
 def _resolve_host(
     kind: str, given: str | None, env: Mapping[str, str], literals: Mapping[str, str]
 ) -> tuple[str, str]:
-    """The ``kind`` ("api", "web", "files") host and where it came from."""
+    """The ``kind`` ("api", "web", "files") host, cleaned, and where it came from."""
     env_name = f"CLEARML_{kind.upper()}_HOST"
     for value, source in (
         (given, "given setting"),
@@ -241,18 +241,12 @@ def _resolve_host(
         (literals.get(f"{kind}_server"), "config file"),
     ):
         if value:
-            return _clean_host(value), source
+            url = value.strip().rstrip("/")
+            parts = urlsplit(url)
+            if "@" in parts.netloc:  # user info: ClearML hosts never carry it
+                url = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+            return url, source
     return _DEFAULT_HOSTS[kind], "default"
-
-
-def _clean_host(url: str) -> str:
-    """Strip whitespace, a trailing slash and user info (ClearML hosts never carry it)."""
-    url = url.strip().rstrip("/")
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    return url
 
 
 @dataclass

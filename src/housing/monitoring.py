@@ -323,7 +323,6 @@ class StageStatus:
 
     stage: str
     status: str
-    started_at: str | None
     finished_at: str | None
     duration_sec: float | None
     error: str | None
@@ -360,7 +359,6 @@ def last_run_status(path: str | os.PathLike[str]) -> RunStatus | None:
         stages[stage] = StageStatus(
             stage=stage,
             status=str(event.get("status")),
-            started_at=event.get("started_at"),
             finished_at=event.get("finished_at"),
             duration_sec=float(duration) if isinstance(duration, int | float) else None,
             error=event.get("error"),
