@@ -123,7 +123,7 @@ def test_track_stage_success(tmp_path: Path) -> None:
 
     with mon.track_stage(log, "run1", "train_ridge", Recorder()) as handle:
         time.sleep(0.05)
-        handle.set(rmse=1.25, n_features=8)
+        handle.update({"rmse": 1.25, "n_features": 8})
 
     started, done = log.read()
     assert started["status"] == "started"
@@ -161,7 +161,7 @@ def test_track_stage_failure_reraises_and_records_one_line_error(tmp_path: Path)
 def test_handle_rejects_reserved_fields() -> None:
     handle = mon.StageHandle("r", "s")
     with pytest.raises(ValueError, match="status"):
-        handle.set(status="x")
+        handle.update({"status": "x"})
 
 
 def test_read_events_tolerates_truncated_last_line(
@@ -218,7 +218,7 @@ def test_last_run_status_picks_last_run_and_renders(tmp_path: Path) -> None:
     )
     status = mon.last_run_status(log.path)
     assert status is not None and status.summary is not None
-    assert status.outcome == "failed" and status.duration_sec == 2.5
+    assert status.outcome == "failed" and status.summary["duration_sec"] == 2.5
     text = mon.render_status(status)
     assert "run run-new: FAILED" in text
     assert re.search(r"train_ridge\s+failed\s+\d+\.\d\ds", text)
@@ -282,14 +282,14 @@ def test_multi_and_filtered_notifiers_isolate_failures() -> None:
         def notify(self, event: Any) -> None:
             got.append(f"{event['stage']}:{event['status']}")
 
-    notifier = mon.FilteredNotifier(mon.MultiNotifier([Boom(), Rec()]), ["failed", "pipeline"])
+    notifier = mon.Notifiers([Boom(), Rec()], ["failed", "pipeline"])
     notifier.notify(_event("started"))
     notifier.notify(_event("succeeded"))
     notifier.notify(_event("failed"))
     notifier.notify(_event("succeeded", stage="pipeline"))
     assert got == ["train_ridge:failed", "pipeline:succeeded"]
 
-    only = mon.FilteredNotifier(Rec(), ["succeeded_pipeline"])
+    only = mon.Notifiers([Rec()], ["succeeded_pipeline"])
     got.clear()
     only.notify(_event("failed", stage="pipeline"))
     only.notify(_event("succeeded", stage="pipeline"))
@@ -309,7 +309,7 @@ def test_build_notifiers_from_the_typed_section(tmp_path: Path) -> None:
     ]
     settings = load_settings(overrides, CONF, tmp_path).notifications
     built = mon.build_notifiers(settings, {"MY_HOOK": "https://hooks.example.com/T/B/x"})
-    sinks = built.inner.notifiers  # type: ignore[attr-defined]
+    sinks = built.sinks
     assert [type(s).__name__ for s in sinks] == [
         "ConsoleNotifier",
         "FileNotifier",
@@ -321,7 +321,7 @@ def test_build_notifiers_from_the_typed_section(tmp_path: Path) -> None:
 
     # webhook configured but env var missing -> skipped, not an error
     built = mon.build_notifiers(NotificationSettings(webhook=True), {})  # type: ignore[arg-type]
-    assert built.inner.notifiers == ()  # type: ignore[attr-defined]
+    assert built.sinks == ()
     with pytest.raises(ConfigError, match="must hold an http"):
         mon.build_notifiers(
             NotificationSettings(webhook=True),  # type: ignore[arg-type]
@@ -505,7 +505,7 @@ def test_webhook_connection_refused_never_raises(
         "X_HOOK", env={"X_HOOK": url}, retries=1, backoff_sec=0.01, trust_env=False
     )
     with caplog.at_level(logging.WARNING):
-        multi = mon.MultiNotifier([hook, mon.ConsoleNotifier()])
+        multi = mon.Notifiers([hook, mon.ConsoleNotifier()], ["all"])
         multi.notify(_event())
     assert hook.last_attempts == 2
     assert "connection error" in caplog.text

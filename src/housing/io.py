@@ -1,9 +1,8 @@
 """Atomic writes, hashing and artifact I/O.
 
-Every file the pipeline produces is written to a temporary file in the same
-directory, fsynced and renamed into place, so a failing stage never leaves a
-half-written output and the previous version survives. This module is also the one
-sha256 and the one inter-process file lock of the package.
+Every output is written to a temporary file in its directory, fsynced and renamed into
+place: a failing stage never leaves a half-written file and the previous version
+survives. Also the package's one sha256 and one inter-process file lock.
 """
 
 from __future__ import annotations
@@ -25,10 +24,9 @@ if TYPE_CHECKING:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+    """Yield a temporary path next to ``path``; fsync and rename it onto ``path`` on success.
 
-    The temporary file is fsynced before the rename. On any exception it is removed
-    and ``path`` is untouched.
+    On any exception the temporary file is removed and ``path`` is untouched.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +72,7 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:
     """Atomically write a DataFrame as CSV (header row, no index).
 
-    The body is written by Arrow's CSV writer (about 10x faster than pandas on a
-    million rows; floats round-trip exactly); the header is written plainly.
+    Arrow writes the body (10x faster than pandas on a million rows, floats round-trip).
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -159,25 +156,21 @@ def _file_digest(path: str | os.PathLike[str], digest: Callable[[], Any]) -> str
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike[str], *, blocking: bool = True) -> Iterator[bool]:
-    """Hold an exclusive lock on the lock file ``path`` (created, with its directory).
+    """Hold an exclusive ``filelock`` lock on ``path`` (created, with its directory).
 
-    Excludes other processes and other threads (each call opens its own lock). Yields
-    True once held; with ``blocking=False`` yields False at once when someone else holds
-    it. Uses the ``filelock`` library (an ``flock`` on POSIX).
+    Excludes other processes and threads (each call opens its own lock). Yields True once
+    held; with ``blocking=False``, False at once when someone else holds it.
     """
     from filelock import FileLock, Timeout
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path, timeout=-1 if blocking else 0)
     try:
-        lock.acquire()
+        held = FileLock(path, timeout=-1 if blocking else 0).acquire()
     except Timeout:
         yield False
         return
-    try:
+    with held:
         yield True
-    finally:
-        lock.release()
 
 
 def save_model(path: str | os.PathLike[str], model: Any) -> str:
@@ -192,8 +185,7 @@ def save_model(path: str | os.PathLike[str], model: Any) -> str:
 def load_model(path: str | os.PathLike[str], expected_sha256: str | None) -> Any:
     """Load a joblib model after checking its sha256 against ``expected_sha256``.
 
-    A mismatch raises :class:`ArtifactError` before anything is unpickled.
-    ``expected_sha256=None`` is refused: every load must name the record it trusts.
+    A mismatch, or no ``expected_sha256``, raises :class:`ArtifactError` before unpickling.
     """
     p = Path(path)
     if not p.is_file():

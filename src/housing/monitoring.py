@@ -1,13 +1,12 @@
 """Pipeline monitoring: a JSONL events log, stage tracking, run status and notifications.
 
-The events log (conventionally ``metrics/pipeline_events.jsonl``) receives one JSON object
-per line: a ``started`` line and a ``succeeded``/``failed`` line per stage, plus a summary
-line with ``stage == "pipeline"`` per run.  Appends are safe across threads, processes and
-concurrent runs: every line is written with a single ``os.write`` on an ``O_APPEND``
-descriptor while holding an exclusive ``fcntl.flock`` on the file.
+The events log (``metrics/pipeline_events.jsonl``) gets a ``started`` and a
+``succeeded``/``failed`` line per stage, and a ``stage == "pipeline"`` summary line per
+run. Appends are safe across threads, processes and concurrent runs: each line is one
+``os.write`` on an ``O_APPEND`` descriptor under an exclusive ``fcntl.flock``.
 
-Notifications go through the tiny :class:`Notifier` protocol; sinks never let a delivery
-problem break the pipeline.  Nothing happens at import time.
+Notifications go through the :class:`Notifier` protocol; a sink never lets a delivery
+problem break the pipeline, and a webhook URL is never logged. Nothing happens at import.
 """
 
 from __future__ import annotations
@@ -36,70 +35,24 @@ from housing.errors import ConfigError
 if TYPE_CHECKING:
     from housing.config import NotificationSettings
 
-__all__ = [
-    "DEFAULT_NOTIFY_ON",
-    "DEFAULT_WEBHOOK_ENV",
-    "NOTIFY_TRIGGERS",
-    "RESERVED_FIELDS",
-    "ConsoleNotifier",
-    "EventLog",
-    "FileNotifier",
-    "FilteredNotifier",
-    "MultiNotifier",
-    "Notifier",
-    "RunStatus",
-    "StageHandle",
-    "StageStatus",
-    "WebhookNotifier",
-    "build_notifiers",
-    "event_triggers",
-    "format_event",
-    "last_run_status",
-    "make_event",
-    "new_run_id",
-    "one_line_error",
-    "pipeline_summary",
-    "read_events",
-    "record_pipeline_summary",
-    "redact_url",
-    "render_status",
-    "render_summary",
-    "track_stage",
-]
-
 logger = logging.getLogger(__name__)
 
-Status = Literal["started", "succeeded", "failed"]
 PIPELINE_STAGE: Final = "pipeline"
 DEFAULT_WEBHOOK_ENV: Final = "HOUSING_WEBHOOK_URL"
-DEFAULT_NOTIFY_ON: Final[tuple[str, ...]] = ("failed", "pipeline")
 RESERVED_FIELDS: Final = frozenset(
-    {
-        "run_id",
-        "stage",
-        "status",
-        "started_at",
-        "finished_at",
-        "duration_sec",
-        "error",
-        "host",
-        "pid",
-    }
+    {"run_id", "stage", "status", "error", "host", "pid"}
+    | {"started_at", "finished_at", "duration_sec"}
 )
-NOTIFY_TRIGGERS: Final = frozenset(
-    {
-        "all",
-        "stage",
-        "pipeline",
-        "started",
-        "succeeded",
-        "failed",
-        "started_stage",
-        "succeeded_stage",
-        "failed_stage",
-        "succeeded_pipeline",
-        "failed_pipeline",
-    }
+
+
+def _triggers(status: str, kind: str) -> set[str]:
+    """The notification triggers an event of ``status`` and ``kind`` (stage/pipeline) matches."""
+    return {"all", kind, status, f"{status}_{kind}"}
+
+
+NOTIFY_TRIGGERS: Final = frozenset[str]().union(
+    *(_triggers(status, "stage") for status in ("started", "succeeded", "failed")),
+    *(_triggers(status, PIPELINE_STAGE) for status in ("succeeded", "failed")),
 )
 _MAX_ERROR_CHARS: Final = 500
 
@@ -107,19 +60,16 @@ _MAX_ERROR_CHARS: Final = 500
 # --------------------------------------------------------------------------- helpers
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _iso(moment: datetime) -> str:
-    """ISO 8601 in UTC with millisecond precision and a ``Z`` suffix."""
+def _iso(moment: datetime | None = None) -> str:
+    """``moment`` (default: now) as ISO 8601 UTC with milliseconds and a ``Z`` suffix."""
+    moment = moment or datetime.now(UTC)
     text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
     return text.removesuffix("+00:00") + "Z"
 
 
 def new_run_id() -> str:
     """Return a lexicographically time-sortable id: ``YYYYmmddTHHMMSSffffffZ-<8 hex>``."""
-    return f"{_utc_now():%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(4)}"
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(4)}"
 
 
 def one_line_error(exc: BaseException) -> str:
@@ -154,25 +104,11 @@ def _sanitize(value: Any) -> Any:
     return value
 
 
-def _encode_line(record: Mapping[str, Any]) -> bytes:
-    text = json.dumps(
-        _sanitize(record),
-        ensure_ascii=False,
-        separators=(",", ":"),
-        default=_json_default,
-        allow_nan=False,
-    )
-    return (text + "\n").encode("utf-8")
-
-
 def _locked_append(path: Path, data: bytes, *, fsync: bool = False) -> None:
-    """Append ``data`` under an exclusive flock with one ``os.write`` on an O_APPEND fd.
+    """Append ``data`` with one ``os.write`` on an O_APPEND fd under an exclusive flock.
 
-    Not :func:`housing.io.file_lock`: measured, this costs ~30 us a line against ~550 us
-    for ``filelock`` plus an append, and the log is written by every stage event.
-
-    If the file does not end with a newline (a writer died mid-line), a newline is
-    prepended so the new record is not glued onto the broken one.
+    Not :func:`housing.io.file_lock` (``filelock``): ~30 us a line against ~550 us. A
+    newline is prepended when the file does not end with one (a writer died mid-line).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -183,9 +119,7 @@ def _locked_append(path: Path, data: bytes, *, fsync: bool = False) -> None:
             if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data
             written = os.write(fd, data)
-            # Regular files virtually never short-write; if they do (disk full, signal),
-            # finish under the same lock so the line still cannot interleave.
-            while written < len(data):
+            while written < len(data):  # a short write (disk full, signal): finish it locked
                 written += os.write(fd, data[written:])
             if fsync:
                 os.fsync(fd)
@@ -193,6 +127,13 @@ def _locked_append(path: Path, data: bytes, *, fsync: bool = False) -> None:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _unreserved(fields: Mapping[str, Any]) -> Mapping[str, Any]:
+    clash = sorted(RESERVED_FIELDS & set(fields))
+    if clash:
+        raise ValueError(f"extra event fields may not override reserved fields: {clash}")
+    return fields
 
 
 # --------------------------------------------------------------------------- events log
@@ -205,13 +146,17 @@ class EventLog:
         self.path = Path(path)
         self.fsync = fsync
 
-    def __repr__(self) -> str:
-        return f"EventLog({str(self.path)!r}, fsync={self.fsync})"
-
     def append(self, event: Mapping[str, Any]) -> dict[str, Any]:
         """Write ``event`` as one line (parent dirs created lazily); return the record."""
         record = dict(event)
-        _locked_append(self.path, _encode_line(record), fsync=self.fsync)
+        text = json.dumps(
+            _sanitize(record),
+            ensure_ascii=False,
+            separators=(",", ":"),
+            default=_json_default,
+            allow_nan=False,
+        )
+        _locked_append(self.path, (text + "\n").encode("utf-8"), fsync=self.fsync)
         return record
 
     def read(self) -> list[dict[str, Any]]:
@@ -231,7 +176,7 @@ def make_event(
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build an event record with the standard fields (plus ``host``/``pid``) and extras."""
-    record: dict[str, Any] = {
+    return {
         "run_id": run_id,
         "stage": stage,
         "status": status,
@@ -241,13 +186,8 @@ def make_event(
         "error": error,
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        **_unreserved(extra or {}),
     }
-    if extra:
-        clash = sorted(RESERVED_FIELDS & set(extra))
-        if clash:
-            raise ValueError(f"extra event fields may not override reserved fields: {clash}")
-        record.update(extra)
-    return record
 
 
 @dataclass
@@ -258,16 +198,9 @@ class StageHandle:
     stage: str
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def set(self, **fields: Any) -> None:
-        """Attach fields (e.g. metrics); reserved field names raise ``ValueError``."""
-        self.update(fields)
-
     def update(self, fields: Mapping[str, Any]) -> None:
-        """Attach fields from a mapping; reserved field names raise ``ValueError``."""
-        clash = sorted(RESERVED_FIELDS & set(fields))
-        if clash:
-            raise ValueError(f"cannot set reserved event fields: {clash}")
-        self.extra.update(fields)
+        """Attach fields (e.g. metrics); reserved field names raise ``ValueError``."""
+        self.extra.update(_unreserved(fields))
 
 
 def _safe_notify(notifier: Notifier | None, event: Mapping[str, Any]) -> None:
@@ -288,12 +221,12 @@ def track_stage(
 ) -> Iterator[StageHandle]:
     """Record ``started`` then ``succeeded``/``failed`` (re-raising) for a stage.
 
-    Extra fields set on the yielded handle are added to the final line (both outcomes).
-    Durations use a monotonic clock.  Notifier errors are logged, never raised.
+    Fields set on the yielded handle go on the final line; durations use a monotonic
+    clock; notifier errors are logged, never raised.
     """
     if stage == PIPELINE_STAGE:
         raise ValueError(f"stage name {PIPELINE_STAGE!r} is reserved for the run summary")
-    started_at = _iso(_utc_now())
+    started_at = _iso()
     t0 = time.monotonic()
     _safe_notify(
         notifier, events.append(make_event(run_id, stage, "started", started_at=started_at))
@@ -306,7 +239,7 @@ def track_stage(
             stage,
             status,
             started_at=started_at,
-            finished_at=_iso(_utc_now()),
+            finished_at=_iso(),
             duration_sec=time.monotonic() - t0,
             error=error,
             extra=handle.extra,
@@ -325,34 +258,6 @@ def track_stage(
     _safe_notify(notifier, events.append(final("succeeded")))
 
 
-def pipeline_summary(
-    run_id: str,
-    status: Literal["succeeded", "failed"],
-    duration_sec: float,
-    *,
-    best_model: str | None = None,
-    test_rmse: float | None = None,
-    started_at: str | None = None,
-    finished_at: str | None = None,
-    error: str | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Build the per-run summary record (``stage == "pipeline"``)."""
-    fields: dict[str, Any] = {"best_model": best_model, "test_rmse": test_rmse}
-    if extra:
-        fields.update(extra)
-    return make_event(
-        run_id,
-        PIPELINE_STAGE,
-        status,
-        started_at=started_at,
-        finished_at=finished_at or _iso(_utc_now()),
-        duration_sec=duration_sec,
-        error=error,
-        extra=fields,
-    )
-
-
 def record_pipeline_summary(
     events: EventLog,
     run_id: str,
@@ -362,20 +267,19 @@ def record_pipeline_summary(
     notifier: Notifier | None = None,
     best_model: str | None = None,
     test_rmse: float | None = None,
-    started_at: str | None = None,
     error: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Append the run summary line, notify, and return the record."""
-    record = pipeline_summary(
+    """Append the run's summary line (``stage == "pipeline"``), notify, return the record."""
+    record = make_event(
         run_id,
+        PIPELINE_STAGE,
         status,
-        duration_sec,
-        best_model=best_model,
-        test_rmse=test_rmse,
-        started_at=started_at,
+        started_at=None,
+        finished_at=_iso(),
+        duration_sec=duration_sec,
         error=error,
-        extra=extra,
+        extra={"best_model": best_model, "test_rmse": test_rmse, **(extra or {})},
     )
     _safe_notify(notifier, events.append(record))
     return record
@@ -392,11 +296,10 @@ def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """
     file = Path(path)
     try:
-        raw = file.read_bytes()
+        lines = file.read_bytes().split(b"\n")
     except FileNotFoundError:
         return []
-    lines = raw.split(b"\n")
-    last_index = max(i for i, line in enumerate(lines) if line.strip()) if raw.strip() else -1
+    last_index = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     events: list[dict[str, Any]] = []
     for index, line in enumerate(lines):
         if not line.strip():
@@ -420,7 +323,6 @@ class StageStatus:
 
     stage: str
     status: str
-    started_at: str | None
     finished_at: str | None
     duration_sec: float | None
     error: str | None
@@ -435,28 +337,28 @@ class RunStatus:
     outcome: str
     summary: dict[str, Any] | None
 
-    @property
-    def duration_sec(self) -> float | None:
-        """Total duration from the summary, else the sum of finished stage durations."""
-        if self.summary is not None and self.summary.get("duration_sec") is not None:
-            return float(self.summary["duration_sec"])
-        durations = [s.duration_sec for s in self.stages if s.duration_sec is not None]
-        return sum(durations) if durations else None
 
+def last_run_status(path: str | os.PathLike[str]) -> RunStatus | None:
+    """Status of the most recently *started* run in the log, or ``None`` if it is empty.
 
-def _run_status(run_id: str, events: Sequence[Mapping[str, Any]]) -> RunStatus:
+    That is the run whose first line comes last in the file: robust to interleaved
+    concurrent runs and to arbitrary run ids.
+    """
+    events = [e for e in read_events(path) if isinstance(e.get("run_id"), str)]
+    if not events:
+        return None
+    run_id = list(dict.fromkeys(e["run_id"] for e in events))[-1]
     stages: dict[str, StageStatus] = {}
     summary: dict[str, Any] | None = None
-    for event in events:
+    for event in (e for e in events if e["run_id"] == run_id):
         stage = str(event.get("stage"))
         if stage == PIPELINE_STAGE:
-            summary = dict(event)
+            summary = event
             continue
         duration = event.get("duration_sec")
         stages[stage] = StageStatus(
             stage=stage,
             status=str(event.get("status")),
-            started_at=event.get("started_at"),
             finished_at=event.get("finished_at"),
             duration_sec=float(duration) if isinstance(duration, int | float) else None,
             error=event.get("error"),
@@ -470,24 +372,6 @@ def _run_status(run_id: str, events: Sequence[Mapping[str, Any]]) -> RunStatus:
     else:
         outcome = "succeeded"
     return RunStatus(run_id=run_id, stages=tuple(stages.values()), outcome=outcome, summary=summary)
-
-
-def last_run_status(path: str | os.PathLike[str]) -> RunStatus | None:
-    """Status of the most recently *started* run in the log, or ``None`` if it is empty.
-
-    "Most recently started" is the run id whose first line appears last in the file,
-    which is robust to interleaved concurrent runs and to arbitrary run ids.
-    """
-    events = read_events(path)
-    by_run: dict[str, list[dict[str, Any]]] = {}
-    for event in events:
-        run_id = event.get("run_id")
-        if isinstance(run_id, str):
-            by_run.setdefault(run_id, []).append(event)
-    if not by_run:
-        return None
-    last = next(reversed(by_run))  # dicts keep first-insertion order
-    return _run_status(last, by_run[last])
 
 
 def _fmt_duration(value: Any) -> str:
@@ -505,9 +389,7 @@ def render_status(status: RunStatus) -> str:
                 f"  {s.stage:<{width}}  {s.status:<9}  {_fmt_duration(s.duration_sec):>9}"
                 f"  {s.finished_at or '-'}"
             )
-            if s.error:
-                row += f"  error: {s.error}"
-            lines.append(row)
+            lines.append(row + (f"  error: {s.error}" if s.error else ""))
     else:
         lines.append("  (no stage events)")
     lines.append(render_summary(status))
@@ -526,9 +408,7 @@ def render_summary(status: RunStatus) -> str:
         f" duration={_fmt_duration(summary.get('duration_sec'))}"
         f" best_model={summary.get('best_model') or '-'} test_rmse={rmse_text}"
     )
-    if summary.get("error"):
-        text += f" error: {summary['error']}"
-    return text
+    return text + (f" error: {summary['error']}" if summary.get("error") else "")
 
 
 # --------------------------------------------------------------------------- notifiers
@@ -544,32 +424,19 @@ class Notifier(Protocol):
 
 def format_event(event: Mapping[str, Any]) -> str:
     """One-line human-readable description of an event."""
-    stage = event.get("stage")
+    pipeline = event.get("stage") == PIPELINE_STAGE
+    what = "pipeline" if pipeline else f"stage {event.get('stage')}"
     status = str(event.get("status", "?")).upper()
-    if stage == PIPELINE_STAGE:
-        parts = [f"[housing] pipeline {status}", f"run={event.get('run_id')}"]
+    parts = [f"[housing] {what} {status} run={event.get('run_id')}"]
+    if pipeline or event.get("duration_sec") is not None:
         parts.append(f"duration={_fmt_duration(event.get('duration_sec'))}")
-        if event.get("best_model") is not None:
-            parts.append(f"best_model={event['best_model']}")
-        rmse = event.get("test_rmse")
-        if isinstance(rmse, int | float):
-            parts.append(f"test_rmse={rmse:.4f}")
-    else:
-        parts = [f"[housing] stage {stage} {status}", f"run={event.get('run_id')}"]
-        if event.get("duration_sec") is not None:
-            parts.append(f"duration={_fmt_duration(event.get('duration_sec'))}")
-    if event.get("host"):
-        parts.append(f"host={event['host']}")
-    if event.get("error"):
-        parts.append(f"error={event['error']}")
+    if pipeline and event.get("best_model") is not None:
+        parts.append(f"best_model={event['best_model']}")
+    rmse = event.get("test_rmse")
+    if pipeline and isinstance(rmse, int | float):
+        parts.append(f"test_rmse={rmse:.4f}")
+    parts += [f"{key}={event[key]}" for key in ("host", "error") if event.get(key)]
     return " ".join(" ".join(parts).split())
-
-
-def event_triggers(event: Mapping[str, Any]) -> frozenset[str]:
-    """Trigger names an event matches, e.g. ``{"all", "failed", "stage", "failed_stage"}``."""
-    status = str(event.get("status"))
-    kind = "pipeline" if event.get("stage") == PIPELINE_STAGE else "stage"
-    return frozenset({"all", kind, status, f"{status}_{kind}"})
 
 
 class ConsoleNotifier:
@@ -596,10 +463,9 @@ class FileNotifier:
 
     def notify(self, event: Mapping[str, Any]) -> None:
         """Append the event line (parent dir created lazily); errors are logged."""
-        stamp = event.get("finished_at") or event.get("started_at") or _iso(_utc_now())
-        line = f"{stamp} {format_event(event)}\n".encode()
+        stamp = event.get("finished_at") or event.get("started_at") or _iso()
         try:
-            _locked_append(self.path, line)
+            _locked_append(self.path, f"{stamp} {format_event(event)}\n".encode())
         except OSError as exc:
             logger.warning("file notification to %s failed: %s", self.path, exc)
 
@@ -619,126 +485,14 @@ def redact_url(url: str) -> str:
 
 def _scrub(text: str, url: str) -> str:
     """Remove the URL and its secret-bearing pieces from ``text``."""
-    try:
+    pieces = [url]
+    with contextlib.suppress(ValueError):
         parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        parts = None
-    secrets_ = [url]
-    if parts is not None:
-        secrets_ += [parts.path, parts.query, parts.netloc if "@" in parts.netloc else ""]
-        secrets_ += [p for p in re.split(r"[/?&=@:]", parts.path + "/" + parts.query) if len(p) > 5]
-    for secret in sorted({s for s in secrets_ if s and s != "/"}, key=len, reverse=True):
+        pieces += [parts.path, parts.query, parts.netloc if "@" in parts.netloc else ""]
+        pieces += [p for p in re.split(r"[/?&=@:]", parts.path + "/" + parts.query) if len(p) > 5]
+    for secret in sorted({s for s in pieces if s and s != "/"}, key=len, reverse=True):
         text = text.replace(secret, "<redacted>")
     return text
-
-
-class WebhookNotifier:
-    """POST ``{"text": ...}`` (Slack-compatible) to a URL taken from an env variable.
-
-    Sent with requests; an urllib3 ``Retry`` retries timeouts, connection errors and HTTP
-    5xx/408/429 up to ``retries`` times with exponential backoff (at most 5 s per pause,
-    ``Retry-After`` ignored so the wait stays bounded); other 4xx are not retried.
-    Never raises; the URL is never logged (only its host). ``trust_env=False`` ignores
-    the proxy variables and ~/.netrc.
-    """
-
-    def __init__(
-        self,
-        url_env: str = DEFAULT_WEBHOOK_ENV,
-        *,
-        env: Mapping[str, str] | None = None,
-        timeout_sec: float = 3.0,
-        retries: int = 2,
-        backoff_sec: float = 0.5,
-        trust_env: bool = True,
-    ) -> None:
-        if timeout_sec <= 0:
-            raise ValueError(f"webhook timeout_sec must be > 0, got {timeout_sec}")
-        if retries < 0:
-            raise ValueError(f"webhook retries must be >= 0, got {retries}")
-        if backoff_sec < 0:
-            raise ValueError(f"webhook backoff_sec must be >= 0, got {backoff_sec}")
-        source = os.environ if env is None else env
-        url = source.get(url_env, "").strip()
-        if url and urllib.parse.urlsplit(url).scheme not in {"http", "https"}:
-            raise ValueError(f"environment variable {url_env} must hold an http(s) URL")
-        self.url_env = url_env
-        self._url = url or None
-        self.timeout_sec = float(timeout_sec)
-        self.retries = int(retries)
-        self.backoff_sec = float(backoff_sec)
-        self.trust_env = trust_env
-        self.last_attempts = 0
-
-    @property
-    def enabled(self) -> bool:
-        """True when the env variable held a URL."""
-        return self._url is not None
-
-    @property
-    def target(self) -> str:
-        """Redacted destination, safe to log."""
-        return redact_url(self._url) if self._url else f"<unset ${self.url_env}>"
-
-    def __repr__(self) -> str:
-        return f"WebhookNotifier(url_env={self.url_env!r}, target={self.target!r})"
-
-    def notify(self, event: Mapping[str, Any]) -> None:
-        """Send the event; failures are logged as warnings."""
-        try:
-            self.send(event)
-        except Exception as exc:  # belt and braces: never raise from a notifier
-            logger.warning("webhook %s: unexpected %s", self.target, type(exc).__name__)
-
-    def send(self, event: Mapping[str, Any]) -> bool:
-        """Deliver the event; return True on a 2xx response (after retries if needed)."""
-        self.last_attempts = 0
-        if self._url is None:
-            logger.debug("webhook disabled: $%s is not set", self.url_env)
-            return False
-        with _urllib3_logs_scrubbed(self._url):
-            reason = self._post(self._url, {"text": format_event(event)})
-        if not reason:
-            return True
-        logger.warning(
-            "webhook notification to %s failed after %d attempt(s): %s",
-            self.target,
-            self.last_attempts,
-            _scrub(reason, self._url),
-        )
-        return False
-
-    def _post(self, url: str, body: Mapping[str, str]) -> str:
-        """POST with retries; ``""`` on a 2xx answer, else why not."""
-        import requests
-
-        session = http.session(
-            trust_env=self.trust_env,
-            total=self.retries,
-            backoff_factor=self.backoff_sec,
-            backoff_max=5.0,
-            status_forcelist=(408, 429, *range(500, 600)),
-            allowed_methods=None,  # POST too
-            raise_on_status=False,
-            respect_retry_after_header=False,
-        )
-        headers = {"User-Agent": "housing-monitoring"}
-        try:
-            with (
-                session,
-                session.post(
-                    url, json=body, headers=headers, timeout=self.timeout_sec, stream=True
-                ) as response,
-            ):
-                retried = response.raw.retries
-                self.last_attempts = len(retried.history) + 1 if retried else 1
-                return "" if response.ok else f"HTTP {response.status_code}"
-        except requests.RequestException as exc:  # every such failure was retried
-            self.last_attempts = self.retries + 1
-            cause = http.root_cause(exc)
-            if isinstance(cause, TimeoutError):
-                return f"timed out after {self.timeout_sec:g}s"
-            return f"connection error: {cause}"
 
 
 _URLLIB3_LOGGERS: Final = ("connectionpool", "connection", "poolmanager", "response", "util.retry")
@@ -762,44 +516,122 @@ def _urllib3_logs_scrubbed(url: str) -> Iterator[None]:
             each.removeFilter(scrub)
 
 
-class MultiNotifier:
-    """Fan out to several notifiers; one failing sink does not affect the others."""
+class WebhookNotifier:
+    """POST ``{"text": ...}`` (Slack-compatible) to the URL held by an environment variable.
 
-    def __init__(self, notifiers: Sequence[Notifier]) -> None:
-        self.notifiers: tuple[Notifier, ...] = tuple(notifiers)
+    urllib3's ``Retry`` retries timeouts, connection errors and HTTP 5xx/408/429 up to
+    ``retries`` times with exponential backoff (at most 5 s a pause, ``Retry-After``
+    ignored); other 4xx are not retried. Never raises; of the URL only its host is ever
+    logged. ``trust_env=False`` ignores the proxy variables and ~/.netrc.
+    """
+
+    def __init__(
+        self,
+        url_env: str = DEFAULT_WEBHOOK_ENV,
+        *,
+        env: Mapping[str, str] | None = None,
+        timeout_sec: float = 3.0,
+        retries: int = 2,
+        backoff_sec: float = 0.5,
+        trust_env: bool = True,
+    ) -> None:
+        url = (os.environ if env is None else env).get(url_env, "").strip()
+        if url and urllib.parse.urlsplit(url).scheme not in {"http", "https"}:
+            raise ValueError(f"environment variable {url_env} must hold an http(s) URL")
+        self.url_env = url_env
+        self._url = url or None
+        self.timeout_sec = timeout_sec
+        self.retries = retries
+        self.backoff_sec = backoff_sec
+        self.trust_env = trust_env
+        self.last_attempts = 0
+
+    @property
+    def enabled(self) -> bool:
+        """True when the env variable held a URL."""
+        return self._url is not None
+
+    @property
+    def target(self) -> str:
+        """Redacted destination, safe to log."""
+        return redact_url(self._url) if self._url else f"<unset ${self.url_env}>"
 
     def notify(self, event: Mapping[str, Any]) -> None:
-        """Notify every sink, logging (not raising) individual failures."""
-        for notifier in self.notifiers:
-            _safe_notify(notifier, event)
+        """Send the event; failures are logged as warnings."""
+        try:
+            self.send(event)
+        except Exception as exc:  # belt and braces: never raise from a notifier
+            logger.warning("webhook %s: unexpected %s", self.target, type(exc).__name__)
+
+    def send(self, event: Mapping[str, Any]) -> bool:
+        """Deliver the event; return True on a 2xx response (after retries if needed)."""
+        import requests
+
+        self.last_attempts = 0
+        if self._url is None:
+            logger.debug("webhook disabled: $%s is not set", self.url_env)
+            return False
+        session = http.session(
+            trust_env=self.trust_env,
+            total=self.retries,
+            backoff_factor=self.backoff_sec,
+            backoff_max=5.0,
+            status_forcelist=(408, 429, *range(500, 600)),
+            allowed_methods=None,  # POST too
+            raise_on_status=False,
+            respect_retry_after_header=False,
+        )
+        body = {"text": format_event(event)}
+        try:
+            with (
+                _urllib3_logs_scrubbed(self._url),
+                session,
+                session.post(
+                    self._url,
+                    json=body,
+                    headers={"User-Agent": "housing-monitoring"},
+                    timeout=self.timeout_sec,
+                    stream=True,
+                ) as response,
+            ):
+                retried = response.raw.retries
+                self.last_attempts = len(retried.history) + 1 if retried else 1
+                if response.ok:
+                    return True
+                reason = f"HTTP {response.status_code}"
+        except requests.RequestException as exc:  # every such failure was retried
+            self.last_attempts = self.retries + 1
+            cause = http.root_cause(exc)
+            reason = f"connection error: {cause}"
+            if isinstance(cause, TimeoutError):
+                reason = f"timed out after {self.timeout_sec:g}s"
+        logger.warning(
+            "webhook notification to %s failed after %d attempt(s): %s",
+            self.target,
+            self.last_attempts,
+            _scrub(reason, self._url),
+        )
+        return False
 
 
-class FilteredNotifier:
-    """Forward only events matching one of the configured triggers (see ``NOTIFY_TRIGGERS``)."""
+class Notifiers:
+    """Fan an event out to ``sinks`` when it matches one of ``on`` (see ``NOTIFY_TRIGGERS``)."""
 
-    def __init__(self, inner: Notifier, on: Sequence[str] = DEFAULT_NOTIFY_ON) -> None:
-        unknown = [t for t in on if t not in NOTIFY_TRIGGERS]
-        if unknown:
-            raise ValueError(
-                f"unknown notification trigger {unknown[0]!r}; "
-                f"expected one of {sorted(NOTIFY_TRIGGERS)}"
-            )
-        self.inner = inner
+    def __init__(self, sinks: Sequence[Notifier], on: Sequence[str] = ("failed", "pipeline")):
+        self.sinks: tuple[Notifier, ...] = tuple(sinks)
         self.on = frozenset(on)
 
-    def wants(self, event: Mapping[str, Any]) -> bool:
-        """True if the event matches a configured trigger."""
-        return bool(self.on & event_triggers(event))
-
     def notify(self, event: Mapping[str, Any]) -> None:
-        """Forward matching events."""
-        if self.wants(event):
-            _safe_notify(self.inner, event)
+        """Notify every sink of a matching event; one failing sink does not stop the others."""
+        kind = PIPELINE_STAGE if event.get("stage") == PIPELINE_STAGE else "stage"
+        if self.on & _triggers(str(event.get("status")), kind):
+            for sink in self.sinks:
+                _safe_notify(sink, event)
 
 
 def build_notifiers(
     settings: NotificationSettings, env: Mapping[str, str] | None = None
-) -> FilteredNotifier:
+) -> Notifiers:
     """The notifier ``settings`` (the validated ``notifications:`` section) describe.
 
     A configured webhook whose env variable is unset is skipped with a warning; one that
@@ -824,4 +656,4 @@ def build_notifiers(
             sinks.append(webhook)
         else:
             logger.warning("webhook notifications disabled: $%s is not set", hook.url_env)
-    return FilteredNotifier(MultiNotifier(sinks), settings.on)
+    return Notifiers(sinks, settings.on)
