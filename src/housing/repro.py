@@ -245,7 +245,7 @@ class _Run:
     force: bool
     template: StageJob
     notify: Callable[[str, str], None]
-    pool: Any = None  # started at the first stage that must run
+    pool: Any = None
 
     @functools.cached_property
     def settings(self) -> Settings | None:
@@ -260,9 +260,13 @@ class _Run:
         except (HousingError, ValueError):
             return None
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def start(self) -> None:
+        """Start the workers' fork server: it imports and warms up while DVC plans."""
         if self.pool is None:
             self.pool = _make_pool(self.jobs, fork_server_env(self.settings))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self.start()
         return self.pool.submit(fn, *args)
 
 
@@ -289,6 +293,7 @@ def reproduce(
     run = _Run(root, jobs or _default_jobs(), force, template, on_event or _ignore)
     t0 = time.monotonic()
     try:
+        run.start()
         _reproduce(run, result)
         if run.pool is not None and result.named("ran"):
             status = "completed" if result.ok else "failed"
@@ -299,7 +304,8 @@ def reproduce(
         raise
     finally:
         if run.pool is not None:
-            _shutdown(run.pool, interrupted=result.exit_code == 130)
+            idle = not any(s in ("ran", "failed") for s in result.stages.values())
+            _shutdown(run.pool, interrupted=result.exit_code == 130, idle=idle)
         result.seconds = time.monotonic() - t0
         _summarise(run, result)
     return result
@@ -399,8 +405,15 @@ def _record(stage: Any) -> None:
     stage.dump(update_pipeline=False)
 
 
-def _shutdown(pool: Any, interrupted: bool) -> None:
-    """Stop the workers; after an interrupt kill them, and the fork server with them."""
+def _shutdown(pool: Any, interrupted: bool, idle: bool) -> None:
+    """Stop the workers; after an interrupt kill them, and the fork server with them.
+
+    ``idle``: no stage ran, so the fork server (maybe still warming up) is killed at once.
+    """
+    if idle:
+        pool.shutdown(wait=False)
+        _stop_helpers()
+        return
     if not interrupted:
         pool.shutdown(wait=True)
         return
@@ -412,10 +425,21 @@ def _shutdown(pool: Any, interrupted: bool) -> None:
         if process.is_alive():
             process.kill()
             process.join(timeout=1.0)
-    for module in ("forkserver", "resource_tracker"):  # else they outlive us briefly
-        import importlib
+    _stop_helpers()
 
+
+def _stop_helpers() -> None:
+    """Stop multiprocessing's fork server (killed: it may still be warming up) and
+    resource tracker, else they outlive us briefly."""
+    import importlib
+    import signal
+
+    for module in ("forkserver", "resource_tracker"):
         helper = getattr(importlib.import_module(f"multiprocessing.{module}"), f"_{module}", None)
+        pid = getattr(helper, "_forkserver_pid", None)
+        if pid:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         stop = getattr(helper, "_stop", None)
         if stop is not None:
             with contextlib.suppress(Exception):
