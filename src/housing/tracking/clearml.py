@@ -493,11 +493,9 @@ class ClearMLTracker:
     def register_model(self, model: ModelVersion) -> RegisteredModel:
         """A new model (= new version) named ``model.registry_name`` with its lineage.
 
-        Version: offline, one more than the registrations of that name in the local
-        sessions (and ``registry.json``); online, one more than the server's models of
-        that name. Metadata goes where an offline import keeps it: tags
-        (``version:``, ``sha256:``, ``data:``...), the comment (compact JSON), a task
-        artifact ``model_metadata_<name>_v<version>`` and user properties.
+        Version: one more than the models of that name (offline: in the local sessions and
+        ``registry.json``). Metadata goes where an offline import keeps it: tags, the
+        comment (compact JSON), a task artifact and user properties.
         """
         task = self._require()
         path = Path(model.path)
@@ -541,10 +539,11 @@ class ClearMLTracker:
     def _online_version(self, name: str) -> int:
         from clearml import Model
 
+        # The SDK matches model_name exactly (a ^name$ regex).
         found = Model.query_models(
             project_name=self.settings.project_name, model_name=name, include_archived=True
         )
-        return len([m for m in found if m.name == name]) + 1
+        return len(found) + 1
 
     def _register(
         self, task: Any, model: ModelVersion, path: Path, version: int
@@ -649,8 +648,6 @@ class ClearMLTracker:
             project_name=self.settings.project_name, model_name=registry_name, tags=[CHAMPION_TAG]
         )
         for candidate in found:
-            if candidate.name != registry_name:
-                continue
             version = next(
                 (t.split(":", 1)[1] for t in candidate.tags if t.startswith("version:")), None
             )

@@ -40,35 +40,6 @@ from housing.io import file_lock, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "CHAMPIONS_FILE",
-    "CHAMPION_TAG",
-    "CLIENT_CONFIG_FILE",
-    "FAILED_TAG",
-    "IMPORTED_FILE",
-    "METADATA_ARTIFACT_PREFIX",
-    "REGISTRY_FILE",
-    "ClearMLError",
-    "OfflineModel",
-    "OfflineSession",
-    "SyncError",
-    "SyncReport",
-    "import_sessions",
-    "list_sessions",
-    "locked_json",
-    "one_line",
-    "ping",
-    "read_artifacts",
-    "read_events",
-    "read_json_file",
-    "read_log",
-    "read_models",
-    "read_scalars",
-    "sessions_root",
-    "sync",
-    "write_client_config",
-]
-
 SESSIONS_SUBDIR: Final = "offline"
 CLIENT_CONFIG_FILE: Final = "clearml.conf"
 SYNC_CONFIG_FILE: Final = "clearml-sync.conf"
@@ -706,21 +677,17 @@ def _run_import_child(
     results_path = work / "results.jsonl"
     manifest_path.write_text(json.dumps(list(manifest)), encoding="utf-8")
     results_path.touch()
-    cmd = [
-        sys.executable,
-        "-m",
-        "housing.cli",
-        "-q",
-        "clearml",
-        "import-sessions",
-        str(manifest_path),
-        str(results_path),
-    ]
+    cmd = [sys.executable, "-m", "housing.cli", "-q", "clearml", "import-sessions"]
     timeout = 120.0 + 60.0 * len(manifest)
     error: str | None = None
     try:
         proc = subprocess.run(
-            cmd, env=dict(env), capture_output=True, text=True, timeout=timeout, check=False
+            [*cmd, str(manifest_path), str(results_path)],
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         if proc.returncode != 0:
             tail = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
@@ -782,7 +749,7 @@ def _move_champion_tags(task_id: str, item: Mapping[str, Any]) -> None:
         for model in Model.query_models(
             project_name=item.get("project") or None, model_name=name, tags=[CHAMPION_TAG]
         ):
-            if model.id not in new_ids and model.name == name:
+            if model.id not in new_ids:
                 model.tags = [t for t in model.tags if t != CHAMPION_TAG]
     for model in new_models:
         model.publish()
