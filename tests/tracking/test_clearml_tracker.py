@@ -30,7 +30,6 @@ from housing.tracking.base import (
     Tracker,
 )
 from housing.tracking.clearml import (
-    SCOPED_ENV,
     ClearMLError,
     ClearMLSettings,
     ClearMLTracker,
@@ -48,8 +47,8 @@ KEYS = ("CLEARML_API_ACCESS_KEY", "CLEARML_API_SECRET_KEY")  # tests may set the
 @pytest.fixture(autouse=True)
 def clean_clearml_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No user ClearML variables; after the test no task is open and the env is as before."""
-    for key in SCOPED_ENV:
-        monkeypatch.delenv(key, raising=False)
+    for key in [k for k in os.environ if k.startswith(("CLEARML_", "TRAINS_"))]:
+        monkeypatch.delenv(key)
     yield
     from clearml import Task
 
@@ -293,7 +292,7 @@ def test_stage_is_recorded_offline_and_reads_back(tmp_path: Path, model_file: Pa
 
     plots = [
         json.loads(e["plot_str"])
-        for e in offline._events(session.read_bytes("metrics.jsonl") or b"")
+        for e in offline.read_events(session, "metrics.jsonl")
         if e.get("type") == "plot"
     ]
     series = {trace.get("name") for plot in plots for trace in plot["data"]}

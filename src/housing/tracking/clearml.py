@@ -11,20 +11,11 @@ manager for standalone use::
 
 Mode: ``clearml.mode: auto`` goes online only when both credential variables are set and
 ``<api_host>/debug.ping`` answers within ``connect_timeout_sec``; otherwise the task is
-recorded offline under ``clearml.offline_dir`` (``housing`` never fails because a server
-is missing) and ``housing.tracking.offline.sync`` imports it later.
-
-Process-global state: ClearML keeps one current task per process, so a tracker must be
-closed before the next one starts (``housing run`` runs stages one after another in one
-process, which works). Environment variables the SDK reads (``CLEARML_CACHE_DIR``,
-``CLEARML_CONFIG_FILE``, hosts, keys) are set in :meth:`ClearMLTracker.start` and
-restored on :meth:`ClearMLTracker.close` (every ``CLEARML_*``/``TRAINS_*`` variable goes
-back to its value before start). The SDK's own offline switch (``Task.set_offline``) is
-left as the last task needed it, because switching back online makes existing sessions
-log in to the server; each ``start`` sets the mode it needs. The SDK reads its config
-file once per process, so the first task's config (a generated ``clearml.conf`` in
-``offline_dir`` unless ``CLEARML_CONFIG_FILE`` is set) stays in force. Nothing happens
-at import time and the SDK is imported lazily.
+recorded offline under ``clearml.offline_dir`` and ``housing.tracking.offline.sync``
+imports it later. ClearML keeps one current task per process, so a tracker must be
+closed before the next one starts. The ``CLEARML_*`` variables the SDK reads are set in
+:meth:`ClearMLTracker.start` and every ``CLEARML_*``/``TRAINS_*`` variable is restored
+on :meth:`ClearMLTracker.close`. The SDK is imported lazily.
 """
 
 from __future__ import annotations
@@ -41,7 +32,6 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -55,6 +45,7 @@ from housing.tracking.base import (
     RegisteredModel,
     StageRun,
 )
+from housing.tracking.lineage import utc_now
 from housing.tracking.offline import (
     CHAMPION_TAG,
     CHAMPIONS_FILE,
@@ -66,6 +57,7 @@ from housing.tracking.offline import (
     comment_json,
     list_sessions,
     locked_json,
+    one_line,
     ping,
     read_json_file,
     read_models,
@@ -93,18 +85,8 @@ _TASK_TYPES: Final = {
     "select_best": "qc",
     "evaluate": "testing",
 }
-# Variables the tracker may set while a task is open (restored on close).
-SCOPED_ENV: Final = (
-    "CLEARML_CACHE_DIR",
-    "CLEARML_CONFIG_FILE",
-    "CLEARML_OFFLINE_MODE",
-    "CLEARML_API_HOST",
-    "CLEARML_WEB_HOST",
-    "CLEARML_FILES_HOST",
-    "CLEARML_API_ACCESS_KEY",
-    "CLEARML_API_SECRET_KEY",
-)
 _ENV_PREFIXES: Final = ("CLEARML_", "TRAINS_")
+_NOT_SET: Final = " not set"
 _logged_reasons: set[str] = set()
 _active: list[ClearMLTracker] = []  # the tracker whose task is open in this process (0 or 1)
 
@@ -131,32 +113,31 @@ def resolve_mode(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
 ) -> tuple[str, str]:
-    """``("online" | "offline", reason)``; ``auto`` falls back to offline with a logged reason.
-
-    ``auto`` is online only when both credential variables are set and the API server
-    answers ``/debug.ping`` within ``timeout`` (default ``connect_timeout_sec``). The
-    offline reason is logged once per process.
-    """
-    env = os.environ if env is None else env
+    """``("online" | "offline", reason)``; ``auto`` is online only when :func:`server_problem`
+    finds none, else offline with the reason logged once per process."""
     if settings.mode in ("online", "offline"):
         return settings.mode, f"clearml.mode={settings.mode}"
-    missing = [n for n in (settings.access_key_env, settings.secret_key_env) if not env.get(n)]
-    if missing:
-        reason = f"{' and '.join(missing)} not set"
-    else:
-        problem = ping(
-            settings.api_host, settings.connect_timeout_sec if timeout is None else timeout
-        )
-        if problem is None:
-            return "online", f"server {settings.api_host} answered"
-        reason = problem
-    # No credentials is the normal offline-first case (debug); credentials set but no
-    # server answering is worth a line.
+    reason = server_problem(settings, env, timeout)
+    if reason is None:
+        return "online", f"server {settings.api_host} answered"
+    # No credentials is the normal offline-first case (debug); no server answering is info.
     _log_once(
         f"ClearML offline ({reason}); sessions go to {settings.offline_dir}",
-        logging.DEBUG if missing else logging.INFO,
+        logging.DEBUG if reason.endswith(_NOT_SET) else logging.INFO,
     )
     return "offline", reason
+
+
+def server_problem(
+    settings: ClearMLSettings, env: Mapping[str, str] | None = None, timeout: float | None = None
+) -> str | None:
+    """Why the server cannot be used: credential variables not set, or ``debug.ping`` not
+    answering within ``timeout`` (default ``connect_timeout_sec``); ``None`` when it can."""
+    env = os.environ if env is None else env
+    missing = [n for n in (settings.access_key_env, settings.secret_key_env) if not env.get(n)]
+    if missing:
+        return " and ".join(missing) + _NOT_SET
+    return ping(settings.api_host, settings.connect_timeout_sec if timeout is None else timeout)
 
 
 def _log_once(message: str, level: int) -> None:
@@ -167,8 +148,7 @@ def _log_once(message: str, level: int) -> None:
 
 
 def _quiet_sdk() -> contextlib.AbstractContextManager[Any]:
-    """Keep the SDK's banners (task id, session folder: printed to stdout by ``Task.init``)
-    and its repository-detection warning off the console, unless -v."""
+    """Keep ``Task.init``'s stdout banners and repository warning off the console, unless -v."""
     if logger.isEnabledFor(logging.DEBUG):
         return contextlib.nullcontext()
     logging.getLogger("clearml.Repository Detection").setLevel(logging.ERROR)
@@ -176,12 +156,8 @@ def _quiet_sdk() -> contextlib.AbstractContextManager[Any]:
 
 
 def client_env(settings: ClearMLSettings) -> dict[str, str]:
-    """The ``CLEARML_*`` variables a tracker for ``settings`` runs the SDK with.
-
-    ``CLEARML_CACHE_DIR`` is ``offline_dir``; ``CLEARML_CONFIG_FILE`` is the user's own
-    (when set in the environment) or the generated client config in ``offline_dir``,
-    (re)written here. Nothing is set in the environment: the caller decides where.
-    """
+    """``CLEARML_CACHE_DIR`` (``offline_dir``) and ``CLEARML_CONFIG_FILE`` (the user's own,
+    else the client config generated in ``offline_dir``) for the SDK; nothing is set here."""
     settings.offline_dir.mkdir(parents=True, exist_ok=True)
     conf = os.environ.get("CLEARML_CONFIG_FILE") or str(
         write_client_config(
@@ -199,12 +175,10 @@ _sdk_config_from: list[str] = []  # the CLEARML_CONFIG_FILE load_sdk_config() re
 
 
 def load_sdk_config() -> None:
-    """Parse the SDK's config now, with the ``CLEARML_*`` variables as they are set.
+    """Parse the SDK's config (HOCON, ~1 s) now, with the ``CLEARML_*`` variables as set.
 
-    The SDK parses its HOCON files (pure Python, ~1 s) on first use in a process. A
-    parent that calls this before forking (the ``housing repro`` fork server, under
-    :func:`client_env`) spares each forked stage the parse. A tracker whose config
-    file differs from the one read here makes the SDK read its own instead.
+    The ``housing repro`` fork server calls this so forked stages skip the parse; a
+    tracker whose config file differs makes the SDK read its own instead.
     """
     from clearml.config import ConfigSDKWrapper, ConfigWrapper
 
@@ -214,8 +188,7 @@ def load_sdk_config() -> None:
 
 
 def _drop_stale_sdk_config() -> None:
-    """Forget a config :func:`load_sdk_config` read from another file than the current
-    ``CLEARML_CONFIG_FILE`` (the SDK then reads the current one on first use)."""
+    """Forget a config :func:`load_sdk_config` read from another ``CLEARML_CONFIG_FILE``."""
     if not _sdk_config_from or _sdk_config_from[0] == os.environ.get("CLEARML_CONFIG_FILE", ""):
         return
     from clearml.config import ConfigSDKWrapper, ConfigWrapper
@@ -248,7 +221,7 @@ class ClearMLTracker:
         self._mode: str | None = None
         self.mode_reason = ""
         self._task: Any = None
-        self._env_before: dict[str, str | None] = {}
+        self._env_before: dict[str, str] | None = None  # CLEARML_*/TRAINS_* before start
         self._models: dict[str, Any] = {}  # model id -> OutputModel
         self.timings: dict[str, float] = {}
 
@@ -269,19 +242,11 @@ class ClearMLTracker:
         return self._task
 
     @property
-    def task_id(self) -> str | None:
-        return None if self._task is None else str(self._task.id)
-
-    @property
     def session_folder(self) -> Path | None:
         """Offline only: the session folder of the open task."""
         if self._task is None or not self.offline:
             return None
         return Path(str(self._task.get_offline_mode_folder()))
-
-    @property
-    def run(self) -> StageRun | None:
-        return self._run
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -300,26 +265,25 @@ class ClearMLTracker:
         if exc is None:
             self.close("completed")
         else:
-            self.close("failed", _one_line(f"{type(exc).__name__}: {exc}"))
+            self.close("failed", one_line(f"{type(exc).__name__}: {exc}"))
 
     def start(self, run: StageRun) -> None:
         """Open the task ``<task_prefix>:<run.name>`` (online or offline, see ``mode``)."""
         if self._task is not None:
             raise ClearMLError(f"ClearML task {self._task.name!r} is already open")
         if _active and _active[0] is not self:
-            other = _active[0].run.name if _active[0].run else "?"
+            other = _active[0]._run.name if _active[0]._run else "?"
             raise ClearMLError(
                 f"ClearML task for {other!r} is still open in this process; close it before "
                 f"starting {run.name!r} (ClearML keeps one current task per process)"
             )
         self._run = run
-        if self._mode_override is not None:
-            mode, reason = self._mode_override, f"forced mode={self._mode_override}"
-        else:
+        mode = self._mode_override or self.settings.mode
+        if mode == "auto":
             mode, reason = resolve_mode(self.settings)
-        pinged = self._mode_override is None and self.settings.mode == "auto"
-        if mode == "online" and not pinged:
-            problem = self._online_problem()
+        else:
+            reason = f"forced mode={mode}" if self._mode_override else f"clearml.mode={mode}"
+            problem = server_problem(self.settings) if mode == "online" else None
             if problem is not None:
                 mode, reason = "offline", problem
                 logger.warning("ClearML online requested but %s; recording offline", problem)
@@ -329,22 +293,22 @@ class ClearMLTracker:
         except Exception as exc:
             if mode != "online":
                 raise ClearMLError(f"ClearML could not open an offline task: {exc}") from exc
-            logger.warning("ClearML online task failed (%s); recording offline", _one_line(exc))
-            mode, reason = "offline", f"online init failed: {_one_line(exc)}"
+            logger.warning("ClearML online task failed (%s); recording offline", one_line(exc))
+            mode, reason = "offline", f"online init failed: {one_line(exc)}"
             try:
                 self._task = self._open(run, mode)
             except Exception as exc2:
                 raise ClearMLError(f"ClearML could not open a task: {exc2}") from exc2
         self._mode, self.mode_reason = mode, reason
         _active[:] = [self]
-        with contextlib.suppress(Exception):
-            owner = run.context.tags if run.context else {}
-            self._task.set_user_properties(
-                pipeline_run_id=run.pipeline_run_id,
-                stage=run.stage,
-                tracking_mode=mode,
-                **{k.removeprefix("housing."): v for k, v in owner.items()},
-            )
+        owner = run.context.tags if run.context else {}
+        _quietly(
+            self._task.set_user_properties,
+            pipeline_run_id=run.pipeline_run_id,
+            stage=run.stage,
+            tracking_mode=mode,
+            **{k.removeprefix("housing."): v for k, v in owner.items()},
+        )
         self.timings["start"] = time.perf_counter() - started
 
     def close(self, status: str, error: str | None = None) -> None:
@@ -356,7 +320,7 @@ class ClearMLTracker:
         if task is None:
             return
         started = time.perf_counter()
-        reason = _one_line(error or "failed")
+        reason = one_line(error or "failed")
         try:
             if status == "failed":
                 _quietly(task.add_tags, [FAILED_TAG])
@@ -382,81 +346,57 @@ class ClearMLTracker:
 
     def _open(self, run: StageRun, mode: str) -> Any:
         """Scope the environment and ``Task.init``; on failure the environment is restored."""
+        from clearml import Task
+
         try:
             self._enter_env(mode)
-            return self._init_task(run, mode)
+            current: Any = Task.current_task()
+            if current is not None:
+                raise ClearMLError(
+                    f"another ClearML task ({current.name!r}) is open in this process; close it"
+                )
+            with _quiet_sdk():
+                return Task.init(
+                    project_name=self.settings.project_name,
+                    task_name=f"{self.settings.task_prefix}:{run.name}",
+                    task_type=getattr(Task.TaskTypes, _TASK_TYPES.get(run.stage, "training")),
+                    tags=_unique([*self.settings.tags, *run.tags, run.stage]),
+                    reuse_last_task_id=False,
+                    # Online, None means "the server's file server" (True); offline: the session.
+                    output_uri=(self.settings.output_uri or True) if mode == "online" else None,
+                    auto_connect_arg_parser=False,
+                    auto_connect_frameworks=False,
+                    auto_resource_monitoring=False,
+                )
         except BaseException:
             self._restore_env()
             raise
 
-    def _online_problem(self) -> str | None:
-        env = os.environ
-        missing = [
-            n
-            for n in (self.settings.access_key_env, self.settings.secret_key_env)
-            if not env.get(n)
-        ]
-        if missing:
-            return f"{' and '.join(missing)} not set"
-        return ping(self.settings.api_host, self.settings.connect_timeout_sec)
-
     def _enter_env(self, mode: str) -> None:
         from clearml import Task
 
-        s = self.settings
         # Snapshot every CLEARML_*/TRAINS_* variable: the SDK sets some itself
         # (CLEARML_PROC_MASTER_ID, TRAINS_OFFLINE_MODE).
-        self._env_before = {k: os.environ.get(k) for k in SCOPED_ENV}
-        self._env_before.update(
-            {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
-        )
-        os.environ.update(client_env(s))
+        self._env_before = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+        os.environ.update(client_env(self.settings))
         _drop_stale_sdk_config()
-        if self._env_before["CLEARML_CONFIG_FILE"]:
+        if self._env_before.get("CLEARML_CONFIG_FILE"):
             _warn_slow_user_config()
         if mode == "online":
-            set_server_env(s)
+            set_server_env(self.settings)
+        # Only switched when needed: switching back online makes every existing session
+        # log in to the server (retries, maybe minutes with no server).
         if bool(Task.is_offline()) != (mode == "offline"):
             Task.set_offline(mode == "offline")
 
     def _restore_env(self) -> None:
-        if not self._env_before:
+        if self._env_before is None:
             return
-        # The SDK's offline switch is left as it is: switching back online makes every
-        # existing session log in to the server (retries, maybe minutes with no server).
-        # The next tracker sets the mode it needs in start().
         for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES)]:
             if key not in self._env_before:
-                os.environ.pop(key, None)
-        for key, value in self._env_before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        self._env_before = {}
-
-    def _init_task(self, run: StageRun, mode: str) -> Any:
-        from clearml import Task
-
-        current: Any = Task.current_task()
-        if current is not None:
-            raise ClearMLError(
-                f"another ClearML task ({current.name!r}) is open in this process; close it first"
-            )
-        task_type = getattr(Task.TaskTypes, _TASK_TYPES.get(run.stage, "training"))
-        with _quiet_sdk():
-            return Task.init(
-                project_name=self.settings.project_name,
-                task_name=f"{self.settings.task_prefix}:{run.name}",
-                task_type=task_type,
-                tags=_unique([*self.settings.tags, *run.tags, run.stage]),
-                reuse_last_task_id=False,
-                # Online, None means "the server's file server" (True); offline: the session.
-                output_uri=(self.settings.output_uri or True) if mode == "online" else None,
-                auto_connect_arg_parser=False,
-                auto_connect_frameworks=False,
-                auto_resource_monitoring=False,
-            )
+                del os.environ[key]
+        os.environ.update(self._env_before)
+        self._env_before = None
 
     def _require(self) -> Any:
         if self._task is None:
@@ -482,14 +422,10 @@ class ClearMLTracker:
         """Scalars (title = part before ``/``, series = the rest) plus summary single values."""
         reporter = self._require().get_logger()
         for name, raw in metrics.items():
-            try:
-                value = float(raw)
-            except (TypeError, ValueError):
-                logger.debug("ClearML: metric %s=%r is not a number; skipped", name, raw)
+            if not _finite(raw):
+                logger.debug("ClearML: metric %s=%r is not a finite number; skipped", name, raw)
                 continue
-            if not math.isfinite(value):
-                logger.debug("ClearML: metric %s=%r is not finite; skipped", name, raw)
-                continue
+            value = float(raw)
             title, _, series = str(name).partition("/")
             reporter.report_scalar(
                 title=title, series=series or title, value=value, iteration=step or 0
@@ -515,26 +451,19 @@ class ClearMLTracker:
         reporter = self._require().get_logger()
         if figure.kind == "scatter":
             points = [[float(x), float(y)] for x, y in zip(figure.x, figure.y, strict=True)]
-            reporter.report_scatter2d(
-                title=figure.title,
-                series=figure.name,
-                scatter=points,
-                iteration=0,
-                xaxis=figure.x_label or None,
-                yaxis=figure.y_label or None,
-                mode="markers",
-            )
+            series = [(figure.name, points, "markers")]
             if figure.diagonal and points:
-                values = [v for p in points for v in p]
-                low, high = min(values), max(values)
+                low, high = min(min(p) for p in points), max(max(p) for p in points)
+                series.append(("y = x", [[low, low], [high, high]], "lines"))
+            for name, scatter, mode in series:
                 reporter.report_scatter2d(
                     title=figure.title,
-                    series="y = x",
-                    scatter=[[low, low], [high, high]],
+                    series=name,
+                    scatter=scatter,
                     iteration=0,
                     xaxis=figure.x_label or None,
                     yaxis=figure.y_label or None,
-                    mode="lines",
+                    mode=mode,
                 )
         elif figure.kind == "bar":
             plot = {
@@ -564,11 +493,9 @@ class ClearMLTracker:
     def register_model(self, model: ModelVersion) -> RegisteredModel:
         """A new model (= new version) named ``model.registry_name`` with its lineage.
 
-        Version: offline, one more than the registrations of that name in the local
-        sessions (and ``registry.json``); online, one more than the server's models of
-        that name. Metadata goes where an offline import keeps it: tags
-        (``version:``, ``sha256:``, ``data:``...), the comment (compact JSON), a task
-        artifact ``model_metadata_<name>_v<version>`` and user properties.
+        Version: one more than the models of that name (offline: in the local sessions and
+        ``registry.json``). Metadata goes where an offline import keeps it: tags, the
+        comment (compact JSON), a task artifact and user properties.
         """
         task = self._require()
         path = Path(model.path)
@@ -591,7 +518,7 @@ class ClearMLTracker:
                         "model_id": registered.model_id,
                         "task_id": str(task.id),
                         "sha256": model.metadata.get("model_sha256", ""),
-                        "created_at": _now(),
+                        "created_at": utc_now(),
                     }
                 )
         else:
@@ -612,10 +539,11 @@ class ClearMLTracker:
     def _online_version(self, name: str) -> int:
         from clearml import Model
 
+        # The SDK matches model_name exactly (a ^name$ regex).
         found = Model.query_models(
             project_name=self.settings.project_name, model_name=name, include_archived=True
         )
-        return len([m for m in found if m.name == name]) + 1
+        return len(found) + 1
 
     def _register(
         self, task: Any, model: ModelVersion, path: Path, version: int
@@ -668,22 +596,19 @@ class ClearMLTracker:
         model_id = str(out.id)
         self._models[model_id] = out
         if not self.offline:
-            for key, value in {
-                **meta,
-                **{f"metric:{k}": v for k, v in record["metrics"].items()},
-            }.items():
-                with contextlib.suppress(Exception):
-                    out.set_metadata(key, str(value))
+            metrics = {f"metric:{k}": v for k, v in record["metrics"].items()}
+            for key, value in {**meta, **metrics}.items():
+                _quietly(out.set_metadata, key, str(value))
         artifact = f"{METADATA_ARTIFACT_PREFIX}{model.registry_name}_v{version}"
         task.upload_artifact(artifact, artifact_object={**record, "model_id": model_id})
-        with contextlib.suppress(Exception):
-            task.set_user_properties(
-                **{
-                    f"{model.registry_name}.version": str(version),
-                    f"{model.registry_name}.model_id": model_id,
-                    f"{model.registry_name}.sha256": meta.get("model_sha256", ""),
-                }
-            )
+        _quietly(
+            task.set_user_properties,
+            **{
+                f"{model.registry_name}.version": str(version),
+                f"{model.registry_name}.model_id": model_id,
+                f"{model.registry_name}.sha256": meta.get("model_sha256", ""),
+            },
+        )
         return RegisteredModel(
             backend=BACKEND,
             registry_name=model.registry_name,
@@ -723,8 +648,6 @@ class ClearMLTracker:
             project_name=self.settings.project_name, model_name=registry_name, tags=[CHAMPION_TAG]
         )
         for candidate in found:
-            if candidate.name != registry_name:
-                continue
             version = next(
                 (t.split(":", 1)[1] for t in candidate.tags if t.startswith("version:")), None
             )
@@ -756,8 +679,9 @@ class ClearMLTracker:
             self._tag_champion(registered, decision)
         task.add_tags([f"champion:{verdict}"])
         task.get_logger().report_text(line, print_console=False)
-        with contextlib.suppress(Exception):
-            task.set_user_properties(**{f"{decision.registry_name}.champion_decision": verdict})
+        _quietly(
+            task.set_user_properties, **{f"{decision.registry_name}.champion_decision": verdict}
+        )
         history_item = {
             **asdict(decision),
             "model_id": registered.model_id,
@@ -808,7 +732,7 @@ class ClearMLTracker:
             target.set_metadata("champion_value", repr(float(decision.challenger_value)))
             target.publish()
         except Exception as exc:
-            logger.warning("ClearML: could not move the champion tag: %s", _one_line(exc))
+            logger.warning("ClearML: could not move the champion tag: %s", one_line(exc))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -865,7 +789,7 @@ def _quietly(func: Any, *args: Any, **kwargs: Any) -> None:
     try:
         func(*args, **kwargs)
     except Exception as exc:
-        logger.debug("ClearML: %s failed: %s", getattr(func, "__name__", func), _one_line(exc))
+        logger.debug("ClearML: %s failed: %s", getattr(func, "__name__", func), one_line(exc))
 
 
 def _finite(value: Any) -> bool:
@@ -885,12 +809,3 @@ def _unique(items: Iterable[str]) -> list[str]:
 
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "model"
-
-
-def _one_line(value: object) -> str:
-    lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
-    return lines[0] if lines else type(value).__name__
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -26,26 +26,18 @@ def utc_now() -> str:
 
 def git_commit(root: Path) -> str:
     """HEAD commit of ``root`` (``+dirty`` when tracked files changed), or ``unknown``."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=5, check=False
         )
+
+    try:
+        head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -81,9 +73,7 @@ def redact(value: Any, secrets: list[str] | None = None) -> Any:
         return [redact(v, known) for v in value]
     if isinstance(value, str):
         for secret in known:
-            if secret in value:
-                value = value.replace(secret, REDACTED)
-        return value
+            value = value.replace(secret, REDACTED)
     return value
 
 

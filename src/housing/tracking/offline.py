@@ -10,10 +10,8 @@ Layout of ``clearml.offline_dir`` (default ``.clearml/``)::
     champions.json        champion ledger: name -> version, value, model, decision history
     imported.json         which sessions :func:`sync` imported into which server
 
-The SDK (clearml) is imported only inside :func:`sync`'s child process; everything else
-reads plain JSON files. Ledgers are written atomically (temp file + rename) under an
-exclusive lock (``housing.io.file_lock``). A session whose ``task.json`` cannot be read
-is skipped with a one-line warning that names it.
+The SDK is imported only in :func:`sync`'s child process; everything else reads plain
+JSON. Ledgers are written atomically under an exclusive lock (``housing.io.file_lock``).
 """
 
 from __future__ import annotations
@@ -41,33 +39,6 @@ from housing.errors import HousingError
 from housing.io import file_lock, write_json, write_text
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "CHAMPIONS_FILE",
-    "CHAMPION_TAG",
-    "CLIENT_CONFIG_FILE",
-    "FAILED_TAG",
-    "IMPORTED_FILE",
-    "METADATA_ARTIFACT_PREFIX",
-    "REGISTRY_FILE",
-    "ClearMLError",
-    "OfflineModel",
-    "OfflineSession",
-    "SyncError",
-    "SyncReport",
-    "import_sessions",
-    "list_sessions",
-    "locked_json",
-    "ping",
-    "read_artifacts",
-    "read_json_file",
-    "read_log",
-    "read_models",
-    "read_scalars",
-    "sessions_root",
-    "sync",
-    "write_client_config",
-]
 
 SESSIONS_SUBDIR: Final = "offline"
 CLIENT_CONFIG_FILE: Final = "clearml.conf"
@@ -171,7 +142,13 @@ def _reason(exc: object) -> str:
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return str(exc.strerror).lower()
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return one_line(exc)
+
+
+def one_line(value: object) -> str:
+    """The first non-blank line of ``str(value)``, else the type's name (for error summaries)."""
+    lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
+    return lines[0] if lines else type(value).__name__
 
 
 # --------------------------------------------------------------------------- ledgers
@@ -232,25 +209,18 @@ class OfflineSession:
     @property
     def properties(self) -> dict[str, str]:
         """User properties (``task.set_user_properties``) as plain strings."""
-        section = (self.task.get("hyperparams") or {}).get("properties") or {}
-        return {str(k): str(v.get("value", "")) for k, v in section.items() if isinstance(v, dict)}
+        return _values((self.task.get("hyperparams") or {}).get("properties"))
 
     @property
     def hyperparams(self) -> dict[str, dict[str, str]]:
         """``{section: {name: value}}`` from ``task.connect`` (values are strings)."""
-        out: dict[str, dict[str, str]] = {}
-        for section, items in (self.task.get("hyperparams") or {}).items():
-            if isinstance(items, dict):
-                out[str(section)] = {
-                    str(k): str(v.get("value", "")) for k, v in items.items() if isinstance(v, dict)
-                }
-        return out
+        sections = (self.task.get("hyperparams") or {}).items()
+        return {str(k): _values(v) for k, v in sections if isinstance(v, dict)}
 
     @property
     def configuration(self) -> dict[str, str]:
         """``{name: text}`` from ``task.connect_configuration``."""
-        items = self.task.get("configuration") or {}
-        return {str(k): str(v.get("value", "")) for k, v in items.items() if isinstance(v, dict)}
+        return _values(self.task.get("configuration"))
 
     def read_bytes(self, relative: str) -> bytes | None:
         """A file of the session (folder first, then the zip), ``None`` when absent."""
@@ -273,6 +243,13 @@ class OfflineSession:
         else:
             candidate = Path(recorded)
         return candidate if candidate.is_file() else None
+
+
+def _values(items: Mapping[str, Any] | None) -> dict[str, str]:
+    """``{name: value}`` of a task.json section whose entries are ``{"value": ...}``."""
+    return {
+        str(k): str(v.get("value", "")) for k, v in (items or {}).items() if isinstance(v, dict)
+    }
 
 
 @dataclass(frozen=True)
@@ -310,20 +287,12 @@ def list_sessions(offline_dir: Path, *, others_running: bool = False) -> list[Of
         root = Path(offline_dir)
         if not root.is_dir():
             return []
-    candidates: dict[str, tuple[Path, Path | None]] = {}
-    for entry in sorted(root.iterdir()):
-        if not entry.name.startswith("offline-"):
-            continue
-        if entry.is_dir():
-            archive = entry.with_name(entry.name + ".zip")
-            candidates[entry.name] = (entry, archive if archive.is_file() else None)
-        elif entry.suffix == ".zip" and entry.stem not in candidates:
-            folder = entry.with_suffix("")
-            if not folder.is_dir():
-                candidates[entry.stem] = (folder, entry)
+    entries = root.glob("offline-*")
+    names = {e.name.removesuffix(".zip") for e in entries if e.is_dir() or e.suffix == ".zip"}
     sessions = []
-    for folder, zip_path in candidates.values():
-        session = _load_session(folder, zip_path, others_running)
+    for name in sorted(names):
+        archive = root / f"{name}.zip"
+        session = _load_session(root / name, archive if archive.is_file() else None, others_running)
         if session is not None:
             sessions.append(session)
     return sorted(sessions, key=lambda s: (s.created, s.task_id))
@@ -341,10 +310,11 @@ def _load_session(
         if not isinstance(data, dict) or not isinstance(data.get("id"), str):
             raise ValueError("task.json has no task id")
     except (ValueError, UnicodeDecodeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         # No zip yet: the session may still be open (another stage writing task.json).
         level = logging.DEBUG if others_running and zip_path is None else logging.WARNING
-        logger.log(level, "skipping unreadable ClearML offline session %s: %s", folder, reason)
+        logger.log(
+            level, "skipping unreadable ClearML offline session %s: %s", folder, one_line(exc)
+        )
         return None
     return OfflineSession(
         folder=folder,
@@ -363,56 +333,48 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 def _created(session: OfflineSession) -> datetime:
     """The first event's timestamp (the SDK logs the task creation), else the folder's mtime."""
-    raw = session.read_bytes("log.jsonl")
-    if raw:
-        for event in _events(raw):
-            stamp = event.get("timestamp")
-            if isinstance(stamp, int | float):
-                return datetime.fromtimestamp(stamp / 1000.0, tz=UTC)
+    for event in read_events(session, "log.jsonl"):
+        stamp = event.get("timestamp")
+        if isinstance(stamp, int | float):
+            return datetime.fromtimestamp(stamp / 1000.0, tz=UTC)
     path = session.folder if session.folder.exists() else session.zip_path
     mtime = path.stat().st_mtime if path is not None and path.exists() else 0.0
     return datetime.fromtimestamp(mtime, tz=UTC)
 
 
-def _events(raw: bytes) -> Iterator[dict[str, Any]]:
+def read_events(session: OfflineSession, name: str) -> Iterator[dict[str, Any]]:
+    """The events of the session's JSONL file ``name`` (each line an event or a batch)."""
+    raw = session.read_bytes(name) or b""
     for line in raw.decode("utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
         try:
             batch = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by a crash
+            continue  # blank, or cut short by a crash
         for event in batch if isinstance(batch, list) else [batch]:
             if isinstance(event, dict):
                 yield event
 
 
 def read_scalars(session: OfflineSession, *, summary: bool = False) -> dict[str, float]:
-    """Last value per ``title/series`` from ``metrics.jsonl``.
-
-    ``summary=True`` returns the single values (``report_single_value``) instead, keyed by
-    their name.
-    """
+    """Last value per ``title/series`` from ``metrics.jsonl``; ``summary=True``: the single
+    values (``report_single_value``) instead, keyed by their name."""
     out: dict[str, float] = {}
-    for event in _events(session.read_bytes("metrics.jsonl") or b""):
-        if event.get("type") != "training_stats_scalar":
-            continue
+    for event in read_events(session, "metrics.jsonl"):
         metric, variant, value = event.get("metric"), event.get("variant"), event.get("value")
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            continue
-        if (metric == SUMMARY_METRIC) != summary:
-            continue
-        key = str(variant) if summary else f"{metric}/{variant}"
-        out[key] = float(value)
+        if (
+            event.get("type") == "training_stats_scalar"
+            and isinstance(value, int | float)
+            and math.isfinite(value)
+            and (metric == SUMMARY_METRIC) == summary
+        ):
+            out[str(variant) if summary else f"{metric}/{variant}"] = float(value)
     return out
 
 
 def read_log(session: OfflineSession) -> list[str]:
     """The console/text messages of the session (``report_text`` and captured output)."""
     return [
-        str(e.get("msg", ""))
-        for e in _events(session.read_bytes("log.jsonl") or b"")
-        if e.get("type") == "log"
+        str(e.get("msg", "")) for e in read_events(session, "log.jsonl") if e.get("type") == "log"
     ]
 
 
@@ -503,15 +465,6 @@ class SyncReport:
         return f"ClearML sync to {self.api_host}: " + ", ".join(parts)
 
 
-def _imported_default() -> dict[str, Any]:
-    return {"sessions": {}}
-
-
-def _already(record: Mapping[str, Any], session_id: str, api_host: str) -> bool:
-    entries = (record.get("sessions") or {}).get(session_id) or []
-    return any(isinstance(e, dict) and e.get("api_host") == api_host for e in entries)
-
-
 def sync(
     offline_dir: Path,
     *,
@@ -522,79 +475,62 @@ def sync(
     output_uri: str | None = None,
     access_key_env: str = "CLEARML_API_ACCESS_KEY",
     secret_key_env: str = "CLEARML_API_SECRET_KEY",
-    include_open: bool = False,
     env: Mapping[str, str] | None = None,
 ) -> SyncReport:
     """Import every not-yet-imported closed session of ``offline_dir`` into ``api_host``.
 
-    Credentials come from the environment variables named by ``access_key_env`` /
-    ``secret_key_env`` and are never logged or written. Each session is patched on a
-    temporary COPY (model weights paths into the copy, ``config_text`` xor
-    ``config_dict``) and imported with ``Task.import_offline_session`` in a child process
-    (clean SDK state, a generated config with at most one HTTP retry). Model weights go to
-    ``output_uri`` (default: ``files_host``). ``imported.json`` records each success; a
-    failed session is reported and retried by the next sync. An unreachable server or
-    missing credentials raise :class:`SyncError` within seconds, before anything changes.
+    Credentials come from the variables named by ``access_key_env`` / ``secret_key_env``
+    and are never logged or written. Each session is patched on a temporary copy (see
+    :func:`_patched_copy`) and imported with ``Task.import_offline_session`` in a child
+    process (clean SDK state, at most one HTTP retry); weights go to ``output_uri``
+    (default: ``files_host``). ``imported.json`` records each success; a failed session
+    is retried by the next sync. An unreachable server or missing credentials raise
+    :class:`SyncError` within seconds, before anything changes.
     """
     started = time.monotonic()
     offline_dir = Path(offline_dir)
-    api_host = api_host.rstrip("/")
+    report = SyncReport(api_host=api_host.rstrip("/"))
     env = dict(os.environ if env is None else env)
     with file_lock(offline_dir / SYNC_LOCK_FILE, blocking=False) as acquired:
         if not acquired:
             raise SyncError(f"another ClearML sync of {offline_dir} is running; try again later")
-        report = _sync_locked(
-            offline_dir,
-            api_host=api_host,
-            timeout_sec=timeout_sec,
-            web_host=web_host,
-            files_host=files_host,
-            output_uri=output_uri,
-            access_key_env=access_key_env,
-            secret_key_env=secret_key_env,
-            include_open=include_open,
-            env=env,
-        )
+        done = read_json_file(offline_dir / IMPORTED_FILE, {}).get("sessions") or {}
+        pending: list[OfflineSession] = []
+        for session in list_sessions(offline_dir):
+            entries = done.get(session.task_id) or []
+            if any(isinstance(e, dict) and e.get("api_host") == report.api_host for e in entries):
+                report.already_imported.append(session.task_id)
+            elif not session.closed:
+                report.open_sessions.append(session.task_id)
+            else:
+                pending.append(session)
+        if pending:
+            waiting = (
+                f"nothing imported; {len(pending)} session(s) wait in {sessions_root(offline_dir)}"
+            )
+            missing = [name for name in (access_key_env, secret_key_env) if not env.get(name)]
+            if missing:
+                raise SyncError(f"ClearML sync: set {' and '.join(missing)} ({waiting})")
+            problem = ping(report.api_host, timeout_sec)
+            if problem is not None:
+                raise SyncError(f"ClearML server unavailable: {problem}; {waiting}")
+            child_env = _child_env(env, offline_dir, report.api_host, web_host, files_host)
+            child_env["CLEARML_API_ACCESS_KEY"] = env[access_key_env]
+            child_env["CLEARML_API_SECRET_KEY"] = env[secret_key_env]
+            _import(offline_dir, pending, report, output_uri or files_host, child_env)
     report.seconds = time.monotonic() - started
     logger.info("%s", report.summary())
     return report
 
 
-def _sync_locked(
+def _import(
     offline_dir: Path,
-    *,
-    api_host: str,
-    timeout_sec: float,
-    web_host: str | None,
-    files_host: str | None,
-    output_uri: str | None,
-    access_key_env: str,
-    secret_key_env: str,
-    include_open: bool,
-    env: Mapping[str, str],
-) -> SyncReport:
-    report = SyncReport(api_host=api_host)
-    imported_path = offline_dir / IMPORTED_FILE
-    record = read_json_file(imported_path, _imported_default())
-    pending: list[OfflineSession] = []
-    for session in list_sessions(offline_dir):
-        if _already(record, session.task_id, api_host):
-            report.already_imported.append(session.task_id)
-        elif not session.closed and not include_open:
-            report.open_sessions.append(session.task_id)
-        else:
-            pending.append(session)
-    if not pending:
-        return report
-
-    waiting = f"nothing imported; {len(pending)} session(s) wait in {sessions_root(offline_dir)}"
-    missing = [name for name in (access_key_env, secret_key_env) if not env.get(name)]
-    if missing:
-        raise SyncError(f"ClearML sync: set {' and '.join(missing)} ({waiting})")
-    problem = ping(api_host, timeout_sec)
-    if problem is not None:
-        raise SyncError(f"ClearML server unavailable: {problem}; {waiting}")
-
+    pending: Sequence[OfflineSession],
+    report: SyncReport,
+    upload_uri: str | None,
+    env: dict[str, str],
+) -> None:
+    """Import ``pending`` in one child process; record the successes in ``imported.json``."""
     ledger = read_json_file(offline_dir / CHAMPIONS_FILE, {})
     champion_ids = {
         str(name): str(entry.get("model_id"))
@@ -605,52 +541,28 @@ def _sync_locked(
         work = Path(tmp)
         manifest = []
         for session in pending:
-            target = work / session.task_id
             try:
-                copy = _patched_copy(session, target, output_uri or files_host, champion_ids)
+                copy = _patched_copy(session, work / session.task_id, upload_uri, champion_ids)
             except (OSError, ValueError, zipfile.BadZipFile) as exc:
                 report.failed[session.task_id] = f"cannot prepare a copy: {_reason(exc)}"
                 continue
-            reason = session.properties.get("error", "") if session.failed else ""
+            champions = [
+                m.name for m in read_models(session) if champion_ids.get(m.name) == m.model_id
+            ]
             manifest.append(
                 {
                     "session_id": session.task_id,
                     "path": str(copy),
                     "project": session.project,
                     "failed": session.failed,
-                    "reason": reason,
-                    "champions": sorted(
-                        m.name
-                        for m in read_models(session)
-                        if champion_ids.get(m.name) == m.model_id
-                    ),
+                    "reason": session.properties.get("error", "") if session.failed else "",
+                    "champions": sorted(champions),
                 }
             )
-        results = _run_import_child(
-            manifest,
-            work,
-            _child_env(
-                env,
-                offline_dir=offline_dir,
-                work=work,
-                api_host=api_host,
-                web_host=web_host,
-                files_host=files_host,
-                access_key_env=access_key_env,
-                secret_key_env=secret_key_env,
-            ),
-        )
+        env["CLEARML_CACHE_DIR"] = str(work / "cache")
+        results = _run_import_child(manifest, work, env)
 
     fatal: str | None = None
-    now = datetime.now(UTC).isoformat(timespec="seconds")
-    if any("task_id" in r for r in results):
-        with locked_json(imported_path, _imported_default) as data:
-            sessions = data.setdefault("sessions", {})
-            for result in results:
-                if "task_id" in result:
-                    sessions.setdefault(result["session_id"], []).append(
-                        {"api_host": api_host, "task_id": result["task_id"], "imported_at": now}
-                    )
     for result in results:
         sid = str(result.get("session_id"))
         if "task_id" in result:
@@ -659,18 +571,24 @@ def _sync_locked(
             report.failed[sid] = str(result.get("error", "unknown error"))
             if result.get("fatal") and fatal is None:
                 fatal = report.failed[sid]
-    for item in manifest:
-        sid = str(item["session_id"])
-        if sid not in report.imported and sid not in report.failed:
-            report.failed[sid] = "not attempted (the import stopped early)"
+    if report.imported:
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        with locked_json(offline_dir / IMPORTED_FILE, dict) as data:
+            sessions = data.setdefault("sessions", {})
+            for sid, task_id in report.imported.items():
+                sessions.setdefault(sid, []).append(
+                    {"api_host": report.api_host, "task_id": task_id, "imported_at": now}
+                )
+    for sid in (str(item["session_id"]) for item in manifest):
+        if sid not in report.imported:
+            report.failed.setdefault(sid, "not attempted (the import stopped early)")
     for sid, error in report.failed.items():
         logger.warning("ClearML sync: session %s not imported: %s", sid, error)
     if fatal is not None:
         raise SyncError(
-            f"ClearML sync to {api_host} stopped: {fatal}; {len(report.imported)} imported, "
-            f"{len(report.failed)} left for the next sync"
+            f"ClearML sync to {report.api_host} stopped: {fatal}; {len(report.imported)} "
+            f"imported, {len(report.failed)} left for the next sync"
         )
-    return report
 
 
 def _patched_copy(
@@ -723,15 +641,12 @@ def _patched_copy(
 
 def _child_env(
     env: Mapping[str, str],
-    *,
     offline_dir: Path,
-    work: Path,
     api_host: str,
     web_host: str | None,
     files_host: str | None,
-    access_key_env: str,
-    secret_key_env: str,
 ) -> dict[str, str]:
+    """``env`` pointed at the server (credentials are added by the caller)."""
     dropped = {"OFFLINE_MODE", "TASK_ID", "PROC_MASTER_ID", "API_HOST", "WEB_HOST", "FILES_HOST"}
     child = {
         k: v
@@ -744,9 +659,6 @@ def _child_env(
     child["CLEARML_WEB_HOST"] = web_host or api_host
     if files_host:
         child["CLEARML_FILES_HOST"] = files_host
-    child["CLEARML_API_ACCESS_KEY"] = env[access_key_env]
-    child["CLEARML_API_SECRET_KEY"] = env[secret_key_env]
-    child["CLEARML_CACHE_DIR"] = str(work / "cache")
     if not env.get("CLEARML_CONFIG_FILE"):
         child["CLEARML_CONFIG_FILE"] = str(
             write_client_config(offline_dir / SYNC_CONFIG_FILE, retries=1)
@@ -765,21 +677,17 @@ def _run_import_child(
     results_path = work / "results.jsonl"
     manifest_path.write_text(json.dumps(list(manifest)), encoding="utf-8")
     results_path.touch()
-    cmd = [
-        sys.executable,
-        "-m",
-        "housing.cli",
-        "-q",
-        "clearml",
-        "import-sessions",
-        str(manifest_path),
-        str(results_path),
-    ]
+    cmd = [sys.executable, "-m", "housing.cli", "-q", "clearml", "import-sessions"]
     timeout = 120.0 + 60.0 * len(manifest)
     error: str | None = None
     try:
         proc = subprocess.run(
-            cmd, env=dict(env), capture_output=True, text=True, timeout=timeout, check=False
+            [*cmd, str(manifest_path), str(results_path)],
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         if proc.returncode != 0:
             tail = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
@@ -820,8 +728,7 @@ def import_sessions(manifest_path: Path, results_path: Path) -> int:
                 task.mark_failed(status_reason=item.get("reason") or "failed", force=True)
             result["task_id"] = str(task_id)
         except Exception as exc:
-            message = str(exc).strip().splitlines()
-            text = f"{type(exc).__name__}: {message[0] if message else ''}".rstrip(": ")
+            text = type(exc).__name__ + (f": {one_line(exc)}" if str(exc).strip() else "")
             result["error"] = text if len(text) <= 300 else text[:297] + "..."
             result["fatal"] = type(exc).__name__ in _FATAL_ERRORS
         with results_path.open("a", encoding="utf-8") as fh:
@@ -842,7 +749,7 @@ def _move_champion_tags(task_id: str, item: Mapping[str, Any]) -> None:
         for model in Model.query_models(
             project_name=item.get("project") or None, model_name=name, tags=[CHAMPION_TAG]
         ):
-            if model.id not in new_ids and model.name == name:
+            if model.id not in new_ids:
                 model.tags = [t for t in model.tags if t != CHAMPION_TAG]
     for model in new_models:
         model.publish()

@@ -1,26 +1,13 @@
 """First-use work done once in the ``housing repro`` fork server, not in every stage.
 
-:func:`warm` runs in the engine's fork server when it imports
-:mod:`housing.tracking.preload` (the last of :data:`housing.repro.PRELOAD_MODULES`,
-after the libraries are imported). Importing this module does nothing. :func:`warm`:
-
-- ClearML's config (HOCON, parsed in pure Python, ~1 s) is read with the ``CLEARML_*``
-  variables the stages' trackers will use. The engine passes them as JSON in
-  :data:`ENV_VARIABLE` (see :func:`housing.tracking.recorder.clearml_env`); they are set
-  only while the config is read, then the fork server's environment is as it was.
-  Without that variable ClearML's config is left to the trackers.
-- matplotlib draws one small figure (fonts, text layout, PNG writer), as the MLflow
-  tracker's ``log_figure`` does.
-- MLflow's newest schema revision is worked out (:func:`warm_mlflow_schema`).
-- :mod:`inspect` indexes the source files of the loaded modules (ClearML's loggers call
-  ``inspect.stack()``, whose first call in a process walks every module).
-- Last, :func:`gc.freeze` moves everything loaded so far out of the garbage collector's
-  reach: otherwise the first full collection in each stage (ClearML's and MLflow's
-  allocations trigger one) walks every object the libraries created, 0.3-0.6 s, and
-  touches their memory pages, which the fork then has to copy.
-
-Nothing here opens a database, a file for writing or a network connection, so nothing
-unsafe crosses the fork.
+:func:`warm` runs when the engine's fork server imports :mod:`housing.tracking.preload`
+(after the libraries); importing this module does nothing. It spares each forked stage:
+ClearML's config parse (~1 s; read with the ``CLEARML_*`` variables the engine passes as
+JSON in :data:`ENV_VARIABLE`, set only while reading), matplotlib's first figure,
+MLflow's schema revision lookup and :mod:`inspect`'s module index (ClearML's loggers call
+``inspect.stack()``). Last, :func:`gc.freeze` keeps the libraries' objects out of each
+stage's first full collection (0.3-0.6 s, and pages the fork would copy). Nothing here
+opens a database, a file for writing or a network connection.
 """
 
 from __future__ import annotations
@@ -81,13 +68,8 @@ def warm_matplotlib() -> None:
 
 
 def warm_mlflow_schema() -> None:
-    """Work out MLflow's newest store schema revision once.
-
-    Every SQL store MLflow opens checks the database's schema against it, loading
-    ~70 alembic migration scripts each time (~40 ms); it only depends on the installed
-    MLflow, so the stages forked from here reuse this answer. The database itself is
-    still checked by every store (no connection is opened here).
-    """
+    """Work out MLflow's newest store schema revision once (every SQL store loads ~70
+    alembic scripts for it, ~40 ms; it depends only on the installed MLflow)."""
     from mlflow.store.db import utils
 
     latest: Callable[[], str] = utils._get_latest_schema_revision
