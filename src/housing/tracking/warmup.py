@@ -1,11 +1,12 @@
-"""First-use work done once in the ``housing repro`` fork server, not in every stage.
+"""First-use work done once in a fork server (``housing repro``'s, or the stage server of
+plain ``dvc repro``), not in every stage.
 
 :func:`warm` runs when the engine's fork server imports :mod:`housing.tracking.preload`
 (after the libraries); importing this module does nothing. It spares each forked stage:
 ClearML's config parse (~1 s; read with the ``CLEARML_*`` variables the engine passes as
-JSON in :data:`ENV_VARIABLE`, set only while reading), matplotlib's first figure,
-MLflow's schema revision lookup and :mod:`inspect`'s module index (ClearML's loggers call
-``inspect.stack()``). Last, :func:`gc.freeze` keeps the libraries' objects out of each
+JSON in :data:`ENV_VARIABLE`, set only while reading), the MLflow tracker's first
+figure, pinned requirements and schema revision lookup, and :mod:`inspect`'s module index
+(ClearML's loggers call ``inspect.stack()``). Last, :func:`gc.freeze` keeps the libraries' objects out of each
 stage's first full collection (0.3-0.6 s, and pages the fork would copy). Nothing here
 opens a database, a file for writing or a network connection.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
-import io
 import json
 import logging
 import os
@@ -53,18 +53,12 @@ def warm_clearml(env: Mapping[str, str]) -> None:
 
 
 def warm_matplotlib() -> None:
-    """Draw a small scatter and bar figure to PNG in memory (Agg, no pyplot)."""
-    from matplotlib.figure import Figure
+    """Render a small figure as the MLflow tracker does, and its pinned requirements."""
+    from housing.tracking.base import Figure
+    from housing.tracking.mlflow import _pinned_requirements, render_svg
 
-    fig = Figure(figsize=(2, 2), dpi=50)
-    ax = fig.add_subplot()
-    ax.scatter([0.0, 1.0], [1.0, 0.0], s=4)
-    ax.bar(["a", "b"], [1.0, 2.0])
-    ax.set_title("warm-up")
-    ax.set_xlabel("x")
-    ax.set_ylabel("y")
-    fig.tight_layout()
-    fig.savefig(io.BytesIO(), format="png")
+    render_svg(Figure(name="w", title="warm-up", kind="scatter", x=[0.0, 1.0], y=[1.0, 0.0]))
+    _pinned_requirements()
 
 
 def warm_mlflow_schema() -> None:
