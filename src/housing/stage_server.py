@@ -10,8 +10,9 @@ and SIGTERM reaching the client are forwarded to the child; a client that disapp
 takes its child with it.
 
 - **One server per code, config and place:** the socket's name is a hash of the
-  interpreter, the ``housing`` package files, ``conf/``, the working directory and the
-  ``CLEARML_*``/``MLFLOW_*`` environment (:func:`server_key`). Edit the code or the
+  interpreter and its installed packages, the ``housing`` package files, ``conf/``, the
+  working directory and the ``CLEARML_*``/``MLFLOW_*``/``PYTHONPATH`` environment
+  (:func:`server_key`). Edit the code or the
   config and the next stage starts a new server; the old one exits when idle.
 - The first stage starts the server (``python -m housing.stage_server``), which imports
   what ``housing repro``'s fork server imports (:data:`housing.repro.PRELOAD_MODULES`,
@@ -50,7 +51,7 @@ SWITCH_ENV: Final = "HOUSING_STAGE_SERVER"
 IDLE_SECONDS: Final = 60.0
 #: Seconds a client waits for a new server to import everything and listen.
 START_TIMEOUT: Final = 120.0
-_KEY_ENV_PREFIXES: Final = ("CLEARML_", "TRAINS_", "MLFLOW_", "HOUSING_CONFIG_DIR")
+_KEY_ENV_PREFIXES: Final = ("CLEARML_", "TRAINS_", "MLFLOW_", "HOUSING_CONFIG_DIR", "PYTHONPATH")
 _RC: Final = struct.Struct("!i")
 _LENGTH: Final = struct.Struct("!I")
 
@@ -65,10 +66,13 @@ def _tree_stats(root: Path) -> Iterator[str]:
 
 def server_key(cwd: Path, env: Mapping[str, str]) -> str:
     """What a warm server depends on: interpreter, package code, config, place, env."""
+    import sysconfig
+
     import housing
 
     digest = hashlib.sha256()
-    parts = [sys.executable, sys.version, str(cwd)]
+    site = Path(sysconfig.get_paths()["purelib"])  # its mtime moves when packages change
+    parts = [sys.executable, sys.version, str(cwd), f"{site}:{site.stat().st_mtime_ns}"]
     parts += [f"{k}={v}" for k, v in sorted(env.items()) if k.startswith(_KEY_ENV_PREFIXES)]
     for package_dir in housing.__path__:
         parts += _tree_stats(Path(package_dir))

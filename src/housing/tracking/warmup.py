@@ -6,9 +6,10 @@ plain ``dvc repro``), not in every stage.
 ClearML's config parse (~1 s; read with the ``CLEARML_*`` variables the engine passes as
 JSON in :data:`ENV_VARIABLE`, set only while reading), the MLflow tracker's first
 figure, pinned requirements and schema revision lookup, and :mod:`inspect`'s module index
-(ClearML's loggers call ``inspect.stack()``). Last, :func:`gc.freeze` keeps the libraries' objects out of each
-stage's first full collection (0.3-0.6 s, and pages the fork would copy). Nothing here
-opens a database, a file for writing or a network connection.
+(ClearML's loggers call ``inspect.stack()``). Last, :func:`gc.freeze` keeps the
+libraries' objects out of each stage's first full collection (0.3-0.6 s, and pages the
+fork would copy). Nothing here opens a database, a file for writing or a network
+connection.
 """
 
 from __future__ import annotations
