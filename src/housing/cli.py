@@ -587,9 +587,6 @@ def clearml_import_sessions(options: Globals, manifest: Path, results: Path) -> 
     return import_sessions(manifest, results)
 
 
-# --------------------------------------------------------------------------- entry point
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``housing`` and ``scripts/*.py``; returns the process exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)

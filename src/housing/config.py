@@ -81,9 +81,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
 
-# --------------------------------------------------------------------------- data
-
-
 class ColumnRule(_Section):
     """Checks on one column: numeric range, allowed values, missing values."""
 
@@ -141,9 +138,6 @@ class DataSettings(_Section):
         return self
 
 
-# --------------------------------------------------------------------------- model
-
-
 class ModelSettings(_Section):
     """One candidate model: the estimator key, its params, preprocessing options."""
 
@@ -165,9 +159,6 @@ class ModelSettings(_Section):
             )
         check_params(self.estimator, self.params)
         return self
-
-
-# --------------------------------------------------------------------------- paths
 
 
 class Paths(_Section):
@@ -401,9 +392,6 @@ class NotificationSettings(_Section):
             if name not in NOTIFY_TRIGGERS:
                 raise ValueError(_unknown("trigger", name, sorted(NOTIFY_TRIGGERS)))
         return value
-
-
-# --------------------------------------------------------------------------- settings
 
 
 class Settings(_Section):
