@@ -194,9 +194,10 @@ def test_prepare_csv_with_separator(tmp_path: Path, make_settings: SettingsFacto
 
 
 def test_drop_columns_removes_b_from_boston(make_settings: SettingsFactory) -> None:
-    result = prepare.run(make_settings(["data.drop_columns=[b]"]))
+    settings = make_settings(["data.drop_columns=[b]"])
+    result = prepare.run(settings)
     assert "b" not in result.fingerprint["features"]
-    assert "b" not in pd.read_csv(result.train_path).columns
+    assert "b" not in pd.read_csv(settings.paths.train).columns
 
 
 def test_drop_unknown_column_is_a_config_error(make_settings: SettingsFactory) -> None:

@@ -28,6 +28,7 @@ from housing.runner import run_stage
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from housing.config import Settings
     from housing.doctor import Check
     from housing.monitoring import RunStatus
     from housing.orchestration.scheduling import ScheduleResult
@@ -59,43 +60,27 @@ class _OrderedGroup(click.Group):
         return list(self.commands)
 
 
-def _set_quiet(ctx: click.Context, _: click.Parameter, value: bool) -> None:
-    if value:
-        ctx.ensure_object(Globals).verbosity = -1
+def _global_option(*decls: str, attr: str, value: Any = None, **kwargs: Any) -> Callable[[F], F]:
+    """An option stored in :class:`Globals` (``value``, else the given one) when given."""
 
+    def store(ctx: click.Context, _: click.Parameter, given: Any) -> None:
+        if given:
+            setattr(ctx.ensure_object(Globals), attr, given if value is None else value)
 
-def _set_verbose(ctx: click.Context, _: click.Parameter, value: bool) -> None:
-    if value:
-        ctx.ensure_object(Globals).verbosity = 1
-
-
-def _set_config_dir(ctx: click.Context, _: click.Parameter, value: Path | None) -> None:
-    if value is not None:
-        ctx.ensure_object(Globals).config_dir = value
+    return click.option(*decls, expose_value=False, callback=store, **kwargs)
 
 
 _GLOBAL_OPTIONS = (
-    click.option(
-        "-q",
-        "--quiet",
-        is_flag=True,
-        expose_value=False,
-        callback=_set_quiet,
-        help="Warnings and errors only.",
+    _global_option(
+        "-q", "--quiet", attr="verbosity", value=-1, is_flag=True, help="Warnings and errors only."
     ),
-    click.option(
-        "-v",
-        "--verbose",
-        is_flag=True,
-        expose_value=False,
-        callback=_set_verbose,
-        help="Debug messages too.",
+    _global_option(
+        "-v", "--verbose", attr="verbosity", value=1, is_flag=True, help="Debug messages too."
     ),
-    click.option(
+    _global_option(
         "--config-dir",
+        attr="config_dir",
         type=click.Path(file_okay=False, path_type=Path),
-        expose_value=False,
-        callback=_set_config_dir,
         help="Config folder (default: $HOUSING_CONFIG_DIR, else ./conf).",
     ),
 )
@@ -123,6 +108,20 @@ def _overrides(function: F) -> F:
     return click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")(function)
 
 
+def _configured(function: Callable[..., int]) -> Callable[..., int]:
+    """A command body that gets the settings composed from the command's overrides."""
+
+    @_overrides
+    @_leaf
+    @functools.wraps(function)
+    def command(options: Globals, /, overrides: tuple[str, ...], **kwargs: Any) -> int:
+        from housing.config import load_settings
+
+        return function(load_settings(list(overrides), config_dir=options.config_dir), **kwargs)
+
+    return command
+
+
 def _echo(text: str = "", *, err: bool = False) -> None:
     """One line to stdout (stderr with ``err``), through ``sys.stdout`` as it is now.
 
@@ -141,6 +140,16 @@ def _console() -> Console | None:
     from rich.console import Console
 
     return Console(file=sys.stdout, highlight=False)
+
+
+def _show(lines: Sequence[str], fancy: Callable[[Console], None]) -> None:
+    """Plain ``lines``, or on a terminal what ``fancy`` prints to a rich console."""
+    console = _console()
+    if console is None:
+        for line in lines:
+            _echo(line)
+    else:
+        fancy(console)
 
 
 @click.group(
@@ -279,20 +288,15 @@ def pipeline(
     default=None,
     help="A crontab file instead of `crontab`.",
 )
-@_overrides
-@_leaf
-def schedule(
-    options: Globals, install: bool, crontab_file: Path | None, overrides: tuple[str, ...]
-) -> int:
+@_configured
+def schedule(settings: Settings, install: bool, crontab_file: Path | None) -> int:
     """Schedule the pipeline on clearml.pipeline.schedule_cron (cron or ClearML).
 
     Crontab line without a ClearML server, a ClearML TaskScheduler with one.
     """
-    from housing.config import load_settings
     from housing.orchestration.scheduling import schedule as make_schedule
     from housing.schedule import FileCrontab
 
-    settings = load_settings(list(overrides), config_dir=options.config_dir)
     result = make_schedule(
         settings,
         install=install,
@@ -353,32 +357,22 @@ _project_option = click.option(
 @click.option(
     "--last", "last_n", type=click.IntRange(min=1), default=None, help="The N newest runs."
 )
-@_overrides
-@_leaf
+@_configured
 def compare(
-    options: Globals,
-    *,
+    settings: Settings,
     project: str | None,
     tags: tuple[str, ...],
     stage: str | None,
     last_n: int | None,
-    overrides: tuple[str, ...],
 ) -> int:
     """Export ClearML and MLflow experiments and models to metrics/*.csv.
 
     Overrides are Hydra syntax, e.g.: mlflow.tracking_uri=sqlite:///other.db
     """
-    from housing.config import load_settings
     from housing.reporting.compare import compare as export
 
-    settings = load_settings(list(overrides), config_dir=options.config_dir)
     result = export(settings, project=project, tags=list(tags), stage=stage, last_n=last_n)
-    console = _console()
-    if console is None:
-        for line in result.summary_lines():
-            _echo(line)
-    else:
-        console.print(_compare_table(result))
+    _show(result.summary_lines(), lambda console: console.print(_compare_table(result)))
     for name, got in result.backends.items():
         if got.error is not None:
             _echo(f"error: {name}: {got.error}", err=True)
@@ -423,19 +417,14 @@ def _compare_table(result: CompareResult) -> Any:
     show_default=True,
     help="Versions per model to chart.",
 )
-@_overrides
-@_leaf
-def report(
-    options: Globals, project: str | None, last_versions: int, overrides: tuple[str, ...]
-) -> int:
+@_configured
+def report(settings: Settings, project: str | None, last_versions: int) -> int:
     """Write reports/experiments.html and reports/experiments.md.
 
     Overrides are Hydra syntax, e.g.: mlflow.tracking_uri=sqlite:///other.db
     """
-    from housing.config import load_settings
     from housing.reporting.report import build_report
 
-    settings = load_settings(list(overrides), config_dir=options.config_dir)
     result = build_report(settings, project=project, last_versions=last_versions)
     for note in result.notes:
         _echo(f"note: {note}", err=True)
@@ -455,24 +444,17 @@ def report(
 
 
 @cli.command("status", short_help="Show the last pipeline run: stages, durations, outcome.")
-@_overrides
-@_leaf
-def status(options: Globals, overrides: tuple[str, ...]) -> int:
+@_configured
+def status(settings: Settings) -> int:
     """Show the last pipeline run's stages from metrics/pipeline_events.jsonl."""
-    from housing.config import load_settings
     from housing.monitoring import last_run_status, render_status
 
-    settings = load_settings(list(overrides), config_dir=options.config_dir)
     events = settings.paths.metrics_dir / "pipeline_events.jsonl"
     run = last_run_status(events)
     if run is None:
         _echo(f"no pipeline runs recorded yet in {events}")
         return 0
-    console = _console()
-    if console is None:
-        _echo(render_status(run))
-    else:
-        _print_status(console, run)
+    _show([render_status(run)], lambda console: _print_status(console, run))
     test = settings.paths.test_summary
     if test.is_file():
         from housing.io import read_record, read_scores, relpath
@@ -510,19 +492,16 @@ def _print_status(console: Console, run: RunStatus) -> None:
 
 
 @cli.command("doctor", short_help="Check tracking backends, ClearML server, queues, agents.")
-@_overrides
-@_leaf
-def doctor(options: Globals, overrides: tuple[str, ...]) -> int:
+@_configured
+def doctor(settings: Settings) -> int:
     """Check tracking backends, ClearML server, credentials, queues, agents.
 
     Exits 1 when a check fails.
     """
     import os
 
-    from housing.config import load_settings
     from housing.doctor import diagnose, render
 
-    settings = load_settings(list(overrides), config_dir=options.config_dir)
     cml = settings.clearml
     checks = diagnose(
         os.environ,
@@ -538,11 +517,7 @@ def doctor(options: Globals, overrides: tuple[str, ...]) -> int:
         access_key_env=cml.access_key_env,
         secret_key_env=cml.secret_key_env,
     )
-    console = _console()
-    if console is None:
-        _echo(render(checks))
-    else:
-        _print_checks(console, checks)
+    _show([render(checks)], lambda console: _print_checks(console, checks))
     return 1 if any(c.status == "fail" for c in checks) else 0
 
 
@@ -564,15 +539,11 @@ def _print_checks(console: Console, checks: Sequence[Check]) -> None:
 
 
 @cli.command("config")
-@_overrides
-@_leaf
-def config(options: Globals, overrides: tuple[str, ...]) -> int:
+@_configured
+def config(settings: Settings) -> int:
     """Print the composed, validated config."""
     import yaml
 
-    from housing.config import load_settings
-
-    settings = load_settings(list(overrides), config_dir=options.config_dir)
     sys.stdout.write(yaml.safe_dump(dict(settings.resolved), sort_keys=False))
     return 0
 
@@ -585,14 +556,12 @@ def clearml() -> None:
 
 
 @clearml.command("sync", short_help="Import offline ClearML sessions into the server.")
-@_overrides
-@_leaf
-def clearml_sync(options: Globals, overrides: tuple[str, ...]) -> int:
+@_configured
+def clearml_sync(settings: Settings) -> int:
     """Import every offline ClearML session not yet imported into the configured server."""
-    from housing.config import load_settings
     from housing.tracking.offline import sync
 
-    cml = load_settings(list(overrides), config_dir=options.config_dir).clearml
+    cml = settings.clearml
     result = sync(
         cml.offline_dir,
         api_host=cml.api_host,
@@ -616,9 +585,6 @@ def clearml_import_sessions(options: Globals, manifest: Path, results: Path) -> 
     from housing.tracking.offline import import_sessions
 
     return import_sessions(manifest, results)
-
-
-# --------------------------------------------------------------------------- entry point
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,9 +13,10 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -29,7 +30,6 @@ from pydantic import (
 
 from housing.errors import ConfigError
 
-M = TypeVar("M", bound=BaseModel)
 CONFIG_NAME = "pipeline"
 #: Metrics every train stage reports, in the names every tracker uses.
 TRAIN_METRICS = (
@@ -43,8 +43,6 @@ TRAIN_METRICS = (
     "cv/rmse_std",
 )
 SELECTION_METRICS = tuple(m for m in TRAIN_METRICS if m != "cv/rmse_std")
-DATA_SOURCES = ("boston", "california", "csv", "synthetic")
-TRACKING_BACKENDS = ("mlflow", "clearml")
 
 
 def greater_is_better(metric: str) -> bool:
@@ -52,21 +50,35 @@ def greater_is_better(metric: str) -> bool:
     return metric.endswith("r2")
 
 
+def _under_root(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths join the project root (validation context ``root``, else the cwd)."""
+    return Path((info.context or {}).get("root") or Path.cwd()) / value.expanduser()
+
+
+def _refuse(bad: int, why: str) -> AfterValidator:
+    def check(value: int) -> int:
+        if value == bad:
+            raise ValueError(why)
+        return value
+
+    return AfterValidator(check)
+
+
+def _or_empty(value: Any) -> Any:
+    return {} if value is None else value
+
+
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Text = Annotated[str, Field(min_length=1)]
 Fraction = Annotated[Number, Field(gt=0, lt=1)]
 Seed = Annotated[StrictInt, Field(ge=0)]
+Folds = Annotated[Seed, _refuse(1, "must be 0 (no CV) or at least 2")]
+ProjectPath = Annotated[Path, AfterValidator(_under_root)]
+Url = Annotated[Text, AfterValidator(lambda url: url.rstrip("/"))]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
-
-
-def _root(info: ValidationInfo) -> Path:
-    return Path((info.context or {}).get("root") or Path.cwd())
-
-
-# --------------------------------------------------------------------------- data
 
 
 class ColumnRule(_Section):
@@ -77,6 +89,14 @@ class ColumnRule(_Section):
     allowed: tuple[Number, ...] | None = None
     nullable: StrictBool | None = None  # None: the schema's allow_missing decides
 
+    _no_rules = model_validator(mode="before")(_or_empty)  # `rm:` with no rules is allowed
+
+    @model_validator(mode="after")
+    def _range(self) -> ColumnRule:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is greater than max {self.max:g}")
+        return self
+
 
 class Schema(_Section):
     """Table-level checks plus per-column rules (listed columns are required)."""
@@ -85,21 +105,7 @@ class Schema(_Section):
     allow_missing: StrictBool = False
     columns: dict[str, ColumnRule] = Field(default_factory=dict)
 
-    @field_validator("columns", mode="before")
-    @classmethod
-    def _empty_rules(cls, value: Any) -> Any:
-        if isinstance(value, Mapping):  # `rm:` with no rules is allowed
-            return {k: {} if v is None else v for k, v in value.items()}
-        return {} if value is None else value
-
-    @model_validator(mode="after")
-    def _ranges(self) -> Schema:
-        for name, rule in self.columns.items():
-            if rule.min is not None and rule.max is not None and rule.min > rule.max:
-                raise ConfigError(
-                    f"data.schema.columns.{name}: min {rule.min:g} is greater than max {rule.max:g}"
-                )
-        return self
+    _no_columns = field_validator("columns", mode="before")(_or_empty)
 
 
 class DataSettings(_Section):
@@ -132,9 +138,6 @@ class DataSettings(_Section):
         return self
 
 
-# --------------------------------------------------------------------------- model
-
-
 class ModelSettings(_Section):
     """One candidate model: the estimator key, its params, preprocessing options."""
 
@@ -143,10 +146,7 @@ class ModelSettings(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
     scale: StrictBool = True
 
-    @field_validator("params", mode="before")
-    @classmethod
-    def _no_params(cls, value: Any) -> Any:
-        return {} if value is None else value
+    _no_params = field_validator("params", mode="before")(_or_empty)
 
     @model_validator(mode="after")
     def _estimator(self) -> ModelSettings:
@@ -161,19 +161,16 @@ class ModelSettings(_Section):
         return self
 
 
-# --------------------------------------------------------------------------- paths
-
-
 class Paths(_Section):
     """Every file the pipeline reads or writes, absolute (relative ones join the root)."""
 
-    raw: Path
-    train: Path
-    test: Path
-    models_dir: Path
-    metrics_dir: Path
-    plots_dir: Path
-    reports_dir: Path
+    raw: ProjectPath
+    train: ProjectPath
+    test: ProjectPath
+    models_dir: ProjectPath
+    metrics_dir: ProjectPath
+    plots_dir: ProjectPath
+    reports_dir: ProjectPath
 
     @field_validator("*", mode="before")
     @classmethod
@@ -181,11 +178,6 @@ class Paths(_Section):
         if not isinstance(value, str) or not value:
             raise ValueError("expected a non-empty path")
         return value
-
-    @field_validator("*")
-    @classmethod
-    def _absolute(cls, value: Path, info: ValidationInfo) -> Path:
-        return _root(info) / value
 
     def model(self, name: str) -> Path:
         return self.models_dir / f"{name}.joblib"
@@ -241,29 +233,14 @@ class PrepareSettings(_Section):
     random_state: Seed
 
 
-def _folds(value: int | None) -> int | None:
-    if value == 1:
-        raise ValueError("must be 0 (no CV) or at least 2")
-    return value
-
-
 class TrainSettings(_Section):
     val_size: Fraction
     random_state: Seed
-    cv_folds: Annotated[StrictInt, Field(ge=0)]
+    cv_folds: Folds
     large_table_rows: Annotated[StrictInt, Field(ge=1)]
-    cv_folds_large: Annotated[StrictInt, Field(ge=0)] | None
-    n_jobs: StrictInt
+    cv_folds_large: Folds | None
+    n_jobs: Annotated[StrictInt, _refuse(0, "must be -1 (all cores) or a positive count")]
     refit_full: StrictBool
-
-    _check_folds = field_validator("cv_folds", "cv_folds_large")(_folds)
-
-    @field_validator("n_jobs")
-    @classmethod
-    def _jobs(cls, value: int) -> int:
-        if value == 0:
-            raise ValueError("must be -1 (all cores) or a positive count")
-        return value
 
     def folds_for(self, n_rows: int) -> int:
         """CV folds to use for a train split of ``n_rows`` rows (0: no CV)."""
@@ -313,14 +290,9 @@ class MLflowSettings(_Section):
 
 
 class ClearMLServer(_Section):
-    api_host: Text = "http://127.0.0.1:8008"
-    web_host: Text = "http://127.0.0.1:8080"
-    files_host: Text = "http://127.0.0.1:8081"
-
-    @field_validator("*")
-    @classmethod
-    def _no_slash(cls, value: str) -> str:
-        return value.rstrip("/")
+    api_host: Url = "http://127.0.0.1:8008"
+    web_host: Url = "http://127.0.0.1:8080"
+    files_host: Url = "http://127.0.0.1:8081"
 
 
 class ClearMLAuth(_Section):
@@ -359,16 +331,11 @@ class ClearMLSettings(_Section):
     model_name: Text = "housing"
     output_uri: Text | None = None
     tags: tuple[str, ...] = ()
-    offline_dir: Path = Path(".clearml")
+    offline_dir: ProjectPath = Path(".clearml")
     server: ClearMLServer = ClearMLServer()
     auth: ClearMLAuth = ClearMLAuth()
     connect_timeout_sec: Annotated[Number, Field(gt=0)] = 2.0
     pipeline: ClearMLPipeline = ClearMLPipeline()
-
-    @field_validator("offline_dir")
-    @classmethod
-    def _absolute(cls, value: Path, info: ValidationInfo) -> Path:
-        return _root(info) / value.expanduser()
 
     @property
     def api_host(self) -> str:
@@ -402,7 +369,7 @@ class NotificationSettings(_Section):
     """Who hears about stage events besides ``metrics/pipeline_events.jsonl``."""
 
     console: StrictBool = False
-    file: Path | None = None  # relative: under the project root
+    file: ProjectPath | None = None
     webhook: WebhookSettings | None = None  # true: defaults; null/false: off
     on: tuple[str, ...] = ("failed", "pipeline")
 
@@ -425,14 +392,6 @@ class NotificationSettings(_Section):
             if name not in NOTIFY_TRIGGERS:
                 raise ValueError(_unknown("trigger", name, sorted(NOTIFY_TRIGGERS)))
         return value
-
-    @field_validator("file")
-    @classmethod
-    def _absolute(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else _root(info) / value
-
-
-# --------------------------------------------------------------------------- settings
 
 
 class Settings(_Section):
@@ -545,37 +504,20 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_settings(
-    overrides: Sequence[str] = (),
-    config_dir: Path | None = None,
-    root: Path | None = None,
+    overrides: Sequence[str] = (), config_dir: Path | None = None, root: Path | None = None
 ) -> Settings:
     """Compose and validate the config; the one call every entry point makes."""
     cdir = (config_dir or default_config_dir()).resolve()
-    resolved = compose(overrides, cdir)
-    return build_settings(resolved, config_dir=cdir, root=root or Path.cwd())
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def build_settings(cfg: Mapping[str, Any], *, config_dir: Path, root: Path) -> Settings:
-    """Validate a composed config (plain mapping) into :class:`Settings`."""
-    root = root.resolve()
+    cfg = compose(overrides, cdir)
+    root = (root or Path.cwd()).resolve()
     extra = sorted(set(cfg) & {"root", "config_dir", "resolved"})
     if extra:
         raise ConfigError(f"{extra[0]}: unknown key")
-    values = {**cfg, "root": root, "config_dir": config_dir, "resolved": dict(cfg)}
-    return validate(Settings, values, root=root, config_dir=config_dir)
-
-
-def validate(
-    model: type[M], values: Any, *, root: Path | None = None, config_dir: Path | None = None
-) -> M:
-    """``model`` from plain values; the first problem is one ConfigError line."""
+    values = {**cfg, "root": root, "config_dir": cdir, "resolved": dict(cfg)}
     try:
-        return model.model_validate(values, context={"root": root, "config_dir": config_dir})
+        return Settings.model_validate(values, context={"root": root, "config_dir": cdir})
     except ValidationError as exc:
-        raise ConfigError(_error_line(model, exc.errors()[0])) from None
+        raise ConfigError(_error_line(exc.errors()[0])) from None
 
 
 _EXPECTED = {
@@ -591,12 +533,12 @@ _EXPECTED = {
 }
 
 
-def _error_line(model: type[BaseModel], error: Mapping[str, Any]) -> str:
+def _error_line(error: Mapping[str, Any]) -> str:
     loc = tuple(error["loc"])
     key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     kind, ctx, value = str(error["type"]), error.get("ctx") or {}, error.get("input")
     if kind == "extra_forbidden":
-        names = _fields_at(model, loc[:-1])
+        names = _fields_at(Settings, loc[:-1])
         prefix = key[: -len(str(loc[-1]))]
         return f"{key}: unknown key{_did_you_mean(str(loc[-1]), names, prefix)}"
     if kind == "missing":

@@ -25,29 +25,25 @@ ESTIMATORS: dict[str, tuple[str, str, bool]] = {
 Rule = Callable[[Any], bool]
 
 
-def _ge(bound: float, *, allow_none: bool = False) -> tuple[Rule, str]:
+def _number(text: str, test: Callable[[float], bool], allow_none: bool) -> tuple[Rule, str]:
     def rule(v: Any) -> bool:
         if v is None:
             return allow_none
-        return isinstance(v, int | float) and not isinstance(v, bool) and v >= bound
+        return isinstance(v, int | float) and not isinstance(v, bool) and test(v)
 
-    return rule, f"a number >= {bound:g}" + (" or null" if allow_none else "")
+    return rule, text + (" or null" if allow_none else "")
+
+
+def _ge(bound: float, *, allow_none: bool = False) -> tuple[Rule, str]:
+    return _number(f"a number >= {bound:g}", lambda v: v >= bound, allow_none)
 
 
 def _gt(bound: float) -> tuple[Rule, str]:
-    def rule(v: Any) -> bool:
-        return isinstance(v, int | float) and not isinstance(v, bool) and v > bound
-
-    return rule, f"a number > {bound:g}"
+    return _number(f"a number > {bound:g}", lambda v: v > bound, False)
 
 
 def _unit(*, allow_none: bool = False) -> tuple[Rule, str]:
-    def rule(v: Any) -> bool:
-        if v is None:
-            return allow_none
-        return isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1
-
-    return rule, "a fraction in (0, 1]" + (" or null" if allow_none else "")
+    return _number("a fraction in (0, 1]", lambda v: 0 < v <= 1, allow_none)
 
 
 #: Cheap checks done when the config is validated, before any import or data read.

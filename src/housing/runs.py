@@ -1,27 +1,20 @@
 """One pipeline run, one identity, whoever starts it.
 
-A *pipeline run* is what one command does to the DAG: ``housing repro`` (``make run``),
-plain ``dvc repro``, ``dvc exp run`` (workspace, ``--temp`` or queued), a scheduled run,
-or a stage run by hand. Every stage of it shares one run id and one MLflow parent run.
-:func:`current` works out which run the calling process belongs to:
+A *pipeline run* is what one command does to the DAG (``housing repro``, ``dvc repro``,
+``dvc exp run``, a scheduled run, a stage run by hand); its stages share one run id and
+one MLflow parent run. :func:`current` finds the run of the calling process:
 
-0. ``HOUSING_RUN_CONTEXT``: a whole context (JSON) handed to a stage that runs on
-   behalf of another process (:mod:`housing.stage_server`).
-1. ``HOUSING_RUN_ID`` (set by ``housing repro``, ``make run``, the scheduler): that id,
-   owned by ``HOUSING_RUN_OWNER_PID`` when set (the engine closes the parent itself).
-2. Otherwise the nearest ancestor process that is DVC (``dvc repro``, ``dvc exp run``,
-   a queue worker's ``dvc exp exec-run``): its pid and start time name the run, so
-   every stage that one DVC process runs lands under one parent. DVC cannot tell a
-   stage that it is the last one, so each stage leaves the parent closed when it ends
-   (FINISHED, or FAILED once any stage failed) and the next one reopens it.
-3. Otherwise (a stage run by hand) a new id owned by this process.
+0. ``HOUSING_RUN_CONTEXT``: a whole context (JSON) handed to a stage that runs on behalf
+   of another process (:mod:`housing.stage_server`).
+1. ``HOUSING_RUN_ID`` (``housing repro``, ``make run``, the scheduler), owned by
+   ``HOUSING_RUN_OWNER_PID`` when set (that engine closes the parent itself).
+2. Else the nearest DVC ancestor process: its pid and start time name the run. DVC cannot
+   tell a stage it is the last, so each stage leaves the parent closed and the next reopens it.
+3. Else (a stage run by hand) a new id owned by this process.
 
-The owner's pid and start time are recorded with the runs, so a later run can tell
-runs left RUNNING by a killed process (:func:`is_alive`) and close them.
-
-DVC experiments run in a temporary copy under ``.dvc/tmp/exps/`` that DVC deletes;
-:func:`store_root` maps such a copy back to the repository, whose tracker stores
-(MLflow database, ClearML offline sessions, champion records) receive the records.
+The owner's pid and start time are recorded, so a later run can close runs left RUNNING
+by a killed process (:func:`is_alive`). :func:`store_root` maps a DVC experiment's
+temporary copy (``.dvc/tmp/exps/``) back to the repository whose stores get the records.
 """
 
 from __future__ import annotations
@@ -108,10 +101,7 @@ def _dvc_ancestor() -> int | None:
         process = psutil.Process().parent()
         while process is not None and process.pid > 1:
             cmdline = process.cmdline()
-            if any(Path(arg).name == "dvc" for arg in cmdline[:2]) or cmdline[1:3] == [
-                "-m",
-                "dvc",
-            ]:
+            if cmdline[1:3] == ["-m", "dvc"] or any(Path(a).name == "dvc" for a in cmdline[:2]):
                 return int(process.pid)
             process = process.parent()
     except psutil.Error:
@@ -126,33 +116,24 @@ def current(env: Mapping[str, str] | None = None) -> RunContext:
     source = os.environ if env is None else env
     if source.get(CONTEXT_ENV):
         return RunContext(**json.loads(source[CONTEXT_ENV]))
-    host = socket.gethostname()
-    experiment = source.get("DVC_EXP_NAME") or None
-    baseline = source.get("DVC_EXP_BASELINE_REV") or None
     run_id = source.get(RUN_ID_ENV, "").strip()
-    if run_id:
-        owner = source.get(OWNER_PID_ENV, "").strip()
-        pid = int(owner) if owner.isdigit() else os.getpid()
-        return RunContext(
-            run_id,
-            "housing",
-            pid,
-            process_started(pid) or 0.0,
-            host,
-            closes_parent=not owner.isdigit(),
-            experiment=experiment,
-            baseline=baseline,
-        )
-    dvc = _dvc_ancestor()
-    if dvc is not None:
-        started = process_started(dvc) or 0.0
-        stamp = f"{started:.0f}"
-        return RunContext(
-            f"dvc-{stamp}-{dvc}", "dvc", dvc, started, host, True, experiment, baseline
-        )
-    pid = os.getpid()
+    owner = source.get(OWNER_PID_ENV, "").strip()
+    owned = bool(run_id) and owner.isdigit()  # the engine closes the parent itself
+    dvc = None if run_id else _dvc_ancestor()
+    pid = int(owner) if owned else dvc or os.getpid()
+    started = process_started(pid) or 0.0
+    trigger = "housing" if run_id else "dvc" if dvc else "manual"
+    if not run_id:
+        run_id = f"dvc-{started:.0f}-{dvc}" if dvc else new_run_id()
     return RunContext(
-        new_run_id(), "manual", pid, process_started(pid) or 0.0, host, True, experiment, baseline
+        run_id,
+        trigger,
+        pid,
+        started,
+        socket.gethostname(),
+        closes_parent=not owned,
+        experiment=source.get("DVC_EXP_NAME") or None,
+        baseline=source.get("DVC_EXP_BASELINE_REV") or None,
     )
 
 

@@ -32,13 +32,11 @@ class EvaluationResult:
     metrics: dict[str, float]
     metrics_path: Path  # metrics/test_metrics.json: ``test/<metric>`` and ``n_test``
     predictions_path: Path
-    importances_path: Path
     predictions: pd.DataFrame
     importances: dict[str, float]
     comparison: pd.DataFrame  # one row per candidate: val, CV and test metrics
     comparison_path: Path
     meta_path: Path  # metrics/test_metrics.meta.json: model, sha256, candidates' test scores
-    summary_path: Path  # metrics.json: the DVC metrics file, ``{"rmse", "mae", "r2"}``
 
 
 def evaluate_model(
@@ -75,32 +73,25 @@ def run(settings: Settings) -> EvaluationResult:
         "model": summary["best_model"],
         "model_sha256": summary["best_model_sha256"],
         "candidates": {
-            row["model"]: {k: row[k] for k in ("test/rmse", "test/mae", "test/r2")}
+            row["model"]: {f"test/{m}": row[f"test/{m}"] for m in SUMMARY_METRICS}
             for row in comparison.to_dict("records")
         },
     }
     io.write_scores(paths.test_metrics, {**metrics, "n_test": len(test)})
     io.write_json(paths.meta(paths.test_metrics), meta)
     io.write_scores(paths.test_summary, {m: metrics[f"test/{m}"] for m in SUMMARY_METRICS})
-    log.info(
-        "evaluate %s: test/rmse=%.3f test/mae=%.3f test/r2=%.3f",
-        summary["best_model"],
-        metrics["test/rmse"],
-        metrics["test/mae"],
-        metrics["test/r2"],
-    )
+    scores = " ".join(f"test/{m}={metrics[f'test/{m}']:.3f}" for m in SUMMARY_METRICS)
+    log.info("evaluate %s: %s", summary["best_model"], scores)
     return EvaluationResult(
         model_name=summary["best_model"],
         metrics=metrics,
         metrics_path=paths.test_metrics,
         predictions_path=paths.predictions,
-        importances_path=paths.importances,
         predictions=table,
         importances=importances,
         comparison=comparison,
         comparison_path=paths.comparison,
         meta_path=paths.meta(paths.test_metrics),
-        summary_path=paths.test_summary,
     )
 
 

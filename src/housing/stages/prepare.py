@@ -21,11 +21,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PrepareResult:
-    """What prepare wrote and the data fingerprint it recorded."""
+    """The data fingerprint prepare recorded, and where."""
 
-    raw_path: Path
-    train_path: Path
-    test_path: Path
     fingerprint_path: Path
     fingerprint: dict[str, Any]
 
@@ -98,4 +95,4 @@ def run(settings: Settings) -> PrepareResult:
         len(test),
         fingerprint["raw"]["md5"],
     )
-    return PrepareResult(paths.raw, paths.train, paths.test, paths.fingerprint, fingerprint)
+    return PrepareResult(paths.fingerprint, fingerprint)

@@ -57,8 +57,6 @@ def cross_validate_rmse(
 
     A fold that ends more than 2 s after the start logs a progress line.
     """
-    import time
-
     import numpy as np
     from sklearn.base import clone
     from sklearn.model_selection import KFold
