@@ -1,22 +1,12 @@
 """The experiments report: ``reports/experiments.html`` and ``reports/experiments.md``.
 
-:func:`build_report` reads the pipeline's files (``metrics/train_metrics.json``,
-``metrics/test_metrics.json``, each with its ``.meta.json``, ``plots/model_comparison.csv``,
-``plots/test_predictions.csv``, ``plots/feature_importances.csv``) and the trackers through
-:mod:`housing.reporting.compare` (ClearML server or offline sessions and its
-``champions.json`` ledger, the MLflow store and registry). Sections: the champion's
-headline numbers (its test RMSE as text), model comparison (validation, CV and test RMSE
-per candidate), predicted vs actual and residuals of the champion, feature importances,
-metrics across the last versions of each registered model, the champion history (who
-replaced whom, when, by how much) and the recent pipeline runs.
-
-:func:`build_report` builds a :class:`Page` (sections of charts, tables and notes) and
-renders it through the Jinja2 templates in ``templates/``: ``report.html.j2``
-(autoescaped, ``report.css`` inlined) and ``report.md.j2``. The HTML page is
-self-contained, no script, no URL: figures are inline SVG rendered by matplotlib (text as
-paths, so no font is needed). The Markdown file has the same content with its figures as
-SVG files in ``reports/experiments_figures/``. A missing input (a stage not run, tracking
-off) leaves a note in its section instead of failing.
+:func:`build_report` reads the pipeline's metrics and plots files and the trackers (through
+:mod:`housing.reporting.compare`), builds a :class:`Page` of sections (the champion's
+headline numbers, model comparison, predicted vs actual and residuals, feature
+importances, metrics across registered versions, champion history, recent runs) and
+renders it through ``templates/``: a self-contained HTML page (CSS inlined, figures as
+inline SVG drawn by matplotlib with text as paths; no script, no URL) and Markdown with the
+figures in ``reports/experiments_figures/``. A missing input leaves a note instead.
 """
 
 from __future__ import annotations
@@ -33,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from housing.errors import HousingError
-from housing.reporting.compare import ChampionEvent, Collected, parse_time
+from housing.reporting.compare import ChampionEvent, Collected, as_float, one_line, parse_time
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -164,6 +154,10 @@ class Section:
     lead: str
     blocks: list[Block] = field(default_factory=list)
 
+    def add(self, *blocks: Block) -> Section:
+        self.blocks.extend(blocks)
+        return self
+
 
 @dataclass(frozen=True)
 class Kpi:
@@ -253,7 +247,7 @@ def _csv(path: Path, root: Path, notes: list[str]) -> pd.DataFrame | None:
     try:
         return pd.read_csv(path)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
-        notes.append(f"{_relative(path, root)}: unreadable ({_one_line(exc)})")
+        notes.append(f"{_relative(path, root)}: unreadable ({one_line(exc)})")
         return None
 
 
@@ -271,7 +265,7 @@ def _trackers(
         try:
             got = read()
         except Exception as exc:  # a tracker problem must never stop the report
-            notes.append(f"{label}: not read ({type(exc).__name__}: {_one_line(exc)})")
+            notes.append(f"{label}: not read ({type(exc).__name__}: {one_line(exc)})")
             continue
         if got.error is not None:
             notes.append(f"{label}: not read ({got.error})")
@@ -343,7 +337,7 @@ def _write_figures(folder: Path, charts: Sequence[Chart]) -> list[Path]:
 def _champion(inputs: Inputs) -> tuple[str | None, float | None]:
     test = inputs.test or {}
     model = test.get("model") or (inputs.summary or {}).get("best_model")
-    rmse = _float((test.get("metrics") or {}).get("test/rmse"))
+    rmse = as_float((test.get("metrics") or {}).get("test/rmse"))
     return (str(model) if model else None), rmse
 
 
@@ -356,7 +350,7 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
     models = _preferred(trackers, "models")
     experiments = _preferred(trackers, "experiments")
     events = _merge_events([e for t in trackers for e in t.champions])
-    best_value = _float((inputs.summary or {}).get("best_value"))
+    best_value = as_float((inputs.summary or {}).get("best_value"))
     n_test = (inputs.test or {}).get("n_test")
     runs = _runs(experiments, metric)
 
@@ -371,8 +365,8 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
         subtitle = "Run the pipeline (`housing run`) to train, select and evaluate a model."
     kpis = [
         Kpi("Test RMSE", format_metric(rmse), "champion, test split", "champion-test-rmse", True),
-        Kpi("Test MAE", format_metric(_float(test_metrics.get("test/mae"))), "champion"),
-        Kpi("Test R²", format_metric(_float(test_metrics.get("test/r2"))), "champion"),
+        Kpi("Test MAE", format_metric(test_metrics.get("test/mae")), "champion"),
+        Kpi("Test R²", format_metric(test_metrics.get("test/r2")), "champion"),
         Kpi(metric, format_metric(best_value), "selection metric"),
         Kpi("Pipeline runs", str(len(runs)) if experiments else DASH, "tracked"),
         Kpi("Model versions", str(len(models)) if models else DASH, "registered"),
@@ -440,7 +434,7 @@ def _candidates(inputs: Inputs) -> list[dict[str, Any]]:
             name = str(record["model"])
             row = rows.setdefault(name, {"model": name})
             for key, value in record.items():
-                if key != "model" and _float(value) is not None:
+                if key != "model" and as_float(value) is not None:
                     row.setdefault(str(key), value)
     return list(rows.values())
 
@@ -456,50 +450,51 @@ def _comparison_section(
         f"{metric} only — test scores are reported, never used to choose.",
     )
     if not candidates:
-        section.blocks.append(Note("No candidates yet: run `housing select_best`."))
-        return section
+        return section.add(Note("No candidates yet: run `housing select_best`."))
     from housing.config import greater_is_better
 
     sign = -1.0 if greater_is_better(metric) else 1.0
     ordered = sorted(
         candidates,
         key=lambda r: (
-            sign * v if (v := _float(r.get(metric))) is not None else math.inf,
+            sign * v if (v := as_float(r.get(metric))) is not None else math.inf,
             r["model"],
         ),
     )
-    section.blocks.append(
+
+    def cv(r: dict[str, Any]) -> str:
+        std = as_float(r.get("cv/rmse_std"))
+        return format_metric(r.get("cv/rmse_mean")) + (
+            f" ± {format_metric(std)}" if std is not None else ""
+        )
+
+    def model(r: dict[str, Any]) -> Cell:
+        return Cell(f"★ {r['model']}", "star") if r["model"] == champion else Cell(r["model"])
+
+    def test_rmse(r: dict[str, Any]) -> Cell:
+        return Cell(format_metric(r.get("test/rmse")), "good" if r["model"] == champion else "")
+
+    return section.add(
         _render(
             "model_comparison",
             "RMSE per candidate",
             "Bars: validation, CV mean (whisker: ± std) and test RMSE; ★ marks the champion.",
             (10.0, 4.2),
             lambda fig: _draw_comparison(fig, ordered, champion),
-        )
+        ),
+        _table(
+            ordered,
+            [
+                ("Model", model),
+                ("Val RMSE", lambda r: format_metric(r.get("val/rmse"))),
+                ("CV RMSE", cv),
+                ("Test RMSE", test_rmse),
+                ("Test MAE", lambda r: format_metric(r.get("test/mae"))),
+                ("Test R²", lambda r: format_metric(r.get("test/r2"))),
+            ],
+            range(1, 6),
+        ),
     )
-    rows = []
-    for r in ordered:
-        is_champion = r["model"] == champion
-        cv = format_metric(_float(r.get("cv/rmse_mean")))
-        std = _float(r.get("cv/rmse_std"))
-        rows.append(
-            (
-                Cell(("★ " if is_champion else "") + r["model"], "star" if is_champion else ""),
-                Cell(format_metric(_float(r.get("val/rmse")))),
-                Cell(cv + (f" ± {format_metric(std)}" if std is not None else "")),
-                Cell(format_metric(_float(r.get("test/rmse"))), "good" if is_champion else ""),
-                Cell(format_metric(_float(r.get("test/mae")))),
-                Cell(format_metric(_float(r.get("test/r2")))),
-            )
-        )
-    section.blocks.append(
-        Table(
-            ("Model", "Val RMSE", "CV RMSE", "Test RMSE", "Test MAE", "Test R²"),
-            tuple(rows),
-            frozenset({1, 2, 3, 4, 5}),
-        )
-    )
-    return section
 
 
 def _draw_comparison(fig: Figure, rows: list[dict[str, Any]], champion: str | None) -> None:
@@ -515,9 +510,9 @@ def _draw_comparison(fig: Figure, rows: list[dict[str, Any]], champion: str | No
     )
     top = 0.0
     for i, (label, key, color, err_key) in enumerate(series):
-        values = [_float(r.get(key)) for r in rows]
+        values = [as_float(r.get(key)) for r in rows]
         heights = [v if v is not None else 0.0 for v in values]
-        errors = [(_float(r.get(err_key)) or 0.0) if err_key else 0.0 for r in rows]
+        errors = [(as_float(r.get(err_key)) or 0.0) if err_key else 0.0 for r in rows]
         bars = ax.bar(
             x + (i - 1) * width,
             heights,
@@ -556,19 +551,18 @@ def _champion_section(inputs: Inputs, champion: str | None) -> Section:
     table = inputs.predictions
     needed = {"actual", "predicted", "residual"}
     if table is None or not needed <= set(table.columns) or table.empty:
-        section.blocks.append(
+        return section.add(
             Note("No test predictions (plots/test_predictions.csv): run `housing evaluate`.")
         )
-        return section
     actual = [float(v) for v in table["actual"]]
     predicted = [float(v) for v in table["predicted"]]
     residual = [float(v) for v in table["residual"]]
     metrics = (inputs.test or {}).get("metrics") or {}
-    rmse = _float(metrics.get("test/rmse")) or math.sqrt(
+    rmse = as_float(metrics.get("test/rmse")) or math.sqrt(
         sum(r * r for r in residual) / len(residual)
     )
     beyond = sum(abs(r) > 2 * rmse for r in residual)
-    section.blocks.append(
+    return section.add(
         ChartRow(
             (
                 _render(
@@ -590,7 +584,6 @@ def _champion_section(inputs: Inputs, champion: str | None) -> Section:
             )
         )
     )
-    return section
 
 
 def _draw_scatter(
@@ -609,9 +602,9 @@ def _draw_scatter(
     ax.set_ylabel("predicted")
     ax.set_title("Predicted vs actual")
     text = "\n".join(
-        f"{label} {format_metric(_float(metrics.get(key)))}"
+        f"{label} {format_metric(metrics.get(key))}"
         for label, key in (("RMSE", "test/rmse"), ("MAE", "test/mae"), ("R²", "test/r2"))
-        if _float(metrics.get(key)) is not None
+        if as_float(metrics.get(key)) is not None
     )
     if text:
         ax.text(
@@ -651,16 +644,15 @@ def _importance_section(inputs: Inputs, champion: str | None) -> Section:
     )
     table = inputs.importances
     if table is None or not {"feature", "importance"} <= set(table.columns) or table.empty:
-        section.blocks.append(
+        return section.add(
             Note("No feature importances (plots/feature_importances.csv): run `housing evaluate`.")
         )
-        return section
     pairs = sorted(
         ((str(f), float(v)) for f, v in zip(table["feature"], table["importance"], strict=True)),
         key=lambda kv: kv[1],
         reverse=True,
     )[:15]
-    section.blocks.append(
+    return section.add(
         _render(
             "feature_importances",
             "Feature importances",
@@ -669,7 +661,6 @@ def _importance_section(inputs: Inputs, champion: str | None) -> Section:
             lambda fig: _draw_importances(fig, pairs),
         )
     )
-    return section
 
 
 def _draw_importances(fig: Figure, pairs: list[tuple[str, float]]) -> None:
@@ -696,10 +687,9 @@ def _versions_section(models: list[dict[str, Any]], metric: str, last: int) -> S
         "champion.",
     )
     if not models:
-        section.blocks.append(
+        return section.add(
             Note("No registered model versions: tracking is off or nothing was registered yet.")
         )
-        return section
     by_name: dict[str, list[dict[str, Any]]] = {}
     for row in models:
         if str(row.get("version") or "").isdigit():
@@ -710,40 +700,37 @@ def _versions_section(models: list[dict[str, Any]], metric: str, last: int) -> S
             by_name.items(), key=lambda kv: (not kv[0].endswith("-best"), kv[0])
         )
     }
-    keys = [k for k in dict.fromkeys((metric, "val/rmse"))]
-    section.blocks.append(
-        _render(
-            "version_metrics",
-            "Metrics by version",
-            f"{' and '.join(keys)} per registered model, by version.",
-            (10.0, 4.0),
-            lambda fig: _draw_versions(fig, series, keys),
-        )
+    keys = list(dict.fromkeys((metric, "val/rmse")))
+    chart = _render(
+        "version_metrics",
+        "Metrics by version",
+        f"{' and '.join(keys)} per registered model, by version.",
+        (10.0, 4.0),
+        lambda fig: _draw_versions(fig, series, keys),
     )
-    rows = []
-    for name, versions in series.items():
-        for r in reversed(versions):
-            rows.append(
+    return section.add(
+        chart,
+        _table(
+            [r for versions in series.values() for r in reversed(versions)],
+            [
+                ("Registry name", lambda r: str(r["name"])),
                 (
-                    Cell(name),
-                    Cell(f"★ v{r['version']}", "star")
-                    if r.get("champion")
-                    else Cell(f"v{r['version']}"),
-                    Cell(str(r.get("algorithm") or "")),
-                    Cell(_time(parse_time(r.get("created")))),
-                    *(Cell(format_metric(_float(r.get(k)))) for k in keys),
-                    Cell(str(r.get("data_md5") or "")[:8], "muted"),
-                    Cell(str(r.get("git_commit") or "")[:10], "muted"),
-                )
-            )
-    section.blocks.append(
-        Table(
-            ("Registry name", "Version", "Algorithm", "Registered (UTC)", *keys, "Data", "Git"),
-            tuple(rows),
-            frozenset({1, *range(4, 4 + len(keys))}),
-        )
+                    "Version",
+                    lambda r: (
+                        Cell(f"★ v{r['version']}", "star")
+                        if r.get("champion")
+                        else f"v{r['version']}"
+                    ),
+                ),
+                ("Algorithm", lambda r: str(r.get("algorithm") or "")),
+                ("Registered (UTC)", lambda r: _time(parse_time(r.get("created")))),
+                *((k, lambda r, k=k: format_metric(r.get(k))) for k in keys),
+                ("Data", lambda r: Cell(str(r.get("data_md5") or "")[:8], "muted")),
+                ("Git", lambda r: Cell(str(r.get("git_commit") or "")[:10], "muted")),
+            ],
+            {1, *range(4, 4 + len(keys))},
+        ),
     )
-    return section
 
 
 def _draw_versions(
@@ -755,7 +742,7 @@ def _draw_versions(
     axes_list: list[Axes] = list(axes) if len(keys) > 1 else [axes]
     for ax, key in zip(axes_list, keys, strict=True):
         for i, (name, rows) in enumerate(series.items()):
-            points = [(int(r["version"]), _float(r.get(key))) for r in rows]
+            points = [(int(r["version"]), as_float(r.get(key))) for r in rows]
             xs = [x for x, y in points if y is not None]
             ys = [y for _x, y in points if y is not None]
             if not xs:
@@ -774,7 +761,7 @@ def _draw_versions(
                 zorder=3 if best else 2,
             )
             for r in rows:
-                y = _float(r.get(key))
+                y = as_float(r.get(key))
                 if r.get("champion") and y is not None:
                     ax.plot(
                         [int(r["version"])], [y], marker="*", ms=15, color=ACCENT, zorder=4, lw=0
@@ -818,10 +805,9 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
         "faced, the change in the selection metric, and whether it took over.",
     )
     if not decisions:
-        section.blocks.append(
+        return section.add(
             Note("No champion decisions recorded (MLflow champion.* tags, ClearML champions.json).")
         )
-        return section
     algorithm = _algorithms(models)
 
     def label(name: str, version: str | None, fallback: str = "") -> str:
@@ -836,7 +822,7 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
     several = len(by_name) > 1
     sources = {d.backends for d in decisions}
     per_row_source = len(sources) > 1
-    section.blocks.append(
+    section.add(
         _render(
             "champion_history",
             "Champion history",
@@ -846,51 +832,37 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
             lambda fig: _draw_history(fig, by_name),
         )
     )
-    rows = []
-    for d in reversed(decisions):
-        e = d.event
-        change = e.change
-        rel = (
-            f" ({signed(100 * change / e.previous_value, 1)}%)"
-            if change is not None and e.previous_value
-            else ""
-        )
+
+    def change(e: ChampionEvent) -> str:
+        if e.change is None:
+            return "first"
+        rel = f" ({signed(100 * e.change / e.previous_value, 1)}%)" if e.previous_value else ""
+        return signed(e.change) + rel
+
+    def faced(e: ChampionEvent) -> str:
         faced = label(e.registry_name, e.previous_version)
-        if e.previous_value is not None:
-            faced += f": {format_metric(e.previous_value)}"
-        rows.append(
-            (
-                Cell(_time(parse_time(e.decided_at))),
-                *((Cell(e.registry_name),) if several else ()),
-                Cell(label(e.registry_name, e.version, e.model)),
-                Cell(format_metric(e.value)),
-                Cell(faced),
-                Cell(signed(change) + rel if change is not None else "first"),
-                Cell("promoted" if e.promoted else "rejected", "good" if e.promoted else "muted"),
-                Cell(e.reason, "wrap"),
-                *((Cell(", ".join(d.backends), "muted"),) if per_row_source else ()),
-            )
+        return faced + (
+            f": {format_metric(e.previous_value)}" if e.previous_value is not None else ""
         )
-    metric = decisions[-1].event.metric or "value"
-    section.blocks.append(
-        Table(
-            (
-                "Decided (UTC)",
-                *(("Registry name",) if several else ()),
-                "Challenger",
-                metric,
-                "Champion faced",
-                "Change",
-                "Decision",
-                "Reason",
-                *(("Source",) if per_row_source else ()),
-            ),
-            tuple(rows),
-            frozenset({3, 5} if several else {2, 4}),
-            caption=_history_caption(decisions, several, per_row_source),
-        )
-    )
-    return section
+
+    columns: list[tuple[str, Callable[[Any], Cell | str]]] = [
+        ("Decided (UTC)", lambda d: _time(parse_time(d.event.decided_at))),
+        ("Challenger", lambda d: label(d.event.registry_name, d.event.version, d.event.model)),
+        (decisions[-1].event.metric or "value", lambda d: format_metric(d.event.value)),
+        ("Champion faced", lambda d: faced(d.event)),
+        ("Change", lambda d: change(d.event)),
+        (
+            "Decision",
+            lambda d: Cell("promoted", "good") if d.event.promoted else Cell("rejected", "muted"),
+        ),
+        ("Reason", lambda d: Cell(d.event.reason, "wrap")),
+    ]
+    if several:
+        columns.insert(1, ("Registry name", lambda d: d.event.registry_name))
+    if per_row_source:
+        columns.append(("Source", lambda d: Cell(", ".join(d.backends), "muted")))
+    caption = _history_caption(decisions, several, per_row_source)
+    return section.add(_table(reversed(decisions), columns, {2 + several, 4 + several}, caption))
 
 
 def _history_caption(decisions: Sequence[_Decision], several: bool, per_row: bool) -> str:
@@ -1019,8 +991,8 @@ def _runs(experiments: list[dict[str, Any]], metric: str) -> list[dict[str, Any]
                 "failed": sum(s == "failed" for s in statuses),
                 "open": sum(s in ("open", "in_progress") for s in statuses),
                 "model": str((select or evaluate or {}).get("model") or ""),
-                "metric": _float((select or {}).get(metric)),
-                "test_rmse": _float((evaluate or {}).get("test/rmse")),
+                "metric": as_float((select or {}).get(metric)),
+                "test_rmse": as_float((evaluate or {}).get("test/rmse")),
             }
         )
     return sorted(
@@ -1035,45 +1007,32 @@ def _runs_section(runs: list[dict[str, Any]], metric: str) -> Section:
         "Each run: its stages as tracked, the model select_best picked, and its test score.",
     )
     if not runs:
-        section.blocks.append(Note("No tracked pipeline runs (tracking off or not run yet)."))
-        return section
-    rows = []
-    for r in runs[:15]:
+        return section.add(Note("No tracked pipeline runs (tracking off or not run yet)."))
+
+    def status(r: dict[str, Any]) -> Cell:
         if r["failed"]:
-            status = Cell(f"{r['failed']} failed", "bad")
-        elif r["open"]:
-            status = Cell(f"{r['open']} open", "muted")
-        else:
-            status = Cell("completed", "good")
-        rows.append(
-            (
-                Cell(r["run_id"]),
-                Cell(_time(r["started"])),
-                Cell(f"{r['seconds']:.1f} s" if r["seconds"] is not None else DASH),
-                Cell(str(r["tasks"])),
-                status,
-                Cell(r["model"] or DASH),
-                Cell(format_metric(r["metric"])),
-                Cell(format_metric(r["test_rmse"])),
-            )
-        )
-    section.blocks.append(
-        Table(
-            (
-                "Run",
-                "Started (UTC)",
-                "Duration",
-                "Stages",
-                "Status",
-                "Selected",
-                metric,
-                "Test RMSE",
-            ),
-            tuple(rows),
-            frozenset({2, 3, 6, 7}),
+            return Cell(f"{r['failed']} failed", "bad")
+        return Cell(f"{r['open']} open", "muted") if r["open"] else Cell("completed", "good")
+
+    return section.add(
+        _table(
+            runs[:15],
+            [
+                ("Run", lambda r: r["run_id"]),
+                ("Started (UTC)", lambda r: _time(r["started"])),
+                (
+                    "Duration",
+                    lambda r: f"{r['seconds']:.1f} s" if r["seconds"] is not None else DASH,
+                ),
+                ("Stages", lambda r: str(r["tasks"])),
+                ("Status", status),
+                ("Selected", lambda r: r["model"] or DASH),
+                (metric, lambda r: format_metric(r["metric"])),
+                ("Test RMSE", lambda r: format_metric(r["test_rmse"])),
+            ],
+            {2, 3, 6, 7},
         )
     )
-    return section
 
 
 # --------------------------------------------------------------------------- rendering figures
@@ -1156,21 +1115,24 @@ def _md(text: str) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def format_metric(value: float | None, digits: int = 3) -> str:
+def format_metric(value: Any, digits: int = 3) -> str:
     """A metric as the report prints it (``2.801``); an en dash when missing."""
-    if value is None or not math.isfinite(value):
-        return DASH
-    return f"{value:.{digits}f}"
+    number = as_float(value)
+    return DASH if number is None else f"{number:.{digits}f}"
 
 
-def _float(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+def _table(
+    items: Iterable[Any],
+    columns: Sequence[tuple[str, Callable[[Any], Cell | str]]],
+    numeric: Iterable[int],
+    caption: str = "",
+) -> Table:
+    """One row per item, one cell per (header, cell of an item) column."""
+    rows = tuple(
+        tuple(c if isinstance(c := cell(item), Cell) else Cell(c) for _, cell in columns)
+        for item in items
+    )
+    return Table(tuple(h for h, _ in columns), rows, frozenset(numeric), caption)
 
 
 def _algorithms(models: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], str]:
@@ -1186,8 +1148,3 @@ def signed(value: float, digits: int = 3) -> str:
 def _time(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M", missing: str = DASH) -> str:
     """``value`` in UTC as ``fmt``; ``missing`` when unknown."""
     return value.astimezone(UTC).strftime(fmt) if value else missing
-
-
-def _one_line(value: object) -> str:
-    lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(value).__name__
