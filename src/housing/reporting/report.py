@@ -114,12 +114,6 @@ class Cell:
     text: str
     badge: str = ""
 
-    @property
-    def md(self) -> str:
-        """The cell in a Markdown table: star and good in bold."""
-        text = _md(self.text)
-        return f"**{text}**" if text and self.badge in ("star", "good") else text
-
 
 @dataclass(frozen=True)
 class Table:
@@ -295,7 +289,7 @@ def build_report(
     reports = settings.paths.reports_dir
     html_path = reports / HTML_NAME
     md_path = reports / MARKDOWN_NAME
-    figure_paths = _write_figures(reports / FIGURES_DIR, _charts(page))
+    figure_paths = _write_figures(reports / FIGURES_DIR, page)
     from housing.io import write_text
 
     write_text(html_path, render(page, "report.html.j2"))
@@ -311,21 +305,15 @@ def build_report(
     )
 
 
-def _charts(page: Page) -> list[Chart]:
-    charts: list[Chart] = []
-    for section in page.sections:
-        for block in section.blocks:
-            if isinstance(block, Chart):
-                charts.append(block)
-            elif isinstance(block, ChartRow):
-                charts.extend(block.charts)
-    return charts
-
-
-def _write_figures(folder: Path, charts: Sequence[Chart]) -> list[Path]:
+def _write_figures(folder: Path, page: Page) -> list[Path]:
+    """Every chart of ``page`` as ``folder/<name>.svg``; other SVG files there removed."""
     from housing.io import write_text
 
-    written = [write_text(folder / f"{c.name}.svg", c.svg) for c in charts]
+    written = []
+    for block in (b for section in page.sections for b in section.blocks):
+        for chart in block.charts if isinstance(block, ChartRow) else (block,):
+            if isinstance(chart, Chart):
+                written.append(write_text(folder / f"{chart.name}.svg", chart.svg))
     keep = {p.name for p in written}
     if folder.is_dir():
         for stale in folder.glob("*.svg"):
@@ -395,12 +383,8 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
 
 def _preferred(trackers: Sequence[Collected], kind: str) -> list[dict[str, Any]]:
     """Rows of the tracker with the most of ``kind`` (MLflow first on ties)."""
-    best: list[dict[str, Any]] = []
-    for tracker in trackers:
-        rows: list[dict[str, Any]] = getattr(tracker, kind)
-        if len(rows) > len(best):
-            best = rows
-    return best
+    rows: list[list[dict[str, Any]]] = [getattr(t, kind) for t in trackers]
+    return max(rows, key=len, default=[])
 
 
 def _source_line(got: Collected) -> str:
@@ -549,14 +533,12 @@ def _champion_section(inputs: Inputs, champion: str | None) -> Section:
         "the prediction.",
     )
     table = inputs.predictions
-    needed = {"actual", "predicted", "residual"}
-    if table is None or not needed <= set(table.columns) or table.empty:
+    columns = ("actual", "predicted", "residual")
+    if table is None or not set(columns) <= set(table.columns) or table.empty:
         return section.add(
             Note("No test predictions (plots/test_predictions.csv): run `housing evaluate`.")
         )
-    actual = [float(v) for v in table["actual"]]
-    predicted = [float(v) for v in table["predicted"]]
-    residual = [float(v) for v in table["residual"]]
+    actual, predicted, residual = (table[c].astype(float).tolist() for c in columns)
     metrics = (inputs.test or {}).get("metrics") or {}
     rmse = as_float(metrics.get("test/rmse")) or math.sqrt(
         sum(r * r for r in residual) / len(residual)
