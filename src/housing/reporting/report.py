@@ -191,28 +191,26 @@ class Inputs:
     notes: list[str] = field(default_factory=list)
 
 
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
-
-
 def _read_inputs(settings: Settings, project: str | None, env: Mapping[str, str] | None) -> Inputs:
+    import pandas as pd
+
     from housing.io import read_json
     from housing.stages.select_best import SELECTION_VALUE
 
     paths = settings.paths
     got = Inputs()
 
+    def note(path: Path, text: str) -> None:
+        try:
+            got.notes.append(f"{path.resolve().relative_to(settings.root.resolve())}: {text}")
+        except ValueError:
+            got.notes.append(f"{path}: {text}")
+
     def json_file(path: Path, hint: str) -> dict[str, Any] | None:
         try:
             data = read_json(path)
         except HousingError as exc:
-            missing = "file not found" in str(exc)
-            got.notes.append(
-                f"{_relative(path, settings.root)}: " + (hint if missing else str(exc))
-            )
+            note(path, hint if "file not found" in str(exc) else str(exc))
             return None
         return data if isinstance(data, dict) else None
 
@@ -221,28 +219,25 @@ def _read_inputs(settings: Settings, project: str | None, env: Mapping[str, str]
         scores, meta = json_file(path, hint), json_file(paths.meta(path), hint)
         return None if scores is None or meta is None else {**meta, **scores, "metrics": scores}
 
+    def csv(path: Path) -> pd.DataFrame | None:
+        if not path.is_file():
+            note(path, "not found; run `housing evaluate`")
+            return None
+        try:
+            return pd.read_csv(path)
+        except (OSError, ValueError, pd.errors.ParserError) as exc:
+            note(path, f"unreadable ({one_line(exc)})")
+            return None
+
     got.summary = scored(paths.train_summary, "not found; run `housing select_best`")
     if got.summary is not None:
         got.summary["best_value"] = got.summary.get(SELECTION_VALUE)
     got.test = scored(paths.test_metrics, "not found; run `housing evaluate`")
-    got.comparison = _csv(paths.comparison, settings.root, got.notes)
-    got.predictions = _csv(paths.predictions, settings.root, got.notes)
-    got.importances = _csv(paths.importances, settings.root, got.notes)
+    got.comparison = csv(paths.comparison)
+    got.predictions = csv(paths.predictions)
+    got.importances = csv(paths.importances)
     got.trackers = _trackers(settings, project, env, got.notes)
     return got
-
-
-def _csv(path: Path, root: Path, notes: list[str]) -> pd.DataFrame | None:
-    import pandas as pd
-
-    if not path.is_file():
-        notes.append(f"{_relative(path, root)}: not found; run `housing evaluate`")
-        return None
-    try:
-        return pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        notes.append(f"{_relative(path, root)}: unreadable ({one_line(exc)})")
-        return None
 
 
 def _trackers(
@@ -705,7 +700,7 @@ def _versions_section(models: list[dict[str, Any]], metric: str, last: int) -> S
                     ),
                 ),
                 ("Algorithm", lambda r: str(r.get("algorithm") or "")),
-                ("Registered (UTC)", lambda r: _time(parse_time(r.get("created")))),
+                ("Registered (UTC)", lambda r: _time(r.get("created"))),
                 *((k, lambda r, k=k: format_metric(r.get(k))) for k in keys),
                 ("Data", lambda r: Cell(str(r.get("data_md5") or "")[:8], "muted")),
                 ("Git", lambda r: Cell(str(r.get("git_commit") or "")[:10], "muted")),
@@ -793,10 +788,8 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
     algorithm = _algorithms(models)
 
     def label(name: str, version: str | None, fallback: str = "") -> str:
-        if version is None:
-            return "—"
-        algo = algorithm.get((name, version)) or fallback
-        return f"v{version}" + (f" ({algo})" if algo else "")
+        algo = algorithm.get((name, version or "")) or fallback
+        return "—" if version is None else _version(version, algo)
 
     by_name: dict[str, list[_Decision]] = {}
     for d in decisions:
@@ -828,7 +821,7 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
         )
 
     columns: list[tuple[str, Callable[[Any], Cell | str]]] = [
-        ("Decided (UTC)", lambda d: _time(parse_time(d.event.decided_at))),
+        ("Decided (UTC)", lambda d: _time(d.event.decided_at)),
         ("Challenger", lambda d: label(d.event.registry_name, d.event.version, d.event.model)),
         (decisions[-1].event.metric or "value", lambda d: format_metric(d.event.value)),
         ("Champion faced", lambda d: faced(d.event)),
@@ -896,7 +889,7 @@ def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
                     fontsize=8,
                     color=TEST_COLOR if e.promoted else "#6B7280",
                 )
-            date = _time(parse_time(e.decided_at), "%m-%d %H:%M", "")
+            date = _time(e.decided_at, "%m-%d %H:%M", "")
             ticks.append(f"{name.rsplit('-', 1)[-1]} v{e.version}\n{date}")
             x += 1
         if champion_x:
@@ -925,18 +918,16 @@ def _registry_line(
     parts = []
     if promoted:
         holder = promoted[-1].event
-        algo = f" ({holder.model})" if holder.model else ""
         parts.append(
-            f"Registry: {holder.registry_name} v{holder.version}{algo} holds the champion "
-            f"since {_time(parse_time(holder.decided_at), '%Y-%m-%d %H:%M UTC')}"
+            f"Registry: {holder.registry_name} {_version(holder.version, holder.model)} holds "
+            f"the champion since {_time(holder.decided_at, '%Y-%m-%d %H:%M UTC')}"
         )
         if holder.previous_version is not None and holder.change is not None:
             before = algorithms.get((holder.registry_name, holder.previous_version), "")
             parts[-1] += (
-                f", replacing v{holder.previous_version}"
-                + (f" ({before})" if before else "")
-                + f": {holder.metric} {format_metric(holder.previous_value)} → "
-                f"{format_metric(holder.value)} ({signed(holder.change)})"
+                f", replacing {_version(holder.previous_version, before)}: {holder.metric} "
+                f"{format_metric(holder.previous_value)} → {format_metric(holder.value)} "
+                f"({signed(holder.change)})"
             )
         if champion and holder.model and holder.model != champion:
             parts.append(
@@ -1122,11 +1113,17 @@ def _algorithms(models: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], st
     return {(str(m["name"]), str(m["version"])): str(m.get("algorithm") or "") for m in models}
 
 
+def _version(version: str, algorithm: str) -> str:
+    """``v3 (ridge)``, or ``v3`` when the algorithm is unknown."""
+    return f"v{version}" + (f" ({algorithm})" if algorithm else "")
+
+
 def signed(value: float, digits: int = 3) -> str:
     """``+0.120`` / ``-1.178`` with a real minus sign (U+2212)."""
     return f"{value:+.{digits}f}".replace("-", MINUS)
 
 
-def _time(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M", missing: str = DASH) -> str:
-    """``value`` in UTC as ``fmt``; ``missing`` when unknown."""
-    return value.astimezone(UTC).strftime(fmt) if value else missing
+def _time(value: Any, fmt: str = "%Y-%m-%d %H:%M", missing: str = DASH) -> str:
+    """``value`` (as :func:`parse_time` reads it) in UTC as ``fmt``; ``missing`` when unknown."""
+    parsed = parse_time(value)
+    return parsed.astimezone(UTC).strftime(fmt) if parsed else missing
