@@ -53,27 +53,6 @@ MUTED: Final = "#9CA3AF"
 INK: Final = "#1F2937"
 LINE_COLORS: Final = ("#4C78A8", "#F58518", "#54A24B", "#B279A2", "#72B7B2", "#9D755D", "#EECA3B")
 MARKERS: Final = ("s", "^", "D", "v", "P", "X", "<")
-_RC: Final[dict[str, Any]] = {
-    "font.family": "DejaVu Sans",
-    "font.size": 10,
-    "axes.titlesize": 11,
-    "axes.titleweight": "bold",
-    "axes.titlelocation": "left",
-    "axes.labelcolor": INK,
-    "axes.edgecolor": "#CBD5E1",
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": True,
-    "grid.color": "#E5E7EB",
-    "grid.linewidth": 0.8,
-    "axes.axisbelow": True,
-    "xtick.color": "#4B5563",
-    "ytick.color": "#4B5563",
-    "text.color": INK,
-    "legend.frameon": False,
-    "svg.fonttype": "path",
-    "figure.facecolor": "white",
-}
 
 
 # --------------------------------------------------------------------------- model
@@ -1022,8 +1001,8 @@ def _render(
     import matplotlib as mpl
     from matplotlib.figure import Figure
 
-    style: Any = {**_RC, "svg.hashsalt": f"housing-{name}"}  # deterministic, distinct ids
-    with mpl.rc_context(style):
+    salt: Any = {"svg.hashsalt": f"housing-{name}"}  # deterministic, distinct ids
+    with mpl.rc_context(salt, fname=Path(__file__).with_name("templates") / "report.mplstyle"):
         fig = Figure(figsize=size, layout="constrained")
         draw(fig)
         buffer = io.StringIO()
