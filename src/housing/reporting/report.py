@@ -17,7 +17,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
@@ -734,26 +734,18 @@ def _draw_versions(
 # --------------------------------------------------------------------------- champion history
 
 
-@dataclass(frozen=True)
-class _Decision:
-    event: ChampionEvent
-    backends: tuple[str, ...]
-
-
-def _merge_events(events: Iterable[ChampionEvent]) -> list[_Decision]:
-    """One decision per (registry, version, outcome), naming every backend that recorded it."""
-    merged: dict[tuple[str, str, bool], tuple[ChampionEvent, list[str]]] = {}
+def _merge_events(events: Iterable[ChampionEvent]) -> list[ChampionEvent]:
+    """One decision per (registry, version, outcome); ``backend`` lists all that recorded it."""
+    merged: dict[tuple[str, str, bool], ChampionEvent] = {}
     for event in sorted(events, key=lambda e: (e.backend != "mlflow", e.decided_at)):
         key = (event.registry_name, event.version, event.promoted)
-        if key in merged:
-            merged[key][1].append(event.backend)
-        else:
-            merged[key] = (event, [event.backend])
-    decisions = [_Decision(e, tuple(b)) for e, b in merged.values()]
-    return sorted(decisions, key=lambda d: (d.event.decided_at, d.event.registry_name))
+        first = merged.setdefault(key, event)
+        if first is not event:
+            merged[key] = replace(first, backend=f"{first.backend}, {event.backend}")
+    return sorted(merged.values(), key=lambda e: (e.decided_at, e.registry_name))
 
 
-def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -> Section:
+def _history_section(decisions: list[ChampionEvent], models: list[dict[str, Any]]) -> Section:
     section = Section(
         "history",
         "Champion history",
@@ -770,12 +762,11 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
         algo = algorithm.get((name, version or "")) or fallback
         return "—" if version is None else _version(version, algo)
 
-    by_name: dict[str, list[_Decision]] = {}
-    for d in decisions:
-        by_name.setdefault(d.event.registry_name, []).append(d)
+    by_name: dict[str, list[ChampionEvent]] = {}
+    for e in decisions:
+        by_name.setdefault(e.registry_name, []).append(e)
     several = len(by_name) > 1
-    sources = {d.backends for d in decisions}
-    per_row_source = len(sources) > 1
+    per_row_source = len({e.backend for e in decisions}) > 1
     section.add(
         _render(
             "champion_history",
@@ -800,34 +791,35 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
         )
 
     columns: list[tuple[str, Callable[[Any], Cell | str]]] = [
-        ("Decided (UTC)", lambda d: _time(d.event.decided_at)),
-        ("Challenger", lambda d: label(d.event.registry_name, d.event.version, d.event.model)),
-        (decisions[-1].event.metric or "value", lambda d: format_metric(d.event.value)),
-        ("Champion faced", lambda d: faced(d.event)),
-        ("Change", lambda d: change(d.event)),
+        ("Decided (UTC)", lambda e: _time(e.decided_at)),
+        ("Challenger", lambda e: label(e.registry_name, e.version, e.model)),
+        (decisions[-1].metric or "value", lambda e: format_metric(e.value)),
+        ("Champion faced", faced),
+        ("Change", change),
         (
             "Decision",
-            lambda d: Cell("promoted", "good") if d.event.promoted else Cell("rejected", "muted"),
+            lambda e: Cell("promoted", "good") if e.promoted else Cell("rejected", "muted"),
         ),
-        ("Reason", lambda d: Cell(d.event.reason, "wrap")),
+        ("Reason", lambda e: Cell(e.reason, "wrap")),
     ]
     if several:
-        columns.insert(1, ("Registry name", lambda d: d.event.registry_name))
+        columns.insert(1, ("Registry name", lambda e: e.registry_name))
     if per_row_source:
-        columns.append(("Source", lambda d: Cell(", ".join(d.backends), "muted")))
+        columns.append(("Source", lambda e: Cell(e.backend, "muted")))
     caption = _history_caption(decisions, several, per_row_source)
     return section.add(_table(reversed(decisions), columns, {2 + several, 4 + several}, caption))
 
 
-def _history_caption(decisions: Sequence[_Decision], several: bool, per_row: bool) -> str:
-    parts = [] if several else [f"Registry: {decisions[0].event.registry_name}"]
+def _history_caption(decisions: Sequence[ChampionEvent], several: bool, per_row: bool) -> str:
+    parts = [] if several else [f"Registry: {decisions[0].registry_name}"]
     if not per_row:
         names = {"mlflow": "MLflow", "clearml": "ClearML"}
-        parts.append("recorded by " + " and ".join(names.get(b, b) for b in decisions[0].backends))
+        backends = decisions[0].backend.split(", ")
+        parts.append("recorded by " + " and ".join(names.get(b, b) for b in backends))
     return "; ".join(parts)
 
 
-def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
+def _draw_history(fig: Figure, by_name: Mapping[str, list[ChampionEvent]]) -> None:
     ax = fig.add_subplot()
     ticks: list[str] = []
     x = 0
@@ -836,8 +828,7 @@ def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
         champion_x: list[float] = []
         champion_y: list[float] = []
         current: float | None = None
-        for d in decisions:
-            e = d.event
+        for e in decisions:
             if e.previous_value is not None and current is None:
                 current = e.previous_value
             if e.promoted and e.value is not None:
@@ -876,7 +867,7 @@ def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
                 champion_x, champion_y, where="post", color=color, lw=1.8, alpha=0.7, label=name
             )
     ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
-    metric = next((d.event.metric for ds in by_name.values() for d in ds if d.event.metric), "")
+    metric = next((e.metric for es in by_name.values() for e in es if e.metric), "")
     ax.set_ylabel(metric or "selection metric")
     ax.set_xlim(-0.5, max(len(ticks), 3) - 0.3)
     ax.margins(y=0.25)
@@ -886,17 +877,17 @@ def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
 
 
 def _registry_line(
-    decisions: list[_Decision], champion: str | None, algorithms: Mapping[tuple[str, str], str]
+    decisions: list[ChampionEvent], champion: str | None, algorithms: Mapping[tuple[str, str], str]
 ) -> str:
     """Who holds the champion in the registry now, since when, and the latest decision."""
-    best = [d for d in decisions if d.event.registry_name.endswith("-best")] or decisions
+    best = [e for e in decisions if e.registry_name.endswith("-best")] or decisions
     if not best:
         return ""
-    promoted = [d for d in best if d.event.promoted]
-    latest = best[-1].event
+    promoted = [e for e in best if e.promoted]
+    latest = best[-1]
     parts = []
     if promoted:
-        holder = promoted[-1].event
+        holder = promoted[-1]
         parts.append(
             f"Registry: {holder.registry_name} {_version(holder.version, holder.model)} holds "
             f"the champion since {_time(holder.decided_at, '%Y-%m-%d %H:%M UTC')}"
