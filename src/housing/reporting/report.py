@@ -488,8 +488,7 @@ def _draw_comparison(fig: Figure, rows: list[dict[str, Any]], champion: str | No
         if row["model"] == champion:
             tick.set_fontweight("bold")
             tick.set_color(ACCENT)
-    ax.set_ylabel("RMSE (lower is better)")
-    ax.set_ylim(0, top * 1.15 if top > 0 else 1)
+    ax.set(ylabel="RMSE (lower is better)", ylim=(0, top * 1.15 if top > 0 else 1))
     ax.grid(axis="x", visible=False)
     ax.legend(loc="upper left", ncols=3, bbox_to_anchor=(0, 1.12))
 
@@ -549,13 +548,10 @@ def _draw_scatter(
     low = min(*actual, *predicted)
     high = max(*actual, *predicted)
     pad = (high - low) * 0.04 or 1.0
-    ax.plot([low - pad, high + pad], [low - pad, high + pad], "--", color=MUTED, lw=1.2)
+    lim = (low - pad, high + pad)
+    ax.plot(lim, lim, "--", color=MUTED, lw=1.2)
     ax.scatter(actual, predicted, s=22, color=VAL_COLOR, alpha=0.75, edgecolors="white", lw=0.5)
-    ax.set_xlim(low - pad, high + pad)
-    ax.set_ylim(low - pad, high + pad)
-    ax.set_aspect("equal")
-    ax.set_xlabel("actual")
-    ax.set_ylabel("predicted")
+    ax.set(xlim=lim, ylim=lim, aspect="equal", xlabel="actual", ylabel="predicted")
     ax.set_title("Predicted vs actual")
     text = "\n".join(
         f"{label} {format_metric(metrics.get(key))}"
@@ -583,9 +579,7 @@ def _draw_residuals(
     outside = [abs(r) > 2 * rmse for r in residual]
     colors = [ACCENT if o else VAL_COLOR for o in outside]
     ax.scatter(predicted, residual, s=22, c=colors, alpha=0.75, edgecolors="white", lw=0.5)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel(f"actual {MINUS} predicted")
-    ax.set_title("Residuals")
+    ax.set(xlabel="predicted", ylabel=f"actual {MINUS} predicted", title="Residuals")
 
 
 # --------------------------------------------------------------------------- importances
@@ -626,9 +620,8 @@ def _draw_importances(fig: Figure, pairs: list[tuple[str, float]]) -> None:
     colors = [VAL_COLOR if i >= len(values) - 3 else "#A7BCD6" for i in range(len(values))]
     bars = ax.barh(names, values, color=colors, height=0.7)
     ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=3, fontsize=8)
-    ax.set_xlabel("importance")
     ax.grid(axis="y", visible=False)
-    ax.set_xlim(0, max(values) * 1.12 if values and max(values) > 0 else 1)
+    ax.set(xlabel="importance", xlim=(0, max(values) * 1.12 if values and max(values) > 0 else 1))
 
 
 # --------------------------------------------------------------------------- versions
@@ -722,8 +715,7 @@ def _draw_versions(
                     ax.plot(
                         [int(r["version"])], [y], marker="*", ms=15, color=ACCENT, zorder=4, lw=0
                     )
-        ax.set_title(key)
-        ax.set_xlabel("version")
+        ax.set(title=key, xlabel="version")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.margins(x=0.08, y=0.15)
     handles, labels = axes_list[0].get_legend_handles_labels()
@@ -868,8 +860,7 @@ def _draw_history(fig: Figure, by_name: Mapping[str, list[ChampionEvent]]) -> No
             )
     ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
     metric = next((e.metric for es in by_name.values() for e in es if e.metric), "")
-    ax.set_ylabel(metric or "selection metric")
-    ax.set_xlim(-0.5, max(len(ticks), 3) - 0.3)
+    ax.set(ylabel=metric or "selection metric", xlim=(-0.5, max(len(ticks), 3) - 0.3))
     ax.margins(y=0.25)
     ax.grid(axis="x", visible=False)
     if len(by_name) > 1:
