@@ -27,7 +27,6 @@ from housing.reporting.compare import ChampionEvent, Collected, as_float, one_li
 
 if TYPE_CHECKING:
     import pandas as pd
-    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
     from housing.config import Settings
@@ -657,20 +656,17 @@ def _versions_section(models: list[dict[str, Any]], metric: str, last: int) -> S
         (10.0, 4.0),
         lambda fig: _draw_versions(fig, series, keys),
     )
+
+    def version(r: dict[str, Any]) -> Cell:
+        return Cell(f"★ v{r['version']}", "star") if r.get("champion") else Cell(f"v{r['version']}")
+
     return section.add(
         chart,
         _table(
             [r for versions in series.values() for r in reversed(versions)],
             [
                 ("Registry name", lambda r: str(r["name"])),
-                (
-                    "Version",
-                    lambda r: (
-                        Cell(f"★ v{r['version']}", "star")
-                        if r.get("champion")
-                        else f"v{r['version']}"
-                    ),
-                ),
+                ("Version", version),
                 ("Algorithm", lambda r: str(r.get("algorithm") or "")),
                 ("Registered (UTC)", lambda r: _time(r.get("created"))),
                 *((k, lambda r, k=k: format_metric(r.get(k))) for k in keys),
@@ -687,15 +683,14 @@ def _draw_versions(
 ) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    axes = fig.subplots(1, len(keys), sharex=True)
-    axes_list: list[Axes] = list(axes) if len(keys) > 1 else [axes]
-    for ax, key in zip(axes_list, keys, strict=True):
+    axes = fig.subplots(1, len(keys), sharex=True, squeeze=False)[0]
+    for ax, key in zip(axes, keys, strict=True):
         for i, (name, rows) in enumerate(series.items()):
-            points = [(int(r["version"]), as_float(r.get(key))) for r in rows]
-            xs = [x for x, y in points if y is not None]
-            ys = [y for _x, y in points if y is not None]
-            if not xs:
+            values = [(int(r["version"]), as_float(r.get(key))) for r in rows]
+            points = [(x, y) for x, y in values if y is not None]
+            if not points:
                 continue
+            xs, ys = zip(*points, strict=True)
             best = name.endswith("-best")
             color = INK if best else LINE_COLORS[i % len(LINE_COLORS)]
             ax.plot(
@@ -709,16 +704,13 @@ def _draw_versions(
                 label=name,
                 zorder=3 if best else 2,
             )
-            for r in rows:
-                y = as_float(r.get(key))
+            for r, (x, y) in zip(rows, values, strict=True):
                 if r.get("champion") and y is not None:
-                    ax.plot(
-                        [int(r["version"])], [y], marker="*", ms=15, color=ACCENT, zorder=4, lw=0
-                    )
+                    ax.plot([x], [y], marker="*", ms=15, color=ACCENT, zorder=4, lw=0)
         ax.set(title=key, xlabel="version")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.margins(x=0.08, y=0.15)
-    handles, labels = axes_list[0].get_legend_handles_labels()
+    handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5))
 
