@@ -267,14 +267,8 @@ def build_report(
 
     write_text(html_path, render(page, "report.html.j2"))
     write_text(md_path, render(page, "report.md.j2"))
-    champion, rmse = _champion(inputs)
     return ReportResult(
-        html_path=html_path,
-        markdown_path=md_path,
-        figure_paths=tuple(figure_paths),
-        notes=tuple(page.notes),
-        champion=champion,
-        champion_test_rmse=rmse,
+        html_path, md_path, tuple(figure_paths), tuple(page.notes), *_champion(inputs)
     )
 
 
@@ -288,10 +282,9 @@ def _write_figures(folder: Path, page: Page) -> list[Path]:
             if isinstance(chart, Chart):
                 written.append(write_text(folder / f"{chart.name}.svg", chart.svg))
     keep = {p.name for p in written}
-    if folder.is_dir():
-        for stale in folder.glob("*.svg"):
-            if stale.name not in keep:
-                stale.unlink(missing_ok=True)
+    for stale in folder.glob("*.svg"):  # nothing when the folder does not exist
+        if stale.name not in keep:
+            stale.unlink(missing_ok=True)
     return written
 
 
