@@ -1,47 +1,18 @@
 """Export tracked experiments and model versions (ClearML, MLflow) as comparable CSV tables.
 
-:func:`compare` writes four tables under ``paths.metrics_dir``, each atomically:
-
-=========================  ===========================================================
-``clearml_experiments.csv``  one row per ClearML task (one stage of one pipeline run)
-``clearml_models.csv``       one row per ClearML model version
-``mlflow_experiments.csv``   one row per MLflow stage run (pipeline parent runs left out)
-``mlflow_models.csv``        one row per MLflow registered model version
-=========================  ===========================================================
-
-Both experiment tables have :data:`EXPERIMENT_COLUMNS`, both model tables
-:data:`MODEL_COLUMNS`; a concept has the same column in both backends:
-
-Experiments
-    ``task_id`` ClearML task id | MLflow run id; ``name`` task name | run name;
-    ``project`` ClearML project | MLflow experiment; ``stage``; ``model`` (the candidate a
-    train task fitted, the winner for select_best and evaluate); ``pipeline_run_id``;
-    ``status`` (``completed``, ``failed``, ``in_progress``, ``stopped``, ``queued``...; an
-    offline session that was never closed is ``open``); ``started``, ``completed`` (ISO 8601
-    UTC; offline sessions: first and last recorded event) and ``duration_sec``; ``tags``
-    (``;``-joined); ``source`` (``server`` or ``offline`` for ClearML, ``server`` or
-    ``local`` for MLflow); then :data:`METRIC_COLUMNS` as reported, empty when a task did
-    not report one. Rows are sorted by ``selection.metric``, best first (direction from
-    :func:`housing.config.greater_is_better`); rows without it follow, newest first.
-
-Models
-    ``model_id`` ClearML model id | ``models:/<name>/<version>``; ``name`` registry name
-    (``<model_name>-<algorithm>``, ``<model_name>-best``); ``version``; ``framework``;
-    ``algorithm``; ``uri`` (weights file or URL | MLflow model source); ``created``;
-    ``tags``; ``champion`` (``true`` for the version holding the champion now: the ClearML
-    ledger ``champions.json`` offline, the ``champion`` tag on a server, the MLflow alias);
-    ``champion_decision`` (``promoted`` | ``rejected`` | empty); ``task_id`` and
-    ``pipeline_run_id`` of the registering stage; the train metrics summary
-    (:data:`MODEL_METRIC_COLUMNS`); ``data_md5``, ``git_commit``, ``config_hash``, ``sha256``
-    (of the joblib file), ``source``. Sorted by name, then version.
+:func:`compare` writes :data:`TABLES` under ``paths.metrics_dir`` (atomically): per backend,
+one row per stage task/run (MLflow pipeline parent runs left out) with
+:data:`EXPERIMENT_COLUMNS`, and one row per registered model version with
+:data:`MODEL_COLUMNS`; a concept has the same column in both backends. Experiments are
+sorted by ``selection.metric``, best first (rows without it follow, newest first); models
+by name, then version.
 
 Sources: the ClearML server when ``resolve_mode`` says online (every task and model of the
-project, paged through ``tasks.get_all`` / ``models.get_all``), else the offline sessions
-in ``clearml.offline_dir``; MLflow through ``MlflowClient`` on ``mlflow.tracking_uri``
-(a relative sqlite path is resolved against the project root; a missing file is an empty
-store, never created). Filters: ``project`` (ClearML project and MLflow experiment;
-defaults ``clearml.project_name`` / ``mlflow.experiment``), ``tags`` (a task must carry
-all), ``stage``, ``last_n`` (the N newest pipeline runs). With a filter, the model tables
+project, paged), else the offline sessions in ``clearml.offline_dir``; MLflow through
+``MlflowClient`` on ``mlflow.tracking_uri`` (a relative local store is resolved against the
+project root; a missing one is an empty store, never created). Filters: ``project``
+(defaults ``clearml.project_name`` / ``mlflow.experiment``), ``tags`` (a task must carry
+all), ``stage``, ``last_n`` (the N newest pipeline runs); with a filter, the model tables
 keep the versions registered by the selected tasks.
 """
 
@@ -68,69 +39,49 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "EXPERIMENT_COLUMNS",
-    "METRIC_COLUMNS",
-    "MODEL_COLUMNS",
-    "MODEL_METRIC_COLUMNS",
-    "STAGES",
-    "ChampionEvent",
-    "Collected",
-    "CompareResult",
-    "collect_clearml",
-    "collect_mlflow",
-    "compare",
-    "resolve_tracking_uri",
-]
-
 STAGES: Final = ("prepare", "train", "select_best", "evaluate")
+# As reported; empty when a task did not report one.
+_SCORES: Final = ("rmse", "mae", "r2")
 METRIC_COLUMNS: Final = (
-    "val/rmse",
-    "val/mae",
-    "val/r2",
+    *(f"val/{score}" for score in _SCORES),
     "cv/rmse_mean",
     "cv/rmse_std",
-    "train/rmse",
-    "train/mae",
-    "train/r2",
-    "test/rmse",
-    "test/mae",
-    "test/r2",
+    *(f"{split}/{score}" for split in ("train", "test") for score in _SCORES),
 )
 MODEL_METRIC_COLUMNS: Final = tuple(m for m in METRIC_COLUMNS if not m.startswith("test/"))
 EXPERIMENT_COLUMNS: Final = (
-    "task_id",
-    "name",
-    "project",
+    "task_id",  # ClearML task id | MLflow run id
+    "name",  # task name | run name
+    "project",  # ClearML project | MLflow experiment
     "stage",
-    "model",
+    "model",  # the candidate a train task fitted; the winner for select_best and evaluate
     "pipeline_run_id",
-    "status",
-    "started",
+    "status",  # completed, failed, in_progress, stopped, queued...; open: offline, not closed
+    "started",  # ISO 8601 UTC; offline sessions: first and last recorded event
     "completed",
     "duration_sec",
-    "tags",
-    "source",
+    "tags",  # TAG_SEPARATOR-joined
+    "source",  # ClearML: server | offline; MLflow: server | local
     *METRIC_COLUMNS,
 )
 MODEL_COLUMNS: Final = (
-    "model_id",
-    "name",
+    "model_id",  # ClearML model id | models:/<name>/<version>
+    "name",  # registry name: <model_name>-<algorithm>, <model_name>-best
     "version",
     "framework",
     "algorithm",
-    "uri",
+    "uri",  # weights file or URL | MLflow model source
     "created",
     "tags",
-    "champion",
-    "champion_decision",
-    "task_id",
+    "champion",  # holds the champion now: ClearML champions.json or tag, MLflow alias
+    "champion_decision",  # promoted | rejected | empty
+    "task_id",  # the registering stage's
     "pipeline_run_id",
-    *MODEL_METRIC_COLUMNS,
+    *MODEL_METRIC_COLUMNS,  # the train metrics summary
     "data_md5",
     "git_commit",
     "config_hash",
-    "sha256",
+    "sha256",  # of the joblib file
     "source",
 )
 TABLES: Final = {
@@ -284,7 +235,10 @@ def compare(
     """
     from housing.io import write_csv
 
-    _check_filters(stage, last_n)
+    if stage is not None and stage not in STAGES:
+        raise ConfigError(f"--stage: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    if last_n is not None and last_n < 1:
+        raise ConfigError(f"--last: must be a positive number of runs, got {last_n}")
     backends = {
         "clearml": collect_clearml(
             settings, project=project, tags=tags, stage=stage, last_n=last_n, env=env
@@ -302,13 +256,6 @@ def compare(
         )
         paths[model_file] = write_csv(metrics_dir / model_file, to_frame(got.models, MODEL_COLUMNS))
     return CompareResult(backends=backends, paths=paths)
-
-
-def _check_filters(stage: str | None, last_n: int | None) -> None:
-    if stage is not None and stage not in STAGES:
-        raise ConfigError(f"--stage: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
-    if last_n is not None and last_n < 1:
-        raise ConfigError(f"--last: must be a positive number of runs, got {last_n}")
 
 
 def to_frame(rows: Sequence[Row], columns: Sequence[str]) -> Any:
@@ -383,8 +330,8 @@ def sort_experiments(rows: list[Row], metric: str) -> list[Row]:
         parsed = parse_time(row.get("started"))
         return -parsed.timestamp() if parsed else 0.0
 
-    with_metric = [r for r in rows if _finite(r.get(metric))]
-    without = [r for r in rows if not _finite(r.get(metric))]
+    with_metric = [r for r in rows if as_float(r.get(metric)) is not None]
+    without = [r for r in rows if as_float(r.get(metric)) is None]
     with_metric.sort(key=lambda r: (sign * float(r[metric]), newest_first(r), str(r["name"])))
     without.sort(key=lambda r: (newest_first(r), str(r["name"]), str(r["task_id"])))
     return with_metric + without
@@ -455,7 +402,7 @@ def collect_clearml(
             got.error = str(exc)
             return got
         except Exception as exc:  # SDK/HTTP errors: report, do not crash the other exports
-            got.error = f"ClearML server {cml.api_host}: {type(exc).__name__}: {_one_line(exc)}"
+            got.error = f"ClearML server {cml.api_host}: {type(exc).__name__}: {one_line(exc)}"
             return got
     else:
         got = Collected("clearml", "offline", str(cml.offline_dir), name)
@@ -487,7 +434,7 @@ def _read_offline(got: Collected, cml: ClearMLSettings) -> None:
                 "skipping unreadable ClearML offline session %s: %s: %s",
                 session.folder,
                 type(exc).__name__,
-                _one_line(exc),
+                one_line(exc),
             )
             got.skipped.append(str(session.folder))
             continue
@@ -532,7 +479,7 @@ def _read_ledger(path: Path) -> dict[str, dict[str, Any]]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable ClearML champion ledger %s: %s", path, _one_line(exc))
+        log.warning("ignoring unreadable ClearML champion ledger %s: %s", path, one_line(exc))
         return {}
     if not isinstance(data, dict):
         return {}
@@ -554,11 +501,13 @@ def _ledger_events(offline_dir: Path, models: Sequence[Row]) -> list[ChampionEve
                     backend="clearml",
                     registry_name=str(item.get("registry_name") or name),
                     version=str(item.get("challenger_version") or ""),
-                    value=_float(item.get("challenger_value")),
+                    value=as_float(item.get("challenger_value")),
                     metric=str(item.get("metric") or entry.get("metric") or ""),
                     promoted=bool(item.get("promoted")),
-                    previous_version=_str_or_none(item.get("champion_version")),
-                    previous_value=_float(item.get("champion_value")),
+                    previous_version=None
+                    if (v := item.get("champion_version")) in (None, "")
+                    else str(v),
+                    previous_value=as_float(item.get("champion_value")),
                     decided_at=str(item.get("decided_at") or ""),
                     reason=str(item.get("reason") or ""),
                     model=algorithms.get(str(item.get("model_id")), ""),
@@ -577,20 +526,34 @@ def _offline_task_row(session: OfflineSession) -> Row:
     completed = stamps[-1] if stamps and session.closed else None
     metrics = read_scalars(session, summary=True)
     metrics.update(read_scalars(session))
+    return _task_row(
+        started,
+        completed,
+        metrics,
+        task_id=session.task_id,
+        name=session.name,
+        project=session.project,
+        stage=_stage(props.get("stage"), session.tags, str(session.task.get("type") or "")),
+        model=_model_param(params),
+        pipeline_run_id=props.get("pipeline_run_id", ""),
+        status=session.status,
+        tags=tuple(session.tags),
+        source="offline",
+    )
+
+
+def _task_row(
+    started: datetime | None, completed: datetime | None, metrics: Mapping[str, Any], **row: Any
+) -> Row:
+    """An experiment row: ``row``, the times and the reported :data:`METRIC_COLUMNS`."""
     return {
-        "task_id": session.task_id,
-        "name": session.name,
-        "project": session.project,
-        "stage": _stage(props.get("stage"), session.tags, str(session.task.get("type") or "")),
-        "model": _model_param(params),
-        "pipeline_run_id": props.get("pipeline_run_id", ""),
-        "status": session.status,
+        **row,
         "started": iso(started),
         "completed": iso(completed),
-        "duration_sec": _duration(started, completed),
-        "tags": tuple(session.tags),
-        "source": "offline",
-        **{m: metrics[m] for m in METRIC_COLUMNS if m in metrics},
+        "duration_sec": (
+            round((completed - started).total_seconds(), 3) if started and completed else None
+        ),
+        **{m: float(metrics[m]) for m in METRIC_COLUMNS if m in metrics},
     }
 
 
@@ -623,26 +586,32 @@ def _offline_model_row(
 ) -> Row:
     meta = model.metadata
     lineage = _mapping(meta.get("metadata"))
-    metrics = _mapping(meta.get("metrics"))
+    return _model_row(
+        lineage,
+        _mapping(meta.get("metrics")),
+        model_id=model.model_id,
+        name=model.name,
+        version=model.version or "",
+        framework=model.framework,
+        algorithm=str(meta.get("algorithm") or _tag_value(model.tags, "algorithm") or ""),
+        uri=model.weights_path.as_uri() if model.weights_path is not None else "",
+        created=_iso_text(lineage.get("created_at")),
+        tags=tuple(model.tags),
+        champion=champion_ids.get(model.name) == model.model_id,
+        champion_decision=decisions.get(model.model_id, ""),
+        task_id=session.task_id,
+        pipeline_run_id=str(meta.get("pipeline_run_id") or ""),
+        source="offline",
+    )
+
+
+def _model_row(lineage: Mapping[str, Any], metrics: Mapping[str, Any], **row: Any) -> Row:
+    """A model row: ``row``, the :data:`MODEL_METRIC_COLUMNS` and the lineage columns."""
     return {
-        "model_id": model.model_id,
-        "name": model.name,
-        "version": model.version or "",
-        "framework": model.framework,
-        "algorithm": str(meta.get("algorithm") or _tag_value(model.tags, "algorithm") or ""),
-        "uri": model.weights_path.as_uri() if model.weights_path is not None else "",
-        "created": _iso_text(lineage.get("created_at")),
-        "tags": tuple(model.tags),
-        "champion": champion_ids.get(model.name) == model.model_id,
-        "champion_decision": decisions.get(model.model_id, ""),
-        "task_id": session.task_id,
-        "pipeline_run_id": str(meta.get("pipeline_run_id") or ""),
-        **{m: _float(metrics.get(m)) for m in MODEL_METRIC_COLUMNS},
-        "data_md5": str(lineage.get("data_md5") or ""),
-        "git_commit": str(lineage.get("git_commit") or ""),
-        "config_hash": str(lineage.get("config_hash") or ""),
+        **row,
+        **{m: as_float(metrics.get(m)) for m in MODEL_METRIC_COLUMNS},
+        **{key: str(lineage.get(key) or "") for key in ("data_md5", "git_commit", "config_hash")},
         "sha256": str(lineage.get("model_sha256") or ""),
-        "source": "offline",
     }
 
 
@@ -735,7 +704,7 @@ def _server_task_row(task: Mapping[str, Any], project: str) -> Row:
     summary: dict[str, float] = {}
     for variants in (task.get("last_metrics") or {}).values():
         for item in (variants or {}).values() if isinstance(variants, dict) else ():
-            value = _float(item.get("value")) if isinstance(item, dict) else None
+            value = as_float(item.get("value")) if isinstance(item, dict) else None
             if value is None:
                 continue
             metric, variant = str(item.get("metric") or ""), str(item.get("variant") or "")
@@ -747,21 +716,20 @@ def _server_task_row(task: Mapping[str, Any], project: str) -> Row:
     started = parse_time(task.get("started")) or parse_time(task.get("created"))
     completed = parse_time(task.get("completed"))
     tags = tuple(str(t) for t in task.get("tags") or ())
-    return {
-        "task_id": str(task.get("id") or ""),
-        "name": str(task.get("name") or ""),
-        "project": project,
-        "stage": _stage(props.get("stage"), tags, str(task.get("type") or "")),
-        "model": _model_param(params),
-        "pipeline_run_id": props.get("pipeline_run_id", ""),
-        "status": str(task.get("status") or ""),
-        "started": iso(started),
-        "completed": iso(completed),
-        "duration_sec": _duration(started, completed),
-        "tags": tags,
-        "source": "server",
-        **{m: metrics[m] for m in METRIC_COLUMNS if m in metrics},
-    }
+    return _task_row(
+        started,
+        completed,
+        metrics,
+        task_id=str(task.get("id") or ""),
+        name=str(task.get("name") or ""),
+        project=project,
+        stage=_stage(props.get("stage"), tags, str(task.get("type") or "")),
+        model=_model_param(params),
+        pipeline_run_id=props.get("pipeline_run_id", ""),
+        status=str(task.get("status") or ""),
+        tags=tags,
+        source="server",
+    )
 
 
 def _server_hyperparams(raw: Any) -> dict[str, dict[str, str]]:
@@ -782,30 +750,28 @@ def _server_model_row(model: Mapping[str, Any]) -> Row:
         for k, v in (model.get("metadata") or {}).items()
     }
     lineage = {**metadata, **_mapping(record.get("metadata"))}
+    lineage["model_sha256"] = lineage.get("model_sha256") or _tag_value(tags, "sha256")
     metrics = _mapping(record.get("metrics"))
     for key, value in metadata.items():
         if key.startswith("metric:"):
             metrics.setdefault(key.split(":", 1)[1], value)
-    return {
-        "model_id": str(model.get("id") or ""),
-        "name": str(model.get("name") or ""),
-        "version": str(record.get("version") or _tag_value(tags, "version") or ""),
-        "framework": str(model.get("framework") or ""),
-        "algorithm": str(record.get("algorithm") or _tag_value(tags, "algorithm") or ""),
-        "uri": str(model.get("uri") or ""),
-        "created": _iso_text(model.get("created")),
-        "tags": tags,
-        "champion": "champion" in tags,
-        "champion_decision": "",
-        "task_id": str(model.get("task") or record.get("task_id") or ""),
-        "pipeline_run_id": str(record.get("pipeline_run_id") or ""),
-        **{m: _float(metrics.get(m)) for m in MODEL_METRIC_COLUMNS},
-        "data_md5": str(lineage.get("data_md5") or ""),
-        "git_commit": str(lineage.get("git_commit") or ""),
-        "config_hash": str(lineage.get("config_hash") or ""),
-        "sha256": str(lineage.get("model_sha256") or _tag_value(tags, "sha256") or ""),
-        "source": "server",
-    }
+    return _model_row(
+        lineage,
+        metrics,
+        model_id=str(model.get("id") or ""),
+        name=str(model.get("name") or ""),
+        version=str(record.get("version") or _tag_value(tags, "version") or ""),
+        framework=str(model.get("framework") or ""),
+        algorithm=str(record.get("algorithm") or _tag_value(tags, "algorithm") or ""),
+        uri=str(model.get("uri") or ""),
+        created=_iso_text(model.get("created")),
+        tags=tags,
+        champion="champion" in tags,
+        champion_decision="",
+        task_id=str(model.get("task") or record.get("task_id") or ""),
+        pipeline_run_id=str(record.get("pipeline_run_id") or ""),
+        source="server",
+    )
 
 
 def _comment_record(comment: str) -> dict[str, Any]:
@@ -876,7 +842,7 @@ def collect_mlflow(
     try:
         _read_mlflow(got, uri, registry_uri, alias, settings.selection.metric)
     except Exception as exc:  # any store/HTTP error: report it, keep the other exports
-        got.error = f"MLflow {uri}: {type(exc).__name__}: {_one_line(exc)}"
+        got.error = f"MLflow {uri}: {type(exc).__name__}: {one_line(exc)}"
         return got
     return _finish(got, settings, filters)
 
@@ -942,48 +908,43 @@ def _mlflow_run_row(run: Any, project: str, source: str) -> Row:
     completed = parse_time(info.end_time)
     labels = tuple(t for t in tags.get("housing.tags", "").split(",") if t)
     stage = tags.get("housing.stage", "")
-    metrics = dict(run.data.metrics or {})
-    return {
-        "task_id": str(info.run_id),
-        "name": str(info.run_name or tags.get("mlflow.runName", "")),
-        "project": project,
-        "stage": _stage(stage, labels, ""),
-        "model": params.get("train_params.model") or params.get("evaluate.model") or "",
-        "pipeline_run_id": tags.get("housing.pipeline_run_id", ""),
-        "status": _MLFLOW_STATUS.get(str(info.status), str(info.status).lower()),
-        "started": iso(started),
-        "completed": iso(completed),
-        "duration_sec": _duration(started, completed),
-        "tags": labels,
-        "source": source,
-        **{m: float(metrics[m]) for m in METRIC_COLUMNS if m in metrics},
-    }
+    return _task_row(
+        started,
+        completed,
+        dict(run.data.metrics or {}),
+        task_id=str(info.run_id),
+        name=str(info.run_name or tags.get("mlflow.runName", "")),
+        project=project,
+        stage=_stage(stage, labels, ""),
+        model=params.get("train_params.model") or params.get("evaluate.model") or "",
+        pipeline_run_id=tags.get("housing.pipeline_run_id", ""),
+        status=_MLFLOW_STATUS.get(str(info.status), str(info.status).lower()),
+        tags=labels,
+        source=source,
+    )
 
 
 def _mlflow_version_row(version: Any, champions: Mapping[str, str], source: str) -> Row:
     tags: dict[str, str] = dict(version.tags or {})
     name, number = str(version.name), str(version.version)
     labels = tuple(k.removeprefix("tag.") for k in sorted(tags) if k.startswith("tag."))
-    return {
-        "model_id": f"models:/{name}/{number}",
-        "name": name,
-        "version": number,
-        "framework": "sklearn",  # MLflowTracker always logs the sklearn flavor
-        "algorithm": tags.get("algorithm", ""),
-        "uri": str(version.source or ""),
-        "created": iso(parse_time(version.creation_timestamp)),
-        "tags": labels,
-        "champion": champions.get(name) == number,
-        "champion_decision": tags.get("champion.decision", ""),
-        "task_id": str(version.run_id or ""),
-        "pipeline_run_id": tags.get("housing.pipeline_run_id", ""),
-        **{m: _float(tags.get(f"metric.{m}")) for m in MODEL_METRIC_COLUMNS},
-        "data_md5": tags.get("data_md5", ""),
-        "git_commit": tags.get("git_commit", ""),
-        "config_hash": tags.get("config_hash", ""),
-        "sha256": tags.get("model_sha256", ""),
-        "source": source,
-    }
+    return _model_row(
+        tags,
+        {m: tags.get(f"metric.{m}") for m in MODEL_METRIC_COLUMNS},
+        model_id=f"models:/{name}/{number}",
+        name=name,
+        version=number,
+        framework="sklearn",  # MLflowTracker always logs the sklearn flavor
+        algorithm=tags.get("algorithm", ""),
+        uri=str(version.source or ""),
+        created=iso(parse_time(version.creation_timestamp)),
+        tags=labels,
+        champion=champions.get(name) == number,
+        champion_decision=tags.get("champion.decision", ""),
+        task_id=str(version.run_id or ""),
+        pipeline_run_id=tags.get("housing.pipeline_run_id", ""),
+        source=source,
+    )
 
 
 def _mlflow_events(versions: Sequence[Any], default_metric: str) -> list[ChampionEvent]:
@@ -1003,7 +964,7 @@ def _mlflow_events(versions: Sequence[Any], default_metric: str) -> list[Champio
     for decided_at, version, tags in decided:
         name, number = str(version.name), str(version.version)
         metric = tags.get("champion.metric") or default_metric
-        value = _float(tags.get(f"metric.{metric}"))
+        value = as_float(tags.get(f"metric.{metric}"))
         promoted = tags["champion.decision"] == "promoted"
         before = current.get(name)
         events.append(
@@ -1083,14 +1044,9 @@ def _iso_text(value: Any) -> str:
     return iso(parsed) if parsed is not None else str(value or "")
 
 
-def _duration(started: datetime | None, completed: datetime | None) -> float | None:
-    if started is None or completed is None:
-        return None
-    return round((completed - started).total_seconds(), 3)
-
-
-def _float(value: Any) -> float | None:
-    if value is None or value == "" or isinstance(value, bool):
+def as_float(value: Any) -> float | None:
+    """``value`` as a finite float, else ``None`` (booleans and empty text too)."""
+    if isinstance(value, bool):
         return None
     try:
         number = float(value)
@@ -1103,15 +1059,8 @@ def _mapping(value: Any) -> dict[str, Any]:
     return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
 
 
-def _finite(value: Any) -> bool:
-    return _float(value) is not None
-
-
-def _str_or_none(value: Any) -> str | None:
-    return None if value is None or value == "" else str(value)
-
-
-def _one_line(value: object) -> str:
+def one_line(value: object) -> str:
+    """The first non-blank line of ``value`` (an error), at most 300 characters."""
     lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
     text = lines[0] if lines else type(value).__name__
     return text if len(text) <= 300 else text[:297] + "..."

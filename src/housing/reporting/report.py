@@ -1,22 +1,12 @@
 """The experiments report: ``reports/experiments.html`` and ``reports/experiments.md``.
 
-:func:`build_report` reads the pipeline's files (``metrics/train_metrics.json``,
-``metrics/test_metrics.json``, each with its ``.meta.json``, ``plots/model_comparison.csv``,
-``plots/test_predictions.csv``, ``plots/feature_importances.csv``) and the trackers through
-:mod:`housing.reporting.compare` (ClearML server or offline sessions and its
-``champions.json`` ledger, the MLflow store and registry). Sections: the champion's
-headline numbers (its test RMSE as text), model comparison (validation, CV and test RMSE
-per candidate), predicted vs actual and residuals of the champion, feature importances,
-metrics across the last versions of each registered model, the champion history (who
-replaced whom, when, by how much) and the recent pipeline runs.
-
-:func:`build_report` builds a :class:`Page` (sections of charts, tables and notes) and
-renders it through the Jinja2 templates in ``templates/``: ``report.html.j2``
-(autoescaped, ``report.css`` inlined) and ``report.md.j2``. The HTML page is
-self-contained, no script, no URL: figures are inline SVG rendered by matplotlib (text as
-paths, so no font is needed). The Markdown file has the same content with its figures as
-SVG files in ``reports/experiments_figures/``. A missing input (a stage not run, tracking
-off) leaves a note in its section instead of failing.
+:func:`build_report` reads the pipeline's metrics and plots files and the trackers (through
+:mod:`housing.reporting.compare`), builds a :class:`Page` of sections (the champion's
+headline numbers, model comparison, predicted vs actual and residuals, feature
+importances, metrics across registered versions, champion history, recent runs) and
+renders it through ``templates/``: a self-contained HTML page (CSS inlined, figures as
+inline SVG drawn by matplotlib with text as paths; no script, no URL) and Markdown with the
+figures in ``reports/experiments_figures/``. A missing input leaves a note instead.
 """
 
 from __future__ import annotations
@@ -27,17 +17,16 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from housing.errors import HousingError
-from housing.reporting.compare import ChampionEvent, Collected, parse_time
+from housing.reporting.compare import ChampionEvent, Collected, as_float, one_line, parse_time
 
 if TYPE_CHECKING:
     import pandas as pd
-    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
     from housing.config import Settings
@@ -63,27 +52,6 @@ MUTED: Final = "#9CA3AF"
 INK: Final = "#1F2937"
 LINE_COLORS: Final = ("#4C78A8", "#F58518", "#54A24B", "#B279A2", "#72B7B2", "#9D755D", "#EECA3B")
 MARKERS: Final = ("s", "^", "D", "v", "P", "X", "<")
-_RC: Final[dict[str, Any]] = {
-    "font.family": "DejaVu Sans",
-    "font.size": 10,
-    "axes.titlesize": 11,
-    "axes.titleweight": "bold",
-    "axes.titlelocation": "left",
-    "axes.labelcolor": INK,
-    "axes.edgecolor": "#CBD5E1",
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": True,
-    "grid.color": "#E5E7EB",
-    "grid.linewidth": 0.8,
-    "axes.axisbelow": True,
-    "xtick.color": "#4B5563",
-    "ytick.color": "#4B5563",
-    "text.color": INK,
-    "legend.frameon": False,
-    "svg.fonttype": "path",
-    "figure.facecolor": "white",
-}
 
 
 # --------------------------------------------------------------------------- model
@@ -124,12 +92,6 @@ class Cell:
     text: str
     badge: str = ""
 
-    @property
-    def md(self) -> str:
-        """The cell in a Markdown table: star and good in bold."""
-        text = _md(self.text)
-        return f"**{text}**" if text and self.badge in ("star", "good") else text
-
 
 @dataclass(frozen=True)
 class Table:
@@ -163,6 +125,10 @@ class Section:
     title: str
     lead: str
     blocks: list[Block] = field(default_factory=list)
+
+    def add(self, *blocks: Block) -> Section:
+        self.blocks.extend(blocks)
+        return self
 
 
 @dataclass(frozen=True)
@@ -203,28 +169,26 @@ class Inputs:
     notes: list[str] = field(default_factory=list)
 
 
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(path)
-
-
 def _read_inputs(settings: Settings, project: str | None, env: Mapping[str, str] | None) -> Inputs:
+    import pandas as pd
+
     from housing.io import read_json
     from housing.stages.select_best import SELECTION_VALUE
 
     paths = settings.paths
     got = Inputs()
 
+    def note(path: Path, text: str) -> None:
+        try:
+            got.notes.append(f"{path.resolve().relative_to(settings.root.resolve())}: {text}")
+        except ValueError:
+            got.notes.append(f"{path}: {text}")
+
     def json_file(path: Path, hint: str) -> dict[str, Any] | None:
         try:
             data = read_json(path)
         except HousingError as exc:
-            missing = "file not found" in str(exc)
-            got.notes.append(
-                f"{_relative(path, settings.root)}: " + (hint if missing else str(exc))
-            )
+            note(path, hint if "file not found" in str(exc) else str(exc))
             return None
         return data if isinstance(data, dict) else None
 
@@ -233,28 +197,25 @@ def _read_inputs(settings: Settings, project: str | None, env: Mapping[str, str]
         scores, meta = json_file(path, hint), json_file(paths.meta(path), hint)
         return None if scores is None or meta is None else {**meta, **scores, "metrics": scores}
 
+    def csv(path: Path) -> pd.DataFrame | None:
+        if not path.is_file():
+            note(path, "not found; run `housing evaluate`")
+            return None
+        try:
+            return pd.read_csv(path)
+        except (OSError, ValueError, pd.errors.ParserError) as exc:
+            note(path, f"unreadable ({one_line(exc)})")
+            return None
+
     got.summary = scored(paths.train_summary, "not found; run `housing select_best`")
     if got.summary is not None:
         got.summary["best_value"] = got.summary.get(SELECTION_VALUE)
     got.test = scored(paths.test_metrics, "not found; run `housing evaluate`")
-    got.comparison = _csv(paths.comparison, settings.root, got.notes)
-    got.predictions = _csv(paths.predictions, settings.root, got.notes)
-    got.importances = _csv(paths.importances, settings.root, got.notes)
+    got.comparison = csv(paths.comparison)
+    got.predictions = csv(paths.predictions)
+    got.importances = csv(paths.importances)
     got.trackers = _trackers(settings, project, env, got.notes)
     return got
-
-
-def _csv(path: Path, root: Path, notes: list[str]) -> pd.DataFrame | None:
-    import pandas as pd
-
-    if not path.is_file():
-        notes.append(f"{_relative(path, root)}: not found; run `housing evaluate`")
-        return None
-    try:
-        return pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        notes.append(f"{_relative(path, root)}: unreadable ({_one_line(exc)})")
-        return None
 
 
 def _trackers(
@@ -271,7 +232,7 @@ def _trackers(
         try:
             got = read()
         except Exception as exc:  # a tracker problem must never stop the report
-            notes.append(f"{label}: not read ({type(exc).__name__}: {_one_line(exc)})")
+            notes.append(f"{label}: not read ({type(exc).__name__}: {one_line(exc)})")
             continue
         if got.error is not None:
             notes.append(f"{label}: not read ({got.error})")
@@ -301,49 +262,36 @@ def build_report(
     reports = settings.paths.reports_dir
     html_path = reports / HTML_NAME
     md_path = reports / MARKDOWN_NAME
-    figure_paths = _write_figures(reports / FIGURES_DIR, _charts(page))
+    figure_paths = _write_figures(reports / FIGURES_DIR, page)
     from housing.io import write_text
 
     write_text(html_path, render(page, "report.html.j2"))
     write_text(md_path, render(page, "report.md.j2"))
-    champion, rmse = _champion(inputs)
     return ReportResult(
-        html_path=html_path,
-        markdown_path=md_path,
-        figure_paths=tuple(figure_paths),
-        notes=tuple(page.notes),
-        champion=champion,
-        champion_test_rmse=rmse,
+        html_path, md_path, tuple(figure_paths), tuple(page.notes), *_champion(inputs)
     )
 
 
-def _charts(page: Page) -> list[Chart]:
-    charts: list[Chart] = []
-    for section in page.sections:
-        for block in section.blocks:
-            if isinstance(block, Chart):
-                charts.append(block)
-            elif isinstance(block, ChartRow):
-                charts.extend(block.charts)
-    return charts
-
-
-def _write_figures(folder: Path, charts: Sequence[Chart]) -> list[Path]:
+def _write_figures(folder: Path, page: Page) -> list[Path]:
+    """Every chart of ``page`` as ``folder/<name>.svg``; other SVG files there removed."""
     from housing.io import write_text
 
-    written = [write_text(folder / f"{c.name}.svg", c.svg) for c in charts]
+    written = []
+    for block in (b for section in page.sections for b in section.blocks):
+        for chart in block.charts if isinstance(block, ChartRow) else (block,):
+            if isinstance(chart, Chart):
+                written.append(write_text(folder / f"{chart.name}.svg", chart.svg))
     keep = {p.name for p in written}
-    if folder.is_dir():
-        for stale in folder.glob("*.svg"):
-            if stale.name not in keep:
-                stale.unlink(missing_ok=True)
+    for stale in folder.glob("*.svg"):  # nothing when the folder does not exist
+        if stale.name not in keep:
+            stale.unlink(missing_ok=True)
     return written
 
 
 def _champion(inputs: Inputs) -> tuple[str | None, float | None]:
     test = inputs.test or {}
     model = test.get("model") or (inputs.summary or {}).get("best_model")
-    rmse = _float((test.get("metrics") or {}).get("test/rmse"))
+    rmse = as_float((test.get("metrics") or {}).get("test/rmse"))
     return (str(model) if model else None), rmse
 
 
@@ -356,7 +304,7 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
     models = _preferred(trackers, "models")
     experiments = _preferred(trackers, "experiments")
     events = _merge_events([e for t in trackers for e in t.champions])
-    best_value = _float((inputs.summary or {}).get("best_value"))
+    best_value = as_float((inputs.summary or {}).get("best_value"))
     n_test = (inputs.test or {}).get("n_test")
     runs = _runs(experiments, metric)
 
@@ -371,8 +319,8 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
         subtitle = "Run the pipeline (`housing run`) to train, select and evaluate a model."
     kpis = [
         Kpi("Test RMSE", format_metric(rmse), "champion, test split", "champion-test-rmse", True),
-        Kpi("Test MAE", format_metric(_float(test_metrics.get("test/mae"))), "champion"),
-        Kpi("Test R²", format_metric(_float(test_metrics.get("test/r2"))), "champion"),
+        Kpi("Test MAE", format_metric(test_metrics.get("test/mae")), "champion"),
+        Kpi("Test R²", format_metric(test_metrics.get("test/r2")), "champion"),
         Kpi(metric, format_metric(best_value), "selection metric"),
         Kpi("Pipeline runs", str(len(runs)) if experiments else DASH, "tracked"),
         Kpi("Model versions", str(len(models)) if models else DASH, "registered"),
@@ -401,12 +349,8 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
 
 def _preferred(trackers: Sequence[Collected], kind: str) -> list[dict[str, Any]]:
     """Rows of the tracker with the most of ``kind`` (MLflow first on ties)."""
-    best: list[dict[str, Any]] = []
-    for tracker in trackers:
-        rows: list[dict[str, Any]] = getattr(tracker, kind)
-        if len(rows) > len(best):
-            best = rows
-    return best
+    rows: list[list[dict[str, Any]]] = [getattr(t, kind) for t in trackers]
+    return max(rows, key=len, default=[])
 
 
 def _source_line(got: Collected) -> str:
@@ -440,7 +384,7 @@ def _candidates(inputs: Inputs) -> list[dict[str, Any]]:
             name = str(record["model"])
             row = rows.setdefault(name, {"model": name})
             for key, value in record.items():
-                if key != "model" and _float(value) is not None:
+                if key != "model" and as_float(value) is not None:
                     row.setdefault(str(key), value)
     return list(rows.values())
 
@@ -456,50 +400,51 @@ def _comparison_section(
         f"{metric} only — test scores are reported, never used to choose.",
     )
     if not candidates:
-        section.blocks.append(Note("No candidates yet: run `housing select_best`."))
-        return section
+        return section.add(Note("No candidates yet: run `housing select_best`."))
     from housing.config import greater_is_better
 
     sign = -1.0 if greater_is_better(metric) else 1.0
     ordered = sorted(
         candidates,
         key=lambda r: (
-            sign * v if (v := _float(r.get(metric))) is not None else math.inf,
+            sign * v if (v := as_float(r.get(metric))) is not None else math.inf,
             r["model"],
         ),
     )
-    section.blocks.append(
+
+    def cv(r: dict[str, Any]) -> str:
+        std = as_float(r.get("cv/rmse_std"))
+        return format_metric(r.get("cv/rmse_mean")) + (
+            f" ± {format_metric(std)}" if std is not None else ""
+        )
+
+    def model(r: dict[str, Any]) -> Cell:
+        return Cell(f"★ {r['model']}", "star") if r["model"] == champion else Cell(r["model"])
+
+    def test_rmse(r: dict[str, Any]) -> Cell:
+        return Cell(format_metric(r.get("test/rmse")), "good" if r["model"] == champion else "")
+
+    return section.add(
         _render(
             "model_comparison",
             "RMSE per candidate",
             "Bars: validation, CV mean (whisker: ± std) and test RMSE; ★ marks the champion.",
             (10.0, 4.2),
             lambda fig: _draw_comparison(fig, ordered, champion),
-        )
+        ),
+        _table(
+            ordered,
+            [
+                ("Model", model),
+                ("Val RMSE", lambda r: format_metric(r.get("val/rmse"))),
+                ("CV RMSE", cv),
+                ("Test RMSE", test_rmse),
+                ("Test MAE", lambda r: format_metric(r.get("test/mae"))),
+                ("Test R²", lambda r: format_metric(r.get("test/r2"))),
+            ],
+            range(1, 6),
+        ),
     )
-    rows = []
-    for r in ordered:
-        is_champion = r["model"] == champion
-        cv = format_metric(_float(r.get("cv/rmse_mean")))
-        std = _float(r.get("cv/rmse_std"))
-        rows.append(
-            (
-                Cell(("★ " if is_champion else "") + r["model"], "star" if is_champion else ""),
-                Cell(format_metric(_float(r.get("val/rmse")))),
-                Cell(cv + (f" ± {format_metric(std)}" if std is not None else "")),
-                Cell(format_metric(_float(r.get("test/rmse"))), "good" if is_champion else ""),
-                Cell(format_metric(_float(r.get("test/mae")))),
-                Cell(format_metric(_float(r.get("test/r2")))),
-            )
-        )
-    section.blocks.append(
-        Table(
-            ("Model", "Val RMSE", "CV RMSE", "Test RMSE", "Test MAE", "Test R²"),
-            tuple(rows),
-            frozenset({1, 2, 3, 4, 5}),
-        )
-    )
-    return section
 
 
 def _draw_comparison(fig: Figure, rows: list[dict[str, Any]], champion: str | None) -> None:
@@ -515,9 +460,9 @@ def _draw_comparison(fig: Figure, rows: list[dict[str, Any]], champion: str | No
     )
     top = 0.0
     for i, (label, key, color, err_key) in enumerate(series):
-        values = [_float(r.get(key)) for r in rows]
+        values = [as_float(r.get(key)) for r in rows]
         heights = [v if v is not None else 0.0 for v in values]
-        errors = [(_float(r.get(err_key)) or 0.0) if err_key else 0.0 for r in rows]
+        errors = [(as_float(r.get(err_key)) or 0.0) if err_key else 0.0 for r in rows]
         bars = ax.bar(
             x + (i - 1) * width,
             heights,
@@ -535,8 +480,7 @@ def _draw_comparison(fig: Figure, rows: list[dict[str, Any]], champion: str | No
         if row["model"] == champion:
             tick.set_fontweight("bold")
             tick.set_color(ACCENT)
-    ax.set_ylabel("RMSE (lower is better)")
-    ax.set_ylim(0, top * 1.15 if top > 0 else 1)
+    ax.set(ylabel="RMSE (lower is better)", ylim=(0, top * 1.15 if top > 0 else 1))
     ax.grid(axis="x", visible=False)
     ax.legend(loc="upper left", ncols=3, bbox_to_anchor=(0, 1.12))
 
@@ -554,21 +498,18 @@ def _champion_section(inputs: Inputs, champion: str | None) -> Section:
         "the prediction.",
     )
     table = inputs.predictions
-    needed = {"actual", "predicted", "residual"}
-    if table is None or not needed <= set(table.columns) or table.empty:
-        section.blocks.append(
+    columns = ("actual", "predicted", "residual")
+    if table is None or not set(columns) <= set(table.columns) or table.empty:
+        return section.add(
             Note("No test predictions (plots/test_predictions.csv): run `housing evaluate`.")
         )
-        return section
-    actual = [float(v) for v in table["actual"]]
-    predicted = [float(v) for v in table["predicted"]]
-    residual = [float(v) for v in table["residual"]]
+    actual, predicted, residual = (table[c].astype(float).tolist() for c in columns)
     metrics = (inputs.test or {}).get("metrics") or {}
-    rmse = _float(metrics.get("test/rmse")) or math.sqrt(
+    rmse = as_float(metrics.get("test/rmse")) or math.sqrt(
         sum(r * r for r in residual) / len(residual)
     )
     beyond = sum(abs(r) > 2 * rmse for r in residual)
-    section.blocks.append(
+    return section.add(
         ChartRow(
             (
                 _render(
@@ -590,7 +531,6 @@ def _champion_section(inputs: Inputs, champion: str | None) -> Section:
             )
         )
     )
-    return section
 
 
 def _draw_scatter(
@@ -600,18 +540,15 @@ def _draw_scatter(
     low = min(*actual, *predicted)
     high = max(*actual, *predicted)
     pad = (high - low) * 0.04 or 1.0
-    ax.plot([low - pad, high + pad], [low - pad, high + pad], "--", color=MUTED, lw=1.2)
+    lim = (low - pad, high + pad)
+    ax.plot(lim, lim, "--", color=MUTED, lw=1.2)
     ax.scatter(actual, predicted, s=22, color=VAL_COLOR, alpha=0.75, edgecolors="white", lw=0.5)
-    ax.set_xlim(low - pad, high + pad)
-    ax.set_ylim(low - pad, high + pad)
-    ax.set_aspect("equal")
-    ax.set_xlabel("actual")
-    ax.set_ylabel("predicted")
+    ax.set(xlim=lim, ylim=lim, aspect="equal", xlabel="actual", ylabel="predicted")
     ax.set_title("Predicted vs actual")
     text = "\n".join(
-        f"{label} {format_metric(_float(metrics.get(key)))}"
+        f"{label} {format_metric(metrics.get(key))}"
         for label, key in (("RMSE", "test/rmse"), ("MAE", "test/mae"), ("R²", "test/r2"))
-        if _float(metrics.get(key)) is not None
+        if as_float(metrics.get(key)) is not None
     )
     if text:
         ax.text(
@@ -634,9 +571,7 @@ def _draw_residuals(
     outside = [abs(r) > 2 * rmse for r in residual]
     colors = [ACCENT if o else VAL_COLOR for o in outside]
     ax.scatter(predicted, residual, s=22, c=colors, alpha=0.75, edgecolors="white", lw=0.5)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel(f"actual {MINUS} predicted")
-    ax.set_title("Residuals")
+    ax.set(xlabel="predicted", ylabel=f"actual {MINUS} predicted", title="Residuals")
 
 
 # --------------------------------------------------------------------------- importances
@@ -651,16 +586,15 @@ def _importance_section(inputs: Inputs, champion: str | None) -> Section:
     )
     table = inputs.importances
     if table is None or not {"feature", "importance"} <= set(table.columns) or table.empty:
-        section.blocks.append(
+        return section.add(
             Note("No feature importances (plots/feature_importances.csv): run `housing evaluate`.")
         )
-        return section
     pairs = sorted(
         ((str(f), float(v)) for f, v in zip(table["feature"], table["importance"], strict=True)),
         key=lambda kv: kv[1],
         reverse=True,
     )[:15]
-    section.blocks.append(
+    return section.add(
         _render(
             "feature_importances",
             "Feature importances",
@@ -669,7 +603,6 @@ def _importance_section(inputs: Inputs, champion: str | None) -> Section:
             lambda fig: _draw_importances(fig, pairs),
         )
     )
-    return section
 
 
 def _draw_importances(fig: Figure, pairs: list[tuple[str, float]]) -> None:
@@ -679,9 +612,8 @@ def _draw_importances(fig: Figure, pairs: list[tuple[str, float]]) -> None:
     colors = [VAL_COLOR if i >= len(values) - 3 else "#A7BCD6" for i in range(len(values))]
     bars = ax.barh(names, values, color=colors, height=0.7)
     ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=3, fontsize=8)
-    ax.set_xlabel("importance")
     ax.grid(axis="y", visible=False)
-    ax.set_xlim(0, max(values) * 1.12 if values and max(values) > 0 else 1)
+    ax.set(xlabel="importance", xlim=(0, max(values) * 1.12 if values and max(values) > 0 else 1))
 
 
 # --------------------------------------------------------------------------- versions
@@ -696,10 +628,9 @@ def _versions_section(models: list[dict[str, Any]], metric: str, last: int) -> S
         "champion.",
     )
     if not models:
-        section.blocks.append(
+        return section.add(
             Note("No registered model versions: tracking is off or nothing was registered yet.")
         )
-        return section
     by_name: dict[str, list[dict[str, Any]]] = {}
     for row in models:
         if str(row.get("version") or "").isdigit():
@@ -710,40 +641,34 @@ def _versions_section(models: list[dict[str, Any]], metric: str, last: int) -> S
             by_name.items(), key=lambda kv: (not kv[0].endswith("-best"), kv[0])
         )
     }
-    keys = [k for k in dict.fromkeys((metric, "val/rmse"))]
-    section.blocks.append(
-        _render(
-            "version_metrics",
-            "Metrics by version",
-            f"{' and '.join(keys)} per registered model, by version.",
-            (10.0, 4.0),
-            lambda fig: _draw_versions(fig, series, keys),
-        )
+    keys = list(dict.fromkeys((metric, "val/rmse")))
+    chart = _render(
+        "version_metrics",
+        "Metrics by version",
+        f"{' and '.join(keys)} per registered model, by version.",
+        (10.0, 4.0),
+        lambda fig: _draw_versions(fig, series, keys),
     )
-    rows = []
-    for name, versions in series.items():
-        for r in reversed(versions):
-            rows.append(
-                (
-                    Cell(name),
-                    Cell(f"★ v{r['version']}", "star")
-                    if r.get("champion")
-                    else Cell(f"v{r['version']}"),
-                    Cell(str(r.get("algorithm") or "")),
-                    Cell(_time(parse_time(r.get("created")))),
-                    *(Cell(format_metric(_float(r.get(k)))) for k in keys),
-                    Cell(str(r.get("data_md5") or "")[:8], "muted"),
-                    Cell(str(r.get("git_commit") or "")[:10], "muted"),
-                )
-            )
-    section.blocks.append(
-        Table(
-            ("Registry name", "Version", "Algorithm", "Registered (UTC)", *keys, "Data", "Git"),
-            tuple(rows),
-            frozenset({1, *range(4, 4 + len(keys))}),
-        )
+
+    def version(r: dict[str, Any]) -> Cell:
+        return Cell(f"★ v{r['version']}", "star") if r.get("champion") else Cell(f"v{r['version']}")
+
+    return section.add(
+        chart,
+        _table(
+            [r for versions in series.values() for r in reversed(versions)],
+            [
+                ("Registry name", lambda r: str(r["name"])),
+                ("Version", version),
+                ("Algorithm", lambda r: str(r.get("algorithm") or "")),
+                ("Registered (UTC)", lambda r: _time(r.get("created"))),
+                *((k, lambda r, k=k: format_metric(r.get(k))) for k in keys),
+                ("Data", lambda r: Cell(str(r.get("data_md5") or "")[:8], "muted")),
+                ("Git", lambda r: Cell(str(r.get("git_commit") or "")[:10], "muted")),
+            ],
+            {1, *range(4, 4 + len(keys))},
+        ),
     )
-    return section
 
 
 def _draw_versions(
@@ -751,15 +676,14 @@ def _draw_versions(
 ) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    axes = fig.subplots(1, len(keys), sharex=True)
-    axes_list: list[Axes] = list(axes) if len(keys) > 1 else [axes]
-    for ax, key in zip(axes_list, keys, strict=True):
+    axes = fig.subplots(1, len(keys), sharex=True, squeeze=False)[0]
+    for ax, key in zip(axes, keys, strict=True):
         for i, (name, rows) in enumerate(series.items()):
-            points = [(int(r["version"]), _float(r.get(key))) for r in rows]
-            xs = [x for x, y in points if y is not None]
-            ys = [y for _x, y in points if y is not None]
-            if not xs:
+            values = [(int(r["version"]), as_float(r.get(key))) for r in rows]
+            points = [(x, y) for x, y in values if y is not None]
+            if not points:
                 continue
+            xs, ys = zip(*points, strict=True)
             best = name.endswith("-best")
             color = INK if best else LINE_COLORS[i % len(LINE_COLORS)]
             ax.plot(
@@ -773,17 +697,13 @@ def _draw_versions(
                 label=name,
                 zorder=3 if best else 2,
             )
-            for r in rows:
-                y = _float(r.get(key))
+            for r, (x, y) in zip(rows, values, strict=True):
                 if r.get("champion") and y is not None:
-                    ax.plot(
-                        [int(r["version"])], [y], marker="*", ms=15, color=ACCENT, zorder=4, lw=0
-                    )
-        ax.set_title(key)
-        ax.set_xlabel("version")
+                    ax.plot([x], [y], marker="*", ms=15, color=ACCENT, zorder=4, lw=0)
+        ax.set(title=key, xlabel="version")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.margins(x=0.08, y=0.15)
-    handles, labels = axes_list[0].get_legend_handles_labels()
+    handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5))
 
@@ -791,26 +711,18 @@ def _draw_versions(
 # --------------------------------------------------------------------------- champion history
 
 
-@dataclass(frozen=True)
-class _Decision:
-    event: ChampionEvent
-    backends: tuple[str, ...]
-
-
-def _merge_events(events: Iterable[ChampionEvent]) -> list[_Decision]:
-    """One decision per (registry, version, outcome), naming every backend that recorded it."""
-    merged: dict[tuple[str, str, bool], tuple[ChampionEvent, list[str]]] = {}
+def _merge_events(events: Iterable[ChampionEvent]) -> list[ChampionEvent]:
+    """One decision per (registry, version, outcome); ``backend`` lists all that recorded it."""
+    merged: dict[tuple[str, str, bool], ChampionEvent] = {}
     for event in sorted(events, key=lambda e: (e.backend != "mlflow", e.decided_at)):
         key = (event.registry_name, event.version, event.promoted)
-        if key in merged:
-            merged[key][1].append(event.backend)
-        else:
-            merged[key] = (event, [event.backend])
-    decisions = [_Decision(e, tuple(b)) for e, b in merged.values()]
-    return sorted(decisions, key=lambda d: (d.event.decided_at, d.event.registry_name))
+        first = merged.setdefault(key, event)
+        if first is not event:
+            merged[key] = replace(first, backend=f"{first.backend}, {event.backend}")
+    return sorted(merged.values(), key=lambda e: (e.decided_at, e.registry_name))
 
 
-def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -> Section:
+def _history_section(decisions: list[ChampionEvent], models: list[dict[str, Any]]) -> Section:
     section = Section(
         "history",
         "Champion history",
@@ -818,25 +730,21 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
         "faced, the change in the selection metric, and whether it took over.",
     )
     if not decisions:
-        section.blocks.append(
+        return section.add(
             Note("No champion decisions recorded (MLflow champion.* tags, ClearML champions.json).")
         )
-        return section
     algorithm = _algorithms(models)
 
     def label(name: str, version: str | None, fallback: str = "") -> str:
-        if version is None:
-            return "—"
-        algo = algorithm.get((name, version)) or fallback
-        return f"v{version}" + (f" ({algo})" if algo else "")
+        algo = algorithm.get((name, version or "")) or fallback
+        return "—" if version is None else _version(version, algo)
 
-    by_name: dict[str, list[_Decision]] = {}
-    for d in decisions:
-        by_name.setdefault(d.event.registry_name, []).append(d)
+    by_name: dict[str, list[ChampionEvent]] = {}
+    for e in decisions:
+        by_name.setdefault(e.registry_name, []).append(e)
     several = len(by_name) > 1
-    sources = {d.backends for d in decisions}
-    per_row_source = len(sources) > 1
-    section.blocks.append(
+    per_row_source = len({e.backend for e in decisions}) > 1
+    section.add(
         _render(
             "champion_history",
             "Champion history",
@@ -846,62 +754,49 @@ def _history_section(decisions: list[_Decision], models: list[dict[str, Any]]) -
             lambda fig: _draw_history(fig, by_name),
         )
     )
-    rows = []
-    for d in reversed(decisions):
-        e = d.event
-        change = e.change
-        rel = (
-            f" ({signed(100 * change / e.previous_value, 1)}%)"
-            if change is not None and e.previous_value
-            else ""
-        )
+
+    def change(e: ChampionEvent) -> str:
+        if e.change is None:
+            return "first"
+        rel = f" ({signed(100 * e.change / e.previous_value, 1)}%)" if e.previous_value else ""
+        return signed(e.change) + rel
+
+    def faced(e: ChampionEvent) -> str:
         faced = label(e.registry_name, e.previous_version)
-        if e.previous_value is not None:
-            faced += f": {format_metric(e.previous_value)}"
-        rows.append(
-            (
-                Cell(_time(parse_time(e.decided_at))),
-                *((Cell(e.registry_name),) if several else ()),
-                Cell(label(e.registry_name, e.version, e.model)),
-                Cell(format_metric(e.value)),
-                Cell(faced),
-                Cell(signed(change) + rel if change is not None else "first"),
-                Cell("promoted" if e.promoted else "rejected", "good" if e.promoted else "muted"),
-                Cell(e.reason, "wrap"),
-                *((Cell(", ".join(d.backends), "muted"),) if per_row_source else ()),
-            )
+        return faced + (
+            f": {format_metric(e.previous_value)}" if e.previous_value is not None else ""
         )
-    metric = decisions[-1].event.metric or "value"
-    section.blocks.append(
-        Table(
-            (
-                "Decided (UTC)",
-                *(("Registry name",) if several else ()),
-                "Challenger",
-                metric,
-                "Champion faced",
-                "Change",
-                "Decision",
-                "Reason",
-                *(("Source",) if per_row_source else ()),
-            ),
-            tuple(rows),
-            frozenset({3, 5} if several else {2, 4}),
-            caption=_history_caption(decisions, several, per_row_source),
-        )
-    )
-    return section
+
+    columns: list[tuple[str, Callable[[Any], Cell | str]]] = [
+        ("Decided (UTC)", lambda e: _time(e.decided_at)),
+        ("Challenger", lambda e: label(e.registry_name, e.version, e.model)),
+        (decisions[-1].metric or "value", lambda e: format_metric(e.value)),
+        ("Champion faced", faced),
+        ("Change", change),
+        (
+            "Decision",
+            lambda e: Cell("promoted", "good") if e.promoted else Cell("rejected", "muted"),
+        ),
+        ("Reason", lambda e: Cell(e.reason, "wrap")),
+    ]
+    if several:
+        columns.insert(1, ("Registry name", lambda e: e.registry_name))
+    if per_row_source:
+        columns.append(("Source", lambda e: Cell(e.backend, "muted")))
+    caption = _history_caption(decisions, several, per_row_source)
+    return section.add(_table(reversed(decisions), columns, {2 + several, 4 + several}, caption))
 
 
-def _history_caption(decisions: Sequence[_Decision], several: bool, per_row: bool) -> str:
-    parts = [] if several else [f"Registry: {decisions[0].event.registry_name}"]
+def _history_caption(decisions: Sequence[ChampionEvent], several: bool, per_row: bool) -> str:
+    parts = [] if several else [f"Registry: {decisions[0].registry_name}"]
     if not per_row:
         names = {"mlflow": "MLflow", "clearml": "ClearML"}
-        parts.append("recorded by " + " and ".join(names.get(b, b) for b in decisions[0].backends))
+        backends = decisions[0].backend.split(", ")
+        parts.append("recorded by " + " and ".join(names.get(b, b) for b in backends))
     return "; ".join(parts)
 
 
-def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
+def _draw_history(fig: Figure, by_name: Mapping[str, list[ChampionEvent]]) -> None:
     ax = fig.add_subplot()
     ticks: list[str] = []
     x = 0
@@ -910,8 +805,7 @@ def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
         champion_x: list[float] = []
         champion_y: list[float] = []
         current: float | None = None
-        for d in decisions:
-            e = d.event
+        for e in decisions:
             if e.previous_value is not None and current is None:
                 current = e.previous_value
             if e.promoted and e.value is not None:
@@ -942,7 +836,7 @@ def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
                     fontsize=8,
                     color=TEST_COLOR if e.promoted else "#6B7280",
                 )
-            date = _time(parse_time(e.decided_at), "%m-%d %H:%M", "")
+            date = _time(e.decided_at, "%m-%d %H:%M", "")
             ticks.append(f"{name.rsplit('-', 1)[-1]} v{e.version}\n{date}")
             x += 1
         if champion_x:
@@ -950,9 +844,8 @@ def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
                 champion_x, champion_y, where="post", color=color, lw=1.8, alpha=0.7, label=name
             )
     ax.set_xticks(range(len(ticks)), ticks, fontsize=8)
-    metric = next((d.event.metric for ds in by_name.values() for d in ds if d.event.metric), "")
-    ax.set_ylabel(metric or "selection metric")
-    ax.set_xlim(-0.5, max(len(ticks), 3) - 0.3)
+    metric = next((e.metric for es in by_name.values() for e in es if e.metric), "")
+    ax.set(ylabel=metric or "selection metric", xlim=(-0.5, max(len(ticks), 3) - 0.3))
     ax.margins(y=0.25)
     ax.grid(axis="x", visible=False)
     if len(by_name) > 1:
@@ -960,29 +853,27 @@ def _draw_history(fig: Figure, by_name: Mapping[str, list[_Decision]]) -> None:
 
 
 def _registry_line(
-    decisions: list[_Decision], champion: str | None, algorithms: Mapping[tuple[str, str], str]
+    decisions: list[ChampionEvent], champion: str | None, algorithms: Mapping[tuple[str, str], str]
 ) -> str:
     """Who holds the champion in the registry now, since when, and the latest decision."""
-    best = [d for d in decisions if d.event.registry_name.endswith("-best")] or decisions
+    best = [e for e in decisions if e.registry_name.endswith("-best")] or decisions
     if not best:
         return ""
-    promoted = [d for d in best if d.event.promoted]
-    latest = best[-1].event
+    promoted = [e for e in best if e.promoted]
+    latest = best[-1]
     parts = []
     if promoted:
-        holder = promoted[-1].event
-        algo = f" ({holder.model})" if holder.model else ""
+        holder = promoted[-1]
         parts.append(
-            f"Registry: {holder.registry_name} v{holder.version}{algo} holds the champion "
-            f"since {_time(parse_time(holder.decided_at), '%Y-%m-%d %H:%M UTC')}"
+            f"Registry: {holder.registry_name} {_version(holder.version, holder.model)} holds "
+            f"the champion since {_time(holder.decided_at, '%Y-%m-%d %H:%M UTC')}"
         )
         if holder.previous_version is not None and holder.change is not None:
             before = algorithms.get((holder.registry_name, holder.previous_version), "")
             parts[-1] += (
-                f", replacing v{holder.previous_version}"
-                + (f" ({before})" if before else "")
-                + f": {holder.metric} {format_metric(holder.previous_value)} → "
-                f"{format_metric(holder.value)} ({signed(holder.change)})"
+                f", replacing {_version(holder.previous_version, before)}: {holder.metric} "
+                f"{format_metric(holder.previous_value)} → {format_metric(holder.value)} "
+                f"({signed(holder.change)})"
             )
         if champion and holder.model and holder.model != champion:
             parts.append(
@@ -1019,8 +910,8 @@ def _runs(experiments: list[dict[str, Any]], metric: str) -> list[dict[str, Any]
                 "failed": sum(s == "failed" for s in statuses),
                 "open": sum(s in ("open", "in_progress") for s in statuses),
                 "model": str((select or evaluate or {}).get("model") or ""),
-                "metric": _float((select or {}).get(metric)),
-                "test_rmse": _float((evaluate or {}).get("test/rmse")),
+                "metric": as_float((select or {}).get(metric)),
+                "test_rmse": as_float((evaluate or {}).get("test/rmse")),
             }
         )
     return sorted(
@@ -1035,45 +926,32 @@ def _runs_section(runs: list[dict[str, Any]], metric: str) -> Section:
         "Each run: its stages as tracked, the model select_best picked, and its test score.",
     )
     if not runs:
-        section.blocks.append(Note("No tracked pipeline runs (tracking off or not run yet)."))
-        return section
-    rows = []
-    for r in runs[:15]:
+        return section.add(Note("No tracked pipeline runs (tracking off or not run yet)."))
+
+    def status(r: dict[str, Any]) -> Cell:
         if r["failed"]:
-            status = Cell(f"{r['failed']} failed", "bad")
-        elif r["open"]:
-            status = Cell(f"{r['open']} open", "muted")
-        else:
-            status = Cell("completed", "good")
-        rows.append(
-            (
-                Cell(r["run_id"]),
-                Cell(_time(r["started"])),
-                Cell(f"{r['seconds']:.1f} s" if r["seconds"] is not None else DASH),
-                Cell(str(r["tasks"])),
-                status,
-                Cell(r["model"] or DASH),
-                Cell(format_metric(r["metric"])),
-                Cell(format_metric(r["test_rmse"])),
-            )
-        )
-    section.blocks.append(
-        Table(
-            (
-                "Run",
-                "Started (UTC)",
-                "Duration",
-                "Stages",
-                "Status",
-                "Selected",
-                metric,
-                "Test RMSE",
-            ),
-            tuple(rows),
-            frozenset({2, 3, 6, 7}),
+            return Cell(f"{r['failed']} failed", "bad")
+        return Cell(f"{r['open']} open", "muted") if r["open"] else Cell("completed", "good")
+
+    return section.add(
+        _table(
+            runs[:15],
+            [
+                ("Run", lambda r: r["run_id"]),
+                ("Started (UTC)", lambda r: _time(r["started"])),
+                (
+                    "Duration",
+                    lambda r: f"{r['seconds']:.1f} s" if r["seconds"] is not None else DASH,
+                ),
+                ("Stages", lambda r: str(r["tasks"])),
+                ("Status", status),
+                ("Selected", lambda r: r["model"] or DASH),
+                (metric, lambda r: format_metric(r["metric"])),
+                ("Test RMSE", lambda r: format_metric(r["test_rmse"])),
+            ],
+            {2, 3, 6, 7},
         )
     )
-    return section
 
 
 # --------------------------------------------------------------------------- rendering figures
@@ -1090,8 +968,8 @@ def _render(
     import matplotlib as mpl
     from matplotlib.figure import Figure
 
-    style: Any = {**_RC, "svg.hashsalt": f"housing-{name}"}  # deterministic, distinct ids
-    with mpl.rc_context(style):
+    salt: Any = {"svg.hashsalt": f"housing-{name}"}  # deterministic, distinct ids
+    with mpl.rc_context(salt, fname=Path(__file__).with_name("templates") / "report.mplstyle"):
         fig = Figure(figsize=size, layout="constrained")
         draw(fig)
         buffer = io.StringIO()
@@ -1156,21 +1034,24 @@ def _md(text: str) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def format_metric(value: float | None, digits: int = 3) -> str:
+def format_metric(value: Any, digits: int = 3) -> str:
     """A metric as the report prints it (``2.801``); an en dash when missing."""
-    if value is None or not math.isfinite(value):
-        return DASH
-    return f"{value:.{digits}f}"
+    number = as_float(value)
+    return DASH if number is None else f"{number:.{digits}f}"
 
 
-def _float(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
+def _table(
+    items: Iterable[Any],
+    columns: Sequence[tuple[str, Callable[[Any], Cell | str]]],
+    numeric: Iterable[int],
+    caption: str = "",
+) -> Table:
+    """One row per item, one cell per (header, cell of an item) column."""
+    rows = tuple(
+        tuple(c if isinstance(c := cell(item), Cell) else Cell(c) for _, cell in columns)
+        for item in items
+    )
+    return Table(tuple(h for h, _ in columns), rows, frozenset(numeric), caption)
 
 
 def _algorithms(models: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], str]:
@@ -1178,16 +1059,17 @@ def _algorithms(models: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], st
     return {(str(m["name"]), str(m["version"])): str(m.get("algorithm") or "") for m in models}
 
 
+def _version(version: str, algorithm: str) -> str:
+    """``v3 (ridge)``, or ``v3`` when the algorithm is unknown."""
+    return f"v{version}" + (f" ({algorithm})" if algorithm else "")
+
+
 def signed(value: float, digits: int = 3) -> str:
     """``+0.120`` / ``-1.178`` with a real minus sign (U+2212)."""
     return f"{value:+.{digits}f}".replace("-", MINUS)
 
 
-def _time(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M", missing: str = DASH) -> str:
-    """``value`` in UTC as ``fmt``; ``missing`` when unknown."""
-    return value.astimezone(UTC).strftime(fmt) if value else missing
-
-
-def _one_line(value: object) -> str:
-    lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(value).__name__
+def _time(value: Any, fmt: str = "%Y-%m-%d %H:%M", missing: str = DASH) -> str:
+    """``value`` (as :func:`parse_time` reads it) in UTC as ``fmt``; ``missing`` when unknown."""
+    parsed = parse_time(value)
+    return parsed.astimezone(UTC).strftime(fmt) if parsed else missing
