@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_CONTROLLER_QUEUE",
     "build_controller",
     "execute_step",
     "locked_requirements",
@@ -60,7 +59,6 @@ __all__ = [
     "run_step",
 ]
 
-DEFAULT_CONTROLLER_QUEUE: Final = "services"
 DEFAULT_POLL_SEC: Final = 5.0  # how often the controller checks its steps (SDK default 12 s)
 SHA_METADATA: Final = "housing_sha256"  # artifact metadata key of an output's sha256
 CONFIG_FILE: Final = "clearml-pipeline.conf"
