@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from housing.errors import ArtifactError
-from housing.io import relpath
+from housing.io import atomic_path, file_sha256, relpath
 from housing.tracking.offline import ClearMLError
 
 if TYPE_CHECKING:
@@ -57,20 +57,28 @@ _STATUS: Final[dict[str, StepStatus]] = {
 }
 
 
+def _stdout(cmd: list[str], cwd: Path, timeout: float) -> str | None:
+    """What ``cmd`` printed, or None when it failed or could not run."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        proc = subprocess.run(
+            cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if proc.returncode == 0:
+            return proc.stdout
+    return None
+
+
 def locked_requirements(root: Path) -> list[str]:
     """Pinned requirements for agents: ``uv export`` of ``uv.lock`` when uv is available,
     else the installed dependency closure of ``housing`` (this venv is synced from
     ``uv.lock``); [] if neither can be found."""
     uv = shutil.which("uv") or str(root / ".tools" / "bin" / "uv")
+    cmd = [uv, "export", "--frozen", "--no-hashes", "--no-dev", "--no-emit-project", "-q"]
     if Path(uv).is_file() and (root / "uv.lock").is_file():
-        cmd = [uv, "export", "--frozen", "--no-hashes", "--no-dev", "--no-emit-project", "-q"]
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            proc = subprocess.run(
-                cmd, cwd=root, capture_output=True, text=True, timeout=60, check=False
-            )
-            if proc.returncode == 0:
-                lines = [ln.strip() for ln in proc.stdout.splitlines()]
-                return [ln for ln in lines if ln and not ln.startswith(("#", "-e", "."))]
+        exported = _stdout(cmd, root, timeout=60)
+        if exported is not None:
+            lines = [ln.strip() for ln in exported.splitlines()]
+            return [ln for ln in lines if ln and not ln.startswith(("#", "-e", "."))]
     return _installed_closure("housing")
 
 
@@ -167,7 +175,6 @@ def execute_step(  # noqa: PLR0917 - run_step's parameters, passed on
     from clearml import Task
 
     from housing.config import load_settings
-    from housing.io import file_sha256
     from housing.orchestration.dag import step_files
     from housing.runner import execute_stage
 
@@ -238,8 +245,6 @@ def _fetch_upstream(upstream: Mapping[str, str]) -> tuple[dict[str, tuple[str, A
 
 def _materialize(rel: str, sha: str, artifact: Any, root: Path) -> None:
     """Make ``root/rel`` the file with ``sha`` (downloading the artifact if needed)."""
-    from housing.io import atomic_path, file_sha256
-
     path = root / rel
     if path.is_file() and file_sha256(path) == sha:
         return
@@ -324,17 +329,7 @@ def git_origin(root: Path) -> tuple[str | None, str | None, str | None]:
     Nones when it has no ``origin``."""
 
     def git(*args: str) -> str | None:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            proc = subprocess.run(
-                ["git", "-C", str(root), *args],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-            )
-            if proc.returncode == 0:
-                return proc.stdout.strip() or None
-        return None
+        return (_stdout(["git", *args], root, timeout=10) or "").strip() or None
 
     url = git("remote", "get-url", "origin")
     if url is None:
@@ -347,12 +342,9 @@ def git_origin(root: Path) -> tuple[str | None, str | None, str | None]:
 def run_controller(
     settings: Settings, overrides: Sequence[str], config_dir: Path
 ) -> PipelineResult:
-    """Build and start the controller as ``clearml.pipeline`` says (module docstring),
-    record the run's summary event, and raise :class:`PipelineError` when it failed.
-
-    With ``run_locally: false`` and a ``controller_queue`` the SDK ends the process after
-    enqueuing the controller (exit 0): this function does not return then.
-    """
+    """Build and start the controller as ``clearml.pipeline`` says, record the run's summary
+    event, raise :class:`PipelineError` if it failed. Does not return when the SDK ends the
+    process after enqueuing the controller (``run_locally: false`` with a controller queue)."""
     from housing import runs
     from housing.monitoring import EventLog, build_notifiers, record_pipeline_summary
     from housing.orchestration.dag import PipelineError, PipelineResult, StepResult, final_metrics

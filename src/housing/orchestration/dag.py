@@ -17,10 +17,7 @@ StepStatus = Literal["succeeded", "failed", "skipped"]
 
 
 class PipelineError(HousingError):
-    """A pipeline step failed; the message names the step and its error.
-
-    ``exit_code`` is the failing step's own (e.g. 2 for a config error), else 1.
-    """
+    """A pipeline step failed (the message names it); ``exit_code`` is the step's own, else 1."""
 
     def __init__(self, message: str, *, exit_code: int = 1) -> None:
         super().__init__(message)
@@ -52,10 +49,8 @@ def build_dag(settings: Settings) -> list[Step]:
 
 
 def step_files(stage: str, settings: Settings) -> tuple[list[Path], list[Path]]:
-    """The files a stage reads and writes (absolute), as the settings of that step name them.
-
-    Its inputs are other steps' outputs, or the raw CSV ``prepare`` reads for ``data=csv``.
-    """
+    """(inputs, outputs) of a stage, absolute, as that step's settings name them: inputs are
+    other steps' outputs, or the CSV ``prepare`` reads for ``data=csv``."""
     paths, data = settings.paths, settings.data
 
     def trained(name: str) -> list[Path]:

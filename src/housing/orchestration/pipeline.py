@@ -38,11 +38,8 @@ def run_pipeline(
     max_workers: int | None = None,
     use_cache: bool | None = None,
 ) -> PipelineResult:
-    """Run the whole DAG on the engine the config selects (see the module docstring).
-
-    ``use_cache=False`` reruns every step. Raises :class:`PipelineError` when a step
-    fails (after the run's summary event is written).
-    """
+    """Run the whole DAG on the engine the config selects; ``use_cache=False`` reruns every
+    step. A failed step raises :class:`PipelineError` (after the run's summary event)."""
     from housing.config import default_config_dir, load_settings
 
     cdir = (config_dir or default_config_dir()).resolve()
@@ -76,11 +73,8 @@ def run_local(
     max_workers: int | None = None,
     use_cache: bool | None = None,
 ) -> PipelineResult:
-    """The local engine (``housing repro``) on ``settings.root``'s ``dvc.yaml``.
-
-    Only tracking overrides apply: the outputs are what ``dvc.yaml`` and ``conf/`` say, so
-    DVC can tell what is stale.
-    """
+    """The local engine (``housing repro``) on ``settings.root``'s ``dvc.yaml``; only tracking
+    overrides apply (outputs are what ``dvc.yaml`` and ``conf/`` say: DVC tells what is stale)."""
     from housing.repro import reproduce
 
     for item in overrides:

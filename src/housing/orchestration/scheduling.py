@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from housing import schedule as sch
 from housing.errors import ConfigError, HousingError
+from housing.orchestration.pipeline import clearml_mode
 from housing.schedule import CRON_KEY
 
 if TYPE_CHECKING:
@@ -123,12 +124,9 @@ def schedule(
 ) -> ScheduleResult:
     """Validate, compute the next runs, write the schedule file, install it if asked.
 
-    ``crontab`` defaults to the user's crontab (``crontab`` binary); ``now`` to the
-    current time (local for cron, UTC for ClearML). Registering a ClearML scheduler
-    ends the process: ``before_exit`` receives the result just before.
-    """
-    from housing.orchestration.pipeline import clearml_mode
-
+    ``crontab`` defaults to the user's; ``now`` to the current time (local for cron, UTC for
+    ClearML). Registering a ClearML scheduler ends the process: ``before_exit`` gets the
+    result just before."""
     cml = settings.clearml
     expr = cml.pipeline.schedule_cron  # validated by housing.config
     if expr is None:
