@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from housing import schedule as sch
 from housing.errors import ConfigError, HousingError
 from housing.orchestration.pipeline import clearml_mode
-from housing.schedule import CRON_KEY
 
 if TYPE_CHECKING:
     from housing.config import Settings
@@ -80,7 +79,7 @@ def scheduler_entries(cron: sch.CronSchedule) -> list[dict[str, Any]]:
 
     def unsupported(why: str) -> ConfigError:
         return ConfigError(
-            f"{CRON_KEY}: '{cron.expr}' cannot be a ClearML TaskScheduler entry ({why}); "
+            f"{sch.CRON_KEY}: '{cron.expr}' cannot be a ClearML TaskScheduler entry ({why}); "
             "simplify it or schedule with cron (clearml.mode=offline)"
         )
 
@@ -130,7 +129,7 @@ def schedule(
     cml = settings.clearml
     expr = cml.pipeline.schedule_cron  # validated by housing.config
     if expr is None:
-        raise ConfigError(f"{CRON_KEY}: not set; add a cron expression such as '0 6 * * *'")
+        raise ConfigError(f"{sch.CRON_KEY}: not set; add a cron expression such as '0 6 * * *'")
     cron = sch.parse_cron(expr)
     online = clearml_mode(settings) == "online"
     now = now or (datetime.now(UTC) if online else datetime.now().astimezone())
