@@ -1,4 +1,4 @@
-"""Tests for housing.schedule: cron validation, next runs (croniter), crontab install, file."""
+"""housing.schedule: cron validation, next runs (croniter), crontab install, schedule file."""
 
 from __future__ import annotations
 
@@ -323,15 +323,6 @@ def test_crontab_line_format_and_escaping() -> None:
         sch.crontab_line("0 6 * * *", "echo a\necho b", "m")
 
 
-def test_build_cron_command_quotes() -> None:
-    cmd = sch.build_cron_command(
-        "/home/u/my proj", ["/home/u/my proj/.venv/bin/python", "x.py"], "metrics/c.log"
-    )
-    assert cmd == (
-        "cd '/home/u/my proj' && '/home/u/my proj/.venv/bin/python' x.py >> metrics/c.log 2>&1"
-    )
-
-
 def test_install_idempotent_on_crontab_file(tmp_path: Path) -> None:
     path = tmp_path / "crontab.txt"
     original = "MAILTO=ops@example.com\n# keep me\n*/5 * * * * /usr/bin/other-job\n"
@@ -409,11 +400,11 @@ def test_system_crontab_with_fake_binary(tmp_path: Path) -> None:
 
 def test_system_crontab_errors(tmp_path: Path) -> None:
     failing = sch.SystemCrontab(_fake_crontab(tmp_path, 'echo "permission denied" >&2; exit 1\n'))
-    with pytest.raises(sch.CrontabError, match="permission denied"):
+    with pytest.raises(sch.ScheduleError, match=r"^crontab: crontab -l failed: permission denied"):
         failing.read()
-    with pytest.raises(sch.CrontabError, match="permission denied"):
+    with pytest.raises(sch.ScheduleError, match="permission denied"):
         failing.write("x\n")
-    with pytest.raises(sch.CrontabError, match="not found"):
+    with pytest.raises(sch.ScheduleError, match="not found"):
         sch.SystemCrontab(str(tmp_path / "no-such-binary")).read()
 
 

@@ -12,8 +12,7 @@ import pytest
 from housing.cli import schedule_lines
 from housing.config import load_settings
 from housing.errors import ConfigError
-from housing.orchestration import scheduling
-from housing.orchestration.scheduling import schedule, scheduler_entries
+from housing.orchestration.scheduling import cron_command, schedule, scheduler_entries
 from housing.schedule import FileCrontab, parse_cron
 from tests.conftest import CONF, PROJECT
 
@@ -63,6 +62,17 @@ def test_next_runs_and_command_go_to_the_schedule_file(
     assert capsys.readouterr().out == ""  # only the command layer prints
     assert schedule_lines(result)[0] == result.crontab_line
     assert schedule_lines(result)[-1] == "crontab: not installed (add --install)"
+
+
+def test_cron_command_quotes(tmp_path: Path) -> None:
+    root = tmp_path / "my proj"
+    (root / ".venv" / "bin").mkdir(parents=True)
+    (root / ".venv" / "bin" / "python").touch()
+    cmd = cron_command(load_settings([], CONF, root))
+    assert cmd == (
+        f"cd '{root}' && '{root}/.venv/bin/python' scripts/clearml_pipeline.py"
+        " >> metrics/clearml_pipeline_cron.log 2>&1"
+    )
 
 
 def test_install_is_idempotent_on_a_crontab_file(tmp_path: Path) -> None:
@@ -145,4 +155,4 @@ def test_cron_a_taskscheduler_cannot_express_is_refused(expr: str) -> None:
 def test_missing_expression(tmp_path: Path) -> None:
     settings = load_settings(["~clearml.pipeline.schedule_cron"], CONF, tmp_path)
     with pytest.raises(ConfigError, match="schedule_cron: not set"):
-        scheduling.schedule(settings, install=False, now=NOW)
+        schedule(settings, install=False, now=NOW)

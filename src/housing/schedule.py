@@ -1,24 +1,18 @@
-"""Cron scheduling helpers: validate 5-field expressions and compute next runs with
-croniter, and install an idempotent, marker-tagged line into a crontab (system or file).
+"""Cron expressions and crontab lines: validate 5-field expressions and compute next runs
+with croniter, and install an idempotent, marker-tagged line into a crontab (system or file).
 
 Only standard crontab syntax is accepted: five fields of ``*``, numbers, month/weekday
-names, lists, ranges and ``*/n`` / ``a-b/n`` steps, or one of the macros
-``@yearly``/``@annually``/``@monthly``/``@weekly``/``@daily``/``@midnight``/``@hourly``.
-croniter's extensions (seconds/year fields, ``L``, ``W``, ``#``, ``?``, ``H``, ``n/step``)
-are refused, as the line goes into a real crontab, and so are reversed ranges (``5-1``,
-which croniter would read as wrapping around).  croniter checks and expands values,
-ranges and names.  Day rule as in cron: if day-of-month and day-of-week both are restricted
-(neither starts with ``*``), a day matching *either* runs, otherwise both must match.
-Next runs follow croniter under DST: a wall time skipped by spring-forward runs at the
-first instant after the gap (``02:30`` -> ``03:00``); one repeated by fall-back is
-listed twice.  Nothing happens at import time.
+names, lists, ranges and ``*/n`` / ``a-b/n`` steps, or a macro (``@daily``...). croniter's
+extensions (seconds/year fields, ``L``, ``W``, ``#``, ``?``, ``H``, ``n/step``) and reversed
+ranges (``5-1``, which croniter wraps around) are refused: the line goes into a real
+crontab. As in cron, when both day fields are restricted a day matching either runs. Under
+DST a wall time skipped by spring-forward runs right after the gap (``02:30`` -> ``03:00``);
+one repeated by fall-back is listed twice.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shlex
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,31 +22,10 @@ from typing import Final, Protocol
 
 from croniter import CroniterBadDateError, CroniterError, croniter
 
+from housing.errors import HousingError
 from housing.io import write_text
 
-__all__ = [
-    "DEFAULT_CRON_KEY",
-    "CronError",
-    "CronSchedule",
-    "CrontabError",
-    "CrontabIO",
-    "FileCrontab",
-    "SystemCrontab",
-    "build_cron_command",
-    "crontab_line",
-    "find_line",
-    "install_line",
-    "install_schedule",
-    "next_runs",
-    "parse_cron",
-    "remove_line",
-    "uninstall_schedule",
-    "validate_cron",
-    "write_schedule_file",
-]
-
-DEFAULT_CRON_KEY: Final = "clearml.pipeline.schedule_cron"
-
+CRON_KEY: Final = "clearml.pipeline.schedule_cron"
 _FIELDS: Final = (
     ("minute", "0-59"),
     ("hour", "0-23"),
@@ -73,8 +46,8 @@ class CronError(ValueError):
     """Invalid cron expression; the message is one line naming config key and field."""
 
 
-class CrontabError(RuntimeError):
-    """Reading or writing the crontab failed."""
+class ScheduleError(HousingError):
+    """The crontab (or the ClearML scheduler) could not be updated."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +61,9 @@ class CronSchedule:
     months: tuple[int, ...]
     weekdays: tuple[int, ...]
     day_or: bool  # both day fields restricted: a day matching either one runs
+
+
+# --------------------------------------------------------------------------- cron
 
 
 def _reason(exc: CroniterError) -> str:
@@ -108,7 +84,7 @@ def _number(token: str, index: int) -> int:
     return int(croniter.expand(_probe(token, index))[0][index][0])  # a name
 
 
-def parse_cron(expr: str, *, key: str = DEFAULT_CRON_KEY) -> CronSchedule:
+def parse_cron(expr: str, *, key: str = CRON_KEY) -> CronSchedule:
     """Validate and expand a cron expression; raise :class:`CronError` on any problem."""
     if not isinstance(expr, str):
         raise CronError(f"{key}: expected a cron expression string, got {expr!r}")
@@ -149,22 +125,16 @@ def parse_cron(expr: str, *, key: str = DEFAULT_CRON_KEY) -> CronSchedule:
     return CronSchedule(original, minutes, hours, days, months, weekdays, day_or)
 
 
-def validate_cron(expr: str, *, key: str = DEFAULT_CRON_KEY) -> str:
+def validate_cron(expr: str, *, key: str = CRON_KEY) -> str:
     """Return the stripped expression if valid, else raise :class:`CronError`."""
     return parse_cron(expr, key=key).expr
 
 
 def next_runs(
-    expr: str | CronSchedule,
-    start: datetime,
-    count: int = 5,
-    *,
-    key: str = DEFAULT_CRON_KEY,
+    expr: str | CronSchedule, start: datetime, count: int = 5, *, key: str = CRON_KEY
 ) -> list[datetime]:
-    """The next ``count`` run times strictly after ``start`` (croniter; same tz as it).
-
-    Matching uses ``start``'s wall clock; see the module docstring for DST.
-    """
+    """The next ``count`` run times strictly after ``start`` (croniter, ``start``'s wall
+    clock and timezone; DST as in the module docstring)."""
     if start.tzinfo is None or start.utcoffset() is None:
         raise ValueError("start must be timezone-aware (e.g. datetime.now(UTC))")
     if count < 0:
@@ -182,122 +152,76 @@ def next_runs(
 # --------------------------------------------------------------------------- crontab
 
 
-def build_cron_command(
-    project_dir: str | os.PathLike[str],
-    argv: Sequence[str],
-    log_path: str | os.PathLike[str] | None = None,
-) -> str:
-    """Shell command ``cd <dir> && <argv...> [>> <log> 2>&1]`` with proper quoting."""
-    if not argv:
-        raise ValueError("argv must not be empty")
-    command = f"cd {shlex.quote(str(project_dir))} && {shlex.join(str(a) for a in argv)}"
-    if log_path is not None:
-        command += f" >> {shlex.quote(str(log_path))} 2>&1"
-    return command
-
-
-def crontab_line(expr: str, command: str, marker: str, *, key: str = DEFAULT_CRON_KEY) -> str:
+def crontab_line(expr: str, command: str, marker: str) -> str:
     """A crontab line ``<expr> <command> # housing:<marker>`` (``%`` escaped for cron)."""
-    schedule = parse_cron(expr, key=key)
+    schedule = parse_cron(expr)
     if not _MARKER_RE.match(marker):
         raise ValueError(f"marker must match [A-Za-z0-9_.-]+, got {marker!r}")
     command = command.strip()
     if not command or "\n" in command or "\r" in command:
         raise ValueError("command must be a non-empty single line")
-    # cron turns an unescaped % into a newline (stdin); escape them.
-    escaped = re.sub(r"(?<!\\)%", r"\\%", command)
+    escaped = re.sub(r"(?<!\\)%", r"\\%", command)  # cron reads a bare % as a newline
     return f"{schedule.expr} {escaped} # housing:{marker}"
 
 
 def _marker_of(line: str) -> str | None:
     stripped = line.strip()
-    if not stripped or stripped.startswith("#"):
-        return None
-    match = _TAG_RE.search(stripped)
+    match = None if stripped.startswith("#") else _TAG_RE.search(stripped)
     return match.group("marker") if match else None
 
 
 def find_line(crontab_text: str, marker: str) -> str | None:
     """The first crontab line tagged ``# housing:<marker>``, if any."""
-    for line in crontab_text.splitlines():
-        if _marker_of(line) == marker:
-            return line
-    return None
+    return next((ln for ln in crontab_text.splitlines() if _marker_of(ln) == marker), None)
 
 
-def install_line(current_crontab_text: str, line: str, marker: str) -> str:
-    """Return crontab text with exactly one line for ``marker`` (idempotent).
-
-    An existing line for the marker is replaced in place (duplicates are dropped);
-    otherwise the line is appended.  Other lines are preserved verbatim.
-    """
-    if "\n" in line.strip() or _marker_of(line) != marker:
+def install_line(crontab_text: str, line: str | None, marker: str) -> str:
+    """The crontab text with ``line`` as the marker's only line, where its first one was
+    (else appended); ``line=None`` removes the marker's lines. Other lines are kept."""
+    if line is not None and ("\n" in line.strip() or _marker_of(line) != marker):
         raise ValueError(f"line must be a single crontab line tagged '# housing:{marker}'")
-    out: list[str] = []
-    placed = False
-    for existing in current_crontab_text.splitlines():
-        if _marker_of(existing) == marker:
-            if not placed:
-                out.append(line.strip())
-                placed = True
-            continue
-        out.append(existing)
-    if not placed:
-        out.append(line.strip())
-    return "\n".join(out) + "\n"
-
-
-def remove_line(current_crontab_text: str, marker: str) -> str:
-    """Return crontab text without lines tagged for ``marker``."""
-    kept = [ln for ln in current_crontab_text.splitlines() if _marker_of(ln) != marker]
+    lines = crontab_text.splitlines()
+    ours = [i for i, existing in enumerate(lines) if _marker_of(existing) == marker]
+    kept = [existing for existing in lines if _marker_of(existing) != marker]
+    if line is not None:
+        kept.insert(ours[0] if ours else len(kept), line.strip())
     return "\n".join(kept) + "\n" if kept else ""
 
 
 class CrontabIO(Protocol):
-    """Read/write the whole crontab text."""
+    """The whole crontab text: ``read`` ("" if none) and ``write`` (replace)."""
 
-    def read(self) -> str:
-        """Current crontab text ("" if none)."""
-        ...
+    def read(self) -> str: ...
 
-    def write(self, text: str) -> None:
-        """Replace the crontab with ``text``."""
-        ...
+    def write(self, text: str) -> None: ...
 
 
+@dataclass(frozen=True)
 class FileCrontab:
-    """Crontab stored in a plain file (tests, systems without cron, /etc/cron.d-like use)."""
+    """A crontab kept in a plain file (tests, systems without cron)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    path: Path
 
     def read(self) -> str:
         """File contents, or "" if the file does not exist."""
-        try:
-            return self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return ""
+        return self.path.read_text(encoding="utf-8") if self.path.is_file() else ""
 
     def write(self, text: str) -> None:
         """Atomically replace the file."""
         write_text(self.path, text)
 
 
+@dataclass(frozen=True)
 class SystemCrontab:
     """The user's crontab via the ``crontab`` binary (``crontab -l`` / ``crontab -``)."""
 
-    def __init__(
-        self, binary: str = "crontab", *, user: str | None = None, timeout_sec: float = 10.0
-    ) -> None:
-        self.binary = binary
-        self.user = user
-        self.timeout_sec = timeout_sec
+    binary: str = "crontab"
+    timeout_sec: float = 10.0
 
-    def _run(self, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        cmd = [self.binary, *(["-u", self.user] if self.user else []), *args]
+    def _run(self, option: str, stdin: str | None = None) -> str:
         try:
-            return subprocess.run(
-                cmd,
+            proc = subprocess.run(
+                [self.binary, option],
                 input=stdin,
                 capture_output=True,
                 text=True,
@@ -305,64 +229,51 @@ class SystemCrontab:
                 check=False,
             )
         except FileNotFoundError:
-            raise CrontabError(
-                f"'{self.binary}' not found; install cron or use a crontab file instead"
+            raise ScheduleError(
+                f"crontab: '{self.binary}' not found; install cron or use a crontab file instead"
             ) from None
         except subprocess.TimeoutExpired:
-            raise CrontabError(f"'{self.binary}' timed out after {self.timeout_sec:g}s") from None
+            raise ScheduleError(
+                f"crontab: '{self.binary}' timed out after {self.timeout_sec:g}s"
+            ) from None
+        if proc.returncode == 0:
+            return proc.stdout
+        if option == "-l" and "no crontab" in proc.stderr.lower():
+            return ""
+        raise ScheduleError(f"crontab: crontab {option} failed: {' '.join(proc.stderr.split())}")
 
     def read(self) -> str:
         """``crontab -l``; "no crontab for <user>" counts as empty."""
-        result = self._run(["-l"])
-        if result.returncode == 0:
-            return result.stdout
-        if "no crontab" in result.stderr.lower():
-            return ""
-        raise CrontabError(f"crontab -l failed: {' '.join(result.stderr.split())}")
+        return self._run("-l")
 
     def write(self, text: str) -> None:
         """Install ``text`` with ``crontab -``."""
-        result = self._run(["-"], stdin=text)
-        if result.returncode != 0:
-            raise CrontabError(f"crontab - failed: {' '.join(result.stderr.split())}")
+        self._run("-", stdin=text)
 
 
-def install_schedule(io: CrontabIO, line: str, marker: str) -> bool:
-    """Install/replace the marker's line; write only if changed.  Returns ``changed``."""
+def install_schedule(io: CrontabIO, line: str | None, marker: str) -> bool:
+    """Make ``line`` the marker's line (None: remove it); write only if that changes the
+    crontab. Returns ``changed``."""
     current = io.read()
     updated = install_line(current, line, marker)
-    if updated == current:
-        return False
-    io.write(updated)
-    return True
+    if updated != current:
+        io.write(updated)
+    return updated != current
 
 
 def uninstall_schedule(io: CrontabIO, marker: str) -> bool:
-    """Remove the marker's line(s); write only if changed.  Returns ``changed``."""
-    current = io.read()
-    updated = remove_line(current, marker)
-    if updated == current:
-        return False
-    io.write(updated)
-    return True
+    """Remove the marker's line(s); write only if changed. Returns ``changed``."""
+    return install_schedule(io, None, marker)
 
 
-def write_schedule_file(
-    path: str | os.PathLike[str],
-    expr: str,
-    next_runs: Sequence[datetime],
-    command: str,
-    *,
-    key: str = DEFAULT_CRON_KEY,
-) -> Path:
+def write_schedule_file(path: Path, expr: str, runs: Sequence[datetime], command: str) -> Path:
     """Atomically write the schedule summary (expression, next runs in ISO, command)."""
-    target = Path(path)
     lines = [
         "# housing pipeline schedule (generated; do not edit)",
-        f"{key}: {expr.strip()}",
+        f"{CRON_KEY}: {expr.strip()}",
         f"command: {command}",
         "next_runs:",
-        *(f"  - {run.isoformat()}" for run in next_runs),
+        *(f"  - {run.isoformat()}" for run in runs),
     ]
-    write_text(target, "\n".join(lines) + "\n")
-    return target
+    write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,16 +1,10 @@
-"""The pipeline DAG, and ``housing pipeline``: one DAG, two engines.
+"""``housing pipeline``: one DAG (:mod:`.dag`, mirroring ``dvc.yaml``), two engines.
 
-One DAG (:func:`build_dag`) mirrors ``dvc.yaml``::
-
-    prepare -> train_<model> (one per selection.candidates) -> select_best -> evaluate
-
-:func:`run_pipeline` picks the engine: with a ClearML server (``clearml`` among the
-tracking backends and the server answers, or running as a ClearML task on an agent)
-the DAG goes to ClearML's ``PipelineController``
-(:mod:`housing.orchestration.clearml_controller`, steps here or on agent queues).
-Without one it is the local engine, ``housing repro`` (:mod:`housing.repro`): DVC
-decides what is stale, every stage is recorded as a ClearML offline session, and
-``--no-cache`` is ``dvc repro --force``.
+With a ClearML server (``clearml`` among the tracking backends and the server answers, or
+running as a ClearML task on an agent) the DAG goes to ClearML's ``PipelineController``
+(:mod:`.clearml_controller`). Without one it is the local engine, ``housing repro``
+(:mod:`housing.repro`): DVC decides what is stale, every stage is a ClearML offline
+session, and ``--no-cache`` is ``dvc repro --force``.
 """
 
 from __future__ import annotations
@@ -21,19 +15,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from housing.errors import ConfigError, HousingError
-from housing.orchestration.dag import PipelineError, PipelineResult, StepResult
+from housing.errors import ConfigError
+from housing.orchestration.dag import PipelineError, PipelineResult, StepResult, final_metrics
 
 if TYPE_CHECKING:
     from housing.config import Settings
+    from housing.orchestration.dag import StepStatus
 
 log = logging.getLogger(__name__)
 
 #: Overrides the local engine accepts: they change how runs are recorded, not outputs.
 TRACKING_KEYS = ("tracking", "mlflow", "clearml", "notifications", "registry")
-
-
-# --------------------------------------------------------------------------- entry points
+#: ``housing repro``'s stage outcomes as step statuses (any other: skipped).
+_STATUS: dict[str, StepStatus] = {"ran": "succeeded", "skipped": "succeeded", "failed": "failed"}
 
 
 def run_pipeline(
@@ -44,11 +38,8 @@ def run_pipeline(
     max_workers: int | None = None,
     use_cache: bool | None = None,
 ) -> PipelineResult:
-    """Run the whole DAG on the engine the config selects (see the module docstring).
-
-    ``use_cache=False`` reruns every step. Raises :class:`PipelineError` when a step
-    fails (after the run's summary event is written).
-    """
+    """Run the whole DAG on the engine the config selects; ``use_cache=False`` reruns every
+    step. A failed step raises :class:`PipelineError` (after the run's summary event)."""
     from housing.config import default_config_dir, load_settings
 
     cdir = (config_dir or default_config_dir()).resolve()
@@ -82,11 +73,8 @@ def run_local(
     max_workers: int | None = None,
     use_cache: bool | None = None,
 ) -> PipelineResult:
-    """The local engine (``housing repro``) on ``settings.root``'s ``dvc.yaml``.
-
-    Only tracking overrides apply (``tracking=``, ``mlflow.*``, ``clearml.*``...): the
-    outputs are what ``dvc.yaml`` and ``conf/`` say, so DVC can tell what is stale.
-    """
+    """The local engine (``housing repro``) on ``settings.root``'s ``dvc.yaml``; only tracking
+    overrides apply (outputs are what ``dvc.yaml`` and ``conf/`` say: DVC tells what is stale)."""
     from housing.repro import reproduce
 
     for item in overrides:
@@ -101,48 +89,13 @@ def run_local(
     result = reproduce(
         settings.root, jobs=max_workers, force=not use_cache, overrides=tuple(overrides)
     )
-    steps = {
-        _step_name(name): StepResult(
-            _step_name(name),
-            "succeeded"
-            if status in ("ran", "skipped")
-            else "failed"
-            if status == "failed"
-            else "skipped",
-            cached=status == "skipped",
+    if not result.ok:
+        raise PipelineError(f"pipeline {result.error}", exit_code=result.exit_code or 1)
+    steps = {  # train@ridge -> train_ridge, the DAG's step names
+        name.replace("@", "_"): StepResult(
+            name.replace("@", "_"), _STATUS.get(status, "skipped"), cached=status == "skipped"
         )
         for name, status in result.stages.items()
     }
-    best, rmse = _final_metrics(settings) if result.ok else (None, None)
-    outcome = PipelineResult(
-        run_id=result.run_id,
-        status="succeeded" if result.ok else "failed",
-        executor="local",
-        steps=steps,
-        duration_sec=result.seconds,
-        best_model=best,
-        test_rmse=rmse,
-    )
-    if not result.ok:
-        failed = outcome.failed_steps
-        raise PipelineError(
-            f"pipeline {result.error}",
-            step=failed[0] if failed else "dvc",
-            exit_code=result.exit_code or 1,
-        )
-    return outcome
-
-
-def _step_name(dvc_name: str) -> str:
-    """``train@ridge`` -> ``train_ridge`` (the DAG's step names)."""
-    return dvc_name.replace("@", "_")
-
-
-def _final_metrics(settings: Settings) -> tuple[str | None, float | None]:
-    from housing.stages.evaluate import read_outcome
-
-    try:
-        best, scores = read_outcome(settings.paths)
-        return best, float(scores["test/rmse"])
-    except (HousingError, KeyError, TypeError, ValueError):
-        return None, None
+    best, rmse = final_metrics(settings)
+    return PipelineResult(result.run_id, "succeeded", "local", steps, result.seconds, best, rmse)

@@ -1,21 +1,14 @@
-"""Run the pipeline on ``clearml.pipeline.schedule_cron``: crontab, or a ClearML scheduler.
+"""Run the pipeline on ``clearml.pipeline.schedule_cron`` (validated, next five runs in
+``metrics/clearml_pipeline_schedule.txt``).
 
-:func:`schedule` validates the expression (a :class:`~housing.errors.ConfigError` naming
-the key), computes the next five runs and writes ``metrics/clearml_pipeline_schedule.txt``.
-
-- Without a ClearML server it computes the crontab line (``<cron> cd <root> &&
-  <venv python> scripts/clearml_pipeline.py >> metrics/clearml_pipeline_cron.log 2>&1
-  # housing:housing-pipeline``) and, with ``install=True``, puts it in the crontab once
-  (re-running replaces it).
-- With a server (ClearML online) it computes the ``TaskScheduler`` entries the expression
-  maps to; with ``install=True`` it creates a template task ``<task_prefix>:pipeline``
-  (``scripts/clearml_pipeline.py`` at this checkout's commit) and a ``TaskScheduler``
-  that clones it onto ``clearml.pipeline.execution_queue`` at those times, and sends
-  the scheduler to ``clearml.pipeline.controller_queue`` (default ``services``). The SDK
-  ENDS THE PROCESS (exit 0) once the scheduler is enqueued (``before_exit`` gets the
-  result first, so the command can show it). A scheduler already queued
-  or running with the same schedule is kept (idempotent); one with another schedule
-  is stopped and replaced. ClearML schedules in UTC, so next runs are UTC there.
+- Without a ClearML server: a crontab line (:func:`cron_command` tagged
+  ``# housing:housing-pipeline``), installed once (re-running replaces it).
+- With a server: ``TaskScheduler`` entries for the expression (UTC); installing creates a
+  template task ``<task_prefix>:pipeline`` (the script at this checkout's commit) and a
+  scheduler that clones it onto ``clearml.pipeline.execution_queue``, and sends the
+  scheduler to ``clearml.pipeline.controller_queue`` (default ``services``): the SDK ENDS
+  THE PROCESS (exit 0) then. A scheduler already queued or running with the same schedule
+  is kept; one with another schedule is stopped and replaced.
 """
 
 from __future__ import annotations
@@ -24,41 +17,27 @@ import hashlib
 import json
 import logging
 import re
+import shlex
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from housing import schedule as sch
 from housing.errors import ConfigError, HousingError
+from housing.orchestration.pipeline import clearml_mode
 
 if TYPE_CHECKING:
     from housing.config import Settings
-    from housing.schedule import CronSchedule, CrontabIO
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "CRON_KEY",
-    "MARKER",
-    "ScheduleError",
-    "ScheduleResult",
-    "cron_command",
-    "schedule",
-    "scheduler_entries",
-]
-
-CRON_KEY: Final = "clearml.pipeline.schedule_cron"
 MARKER: Final = "housing-pipeline"
-SCHEDULE_FILE: Final = "clearml_pipeline_schedule.txt"
-CRON_LOG: Final = "clearml_pipeline_cron.log"
 PIPELINE_SCRIPT: Final = "scripts/clearml_pipeline.py"
+DEFAULT_CONTROLLER_QUEUE: Final = "services"
 _WEEKDAYS: Final = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
-
-
-class ScheduleError(HousingError):
-    """The crontab or the ClearML scheduler could not be updated."""
 
 
 @dataclass(frozen=True)
@@ -73,34 +52,24 @@ class ScheduleResult:
     crontab_line: str | None = None
     installed: bool = False  # install was asked for and the schedule is in place
     changed: bool = False  # the crontab was modified / a scheduler was registered
-    entries: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    entries: tuple[dict[str, Any], ...] = ()
     scheduler_task_id: str | None = None
     template_task_id: str | None = None
     controller_queue: str | None = None  # the queue the ClearML scheduler runs on
 
 
-def _expression(settings: Settings) -> str:
-    expr = settings.clearml.pipeline.schedule_cron  # validated by housing.config
-    if expr is None:
-        raise ConfigError(f"{CRON_KEY}: not set; add a cron expression such as '0 6 * * *'")
-    return expr
-
-
-def _python(root: Path) -> str:
-    venv = root / ".venv" / "bin" / "python"
-    return str(venv) if venv.is_file() else sys.executable
-
-
 def cron_command(settings: Settings) -> str:
     """``cd <root> && <venv python> scripts/clearml_pipeline.py >> <metrics log> 2>&1``."""
     from housing.io import relpath
-    from housing.schedule import build_cron_command
 
-    log_path = relpath(settings.paths.metrics_dir / CRON_LOG, settings.root)
-    return build_cron_command(settings.root, [_python(settings.root), PIPELINE_SCRIPT], log_path)
+    root = settings.root
+    venv = root / ".venv" / "bin" / "python"
+    argv = [str(venv) if venv.is_file() else sys.executable, PIPELINE_SCRIPT]
+    log_path = shlex.quote(relpath(settings.paths.metrics_dir / "clearml_pipeline_cron.log", root))
+    return f"cd {shlex.quote(str(root))} && {shlex.join(argv)} >> {log_path} 2>&1"
 
 
-def scheduler_entries(cron: CronSchedule) -> list[dict[str, Any]]:
+def scheduler_entries(cron: sch.CronSchedule) -> list[dict[str, Any]]:
     """``TaskScheduler.add_task`` timing arguments equivalent to a cron expression.
 
     Supported: one minute with any hours (``M H,H2 ...``), every hour (``M * ...``) or
@@ -110,7 +79,7 @@ def scheduler_entries(cron: CronSchedule) -> list[dict[str, Any]]:
 
     def unsupported(why: str) -> ConfigError:
         return ConfigError(
-            f"{CRON_KEY}: '{cron.expr}' cannot be a ClearML TaskScheduler entry ({why}); "
+            f"{sch.CRON_KEY}: '{cron.expr}' cannot be a ClearML TaskScheduler entry ({why}); "
             "simplify it or schedule with cron (clearml.mode=offline)"
         )
 
@@ -148,108 +117,53 @@ def schedule(
     settings: Settings,
     *,
     install: bool,
-    crontab: CrontabIO | None = None,
+    crontab: sch.CrontabIO | None = None,
     now: datetime | None = None,
     before_exit: Callable[[ScheduleResult], None] | None = None,
 ) -> ScheduleResult:
     """Validate, compute the next runs, write the schedule file, install it if asked.
 
-    ``crontab`` defaults to the user's crontab (``crontab`` binary); ``now`` to the
-    current time (local for cron, UTC for ClearML). Registering a ClearML scheduler
-    ends the process: ``before_exit`` receives the result just before.
-    """
-    from housing.orchestration.pipeline import clearml_mode
-    from housing.schedule import (
-        CrontabError,
-        SystemCrontab,
-        crontab_line,
-        install_schedule,
-        next_runs,
-        parse_cron,
-        write_schedule_file,
-    )
-
-    expr = _expression(settings)
-    cron = parse_cron(expr, key=CRON_KEY)
-    online = clearml_mode(settings) == "online"
-    if now is None:
-        now = datetime.now(UTC) if online else datetime.now().astimezone()
-    if now.tzinfo is None:
-        raise ValueError("now must be timezone-aware")
-    runs = tuple(next_runs(cron, now, 5, key=CRON_KEY))
-    target = settings.paths.metrics_dir / SCHEDULE_FILE
-    if online:
-        return _schedule_clearml(
-            settings, cron, runs, target, install=install, before_exit=before_exit
-        )
-
-    command = cron_command(settings)
-    write_schedule_file(target, expr, runs, command, key=CRON_KEY)
-    line = crontab_line(expr, command, MARKER, key=CRON_KEY)
-    changed = False
-    if install:
-        try:
-            changed = install_schedule(crontab or SystemCrontab(), line, MARKER)
-        except CrontabError as exc:
-            raise ScheduleError(f"crontab: {exc}") from None
-    return ScheduleResult(
-        expr=expr,
-        next_runs=runs,
-        command=command,
-        schedule_file=target,
-        mode="crontab",
-        crontab_line=line,
-        installed=install,
-        changed=changed,
-    )
-
-
-def _schedule_clearml(
-    settings: Settings,
-    cron: CronSchedule,
-    runs: tuple[datetime, ...],
-    target: Path,
-    *,
-    install: bool,
-    before_exit: Callable[[ScheduleResult], None] | None = None,
-) -> ScheduleResult:
-    from housing.orchestration.clearml_controller import DEFAULT_CONTROLLER_QUEUE
-    from housing.schedule import write_schedule_file
-
+    ``crontab`` defaults to the user's; ``now`` to the current time (local for cron, UTC for
+    ClearML). Registering a ClearML scheduler ends the process: ``before_exit`` gets the
+    result just before."""
     cml = settings.clearml
-    entries = scheduler_entries(cron)
-    services = cml.pipeline.controller_queue or DEFAULT_CONTROLLER_QUEUE
-    queue = cml.pipeline.execution_queue
-    command = (
-        f"ClearML TaskScheduler on queue {services}: clone {cml.task_prefix}:pipeline "
-        f"({PIPELINE_SCRIPT}) onto queue {queue} (UTC)"
-    )
-    write_schedule_file(target, cron.expr, runs, command, key=CRON_KEY)
-    result = ScheduleResult(
-        expr=cron.expr,
-        next_runs=runs,
-        command=command,
-        schedule_file=target,
-        mode="clearml",
-        entries=tuple(entries),
-        controller_queue=services,
-    )
+    expr = cml.pipeline.schedule_cron  # validated by housing.config
+    if expr is None:
+        raise ConfigError(f"{sch.CRON_KEY}: not set; add a cron expression such as '0 6 * * *'")
+    cron = sch.parse_cron(expr)
+    online = clearml_mode(settings) == "online"
+    now = now or (datetime.now(UTC) if online else datetime.now().astimezone())
+    runs = tuple(sch.next_runs(cron, now))
+    target = settings.paths.metrics_dir / "clearml_pipeline_schedule.txt"
+    if online:
+        services = cml.pipeline.controller_queue or DEFAULT_CONTROLLER_QUEUE
+        command = (
+            f"ClearML TaskScheduler on queue {services}: clone {cml.task_prefix}:pipeline "
+            f"({PIPELINE_SCRIPT}) onto queue {cml.pipeline.execution_queue} (UTC)"
+        )
+        entries = tuple(scheduler_entries(cron))
+        result = ScheduleResult(
+            expr, runs, command, target, "clearml", entries=entries, controller_queue=services
+        )
+    else:
+        command = cron_command(settings)
+        line = sch.crontab_line(expr, command, MARKER)
+        result = ScheduleResult(expr, runs, command, target, "crontab", crontab_line=line)
+    sch.write_schedule_file(target, expr, runs, command)
     if not install:
         return result
-    return _register(settings, result, services=services, queue=queue, before_exit=before_exit)
+    if online:
+        return _register(settings, result, before_exit)
+    changed = sch.install_schedule(crontab or sch.SystemCrontab(), result.crontab_line, MARKER)
+    return replace(result, installed=True, changed=changed)
 
 
 def _register(
     settings: Settings,
     result: ScheduleResult,
-    *,
-    services: str,
-    queue: str,
-    before_exit: Callable[[ScheduleResult], None] | None = None,
+    before_exit: Callable[[ScheduleResult], None] | None,
 ) -> ScheduleResult:
     """Create the template and the TaskScheduler; the SDK then ends the process."""
-    from dataclasses import replace
-
     from housing.orchestration.clearml_controller import (
         clearml_environment,
         git_origin,
@@ -257,6 +171,7 @@ def _register(
     )
 
     cml = settings.clearml
+    services, queue = str(result.controller_queue), cml.pipeline.execution_queue
     name = f"{cml.task_prefix}:pipeline-scheduler"
     fingerprint = hashlib.sha256(
         json.dumps([result.expr, queue, services, list(result.entries)], sort_keys=True).encode()
@@ -312,7 +227,7 @@ def _register(
         except HousingError:
             raise
         except Exception as exc:
-            raise ScheduleError(f"ClearML scheduler could not be registered: {exc}") from exc
+            raise sch.ScheduleError(f"ClearML scheduler could not be registered: {exc}") from exc
         registered = replace(
             result,
             installed=True,
