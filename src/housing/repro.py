@@ -261,7 +261,8 @@ class _Run:
             return None
 
     def start(self) -> None:
-        """Start the workers' fork server: it imports and warms up while DVC plans."""
+        """Start the workers' fork server; started before planning (when every stage will
+        run), it imports and warms up while DVC plans."""
         if self.pool is None:
             self.pool = _make_pool(self.jobs, fork_server_env(self.settings))
 
@@ -293,7 +294,8 @@ def reproduce(
     run = _Run(root, jobs or _default_jobs(), force, template, on_event or _ignore)
     t0 = time.monotonic()
     try:
-        run.start()
+        if force or not (root / "dvc.lock").exists():  # everything will run
+            run.start()
         _reproduce(run, result)
         if run.pool is not None and result.named("ran"):
             status = "completed" if result.ok else "failed"

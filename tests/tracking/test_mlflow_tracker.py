@@ -421,6 +421,7 @@ def test_concurrent_parent_creation_adopts_earliest(
         return [] if len(calls) == 1 else real_find(experiment_id, pipeline_run_id)
 
     monkeypatch.setattr(second, "_find_parents", find_missing_once)
+    monkeypatch.setattr(second, "_known_parent", lambda *args: None)  # not remembered yet
     second.start(StageRun("train", "train_rf", "pipe-race"))
     assert second.parent_run_id == earlier_parent
     assert second.run_id is not None
@@ -432,6 +433,30 @@ def test_concurrent_parent_creation_adopts_earliest(
     assert len(duplicates) == 1
     assert duplicates[0].data.tags["housing.duplicate_of"] == earlier_parent
     assert duplicates[0].info.status == "KILLED"
+
+
+def test_later_stages_find_the_parent_remembered_beside_the_store(
+    new_tracker: Callable[[], MLflowTracker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = new_tracker()
+    first.start(StageRun("prepare", "prepare", "pipe-known"))
+    first.close("completed")
+    second = new_tracker()
+
+    def no_search(*args: object) -> list[Run]:
+        raise AssertionError("searched although the parent was remembered")
+
+    monkeypatch.setattr(second, "_find_parents", no_search)
+    second.start(StageRun("train", "train_ridge", "pipe-known"))
+    assert second.parent_run_id == first.parent_run_id
+    second.close("completed")
+    # a remembered parent that was deleted meanwhile is not adopted: a new one is made
+    assert first.parent_run_id is not None
+    first.client.delete_run(first.parent_run_id)
+    third = new_tracker()
+    third.start(StageRun("evaluate", "evaluate", "pipe-known"))
+    assert third.parent_run_id not in (None, first.parent_run_id)
+    third.close("completed")
 
 
 @pytest.fixture

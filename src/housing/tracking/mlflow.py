@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from housing.errors import ArtifactError, ConfigError
-from housing.io import file_lock, file_sha256
+from housing.io import file_lock, file_sha256, read_json, write_json
 from housing.tracking.base import (
     ChampionDecision,
     Figure,
@@ -70,6 +70,7 @@ TAG_PICKLE_SHA = "mlflow_pickle_sha256"
 TAG_PID = "housing.pid"  # the process that runs a stage run
 
 _PARAMS_PER_BATCH = 100
+_KNOWN_PARENTS = 50  # pipeline runs whose parent id is remembered beside a local store
 _METRICS_PER_BATCH = 1000
 _STAGE_LOG_ARTIFACT = "logs/stage.log"
 _INVALID_KEY_CHARS = re.compile(r"[^\w./\- :]")
@@ -408,20 +409,52 @@ class MLflowTracker:
         The losing duplicate is tagged ``pipeline_duplicate`` and KILLED, never deleted.
         """
         db = _sqlite_path(self.tracking_uri)
-        if db is not None:  # local store: serialise find-or-create across processes
-            with file_lock(db.with_name(db.name + ".parent.lock")):
-                return self._find_or_create_parent(experiment_id, pipeline_run_id, owner)
-        return self._find_or_create_parent(experiment_id, pipeline_run_id, owner)
+        if db is None:
+            return self._find_or_create_parent(experiment_id, pipeline_run_id, owner)
+        # local store: find-or-create serialised across processes; the parent's id is
+        # remembered beside the database, so the run's later stages skip the search
+        known_path = db.with_name(db.name + ".parents.json")
+        with file_lock(db.with_name(db.name + ".parent.lock")):
+            try:  # [[pipeline run id, parent run id], ...], newest last
+                known = {str(k): str(v) for k, v in read_json(known_path)}
+            except (ArtifactError, TypeError, ValueError):
+                known = {}
+            parent = self._known_parent(known.get(pipeline_run_id), pipeline_run_id)
+            if parent is not None:
+                return self._reopened(parent)
+            winner = self._find_or_create_parent(experiment_id, pipeline_run_id, owner)
+            known.pop(pipeline_run_id, None)
+            pairs = [*known.items(), (pipeline_run_id, winner)][-_KNOWN_PARENTS:]
+            with suppress(OSError):
+                write_json(known_path, [list(pair) for pair in pairs])
+            return winner
+
+    def _known_parent(self, run_id: str | None, pipeline_run_id: str) -> Run | None:
+        """The remembered parent run, if it still is this pipeline run's active parent."""
+        if run_id is None:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:
+            return None
+        tags = run.data.tags
+        ours = tags.get(TAG_RUN_TYPE) == "pipeline" and (
+            tags.get(TAG_PIPELINE_RUN_ID) == pipeline_run_id
+        )
+        same = run.info.experiment_id == self.experiment_id
+        return run if ours and same and run.info.lifecycle_stage == "active" else None
+
+    def _reopened(self, parent: Run) -> str:
+        if parent.info.status != "RUNNING":  # closed by the previous stage: reopen
+            self.client.update_run(parent.info.run_id, status="RUNNING")
+        return str(parent.info.run_id)
 
     def _find_or_create_parent(
         self, experiment_id: str, pipeline_run_id: str, owner: Mapping[str, str]
     ) -> str:
         found = self._find_parents(experiment_id, pipeline_run_id)
         if found:
-            parent = found[0]
-            if parent.info.status != "RUNNING":  # closed by the previous stage: reopen
-                self.client.update_run(parent.info.run_id, status="RUNNING")
-            return str(parent.info.run_id)
+            return self._reopened(found[0])
         # a new pipeline run: first close what ended processes left RUNNING
         close_orphans(self.client, experiment_id)
         name = f"pipeline-{pipeline_run_id}"
