@@ -553,17 +553,7 @@ def clearml_sync(settings: Settings) -> int:
     """Import every offline ClearML session not yet imported into the configured server."""
     from housing.tracking.offline import sync
 
-    cml = settings.clearml
-    result = sync(
-        cml.offline_dir,
-        api_host=cml.api_host,
-        timeout_sec=cml.connect_timeout_sec,
-        web_host=cml.web_host,
-        files_host=cml.files_host,
-        output_uri=cml.output_uri,
-        access_key_env=cml.access_key_env,
-        secret_key_env=cml.secret_key_env,
-    )
+    result = sync(settings.clearml)
     _echo(result.summary())
     return 0 if result.ok else 1
 

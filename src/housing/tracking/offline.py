@@ -33,10 +33,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from housing.errors import HousingError
 from housing.io import file_lock, write_json, write_text
+
+if TYPE_CHECKING:
+    from housing.config import ClearMLServer, ClearMLSettings
 
 logger = logging.getLogger(__name__)
 
@@ -465,31 +468,22 @@ class SyncReport:
         return f"ClearML sync to {self.api_host}: " + ", ".join(parts)
 
 
-def sync(
-    offline_dir: Path,
-    *,
-    api_host: str,
-    timeout_sec: float = 2.0,
-    web_host: str | None = None,
-    files_host: str | None = None,
-    output_uri: str | None = None,
-    access_key_env: str = "CLEARML_API_ACCESS_KEY",
-    secret_key_env: str = "CLEARML_API_SECRET_KEY",
-    env: Mapping[str, str] | None = None,
-) -> SyncReport:
-    """Import every not-yet-imported closed session of ``offline_dir`` into ``api_host``.
+def sync(settings: ClearMLSettings, *, env: Mapping[str, str] | None = None) -> SyncReport:
+    """Import every not-yet-imported closed session of ``settings.offline_dir`` into the
+    server of ``settings.server``.
 
-    Credentials come from the variables named by ``access_key_env`` / ``secret_key_env``
-    and are never logged or written. Each session is patched on a temporary copy (see
-    :func:`_patched_copy`) and imported with ``Task.import_offline_session`` in a child
-    process (clean SDK state, at most one HTTP retry); weights go to ``output_uri``
-    (default: ``files_host``). ``imported.json`` records each success; a failed session
-    is retried by the next sync. An unreachable server or missing credentials raise
-    :class:`SyncError` within seconds, before anything changes.
+    Credentials come from the variables named by ``settings.auth`` (looked up in ``env``,
+    default ``os.environ``) and are never logged or written. Each session is patched on a
+    temporary copy (see :func:`_patched_copy`) and imported with
+    ``Task.import_offline_session`` in a child process (clean SDK state, at most one HTTP
+    retry); weights go to ``output_uri`` (default: ``files_host``). ``imported.json``
+    records each success; a failed session is retried by the next sync. An unreachable
+    server (``connect_timeout_sec``) or missing credentials raise :class:`SyncError`
+    within seconds, before anything changes.
     """
     started = time.monotonic()
-    offline_dir = Path(offline_dir)
-    report = SyncReport(api_host=api_host.rstrip("/"))
+    offline_dir = settings.offline_dir
+    report = SyncReport(api_host=settings.server.api_host.rstrip("/"))
     env = dict(os.environ if env is None else env)
     with file_lock(offline_dir / SYNC_LOCK_FILE, blocking=False) as acquired:
         if not acquired:
@@ -508,16 +502,18 @@ def sync(
             waiting = (
                 f"nothing imported; {len(pending)} session(s) wait in {sessions_root(offline_dir)}"
             )
-            missing = [name for name in (access_key_env, secret_key_env) if not env.get(name)]
+            keys = (settings.auth.access_key_env, settings.auth.secret_key_env)
+            missing = [name for name in keys if not env.get(name)]
             if missing:
                 raise SyncError(f"ClearML sync: set {' and '.join(missing)} ({waiting})")
-            problem = ping(report.api_host, timeout_sec)
+            problem = ping(report.api_host, settings.connect_timeout_sec)
             if problem is not None:
                 raise SyncError(f"ClearML server unavailable: {problem}; {waiting}")
-            child_env = _child_env(env, offline_dir, report.api_host, web_host, files_host)
-            child_env["CLEARML_API_ACCESS_KEY"] = env[access_key_env]
-            child_env["CLEARML_API_SECRET_KEY"] = env[secret_key_env]
-            _import(offline_dir, pending, report, output_uri or files_host, child_env)
+            child_env = _child_env(env, offline_dir, settings.server)
+            child_env["CLEARML_API_ACCESS_KEY"] = env[keys[0]]
+            child_env["CLEARML_API_SECRET_KEY"] = env[keys[1]]
+            upload_uri = settings.output_uri or settings.server.files_host
+            _import(offline_dir, pending, report, upload_uri, child_env)
     report.seconds = time.monotonic() - started
     logger.info("%s", report.summary())
     return report
@@ -639,26 +635,18 @@ def _patched_copy(
     return target
 
 
-def _child_env(
-    env: Mapping[str, str],
-    offline_dir: Path,
-    api_host: str,
-    web_host: str | None,
-    files_host: str | None,
-) -> dict[str, str]:
-    """``env`` pointed at the server (credentials are added by the caller)."""
+def _child_env(env: Mapping[str, str], offline_dir: Path, server: ClearMLServer) -> dict[str, str]:
+    """``env`` pointed at ``server`` (credentials are added by the caller)."""
     dropped = {"OFFLINE_MODE", "TASK_ID", "PROC_MASTER_ID", "API_HOST", "WEB_HOST", "FILES_HOST"}
     child = {
         k: v
         for k, v in env.items()
         if not (k.startswith(("CLEARML_", "TRAINS_")) and k.split("_", 1)[1] in dropped)
     }
-    child["CLEARML_API_HOST"] = api_host
-    # The import ends by printing the task's web page; with no web host it cannot derive
-    # from api_host it fails, so fall back to api_host (the link is cosmetic).
-    child["CLEARML_WEB_HOST"] = web_host or api_host
-    if files_host:
-        child["CLEARML_FILES_HOST"] = files_host
+    child["CLEARML_API_HOST"] = server.api_host
+    # The import ends by printing the task's web page: it needs the web host.
+    child["CLEARML_WEB_HOST"] = server.web_host
+    child["CLEARML_FILES_HOST"] = server.files_host
     if not env.get("CLEARML_CONFIG_FILE"):
         child["CLEARML_CONFIG_FILE"] = str(
             write_client_config(offline_dir / SYNC_CONFIG_FILE, retries=1)
