@@ -126,13 +126,7 @@ def clearml_environment(cml: ClearMLSettings) -> Iterator[None]:
     with scoped_env({}, restore=[f"CLEARML_{name}" for name in names.split()]):
         if not os.environ.get("CLEARML_CONFIG_FILE"):
             os.environ["CLEARML_CONFIG_FILE"] = str(
-                write_client_config(
-                    cml.offline_dir / CONFIG_FILE,
-                    retries=2,
-                    api_host=cml.api_host,
-                    web_host=cml.web_host,
-                    files_host=cml.files_host,
-                )
+                write_client_config(cml.offline_dir / CONFIG_FILE, retries=2, server=cml.server)
             )
         set_server_env(cml)
         os.environ.pop("CLEARML_OFFLINE_MODE", None)
