@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from housing.config import ClearMLSettings
 from housing.doctor import Check, diagnose, display_url, mask_key, render
 
 ACCESS = "ABCDACCESSSENTINEL0001"
@@ -152,19 +153,23 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _run(env: dict[str, str], api: str | None, **kwargs: Any) -> list[Check]:
-    options: dict[str, Any] = {
-        "api_host": api,
-        "web_host": None,
-        "files_host": None,
-        "config_file": None,
-        "tracking_backends": ["mlflow", "clearml"],
-        "clearml_mode": "auto",
-        "mlflow_uri": "sqlite:///mlflow.db",
-        "timeout": 2.0,
-    }
-    options.update(kwargs)
-    return diagnose(env, **options)
+def _run(
+    env: dict[str, str],
+    api: str | None,
+    *,
+    tracking_backends: Sequence[str] = ("mlflow", "clearml"),
+    mlflow_uri: str = "sqlite:///mlflow.db",
+    **clearml: Any,
+) -> list[Check]:
+    """Diagnose with the ClearML settings ``clearml`` (``api``: the API host, else the default)."""
+    section = {"server": {"api_host": api} if api else {}, **clearml}
+    settings = ClearMLSettings.model_validate(section, context={"root": Path.cwd()})
+    return diagnose(env, settings, tracking_backends=tracking_backends, mlflow_uri=mlflow_uri)
+
+
+def _queue(name: str) -> dict[str, Any]:
+    """The ``clearml.pipeline`` section of a pipeline that enqueues its steps to ``name``."""
+    return {"run_locally": False, "execution_queue": name}
 
 
 def _by_name(checks: list[Check]) -> dict[str, Check]:
@@ -187,7 +192,7 @@ def _assert_no_secret(checks: list[Check]) -> str:
 def test_unreachable_server_fails_fast_with_next_step(tmp_path: Path) -> None:
     api = f"http://127.0.0.1:{_free_port()}"
     started = time.monotonic()
-    checks = _run(_env(tmp_path), api, clearml_mode="online")
+    checks = _run(_env(tmp_path), api, mode="online")
     elapsed = time.monotonic() - started
 
     assert elapsed < 5.0
@@ -209,7 +214,7 @@ def test_unreachable_server_fails_fast_with_next_step(tmp_path: Path) -> None:
 
 
 def test_auto_mode_falls_back_to_offline_when_unreachable(tmp_path: Path) -> None:
-    checks = _run(_env(tmp_path), f"http://127.0.0.1:{_free_port()}", clearml_mode="auto")
+    checks = _run(_env(tmp_path), f"http://127.0.0.1:{_free_port()}", mode="auto")
     by_name = _by_name(checks)
     assert by_name["clearml mode"].status == "ok"
     assert by_name["clearml mode"].detail.startswith("auto -> offline")
@@ -223,7 +228,7 @@ def test_silent_server_is_bounded_by_timeout(tmp_path: Path) -> None:
         listener.listen(8)
         api = f"http://127.0.0.1:{listener.getsockname()[1]}"
         started = time.monotonic()
-        checks = _run(_env(tmp_path), api, clearml_mode="online", timeout=0.5)
+        checks = _run(_env(tmp_path), api, mode="online", connect_timeout_sec=0.5)
         elapsed = time.monotonic() - started
 
     assert elapsed < 3.0  # one 0.5 s timeout, plus slack for a loaded machine
@@ -244,7 +249,7 @@ def test_black_hole_host_is_bounded_by_timeout(tmp_path: Path) -> None:
             sock.setblocking(False)
             sock.connect_ex(("127.0.0.1", port))
         started = time.monotonic()
-        checks = _run(_env(tmp_path), f"http://127.0.0.1:{port}", timeout=0.5)
+        checks = _run(_env(tmp_path), f"http://127.0.0.1:{port}", connect_timeout_sec=0.5)
         elapsed = time.monotonic() - started
         for sock in fillers:
             sock.close()
@@ -260,7 +265,7 @@ def test_black_hole_host_is_bounded_by_timeout(tmp_path: Path) -> None:
 
 
 def test_reachable_server_valid_credentials(tmp_path: Path, fake: FakeClearML) -> None:
-    checks = _run(_env(tmp_path), fake.url, expected_queues=["default"])
+    checks = _run(_env(tmp_path), fake.url, pipeline=_queue("default"))
     by_name = _by_name(checks)
 
     assert by_name["clearml server"].status == "ok"
@@ -340,7 +345,7 @@ def test_missing_credentials(tmp_path: Path, fake: FakeClearML) -> None:
     )
     assert "/auth.login" not in fake.endpoints()
 
-    online = _by_name(_run(env, fake.url, clearml_mode="online"))
+    online = _by_name(_run(env, fake.url, mode="online"))
     assert online["clearml credentials"].status == "fail"
     assert online["clearml mode"].status == "fail"
 
@@ -348,7 +353,9 @@ def test_missing_credentials(tmp_path: Path, fake: FakeClearML) -> None:
 def test_key_variable_names_are_configurable(tmp_path: Path, fake: FakeClearML) -> None:
     env = {"HOME": str(tmp_path), "TEAM_CLEARML_KEY": ACCESS, "TEAM_CLEARML_SECRET": SECRET}
     checks = _run(
-        env, fake.url, access_key_env="TEAM_CLEARML_KEY", secret_key_env="TEAM_CLEARML_SECRET"
+        env,
+        fake.url,
+        auth={"access_key_env": "TEAM_CLEARML_KEY", "secret_key_env": "TEAM_CLEARML_SECRET"},
     )
     assert _by_name(checks)["clearml credentials"].status == "ok"
     missing = _by_name(_run(env, fake.url))["clearml credentials"]
@@ -357,14 +364,18 @@ def test_key_variable_names_are_configurable(tmp_path: Path, fake: FakeClearML) 
 
 
 def test_missing_queue_and_idle_queue(tmp_path: Path, fake: FakeClearML) -> None:
+    missing = _by_name(_run(_env(tmp_path), fake.url, pipeline=_queue("gpu")))
+    assert missing["clearml queues"].status == "warn"
+    assert "missing: gpu" in missing["clearml queues"].detail
+    assert missing["clearml agents"].status == "warn"
+    assert "no agent listens on: gpu" in missing["clearml agents"].detail
+
     fake.workers = [fake.workers[0]]  # nobody listens on "services" any more
-    checks = _run(_env(tmp_path), fake.url, expected_queues=["gpu", "services"])
-    by_name = _by_name(checks)
-    assert by_name["clearml queues"].status == "warn"
-    assert "missing: gpu" in by_name["clearml queues"].detail
-    assert by_name["clearml agents"].status == "warn"
-    assert "no agent listens on: gpu, services" in by_name["clearml agents"].detail
-    assert "--profile agent" in by_name["clearml agents"].next_step
+    idle = _by_name(_run(_env(tmp_path), fake.url, pipeline=_queue("services")))
+    assert idle["clearml queues"].status == "ok"
+    assert idle["clearml agents"].status == "warn"
+    assert "no agent listens on: services" in idle["clearml agents"].detail
+    assert "--profile agent" in idle["clearml agents"].next_step
 
 
 def test_no_queues_and_no_agents(tmp_path: Path, fake: FakeClearML) -> None:
@@ -383,13 +394,13 @@ def test_proxy_variables_do_not_capture_loopback(tmp_path: Path, fake: FakeClear
     assert by_name["clearml server"].status == "ok"
 
 
-def test_hosts_and_credentials_from_config_file(tmp_path: Path, fake: FakeClearML) -> None:
+def test_credentials_from_config_file(tmp_path: Path, fake: FakeClearML) -> None:
     # The layout `clearml-init` writes: quoted keys, `=` and unquoted URLs.
     conf = tmp_path / "clearml.conf"
     conf.write_text(
         "api {\n"
-        f"    web_server: http://127.0.0.1:{fake.port}\n"
-        f"    api_server: http://127.0.0.1:{fake.port}\n"
+        "    web_server: http://127.0.0.1:1\n"
+        "    api_server: http://127.0.0.1:1\n"
         "    credentials {\n"
         f'        "access_key" = "{ACCESS}"\n'
         f'        "secret_key"  = "{SECRET}"\n'
@@ -397,26 +408,27 @@ def test_hosts_and_credentials_from_config_file(tmp_path: Path, fake: FakeClearM
         "}\n"
     )
     env = {"HOME": str(tmp_path / "elsewhere"), "CLEARML_CONFIG_FILE": str(conf)}
-    checks = _run(env, None)
+    checks = _run(env, fake.url)
     by_name = _by_name(checks)
     assert by_name["clearml config"].status == "ok"
     assert "from CLEARML_CONFIG_FILE" in by_name["clearml config"].detail
-    assert "(from config file)" in by_name["clearml server"].detail
+    assert f"API {fake.url} (from given setting)" in by_name["clearml server"].detail
     assert by_name["clearml credentials"].status == "ok"
     assert "(from config file)" in by_name["clearml credentials"].detail
     # auto mode looks only at the key variables, as the tracker does
     assert by_name["clearml mode"].detail.startswith("auto -> offline: CLEARML_API_ACCESS_KEY")
-    online = _by_name(_run(env, None, clearml_mode="online"))["clearml mode"]
+    online = _by_name(_run(env, fake.url, mode="online"))["clearml mode"]
     assert online.status == "ok"
     assert online.detail.startswith("online: server")
     _assert_no_secret(checks)
 
 
-def test_environment_host_wins_over_default(tmp_path: Path, fake: FakeClearML) -> None:
-    env = _env(tmp_path, CLEARML_API_HOST=fake.url + "/")
-    by_name = _by_name(_run(env, None))
+def test_host_user_info_is_dropped(tmp_path: Path, fake: FakeClearML) -> None:
+    api = fake.url.replace("://", "://someone:hunter22@") + "/"
+    by_name = _by_name(_run(_env(tmp_path, CLEARML_API_HOST="http://127.0.0.1:1"), api))
     assert by_name["clearml server"].status == "ok"
-    assert f"API {fake.url} (from CLEARML_API_HOST)" in by_name["clearml server"].detail
+    assert f"API {fake.url} (from given setting)" in by_name["clearml server"].detail
+    assert "hunter22" not in render(list(by_name.values()))
 
 
 def test_missing_config_file_named_by_variable(tmp_path: Path) -> None:
@@ -454,7 +466,7 @@ def test_offline_mode_from_environment(tmp_path: Path) -> None:
     assert "CLEARML_OFFLINE_MODE" in mode.detail
     assert by_name["clearml server"].status == "warn"  # only `clearml sync` needs it
 
-    online = _by_name(_run(env, f"http://127.0.0.1:{_free_port()}", clearml_mode="online"))
+    online = _by_name(_run(env, f"http://127.0.0.1:{_free_port()}", mode="online"))
     assert online["clearml mode"].status == "fail"
     assert "CLEARML_OFFLINE_MODE" in online["clearml mode"].detail
 

@@ -502,20 +502,12 @@ def doctor(settings: Settings) -> int:
 
     from housing.doctor import diagnose, render
 
-    cml = settings.clearml
     checks = diagnose(
         os.environ,
-        api_host=cml.api_host,
-        web_host=cml.web_host,
-        files_host=cml.files_host,
-        config_file=os.environ.get("CLEARML_CONFIG_FILE"),
+        settings.clearml,
         tracking_backends=settings.tracking,
-        clearml_mode=cml.mode,
         mlflow_uri=settings.mlflow.tracking_uri,
-        timeout=cml.connect_timeout_sec,
-        expected_queues=[] if cml.pipeline.run_locally else [cml.pipeline.execution_queue],
-        access_key_env=cml.access_key_env,
-        secret_key_env=cml.secret_key_env,
+        config_file=os.environ.get("CLEARML_CONFIG_FILE"),
     )
     _show([render(checks)], lambda console: _print_checks(console, checks))
     return 1 if any(c.status == "fail" for c in checks) else 0
@@ -561,17 +553,7 @@ def clearml_sync(settings: Settings) -> int:
     """Import every offline ClearML session not yet imported into the configured server."""
     from housing.tracking.offline import sync
 
-    cml = settings.clearml
-    result = sync(
-        cml.offline_dir,
-        api_host=cml.api_host,
-        timeout_sec=cml.connect_timeout_sec,
-        web_host=cml.web_host,
-        files_host=cml.files_host,
-        output_uri=cml.output_uri,
-        access_key_env=cml.access_key_env,
-        secret_key_env=cml.secret_key_env,
-    )
+    result = sync(settings.clearml)
     _echo(result.summary())
     return 0 if result.ok else 1
 

@@ -322,7 +322,7 @@ class ClearMLPipeline(_Section):
 
 
 class ClearMLSettings(_Section):
-    """The ``clearml:`` section (``offline_dir`` absolute); flat names for server/auth."""
+    """The ``clearml:`` section (``offline_dir`` absolute)."""
 
     enabled: StrictBool = True
     mode: Literal["auto", "online", "offline"] = "auto"
@@ -337,17 +337,10 @@ class ClearMLSettings(_Section):
     connect_timeout_sec: Annotated[Number, Field(gt=0)] = 2.0
     pipeline: ClearMLPipeline = ClearMLPipeline()
 
+    # Flat names still read by housing.reporting.compare; elsewhere, use server / auth.
     @property
     def api_host(self) -> str:
         return self.server.api_host
-
-    @property
-    def web_host(self) -> str:
-        return self.server.web_host
-
-    @property
-    def files_host(self) -> str:
-        return self.server.files_host
 
     @property
     def access_key_env(self) -> str:

@@ -1,6 +1,6 @@
 """Diagnose the tracking setup: backends, ClearML mode, server, credentials, queues, agents.
 
-``diagnose`` looks at the environment mapping and settings it is given, talks to the
+``diagnose`` looks at the environment mapping and the ClearML settings it is given, talks to the
 ClearML API server over plain HTTP (requests, not the ClearML SDK) and returns a list of
 :class:`Check`; ``render`` turns them into text (``housing doctor``).
 
@@ -26,18 +26,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from housing import http
 
+if TYPE_CHECKING:
+    from housing.config import ClearMLSettings
+
 Status = Literal["ok", "warn", "fail"]
 
-_DEFAULT_HOSTS = {
-    "api": "http://127.0.0.1:8008",
-    "web": "http://127.0.0.1:8080",
-    "files": "http://127.0.0.1:8081",
-}
 _START_SERVER = (
     "start the server: cd infra/clearml && cp -n .env.example .env && docker compose up -d"
 )
@@ -177,14 +175,14 @@ def _reason(exc: BaseException, timeout: float) -> str:
 _URI_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://")
 _CONF_VALUE = re.compile(
     r"""^\s*(?:api\s*\.\s*|credentials\s*\.\s*|api\.credentials\s*\.\s*)?
-        "?(?P<key>api_server|web_server|files_server|access_key|secret_key)"?
+        "?(?P<key>access_key|secret_key)"?
         \s*[:=]\s*(?P<value>"[^"\n]*"|[^\s"#,}{]+)""",
     re.VERBOSE,
 )
 
 
 def _read_config_literals(path: Path) -> dict[str, str]:
-    """Best-effort read of literal hosts/keys from a ClearML HOCON file.
+    """Best-effort read of the literal API keys from a ClearML HOCON file.
 
     Only plain ``key: value`` lines are understood; substitutions (``${?VAR}``) are
     skipped (the environment is consulted first anyway). Later lines win, as in HOCON.
@@ -230,23 +228,13 @@ def _config_file_check(
     ), None
 
 
-def _resolve_host(
-    kind: str, given: str | None, env: Mapping[str, str], literals: Mapping[str, str]
-) -> tuple[str, str]:
-    """The ``kind`` ("api", "web", "files") host, cleaned, and where it came from."""
-    env_name = f"CLEARML_{kind.upper()}_HOST"
-    for value, source in (
-        (given, "given setting"),
-        (env.get(env_name), env_name),
-        (literals.get(f"{kind}_server"), "config file"),
-    ):
-        if value:
-            url = value.strip().rstrip("/")
-            parts = urlsplit(url)
-            if "@" in parts.netloc:  # user info: ClearML hosts never carry it
-                url = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-            return url, source
-    return _DEFAULT_HOSTS[kind], "default"
+def _clean_host(url: str) -> str:
+    """The host URL without a trailing slash or user info (ClearML hosts never carry it)."""
+    url = url.strip().rstrip("/")
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        url = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return url
 
 
 @dataclass
@@ -319,7 +307,7 @@ def _check_mlflow(env: Mapping[str, str], uri: str, enabled: bool, client: _Clie
     )
 
 
-def _check_server(state: _ServerState, api_source: str, files_host: str) -> Check:
+def _check_server(state: _ServerState, files_host: str) -> Check:
     check = partial(Check, "clearml server")
     # An explicit offline mode needs the server only for `housing clearml sync`.
     severity: Status = "fail" if state.mode == "online" else "warn"
@@ -329,7 +317,7 @@ def _check_server(state: _ServerState, api_source: str, files_host: str) -> Chec
         state.unreachable_reason = "not an http(s) URL"
         return check(
             "fail",
-            f"API host {shown!r} (from {api_source}) is not an http(s) URL",
+            f"API host {shown!r} (from given setting) is not an http(s) URL",
             "set CLEARML_API_HOST=http://127.0.0.1:8008 (or api.api_server in the config file)",
         )
     reply = state.client.request(f"{state.api_host}/debug.ping")
@@ -337,21 +325,21 @@ def _check_server(state: _ServerState, api_source: str, files_host: str) -> Chec
         state.reachable = True
         return check(
             "ok",
-            f"API {shown} (from {api_source}) answers debug.ping; web UI"
+            f"API {shown} (from given setting) answers debug.ping; web UI"
             f" {display_url(state.web_host)}, files {display_url(files_host)}",
         )
     if reply.status is not None:
         state.unreachable_reason = f"HTTP {reply.status} on debug.ping"
         return check(
             severity,
-            f"{shown} (from {api_source}) answered debug.ping with HTTP {reply.status}:"
+            f"{shown} (from given setting) answered debug.ping with HTTP {reply.status}:"
             " not a ClearML API server?",
             "check the API URL: the API server listens on port 8008 (web UI 8080, files 8081)",
         )
     state.unreachable_reason = reply.error
     return check(
         severity,
-        f"API {shown} (from {api_source}) unreachable: {reply.error}",
+        f"API {shown} (from given setting) unreachable: {reply.error}",
         f"{_START_SERVER}; or run offline with clearml.mode=offline",
     )
 
@@ -526,28 +514,24 @@ def _scrub(checks: list[Check], secrets: Sequence[str]) -> list[Check]:
 
 def diagnose(
     env: Mapping[str, str],
+    clearml: ClearMLSettings,
     *,
-    api_host: str | None,
-    web_host: str | None,
-    files_host: str | None,
-    config_file: str | None,
     tracking_backends: Sequence[str],
-    clearml_mode: str,
     mlflow_uri: str,
-    timeout: float = 2.0,
-    expected_queues: Sequence[str] = (),
-    access_key_env: str = "CLEARML_API_ACCESS_KEY",
-    secret_key_env: str = "CLEARML_API_SECRET_KEY",
+    config_file: str | None = None,
 ) -> list[Check]:
     """Check the tracking setup and return one :class:`Check` per aspect.
 
-    ``env`` is the process environment (or a test's stand-in). A host that is None comes
-    from ``CLEARML_{API,WEB,FILES}_HOST``, then the ClearML config file, then the local
-    defaults (127.0.0.1:8008/8080/8081). Each of ``expected_queues`` (queues the pipeline
-    enqueues to) is reported when missing or when no agent listens on it. The API keys
-    are read from ``access_key_env`` / ``secret_key_env``, else from the config file.
+    ``env`` is the process environment (or a test's stand-in). The hosts, the mode and
+    the time budget (``connect_timeout_sec``) come from ``clearml``; the execution queue
+    of a pipeline not run locally is reported when missing or when no agent listens on
+    it. The API keys are read from the variables ``clearml.auth`` names, else from the
+    ClearML config file (``config_file``, else ``CLEARML_CONFIG_FILE``, else
+    ``~/clearml.conf``).
     """
-    client = _Client(env, timeout)
+    pipeline = clearml.pipeline
+    expected_queues = [] if pipeline.run_locally else [pipeline.execution_queue]
+    client = _Client(env, clearml.connect_timeout_sec)
     backends = [b.strip().lower() for b in tracking_backends if b.strip()]
     if backends:
         checks = [Check("tracking backends", "ok", ", ".join(backends))]
@@ -570,22 +554,21 @@ def diagnose(
 
         config_check, config_path = _config_file_check(env, config_file)
         literals = _read_config_literals(config_path) if config_path else {}
-        api, api_source = _resolve_host("api", api_host, env, literals)
+        key_names = (clearml.auth.access_key_env, clearml.auth.secret_key_env)
         state = _ServerState(
             client=client,
-            mode=clearml_mode.strip().lower(),
-            api_host=api,
-            web_host=_resolve_host("web", web_host, env, literals)[0],
-            key_names=(access_key_env, secret_key_env),
-            access=env.get(access_key_env, ""),
-            secret=env.get(secret_key_env, ""),
+            mode=clearml.mode,
+            api_host=_clean_host(clearml.server.api_host),
+            web_host=_clean_host(clearml.server.web_host),
+            key_names=key_names,
+            access=env.get(key_names[0], ""),
+            secret=env.get(key_names[1], ""),
         )
         cred_source = "environment" if state.access and state.secret else ""
         if not cred_source and literals.get("access_key") and literals.get("secret_key"):
             state.access, state.secret = literals["access_key"], literals["secret_key"]
             cred_source = "config file"
-        files = _resolve_host("files", files_host, env, literals)[0]
-        server_check = _check_server(state, api_source, files)
+        server_check = _check_server(state, _clean_host(clearml.server.files_host))
         cred_check = _check_credentials(state, cred_source)
         extra: list[Check] = []
         if state.token:

@@ -2,7 +2,8 @@
 
 Every output is written to a temporary file in its directory, fsynced and renamed into
 place: a failing stage never leaves a half-written file and the previous version
-survives. Also the package's one sha256 and one inter-process file lock.
+survives. Also the package's one sha256, one inter-process file lock and one way to
+read what a short command printed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 import secrets
+import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -171,6 +173,17 @@ def file_lock(path: str | os.PathLike[str], *, blocking: bool = True) -> Iterato
         return
     with held:
         yield True
+
+
+def command_output(cmd: list[str], cwd: str | os.PathLike[str], timeout: float) -> str | None:
+    """What ``cmd`` printed, or None when it failed or could not run."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        proc = subprocess.run(
+            cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if proc.returncode == 0:
+            return proc.stdout
+    return None
 
 
 def save_model(path: str | os.PathLike[str], model: Any) -> str:

@@ -21,7 +21,7 @@ import joblib
 import pytest
 from sklearn.linear_model import Ridge
 
-from housing.config import ClearMLSettings
+from housing.config import ClearMLServer, ClearMLSettings
 from housing.tracking import offline
 from housing.tracking.base import ChampionDecision, ModelVersion, StageRun
 from housing.tracking.clearml import ClearMLTracker
@@ -105,6 +105,19 @@ def fake_env(server: FakeClearMLServer) -> dict[str, str]:
     return {**os.environ, "CLEARML_API_ACCESS_KEY": ACCESS, "CLEARML_API_SECRET_KEY": SECRET}
 
 
+def at_server(settings: ClearMLSettings, server: FakeClearMLServer) -> ClearMLSettings:
+    """``settings`` pointed at the fake server (API, web and files hosts)."""
+    hosts = ClearMLServer(
+        api_host=server.api_host, web_host=server.web_host, files_host=server.files_host
+    )
+    return settings.model_copy(update={"server": hosts})
+
+
+def at_host(settings: ClearMLSettings, api_host: str, **changes: Any) -> ClearMLSettings:
+    """``settings`` pointed at ``api_host`` (other hosts: the defaults), with ``changes``."""
+    return settings.model_copy(update={"server": ClearMLServer(api_host=api_host), **changes})
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -157,13 +170,7 @@ def test_sync_imports_sessions_once(
     with FakeClearMLServer(access_key=ACCESS, secret_key=SECRET, models=[old_champion]) as server:
         caplog.set_level(logging.WARNING, logger="housing.tracking.offline")
         started = time.perf_counter()
-        report = offline.sync(
-            settings.offline_dir,
-            api_host=server.api_host,
-            web_host=server.web_host,
-            files_host=server.files_host,
-            env=fake_env(server),
-        )
+        report = offline.sync(at_server(settings, server), env=fake_env(server))
         seconds = time.perf_counter() - started
 
         assert report.ok, report.failed
@@ -239,7 +246,7 @@ def test_sync_imports_sessions_once(
 
         # A second sync imports nothing (and needs no server round trip at all).
         server.reset_calls()
-        again = offline.sync(settings.offline_dir, api_host=server.api_host, env=fake_env(server))
+        again = offline.sync(at_server(settings, server), env=fake_env(server))
         assert again.imported == {}
         assert sorted(again.already_imported) == sorted(report.imported)
         assert server.calls == []
@@ -260,7 +267,7 @@ def test_unreachable_server_fails_fast_and_loses_nothing(
 
     started = time.perf_counter()
     with pytest.raises(SyncError) as excinfo:
-        offline.sync(settings.offline_dir, api_host=api_host, timeout_sec=1.0, env=env)
+        offline.sync(at_host(settings, api_host, connect_timeout_sec=1.0), env=env)
     assert time.perf_counter() - started < 5
     message = str(excinfo.value)
     assert "\n" not in message
@@ -271,9 +278,7 @@ def test_unreachable_server_fails_fast_and_loses_nothing(
     assert len(offline.list_sessions(settings.offline_dir)) == 2
 
     with pytest.raises(SyncError, match="CLEARML_API_SECRET_KEY"):
-        offline.sync(
-            settings.offline_dir, api_host=api_host, env={"CLEARML_API_ACCESS_KEY": ACCESS}
-        )
+        offline.sync(at_host(settings, api_host), env={"CLEARML_API_ACCESS_KEY": ACCESS})
 
 
 def test_wrong_credentials_stop_the_sync(settings: ClearMLSettings, model_file: Path) -> None:
@@ -281,7 +286,7 @@ def test_wrong_credentials_stop_the_sync(settings: ClearMLSettings, model_file: 
     with FakeClearMLServer(access_key=ACCESS, secret_key="the-right-one") as server:
         started = time.perf_counter()
         with pytest.raises(SyncError) as excinfo:
-            offline.sync(settings.offline_dir, api_host=server.api_host, env=fake_env(server))
+            offline.sync(at_server(settings, server), env=fake_env(server))
         assert time.perf_counter() - started < 15
         assert server.endpoints() == ["debug.ping", "auth.login"]
     message = str(excinfo.value)
@@ -296,7 +301,7 @@ def test_one_sync_at_a_time(settings: ClearMLSettings) -> None:
     with file_lock(settings.offline_dir / offline.SYNC_LOCK_FILE) as acquired:
         assert acquired
         with pytest.raises(SyncError, match="another ClearML sync"):
-            offline.sync(settings.offline_dir, api_host="http://127.0.0.1:9", env={})
+            offline.sync(at_host(settings, "http://127.0.0.1:9"), env={})
 
 
 @pytest.mark.slow
@@ -309,22 +314,12 @@ def test_a_failed_import_is_reported_and_retried(
 
     with FakeClearMLServer() as server:
         server.fail("tasks.create", times=1, status=400, message="project is read-only")
-        first = offline.sync(
-            settings.offline_dir,
-            api_host=server.api_host,
-            files_host=server.files_host,
-            env=fake_env(server),
-        )
+        first = offline.sync(at_server(settings, server), env=fake_env(server))
         assert first.imported == {}
         assert "read-only" in first.failed[session.task_id] or first.failed[session.task_id]
         assert not (settings.offline_dir / offline.IMPORTED_FILE).exists()
 
-        second = offline.sync(
-            settings.offline_dir,
-            api_host=server.api_host,
-            files_host=server.files_host,
-            env=fake_env(server),
-        )
+        second = offline.sync(at_server(settings, server), env=fake_env(server))
         assert list(second.imported) == [session.task_id]
         assert [t["name"] for t in server.tasks.values()] == ["housing:prepare"]
 
@@ -355,7 +350,7 @@ def test_corrupt_and_open_sessions(
         session.zip_path.unlink()
     reopened = offline.list_sessions(settings.offline_dir)
     assert [(s.closed, s.status) for s in reopened] == [(False, "open"), (False, "failed")]
-    report = offline.sync(settings.offline_dir, api_host=f"http://127.0.0.1:{free_port()}", env={})
+    report = offline.sync(at_host(settings, f"http://127.0.0.1:{free_port()}"), env={})
     assert sorted(report.open_sessions) == sorted(s.task_id for s in sessions)
     assert report.imported == {} and report.ok
 

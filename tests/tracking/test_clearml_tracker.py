@@ -138,8 +138,8 @@ def test_settings_from_the_clearml_section(tmp_path: Path) -> None:
     settings = ClearMLSettings.model_validate(mapping, context={"root": tmp_path})
     assert settings.offline_dir == tmp_path / ".clearml"
     assert settings.tags == ("housing", "hw5")
-    assert settings.api_host == "http://127.0.0.1:8008"
-    assert (settings.access_key_env, settings.secret_key_env) == ("MY_KEY", "MY_SECRET")
+    assert settings.server.api_host == "http://127.0.0.1:8008"
+    assert (settings.auth.access_key_env, settings.auth.secret_key_env) == ("MY_KEY", "MY_SECRET")
     assert settings.output_uri is None
     absolute = ClearMLSettings.model_validate(
         {**mapping, "offline_dir": str(tmp_path / "abs")}, context={"root": Path("/elsewhere")}

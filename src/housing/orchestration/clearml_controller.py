@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from housing.errors import ArtifactError
-from housing.io import atomic_path, file_sha256, relpath
+from housing.io import atomic_path, command_output, file_sha256, relpath
 from housing.tracking.offline import ClearMLError
 
 if TYPE_CHECKING:
@@ -57,17 +56,6 @@ _STATUS: Final[dict[str, StepStatus]] = {
 }
 
 
-def _stdout(cmd: list[str], cwd: Path, timeout: float) -> str | None:
-    """What ``cmd`` printed, or None when it failed or could not run."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        proc = subprocess.run(
-            cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
-        )
-        if proc.returncode == 0:
-            return proc.stdout
-    return None
-
-
 def locked_requirements(root: Path) -> list[str]:
     """Pinned requirements for agents: ``uv export`` of ``uv.lock`` when uv is available,
     else the installed dependency closure of ``housing`` (this venv is synced from
@@ -75,7 +63,7 @@ def locked_requirements(root: Path) -> list[str]:
     uv = shutil.which("uv") or str(root / ".tools" / "bin" / "uv")
     cmd = [uv, "export", "--frozen", "--no-hashes", "--no-dev", "--no-emit-project", "-q"]
     if Path(uv).is_file() and (root / "uv.lock").is_file():
-        exported = _stdout(cmd, root, timeout=60)
+        exported = command_output(cmd, root, timeout=60)
         if exported is not None:
             lines = [ln.strip() for ln in exported.splitlines()]
             return [ln for ln in lines if ln and not ln.startswith(("#", "-e", "."))]
@@ -126,13 +114,7 @@ def clearml_environment(cml: ClearMLSettings) -> Iterator[None]:
     with scoped_env({}, restore=[f"CLEARML_{name}" for name in names.split()]):
         if not os.environ.get("CLEARML_CONFIG_FILE"):
             os.environ["CLEARML_CONFIG_FILE"] = str(
-                write_client_config(
-                    cml.offline_dir / CONFIG_FILE,
-                    retries=2,
-                    api_host=cml.api_host,
-                    web_host=cml.web_host,
-                    files_host=cml.files_host,
-                )
+                write_client_config(cml.offline_dir / CONFIG_FILE, retries=2, server=cml.server)
             )
         set_server_env(cml)
         os.environ.pop("CLEARML_OFFLINE_MODE", None)
@@ -329,7 +311,7 @@ def git_origin(root: Path) -> tuple[str | None, str | None, str | None]:
     Nones when it has no ``origin``."""
 
     def git(*args: str) -> str | None:
-        return (_stdout(["git", *args], root, timeout=10) or "").strip() or None
+        return (command_output(["git", *args], root, timeout=10) or "").strip() or None
 
     url = git("remote", "get-url", "origin")
     if url is None:

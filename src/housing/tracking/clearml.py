@@ -97,12 +97,13 @@ _active: list[ClearMLTracker] = []  # the tracker whose task is open in this pro
 def set_server_env(settings: ClearMLSettings) -> None:
     """Point the SDK at the configured server: hosts and keys (read from the variables
     named in ``clearml.auth``) go to the ``CLEARML_*`` variables it reads, unless set."""
+    server, auth = settings.server, settings.auth
     for key, value in (
-        ("CLEARML_API_HOST", settings.api_host),
-        ("CLEARML_WEB_HOST", settings.web_host),
-        ("CLEARML_FILES_HOST", settings.files_host),
-        ("CLEARML_API_ACCESS_KEY", os.environ.get(settings.access_key_env, "")),
-        ("CLEARML_API_SECRET_KEY", os.environ.get(settings.secret_key_env, "")),
+        ("CLEARML_API_HOST", server.api_host),
+        ("CLEARML_WEB_HOST", server.web_host),
+        ("CLEARML_FILES_HOST", server.files_host),
+        ("CLEARML_API_ACCESS_KEY", os.environ.get(auth.access_key_env, "")),
+        ("CLEARML_API_SECRET_KEY", os.environ.get(auth.secret_key_env, "")),
     ):
         if value and not os.environ.get(key):
             os.environ[key] = value
@@ -119,7 +120,7 @@ def resolve_mode(
         return settings.mode, f"clearml.mode={settings.mode}"
     reason = server_problem(settings, env, timeout)
     if reason is None:
-        return "online", f"server {settings.api_host} answered"
+        return "online", f"server {settings.server.api_host} answered"
     # No credentials is the normal offline-first case (debug); no server answering is info.
     _log_once(
         f"ClearML offline ({reason}); sessions go to {settings.offline_dir}",
@@ -134,10 +135,12 @@ def server_problem(
     """Why the server cannot be used: credential variables not set, or ``debug.ping`` not
     answering within ``timeout`` (default ``connect_timeout_sec``); ``None`` when it can."""
     env = os.environ if env is None else env
-    missing = [n for n in (settings.access_key_env, settings.secret_key_env) if not env.get(n)]
+    auth = settings.auth
+    missing = [n for n in (auth.access_key_env, auth.secret_key_env) if not env.get(n)]
     if missing:
         return " and ".join(missing) + _NOT_SET
-    return ping(settings.api_host, settings.connect_timeout_sec if timeout is None else timeout)
+    timeout = settings.connect_timeout_sec if timeout is None else timeout
+    return ping(settings.server.api_host, timeout)
 
 
 def _log_once(message: str, level: int) -> None:
@@ -161,11 +164,7 @@ def client_env(settings: ClearMLSettings) -> dict[str, str]:
     settings.offline_dir.mkdir(parents=True, exist_ok=True)
     conf = os.environ.get("CLEARML_CONFIG_FILE") or str(
         write_client_config(
-            settings.offline_dir / CLIENT_CONFIG_FILE,
-            retries=2,
-            api_host=settings.api_host,
-            web_host=settings.web_host,
-            files_host=settings.files_host,
+            settings.offline_dir / CLIENT_CONFIG_FILE, retries=2, server=settings.server
         )
     )
     return {"CLEARML_CACHE_DIR": str(settings.offline_dir), "CLEARML_CONFIG_FILE": conf}

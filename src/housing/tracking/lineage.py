@@ -7,12 +7,12 @@ import json
 import math
 import os
 import re
-import subprocess
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from housing.io import command_output
 from housing.tracking.base import ChampionDecision
 
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|api_key|webhook_url)", re.IGNORECASE)
@@ -26,20 +26,12 @@ def utc_now() -> str:
 
 def git_commit(root: Path) -> str:
     """HEAD commit of ``root`` (``+dirty`` when tracked files changed), or ``unknown``."""
-
-    def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, timeout=5, check=False
-        )
-
-    try:
-        head = git("rev-parse", "HEAD")
-        if head.returncode != 0:
-            return "unknown"
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
+    head = command_output(["git", "rev-parse", "HEAD"], root, timeout=5)
+    if head is None:
         return "unknown"
+    status = ["git", "status", "--porcelain", "--untracked-files=no"]
+    dirty = command_output(status, root, timeout=5) or ""
+    return head.strip() + ("+dirty" if dirty.strip() else "")
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
