@@ -324,6 +324,25 @@ def test_a_failed_import_is_reported_and_retried(
         assert [t["name"] for t in server.tasks.values()] == ["housing:prepare"]
 
 
+def test_a_long_sync_reports_its_progress(
+    settings: ClearMLSettings,
+    model_file: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for stage in ("prepare", "evaluate"):
+        with ClearMLTracker(settings, run=StageRun(stage, stage, "run-8")) as tracker:
+            tracker.log_metrics({"data/rows": 506})
+    monkeypatch.setattr(offline, "PROGRESS_AFTER_SEC", 0.0)  # every sync is "long"
+    caplog.set_level(logging.INFO, logger="housing.tracking.offline")
+    with FakeClearMLServer() as server:
+        report = offline.sync(at_server(settings, server), env=fake_env(server))
+    assert len(report.imported) == 2
+    progress = [r.getMessage() for r in caplog.records if "sessions imported" in r.getMessage()]
+    assert progress, "no progress line"
+    assert progress[-1].endswith("/2 sessions imported")
+
+
 # --------------------------------------------------------------------------- session folder
 
 

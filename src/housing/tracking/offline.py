@@ -53,6 +53,8 @@ REGISTRY_FILE: Final = "registry.json"
 FAILED_TAG: Final = "status:failed"
 CHAMPION_TAG: Final = "champion"
 METADATA_ARTIFACT_PREFIX: Final = "model_metadata_"
+#: A sync that takes longer than this logs a line per imported session.
+PROGRESS_AFTER_SEC: Final = 2.0
 SUMMARY_METRIC: Final = "Summary"
 _LOCK_SUFFIX: Final = ".lock"
 # Errors after which importing further sessions is pointless (server/credentials).
@@ -666,21 +668,22 @@ def _run_import_child(
     cmd = [sys.executable, "-m", "housing.cli", "-q", "clearml", "import-sessions"]
     timeout = 120.0 + 60.0 * len(manifest)
     error: str | None = None
-    try:
-        proc = subprocess.run(
+    with (work / "child.log").open("w+", encoding="utf-8") as output:
+        proc = subprocess.Popen(
             [*cmd, str(manifest_path), str(results_path)],
             env=dict(env),
-            capture_output=True,
+            stdout=output,
+            stderr=subprocess.STDOUT,
             text=True,
-            timeout=timeout,
-            check=False,
         )
-        if proc.returncode != 0:
-            tail = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
-            error = f"import process exited {proc.returncode}: {tail[-1] if tail else ''}".strip()
-        logger.debug("clearml import output:\n%s", proc.stdout)
-    except subprocess.TimeoutExpired:
+        finished = _await_import(proc, results_path, len(manifest), timeout)
+        output.seek(0)
+        tail = [ln for ln in output.read().splitlines() if ln.strip()]
+    if not finished:
         error = f"import process timed out after {timeout:.0f} s"
+    elif proc.returncode != 0:
+        error = f"import process exited {proc.returncode}: {tail[-1] if tail else ''}".strip()
+    logger.debug("clearml import output:\n%s", "\n".join(tail))
     results = [
         json.loads(line)
         for line in results_path.read_text(encoding="utf-8").splitlines()
@@ -694,6 +697,27 @@ def _run_import_child(
             if m["session_id"] not in done
         )
     return results
+
+
+def _await_import(proc: subprocess.Popen[str], results: Path, total: int, timeout: float) -> bool:
+    """Wait for the import child; False if it was killed after ``timeout``. Once it has
+    taken more than :data:`PROGRESS_AFTER_SEC`, log each session it finishes."""
+    started = time.monotonic()
+    shown = 0
+    while True:
+        try:
+            proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if time.monotonic() - started > timeout:
+                proc.kill()
+                proc.wait()
+                return False
+        done = len(results.read_bytes().splitlines())
+        if done > shown and time.monotonic() - started > PROGRESS_AFTER_SEC:
+            logger.info("ClearML sync: %d/%d sessions imported", done, total)
+            shown = done
+        if proc.returncode is not None:
+            return True
 
 
 def import_sessions(manifest_path: Path, results_path: Path) -> int:
