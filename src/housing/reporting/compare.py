@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from housing.errors import ConfigError, HousingError
+from housing.errors import ConfigError, HousingError, first_line
 
 if TYPE_CHECKING:
     from housing.config import Settings
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from housing.tracking.offline import OfflineModel, OfflineSession
 
 log = logging.getLogger(__name__)
+
+ERROR_CHARS: Final = 300  # an error quoted in a summary, note or log line is cut to this
 
 STAGES: Final = ("prepare", "train", "select_best", "evaluate")
 # As reported; empty when a task did not report one.
@@ -402,7 +404,8 @@ def collect_clearml(
             got.error = str(exc)
             return got
         except Exception as exc:  # SDK/HTTP errors: report, do not crash the other exports
-            got.error = f"ClearML server {cml.api_host}: {type(exc).__name__}: {one_line(exc)}"
+            reason = first_line(exc, ERROR_CHARS)
+            got.error = f"ClearML server {cml.api_host}: {type(exc).__name__}: {reason}"
             return got
     else:
         got = Collected("clearml", "offline", str(cml.offline_dir), name)
@@ -434,7 +437,7 @@ def _read_offline(got: Collected, cml: ClearMLSettings) -> None:
                 "skipping unreadable ClearML offline session %s: %s: %s",
                 session.folder,
                 type(exc).__name__,
-                one_line(exc),
+                first_line(exc, ERROR_CHARS),
             )
             got.skipped.append(str(session.folder))
             continue
@@ -479,7 +482,9 @@ def _read_ledger(path: Path) -> dict[str, dict[str, Any]]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable ClearML champion ledger %s: %s", path, one_line(exc))
+        log.warning(
+            "ignoring unreadable ClearML champion ledger %s: %s", path, first_line(exc, ERROR_CHARS)
+        )
         return {}
     if not isinstance(data, dict):
         return {}
@@ -842,7 +847,7 @@ def collect_mlflow(
     try:
         _read_mlflow(got, uri, registry_uri, alias, settings.selection.metric)
     except Exception as exc:  # any store/HTTP error: report it, keep the other exports
-        got.error = f"MLflow {uri}: {type(exc).__name__}: {one_line(exc)}"
+        got.error = f"MLflow {uri}: {type(exc).__name__}: {first_line(exc, ERROR_CHARS)}"
         return got
     return _finish(got, settings, filters)
 
@@ -1057,10 +1062,3 @@ def as_float(value: Any) -> float | None:
 
 def _mapping(value: Any) -> dict[str, Any]:
     return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
-
-
-def one_line(value: object) -> str:
-    """The first non-blank line of ``value`` (an error), at most 300 characters."""
-    lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(value).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

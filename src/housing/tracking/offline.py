@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from housing.errors import HousingError
+from housing.errors import HousingError, first_line
 from housing.io import file_lock, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -142,13 +142,7 @@ def _reason(exc: object) -> str:
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return str(exc.strerror).lower()
-    return one_line(exc)
-
-
-def one_line(value: object) -> str:
-    """The first non-blank line of ``str(value)``, else the type's name (for error summaries)."""
-    lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
-    return lines[0] if lines else type(value).__name__
+    return first_line(exc)
 
 
 # --------------------------------------------------------------------------- ledgers
@@ -313,7 +307,7 @@ def _load_session(
         # No zip yet: the session may still be open (another stage writing task.json).
         level = logging.DEBUG if others_running and zip_path is None else logging.WARNING
         logger.log(
-            level, "skipping unreadable ClearML offline session %s: %s", folder, one_line(exc)
+            level, "skipping unreadable ClearML offline session %s: %s", folder, first_line(exc)
         )
         return None
     return OfflineSession(
@@ -728,7 +722,7 @@ def import_sessions(manifest_path: Path, results_path: Path) -> int:
                 task.mark_failed(status_reason=item.get("reason") or "failed", force=True)
             result["task_id"] = str(task_id)
         except Exception as exc:
-            text = type(exc).__name__ + (f": {one_line(exc)}" if str(exc).strip() else "")
+            text = type(exc).__name__ + (f": {first_line(exc)}" if str(exc).strip() else "")
             result["error"] = text if len(text) <= 300 else text[:297] + "..."
             result["fatal"] = type(exc).__name__ in _FATAL_ERRORS
         with results_path.open("a", encoding="utf-8") as fh:
