@@ -795,22 +795,6 @@ def _comment_record(comment: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- MLflow
 
 
-def resolve_tracking_uri(uri: str, root: Path) -> str:
-    """Local store URIs made absolute against ``root`` (as MLflowTracker does); others as-is."""
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///") :]
-        if path.startswith("/") or path in ("", ":memory:"):
-            return uri
-        return f"sqlite:///{(root / path).resolve()}"
-    if uri.startswith("file:"):
-        local = Path(uri.removeprefix("file://").removeprefix("file:"))
-        return (local if local.is_absolute() else (root / local).resolve()).as_uri()
-    if "://" not in uri and not uri.startswith(("databricks", "mlflow-artifacts:")):
-        local = Path(uri)
-        return (local if local.is_absolute() else (root / local).resolve()).as_uri()
-    return uri
-
-
 def _local_store_missing(uri: str) -> Path | None:
     """The local store's path when it does not exist (reading must not create it)."""
     if uri.startswith("sqlite:////"):
@@ -831,10 +815,12 @@ def collect_mlflow(
     last_n: int | None = None,
 ) -> Collected:
     """MLflow stage runs of the experiment and the registry versions they registered."""
+    from housing.tracking.mlflow import _resolve_uri  # the tracker's: both read one store
+
     cfg = settings.mlflow
-    uri = resolve_tracking_uri(cfg.tracking_uri, settings.root)
+    uri = _resolve_uri(cfg.tracking_uri, settings.root)
     registry = cfg.registry_uri
-    registry_uri = resolve_tracking_uri(registry, settings.root) if registry else None
+    registry_uri = _resolve_uri(registry, settings.root) if registry else None
     name = project or cfg.experiment
     alias = settings.registry.champion_alias
     source = "server" if uri.startswith(("http://", "https://", "databricks")) else "local"
