@@ -447,18 +447,13 @@ def _read_offline(got: Collected, cml: ClearMLSettings) -> None:
 
 def _unlisted_sessions(offline_dir: Path, sessions: Sequence[OfflineSession]) -> list[str]:
     """Session folders/zips that ``list_sessions`` skipped (it already warned about each)."""
-    from housing.tracking.offline import sessions_root
+    from housing.tracking.offline import session_names, sessions_root
 
     root = sessions_root(offline_dir)
     if not root.is_dir():
         return []
     listed = {s.folder.name for s in sessions}
-    names = {
-        entry.name.removesuffix(".zip")
-        for entry in root.iterdir()
-        if entry.name.startswith("offline-") and (entry.is_dir() or entry.suffix == ".zip")
-    }
-    return [str(root / n) for n in sorted(names - listed)]
+    return [str(root / n) for n in sorted(session_names(root) - listed)]
 
 
 def _ledger_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -563,24 +558,15 @@ def _task_row(
 
 
 def _event_times(session: OfflineSession) -> list[datetime]:
+    from housing.tracking.offline import read_events
+
     stamps = []
     for file_name in ("log.jsonl", "metrics.jsonl"):
-        for event in _jsonl_events(session.read_bytes(file_name) or b""):
+        for event in read_events(session, file_name):
             parsed = parse_time(event.get("timestamp"))
             if parsed is not None:
                 stamps.append(parsed)
     return sorted(stamps)
-
-
-def _jsonl_events(raw: bytes) -> Iterable[dict[str, Any]]:
-    for line in raw.decode("utf-8", errors="replace").splitlines():
-        try:
-            batch = json.loads(line)
-        except ValueError:
-            continue  # blank, or cut short by a crash
-        for event in batch if isinstance(batch, list) else [batch]:
-            if isinstance(event, dict):
-                yield event
 
 
 def _offline_model_row(

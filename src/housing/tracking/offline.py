@@ -281,15 +281,20 @@ def list_sessions(offline_dir: Path, *, others_running: bool = False) -> list[Of
         root = Path(offline_dir)
         if not root.is_dir():
             return []
-    entries = root.glob("offline-*")
-    names = {e.name.removesuffix(".zip") for e in entries if e.is_dir() or e.suffix == ".zip"}
     sessions = []
-    for name in sorted(names):
+    for name in sorted(session_names(root)):
         archive = root / f"{name}.zip"
         session = _load_session(root / name, archive if archive.is_file() else None, others_running)
         if session is not None:
             sessions.append(session)
     return sorted(sessions, key=lambda s: (s.created, s.task_id))
+
+
+def session_names(root: Path) -> set[str]:
+    """The sessions under ``root``: its ``offline-*`` folders and zips (a zip and the folder
+    it was made from are one session)."""
+    entries = root.glob("offline-*")
+    return {e.name.removesuffix(".zip") for e in entries if e.is_dir() or e.suffix == ".zip"}
 
 
 def _load_session(
@@ -342,8 +347,8 @@ def read_events(session: OfflineSession, name: str) -> Iterator[dict[str, Any]]:
     for line in raw.decode("utf-8", errors="replace").splitlines():
         try:
             batch = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # blank, or cut short by a crash
+        except ValueError:
+            continue  # blank, cut short by a crash, or an integer beyond Python's digit limit
         for event in batch if isinstance(batch, list) else [batch]:
             if isinstance(event, dict):
                 yield event
