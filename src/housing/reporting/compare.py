@@ -184,6 +184,11 @@ class Collected:
     def empty(self) -> bool:
         return not self.experiments and not self.models
 
+    @property
+    def nothing_found(self) -> str:
+        """Why an empty backend has no rows."""
+        return self.note or f"nothing found for project {self.project!r}"
+
 
 @dataclass
 class CompareResult:
@@ -196,6 +201,10 @@ class CompareResult:
     def ok(self) -> bool:
         return all(c.error is None for c in self.backends.values())
 
+    def files(self, backend: str) -> str:
+        """The tables written for ``backend``, comma-separated."""
+        return ", ".join(str(self.paths[f]) for f in TABLES[backend] if f in self.paths)
+
     def summary_lines(self) -> list[str]:
         """One line per backend: counts and files, or why nothing was exported."""
         lines = []
@@ -204,10 +213,9 @@ class CompareResult:
             if got.error is not None:
                 lines.append(f"{label}: not exported: {got.error}")
             elif got.empty:
-                reason = got.note or f"nothing found for project {got.project!r}"
-                lines.append(f"{label}: {reason}; wrote headers only")
+                lines.append(f"{label}: {got.nothing_found}; wrote headers only")
             else:
-                files = ", ".join(str(self.paths[f]) for f in TABLES[name] if f in self.paths)
+                files = self.files(name)
                 skipped = ""
                 if got.skipped:
                     skipped = f", {len(got.skipped)} unreadable session(s) skipped"
