@@ -742,7 +742,9 @@ def _server_hyperparams(raw: Any) -> dict[str, dict[str, str]]:
 
 
 def _server_model_row(model: Mapping[str, Any]) -> Row:
-    record = _comment_record(str(model.get("comment") or ""))
+    from housing.tracking.offline import comment_json
+
+    record = comment_json(str(model.get("comment") or ""))
     tags = tuple(str(t) for t in model.get("tags") or ())
     metadata = {
         str(k): str(v.get("value", "")) if isinstance(v, dict) else str(v)
@@ -771,19 +773,6 @@ def _server_model_row(model: Mapping[str, Any]) -> Row:
         pipeline_run_id=str(record.get("pipeline_run_id") or ""),
         source="server",
     )
-
-
-def _comment_record(comment: str) -> dict[str, Any]:
-    """The JSON line of a model comment (the SDK may prepend its own lines)."""
-    for line in comment.splitlines():
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                return value
-    return {}
 
 
 # --------------------------------------------------------------------------- MLflow

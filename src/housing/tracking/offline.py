@@ -430,7 +430,7 @@ def comment_json(comment: str) -> dict[str, Any]:
     """The JSON line of a model comment (the SDK prepends its own lines)."""
     for line in comment.splitlines():
         if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
+            with contextlib.suppress(ValueError):  # as read_events: any unparsable line
                 value = json.loads(line)
                 if isinstance(value, dict):
                     return value
