@@ -14,7 +14,7 @@ import pytest
 
 from housing import cli
 from housing.cli import main
-from housing.errors import ArtifactError, ConfigError, DataError, HousingError
+from housing.errors import ArtifactError, ConfigError, DataError, HousingError, first_line
 from housing.monitoring import EventLog, track_stage
 
 from .conftest import CONF, PROJECT
@@ -160,6 +160,19 @@ def test_a_housing_error_is_one_line_and_its_exit_code(
     captured = capsys.readouterr()
     assert captured.err == "error: data/raw/x.csv: column 'rooms': 3 rows not numeric\n"
     assert captured.out == ""
+
+
+@pytest.mark.parametrize(
+    ("value", "limit", "expected"),
+    [
+        (ValueError("\n  bad value  \n  detail\n"), None, "bad value"),
+        (KeyError(), None, "KeyError"),
+        ("x" * 301, 300, "x" * 297 + "..."),
+        ("x" * 300, 300, "x" * 300),
+    ],
+)
+def test_first_line_of_an_error(value: object, limit: int | None, expected: str) -> None:
+    assert first_line(value, limit) == expected
 
 
 def test_ctrl_c_is_error_interrupted_130(

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -439,3 +440,13 @@ def test_server_export_pages_through_every_task(tmp_path: Path) -> None:
     assert not one(models, model_id="model-ridge")["champion"]
     assert f"clearml (server, {api_host}): {SERVER_TASKS} task(s)" in proc.stdout
     assert not (tmp_path / "mlflow.db").exists()  # reading MLflow never creates a store
+
+
+def test_offline_json_lines_skip_every_unparsable_line(tmp_path: Path) -> None:
+    from housing.tracking.offline import OfflineSession, comment_json, read_events
+
+    huge = '{"n": ' + "1" * 5000 + "}"  # json.loads: ValueError, not JSONDecodeError
+    assert comment_json(f"SDK line\n{huge}\n{{cut\n" + '{"ok": 1}') == {"ok": 1}
+    (tmp_path / "log.jsonl").write_text(f'{huge}\n\n[{{"a": 1}}, 2]\n{{"b": 2}}\n')
+    session = OfflineSession(tmp_path, "t", "", "", (), datetime.now(UTC), None, {})
+    assert list(read_events(session, "log.jsonl")) == [{"a": 1}, {"b": 2}]

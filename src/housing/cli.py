@@ -382,8 +382,6 @@ def compare(
 def _compare_table(result: CompareResult) -> Any:
     from rich.table import Table
 
-    from housing.reporting.compare import TABLES
-
     table = Table("backend", "source", "location", "tasks", "models", "result")
     for column in table.columns[3:5]:
         column.justify = "right"
@@ -391,9 +389,9 @@ def _compare_table(result: CompareResult) -> Any:
         if got.error is not None:
             outcome = f"[red]not exported: {got.error}[/red]"
         elif got.empty:
-            outcome = f"{got.note or f'nothing found for project {got.project!r}'}; headers only"
+            outcome = f"{got.nothing_found}; headers only"
         else:
-            outcome = ", ".join(str(result.paths[f]) for f in TABLES[name] if f in result.paths)
+            outcome = result.files(name)
             if got.skipped:
                 outcome += f" ({len(got.skipped)} unreadable session(s) skipped)"
         table.add_row(
@@ -473,7 +471,7 @@ _STYLES = {"succeeded": "green", "ok": "green", "failed": "red", "fail": "red", 
 def _print_status(console: Console, run: RunStatus) -> None:
     from rich.table import Table
 
-    from housing.monitoring import render_summary
+    from housing.monitoring import render_summary, status_rows
 
     style = _STYLES.get(run.outcome, "")
     title = f"run {run.run_id}: [{style or 'bold'}]{run.outcome.upper()}[/]"
@@ -481,12 +479,9 @@ def _print_status(console: Console, run: RunStatus) -> None:
         "stage", "status", "duration", "finished_at", "error", title=title, title_justify="left"
     )
     table.columns[2].justify = "right"
-    for stage in run.stages:
-        duration = f"{stage.duration_sec:.2f}s" if stage.duration_sec is not None else "-"
-        state = stage.status
-        if state in _STYLES:
-            state = f"[{_STYLES[state]}]{state}[/]"
-        table.add_row(stage.stage, state, duration, stage.finished_at or "-", stage.error or "")
+    for stage, state, *cells in status_rows(run):
+        styled = f"[{_STYLES[state]}]{state}[/]" if state in _STYLES else state
+        table.add_row(stage, styled, *cells)
     console.print(table)
     console.print(render_summary(run), markup=False)
 

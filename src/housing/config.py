@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from housing.errors import ConfigError
+from housing.errors import ConfigError, first_line
 
 CONFIG_NAME = "pipeline"
 #: Metrics every train stage reports, in the names every tracker uses.
@@ -452,9 +452,9 @@ def compose(overrides: Sequence[str] = (), config_dir: Path | None = None) -> di
         container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"{key}: {_first_line(exc)} (set it, e.g. {key}=...)") from None
+        raise ConfigError(f"{key}: {first_line(exc)} (set it, e.g. {key}=...)") from None
     except OverrideParseException as exc:
-        bad = _first_line(exc).rsplit(": ", 1)[-1]
+        bad = first_line(exc).rsplit(": ", 1)[-1]
         raise ConfigError(
             f"config override {bad!r}: cannot parse; quote special characters (key='value')"
         ) from None
@@ -471,7 +471,7 @@ def _override_error(exc: BaseException, overrides: Sequence[str]) -> ConfigError
     parent, key = getattr(cause, "parent_node", None), getattr(cause, "key", None)
     full_key = str(getattr(cause, "full_key", "") or "")
     if not isinstance(parent, Mapping) or not isinstance(key, str) or not full_key:
-        return ConfigError(f"config override: {_first_line(exc)}")
+        return ConfigError(f"config override: {first_line(exc)}")
     prefix = full_key[: -len(key)]
     hint = _did_you_mean(key, [str(k) for k in parent], prefix)
     item = next((o for o in overrides if o.partition("=")[0].startswith(full_key)), None)
@@ -489,11 +489,6 @@ def _check_group_choices(config_dir: Path, overrides: Sequence[str]) -> None:
         choices = available_choices(config_dir, key)
         if value not in choices:
             raise ConfigError(f"{key}={value}: unknown {key}; choose one of {', '.join(choices)}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def load_settings(

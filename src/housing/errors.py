@@ -30,3 +30,11 @@ class ArtifactError(HousingError):
     """A pipeline artifact (model, metrics file) is missing or corrupt."""
 
     exit_code = 4
+
+
+def first_line(value: object, limit: int | None = None) -> str:
+    """The first non-blank line of ``str(value)`` (an error), else the type's name; longer than
+    ``limit`` characters, it is cut to ``limit`` ending in ``...``."""
+    lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(value).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

@@ -378,18 +378,24 @@ def _fmt_duration(value: Any) -> str:
     return f"{float(value):.2f}s" if isinstance(value, int | float) else "-"
 
 
+def status_rows(status: RunStatus) -> list[tuple[str, str, str, str, str]]:
+    """(stage, status, duration, finished_at, error) per stage, as ``housing status`` shows
+    them (plain or as a table)."""
+    return [
+        (s.stage, s.status, _fmt_duration(s.duration_sec), s.finished_at or "-", s.error or "")
+        for s in status.stages
+    ]
+
+
 def render_status(status: RunStatus) -> str:
     """Human-readable multi-line report for ``housing status``."""
     lines = [f"run {status.run_id}: {status.outcome.upper()}"]
     if status.stages:
         width = max(len("stage"), *(len(s.stage) for s in status.stages))
         lines.append(f"  {'stage':<{width}}  {'status':<9}  {'duration':>9}  finished_at")
-        for s in status.stages:
-            row = (
-                f"  {s.stage:<{width}}  {s.status:<9}  {_fmt_duration(s.duration_sec):>9}"
-                f"  {s.finished_at or '-'}"
-            )
-            lines.append(row + (f"  error: {s.error}" if s.error else ""))
+        for stage, state, duration, finished_at, error in status_rows(status):
+            row = f"  {stage:<{width}}  {state:<9}  {duration:>9}  {finished_at}"
+            lines.append(row + (f"  error: {error}" if error else ""))
     else:
         lines.append("  (no stage events)")
     lines.append(render_summary(status))

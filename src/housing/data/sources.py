@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from housing.errors import DataError
+from housing.errors import DataError, first_line
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -93,7 +93,9 @@ def load_csv(path: Path, sep: str, target: str) -> RawTable:
     try:
         frame = pd.read_csv(path, sep=sep)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV with sep={sep!r} ({_first(exc)})") from None
+        raise DataError(
+            f"{path}: not a readable CSV with sep={sep!r} ({first_line(exc)})"
+        ) from None
     if target not in frame.columns:
         shown = ", ".join(map(str, frame.columns[:10]))
         raise DataError(
@@ -158,8 +160,3 @@ def portable_origin(settings: DataSettings, root: Path) -> dict[str, str]:
 
             return {"origin": path.name, "origin_md5": file_md5(path)}
     return {"origin": settings.source}  # pragma: no cover
-
-
-def _first(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

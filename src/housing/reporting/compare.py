@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from housing.errors import ConfigError, HousingError
+from housing.errors import ConfigError, HousingError, first_line
 
 if TYPE_CHECKING:
     from housing.config import Settings
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from housing.tracking.offline import OfflineModel, OfflineSession
 
 log = logging.getLogger(__name__)
+
+ERROR_CHARS: Final = 300  # an error quoted in a summary, note or log line is cut to this
 
 STAGES: Final = ("prepare", "train", "select_best", "evaluate")
 # As reported; empty when a task did not report one.
@@ -182,6 +184,11 @@ class Collected:
     def empty(self) -> bool:
         return not self.experiments and not self.models
 
+    @property
+    def nothing_found(self) -> str:
+        """Why an empty backend has no rows."""
+        return self.note or f"nothing found for project {self.project!r}"
+
 
 @dataclass
 class CompareResult:
@@ -194,6 +201,10 @@ class CompareResult:
     def ok(self) -> bool:
         return all(c.error is None for c in self.backends.values())
 
+    def files(self, backend: str) -> str:
+        """The tables written for ``backend``, comma-separated."""
+        return ", ".join(str(self.paths[f]) for f in TABLES[backend] if f in self.paths)
+
     def summary_lines(self) -> list[str]:
         """One line per backend: counts and files, or why nothing was exported."""
         lines = []
@@ -202,10 +213,9 @@ class CompareResult:
             if got.error is not None:
                 lines.append(f"{label}: not exported: {got.error}")
             elif got.empty:
-                reason = got.note or f"nothing found for project {got.project!r}"
-                lines.append(f"{label}: {reason}; wrote headers only")
+                lines.append(f"{label}: {got.nothing_found}; wrote headers only")
             else:
-                files = ", ".join(str(self.paths[f]) for f in TABLES[name] if f in self.paths)
+                files = self.files(name)
                 skipped = ""
                 if got.skipped:
                     skipped = f", {len(got.skipped)} unreadable session(s) skipped"
@@ -402,7 +412,8 @@ def collect_clearml(
             got.error = str(exc)
             return got
         except Exception as exc:  # SDK/HTTP errors: report, do not crash the other exports
-            got.error = f"ClearML server {cml.api_host}: {type(exc).__name__}: {one_line(exc)}"
+            reason = first_line(exc, ERROR_CHARS)
+            got.error = f"ClearML server {cml.api_host}: {type(exc).__name__}: {reason}"
             return got
     else:
         got = Collected("clearml", "offline", str(cml.offline_dir), name)
@@ -434,7 +445,7 @@ def _read_offline(got: Collected, cml: ClearMLSettings) -> None:
                 "skipping unreadable ClearML offline session %s: %s: %s",
                 session.folder,
                 type(exc).__name__,
-                one_line(exc),
+                first_line(exc, ERROR_CHARS),
             )
             got.skipped.append(str(session.folder))
             continue
@@ -444,18 +455,13 @@ def _read_offline(got: Collected, cml: ClearMLSettings) -> None:
 
 def _unlisted_sessions(offline_dir: Path, sessions: Sequence[OfflineSession]) -> list[str]:
     """Session folders/zips that ``list_sessions`` skipped (it already warned about each)."""
-    from housing.tracking.offline import sessions_root
+    from housing.tracking.offline import session_names, sessions_root
 
     root = sessions_root(offline_dir)
     if not root.is_dir():
         return []
     listed = {s.folder.name for s in sessions}
-    names = {
-        entry.name.removesuffix(".zip")
-        for entry in root.iterdir()
-        if entry.name.startswith("offline-") and (entry.is_dir() or entry.suffix == ".zip")
-    }
-    return [str(root / n) for n in sorted(names - listed)]
+    return [str(root / n) for n in sorted(session_names(root) - listed)]
 
 
 def _ledger_index(path: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -479,7 +485,9 @@ def _read_ledger(path: Path) -> dict[str, dict[str, Any]]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable ClearML champion ledger %s: %s", path, one_line(exc))
+        log.warning(
+            "ignoring unreadable ClearML champion ledger %s: %s", path, first_line(exc, ERROR_CHARS)
+        )
         return {}
     if not isinstance(data, dict):
         return {}
@@ -558,24 +566,15 @@ def _task_row(
 
 
 def _event_times(session: OfflineSession) -> list[datetime]:
+    from housing.tracking.offline import read_events
+
     stamps = []
     for file_name in ("log.jsonl", "metrics.jsonl"):
-        for event in _jsonl_events(session.read_bytes(file_name) or b""):
+        for event in read_events(session, file_name):
             parsed = parse_time(event.get("timestamp"))
             if parsed is not None:
                 stamps.append(parsed)
     return sorted(stamps)
-
-
-def _jsonl_events(raw: bytes) -> Iterable[dict[str, Any]]:
-    for line in raw.decode("utf-8", errors="replace").splitlines():
-        try:
-            batch = json.loads(line)
-        except ValueError:
-            continue  # blank, or cut short by a crash
-        for event in batch if isinstance(batch, list) else [batch]:
-            if isinstance(event, dict):
-                yield event
 
 
 def _offline_model_row(
@@ -743,7 +742,9 @@ def _server_hyperparams(raw: Any) -> dict[str, dict[str, str]]:
 
 
 def _server_model_row(model: Mapping[str, Any]) -> Row:
-    record = _comment_record(str(model.get("comment") or ""))
+    from housing.tracking.offline import comment_json
+
+    record = comment_json(str(model.get("comment") or ""))
     tags = tuple(str(t) for t in model.get("tags") or ())
     metadata = {
         str(k): str(v.get("value", "")) if isinstance(v, dict) else str(v)
@@ -774,36 +775,7 @@ def _server_model_row(model: Mapping[str, Any]) -> Row:
     )
 
 
-def _comment_record(comment: str) -> dict[str, Any]:
-    """The JSON line of a model comment (the SDK may prepend its own lines)."""
-    for line in comment.splitlines():
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                return value
-    return {}
-
-
 # --------------------------------------------------------------------------- MLflow
-
-
-def resolve_tracking_uri(uri: str, root: Path) -> str:
-    """Local store URIs made absolute against ``root`` (as MLflowTracker does); others as-is."""
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///") :]
-        if path.startswith("/") or path in ("", ":memory:"):
-            return uri
-        return f"sqlite:///{(root / path).resolve()}"
-    if uri.startswith("file:"):
-        local = Path(uri.removeprefix("file://").removeprefix("file:"))
-        return (local if local.is_absolute() else (root / local).resolve()).as_uri()
-    if "://" not in uri and not uri.startswith(("databricks", "mlflow-artifacts:")):
-        local = Path(uri)
-        return (local if local.is_absolute() else (root / local).resolve()).as_uri()
-    return uri
 
 
 def _local_store_missing(uri: str) -> Path | None:
@@ -826,10 +798,12 @@ def collect_mlflow(
     last_n: int | None = None,
 ) -> Collected:
     """MLflow stage runs of the experiment and the registry versions they registered."""
+    from housing.tracking.mlflow import _resolve_uri  # the tracker's: both read one store
+
     cfg = settings.mlflow
-    uri = resolve_tracking_uri(cfg.tracking_uri, settings.root)
+    uri = _resolve_uri(cfg.tracking_uri, settings.root)
     registry = cfg.registry_uri
-    registry_uri = resolve_tracking_uri(registry, settings.root) if registry else None
+    registry_uri = _resolve_uri(registry, settings.root) if registry else None
     name = project or cfg.experiment
     alias = settings.registry.champion_alias
     source = "server" if uri.startswith(("http://", "https://", "databricks")) else "local"
@@ -842,7 +816,7 @@ def collect_mlflow(
     try:
         _read_mlflow(got, uri, registry_uri, alias, settings.selection.metric)
     except Exception as exc:  # any store/HTTP error: report it, keep the other exports
-        got.error = f"MLflow {uri}: {type(exc).__name__}: {one_line(exc)}"
+        got.error = f"MLflow {uri}: {type(exc).__name__}: {first_line(exc, ERROR_CHARS)}"
         return got
     return _finish(got, settings, filters)
 
@@ -1057,10 +1031,3 @@ def as_float(value: Any) -> float | None:
 
 def _mapping(value: Any) -> dict[str, Any]:
     return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
-
-
-def one_line(value: object) -> str:
-    """The first non-blank line of ``value`` (an error), at most 300 characters."""
-    lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(value).__name__
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from housing.errors import HousingError
-from housing.reporting.compare import ChampionEvent, Collected, as_float, one_line, parse_time
+from housing.errors import HousingError, first_line
+from housing.reporting.compare import ERROR_CHARS, ChampionEvent, Collected, as_float, parse_time
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -204,7 +204,7 @@ def _read_inputs(settings: Settings, project: str | None, env: Mapping[str, str]
         try:
             return pd.read_csv(path)
         except (OSError, ValueError, pd.errors.ParserError) as exc:
-            note(path, f"unreadable ({one_line(exc)})")
+            note(path, f"unreadable ({first_line(exc, ERROR_CHARS)})")
             return None
 
     got.summary = scored(paths.train_summary, "not found; run `housing select_best`")
@@ -232,7 +232,9 @@ def _trackers(
         try:
             got = read()
         except Exception as exc:  # a tracker problem must never stop the report
-            notes.append(f"{label}: not read ({type(exc).__name__}: {one_line(exc)})")
+            notes.append(
+                f"{label}: not read ({type(exc).__name__}: {first_line(exc, ERROR_CHARS)})"
+            )
             continue
         if got.error is not None:
             notes.append(f"{label}: not read ({got.error})")

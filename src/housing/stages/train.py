@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from housing import io
 from housing.data.split import split_frame
-from housing.errors import DataError
+from housing.errors import DataError, first_line
 from housing.evaluation import feature_importances, regression_metrics
 from housing.models import build_pipeline
 
@@ -155,8 +155,8 @@ def read_split(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path, dtype="float64", engine="c")
     except (ValueError, pd.errors.ParserError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: not a numeric table written by prepare ({first})") from None
+        message = f"{path}: not a numeric table written by prepare ({first_line(exc)})"
+        raise DataError(message) from None
 
 
 def run(settings: Settings) -> TrainResult:

@@ -37,7 +37,7 @@ from types import TracebackType
 from typing import Any, Final
 
 from housing.config import ClearMLSettings
-from housing.errors import ArtifactError, ConfigError
+from housing.errors import ArtifactError, ConfigError, first_line
 from housing.tracking.base import (
     ChampionDecision,
     Figure,
@@ -57,7 +57,6 @@ from housing.tracking.offline import (
     comment_json,
     list_sessions,
     locked_json,
-    one_line,
     ping,
     read_json_file,
     read_models,
@@ -264,7 +263,7 @@ class ClearMLTracker:
         if exc is None:
             self.close("completed")
         else:
-            self.close("failed", one_line(f"{type(exc).__name__}: {exc}"))
+            self.close("failed", first_line(f"{type(exc).__name__}: {exc}"))
 
     def start(self, run: StageRun) -> None:
         """Open the task ``<task_prefix>:<run.name>`` (online or offline, see ``mode``)."""
@@ -292,8 +291,8 @@ class ClearMLTracker:
         except Exception as exc:
             if mode != "online":
                 raise ClearMLError(f"ClearML could not open an offline task: {exc}") from exc
-            logger.warning("ClearML online task failed (%s); recording offline", one_line(exc))
-            mode, reason = "offline", f"online init failed: {one_line(exc)}"
+            logger.warning("ClearML online task failed (%s); recording offline", first_line(exc))
+            mode, reason = "offline", f"online init failed: {first_line(exc)}"
             try:
                 self._task = self._open(run, mode)
             except Exception as exc2:
@@ -319,7 +318,7 @@ class ClearMLTracker:
         if task is None:
             return
         started = time.perf_counter()
-        reason = one_line(error or "failed")
+        reason = first_line(error or "failed")
         try:
             if status == "failed":
                 _quietly(task.add_tags, [FAILED_TAG])
@@ -731,7 +730,7 @@ class ClearMLTracker:
             target.set_metadata("champion_value", repr(float(decision.challenger_value)))
             target.publish()
         except Exception as exc:
-            logger.warning("ClearML: could not move the champion tag: %s", one_line(exc))
+            logger.warning("ClearML: could not move the champion tag: %s", first_line(exc))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -788,7 +787,7 @@ def _quietly(func: Any, *args: Any, **kwargs: Any) -> None:
     try:
         func(*args, **kwargs)
     except Exception as exc:
-        logger.debug("ClearML: %s failed: %s", getattr(func, "__name__", func), one_line(exc))
+        logger.debug("ClearML: %s failed: %s", getattr(func, "__name__", func), first_line(exc))
 
 
 def _finite(value: Any) -> bool:

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from housing.errors import HousingError
+from housing.errors import HousingError, first_line
 from housing.io import file_lock, write_json, write_text
 
 if TYPE_CHECKING:
@@ -145,13 +145,7 @@ def _reason(exc: object) -> str:
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return str(exc.strerror).lower()
-    return one_line(exc)
-
-
-def one_line(value: object) -> str:
-    """The first non-blank line of ``str(value)``, else the type's name (for error summaries)."""
-    lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
-    return lines[0] if lines else type(value).__name__
+    return first_line(exc)
 
 
 # --------------------------------------------------------------------------- ledgers
@@ -290,15 +284,20 @@ def list_sessions(offline_dir: Path, *, others_running: bool = False) -> list[Of
         root = Path(offline_dir)
         if not root.is_dir():
             return []
-    entries = root.glob("offline-*")
-    names = {e.name.removesuffix(".zip") for e in entries if e.is_dir() or e.suffix == ".zip"}
     sessions = []
-    for name in sorted(names):
+    for name in sorted(session_names(root)):
         archive = root / f"{name}.zip"
         session = _load_session(root / name, archive if archive.is_file() else None, others_running)
         if session is not None:
             sessions.append(session)
     return sorted(sessions, key=lambda s: (s.created, s.task_id))
+
+
+def session_names(root: Path) -> set[str]:
+    """The sessions under ``root``: its ``offline-*`` folders and zips (a zip and the folder
+    it was made from are one session)."""
+    entries = root.glob("offline-*")
+    return {e.name.removesuffix(".zip") for e in entries if e.is_dir() or e.suffix == ".zip"}
 
 
 def _load_session(
@@ -316,7 +315,7 @@ def _load_session(
         # No zip yet: the session may still be open (another stage writing task.json).
         level = logging.DEBUG if others_running and zip_path is None else logging.WARNING
         logger.log(
-            level, "skipping unreadable ClearML offline session %s: %s", folder, one_line(exc)
+            level, "skipping unreadable ClearML offline session %s: %s", folder, first_line(exc)
         )
         return None
     return OfflineSession(
@@ -351,8 +350,8 @@ def read_events(session: OfflineSession, name: str) -> Iterator[dict[str, Any]]:
     for line in raw.decode("utf-8", errors="replace").splitlines():
         try:
             batch = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # blank, or cut short by a crash
+        except ValueError:
+            continue  # blank, cut short by a crash, or an integer beyond Python's digit limit
         for event in batch if isinstance(batch, list) else [batch]:
             if isinstance(event, dict):
                 yield event
@@ -434,7 +433,7 @@ def comment_json(comment: str) -> dict[str, Any]:
     """The JSON line of a model comment (the SDK prepends its own lines)."""
     for line in comment.splitlines():
         if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
+            with contextlib.suppress(ValueError):  # as read_events: any unparsable line
                 value = json.loads(line)
                 if isinstance(value, dict):
                     return value
@@ -738,7 +737,7 @@ def import_sessions(manifest_path: Path, results_path: Path) -> int:
                 task.mark_failed(status_reason=item.get("reason") or "failed", force=True)
             result["task_id"] = str(task_id)
         except Exception as exc:
-            text = type(exc).__name__ + (f": {one_line(exc)}" if str(exc).strip() else "")
+            text = type(exc).__name__ + (f": {first_line(exc)}" if str(exc).strip() else "")
             result["error"] = text if len(text) <= 300 else text[:297] + "..."
             result["fatal"] = type(exc).__name__ in _FATAL_ERRORS
         with results_path.open("a", encoding="utf-8") as fh:
