@@ -212,8 +212,9 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    with _GLOBAL_URI_LOCK:
-        env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    from housing.tracking.warmup import scoped_env
+
+    with _GLOBAL_URI_LOCK, scoped_env({}, restore=["MLFLOW_TRACKING_URI"]):
         global_before = getattr(tracking_utils, "_tracking_uri", None)
         set_uri: Any = mlflow.set_tracking_uri
         set_uri(uri)
@@ -221,10 +222,6 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
             yield
         finally:
             set_uri(global_before)
-            if env_before is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 def _check_prompts_once(client: MlflowClient) -> None:
@@ -840,11 +837,8 @@ def load_registered_model(
     import mlflow.sklearn
     import yaml
 
-    client = (
-        client_or_tracker.client
-        if isinstance(client_or_tracker, MLflowTracker)
-        else client_or_tracker
-    )
+    given = client_or_tracker
+    client = given.client if isinstance(given, MLflowTracker) else given
     version = _resolve_version(client, name, version_or_alias)
     number = str(version.version)
     label = f"{name} v{number}"
