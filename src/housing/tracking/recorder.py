@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from housing.stages.select_best import SELECTION_VALUE
-from housing.tracking.base import Figure, ModelVersion, RegisteredModel, StageRun, Tracker
+from housing.tracking.base import Figure, ModelVersion, StageRun, Tracker
 from housing.tracking.lineage import config_hash, decide_champion, git_commit, redact, utc_now
 
 if TYPE_CHECKING:
@@ -35,11 +35,10 @@ class TrackerSet:
     def __init__(self, trackers: Sequence[Tracker]) -> None:
         self.trackers = list(trackers)
 
-    def each(self, action: str, call: Callable[[Tracker], Any]) -> list[Any]:
-        results = []
+    def each(self, action: str, call: Callable[[Tracker], Any]) -> None:
         for tracker in list(self.trackers):
             try:
-                results.append(call(tracker))
+                call(tracker)
             except Exception as exc:  # a tracking failure must not fail the stage
                 log.warning(
                     "tracking: %s %s failed (%s: %s); continuing without it for this stage",
@@ -50,7 +49,6 @@ class TrackerSet:
                 )
                 self.trackers.remove(tracker)
                 _close_quietly(tracker, "failed", f"tracking error during {action}")
-        return results
 
     def close(self, status: str, error: str | None) -> None:
         for tracker in self.trackers:
@@ -287,7 +285,7 @@ def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult
         tags=("best", result.best_model),
     )
 
-    def register_and_gate(t: Tracker) -> RegisteredModel:
+    def register_and_gate(t: Tracker) -> None:
         current = t.champion(name, result.metric)
         registered = t.register_model(version)
         decision = decide_champion(
@@ -304,7 +302,6 @@ def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult
         log.debug("champion (%s): %s: %s", t.backend, verb, decision.reason)
         verdict = "promoted" if decision.promoted else "rejected"
         t.log_text(f"champion decision: {verdict}: {decision.reason}")
-        return registered
 
     tset.each("register_model", register_and_gate)
 
