@@ -212,9 +212,8 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    from housing.tracking.warmup import scoped_env
-
-    with _GLOBAL_URI_LOCK, scoped_env({}, restore=["MLFLOW_TRACKING_URI"]):
+    with _GLOBAL_URI_LOCK:
+        env_before = os.environ.get("MLFLOW_TRACKING_URI")
         global_before = getattr(tracking_utils, "_tracking_uri", None)
         set_uri: Any = mlflow.set_tracking_uri
         set_uri(uri)
@@ -222,6 +221,10 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
             yield
         finally:
             set_uri(global_before)
+            if env_before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 def _check_prompts_once(client: MlflowClient) -> None:
