@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from housing.errors import HousingError
+from housing.runner import STAGES
 
 if TYPE_CHECKING:
     from housing.config import Settings
@@ -43,9 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("housing")
 
 #: The stage scripts whose commands run as function calls in a warm worker.
-STAGE_SCRIPTS: Final = {
-    f"scripts/{name}.py": name for name in ("prepare", "train", "select_best", "evaluate")
-}
+STAGE_SCRIPTS: Final = {f"scripts/{name}.py": name for name in STAGES}
 #: Imported once by the fork server, so each stage's process starts warm.
 PRELOAD_MODULES: Final = (
     "housing.runner",
@@ -291,7 +290,7 @@ def reproduce(
     ctx = (context or runs.current()).owned_by_engine()
     result = ReproResult(ctx.run_id)
     template = StageJob("", "", str(root), str(root), ctx, tuple(overrides), verbosity)
-    run = _Run(root, jobs or _default_jobs(), force, template, on_event or _ignore)
+    run = _Run(root, jobs or _default_jobs(), force, template, on_event or (lambda s, w: None))
     t0 = time.monotonic()
     try:
         if force or not (root / "dvc.lock").exists():  # everything will run
@@ -311,10 +310,6 @@ def reproduce(
         result.seconds = time.monotonic() - t0
         _summarise(run, result)
     return result
-
-
-def _ignore(stage: str, what: str) -> None:
-    """The default ``on_event``: hear nothing."""
 
 
 def _reproduce(run: _Run, result: ReproResult) -> None:

@@ -7,6 +7,7 @@ and the ClearML pipeline steps.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from housing.config import Settings
     from housing.runs import RunContext
+
+STAGES = ("prepare", "train", "select_best", "evaluate")
 
 
 def run_stage(stage: str, overrides: Sequence[str] = (), config_dir: Path | None = None) -> Any:
@@ -65,20 +68,7 @@ def execute_stage(
 
 def stage_function(stage: str) -> Callable[[Any], Any]:
     """The pure ``run(settings)`` of a stage."""
-    if stage == "prepare":
-        from housing.stages.prepare import run as prepare
-
-        return prepare
-    if stage == "train":
-        from housing.stages.train import run as train
-
-        return train
-    if stage == "select_best":
-        from housing.stages.select_best import run as select_best
-
-        return select_best
-    if stage == "evaluate":
-        from housing.stages.evaluate import run as evaluate
-
-        return evaluate
-    raise ValueError(f"unknown stage {stage!r}")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    run: Callable[[Any], Any] = importlib.import_module(f"housing.stages.{stage}").run
+    return run

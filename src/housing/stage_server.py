@@ -12,8 +12,8 @@ takes its child with it.
 - **One server per code, config and place:** the socket's name is a hash of the
   interpreter and its installed packages, the ``housing`` package files, ``conf/``, the
   working directory and the ``CLEARML_*``/``MLFLOW_*``/``PYTHONPATH`` environment
-  (:func:`server_key`). Edit the code or the
-  config and the next stage starts a new server; the old one exits when idle.
+  (:func:`server_key`). Edit the code or the config and the next stage starts a new
+  server; the old one exits when idle.
 - The first stage starts the server (``python -m housing.stage_server``), which imports
   what ``housing repro``'s fork server imports (:data:`housing.repro.PRELOAD_MODULES`,
   the same warm-up) and exits after :data:`IDLE_SECONDS` without a request.
@@ -107,10 +107,8 @@ def main(args: Sequence[str]) -> int:
     """Run ``housing <args>`` in a warm stage server; in this process if none can be used."""
     code = None
     if os.environ.get(SWITCH_ENV, "1").lower() not in ("0", "off", "false", "no"):
-        try:
+        with contextlib.suppress(OSError):
             code = _run_remote(list(args))
-        except OSError:
-            code = None
     if code is None:
         from housing.cli import main as cli_main
 
@@ -127,9 +125,7 @@ def _run_remote(args: list[str]) -> int | None:
     cwd = Path.cwd()
     env = dict(os.environ)
     path = folder / f"{server_key(cwd, env)}.sock"
-    conn = _connect(path)
-    if conn is None:
-        conn = _start_server(path, cwd, env)
+    conn = _connect(path) or _start_server(path, cwd, env)
     if conn is None:
         return None
     from housing import runs

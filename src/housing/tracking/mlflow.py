@@ -6,15 +6,14 @@ nested under it (``mlflow.parentRunId``). Models are logged into the stage run w
 ``mlflow.sklearn.log_model`` (cloudpickle) and registered as a new version of the
 registered model; the champion is a registered-model alias.
 
-All work goes through an explicit ``MlflowClient``; ``mlflow`` is imported lazily (this
-module's import is cheap). The one exception is ``register_model``: ``log_model`` (and,
-for a local registry, ``create_model_version`` with a ``models:/<id>`` source) only use
-the process-global tracking URI, which is set for those calls under a lock and restored
-afterwards. Other threads using mlflow's fluent API at that moment would see it too.
+All work goes through an explicit ``MlflowClient`` (``mlflow`` imported lazily), except
+in ``register_model``: ``log_model`` (and a local registry's ``create_model_version``)
+only use the process-global tracking URI, set for those calls under a lock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -26,11 +25,11 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from housing.errors import ArtifactError, ConfigError
@@ -80,10 +79,7 @@ _PINNED_DISTRIBUTIONS = ("scikit-learn", "numpy", "pandas", "joblib")
 
 # Serialises the temporary change of mlflow's process-global tracking URI.
 _GLOBAL_URI_LOCK = threading.Lock()
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+_T = TypeVar("_T")
 
 
 def _truncate(value: str, limit: int) -> str:
@@ -108,16 +104,6 @@ def _file_name(name: str) -> str:
     return _INVALID_FILE_CHARS.sub("_", name) or "_"
 
 
-def _stringify(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Mapping | list | tuple):
-        return json.dumps(_plain(value), sort_keys=True, default=str)
-    return str(value)
-
-
 def _flatten(params: Mapping[str, Any], prefix: str) -> dict[str, str]:
     """``{"a": {"b": 1}}`` under ``prefix`` -> ``{"prefix.a.b": "1"}`` (values stringified)."""
     flat: dict[str, str] = {}
@@ -125,9 +111,16 @@ def _flatten(params: Mapping[str, Any], prefix: str) -> dict[str, str]:
         name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, Mapping) and value:
             flat.update(_flatten(value, name))
+        elif isinstance(value, Mapping | list | tuple):
+            flat[name] = json.dumps(_plain(value), sort_keys=True, default=str)
         else:
-            flat[name] = _stringify(value)
+            flat[name] = str(value)
     return flat
+
+
+def _cut(values: Mapping[str, Any], limit: int, prefix: str = "") -> dict[str, str]:
+    """Valid keys (``prefix`` + name) with values stringified and cut at ``limit``."""
+    return {_key(prefix + k): _truncate(str(v), limit) for k, v in values.items()}
 
 
 def _plain(value: Any) -> Any:
@@ -157,11 +150,11 @@ def _resolve_uri(uri: str, root: Path) -> str:
         parsed = urlparse(uri)
         host = "" if parsed.netloc in ("", "localhost") else parsed.netloc
         local = Path(unquote(host + parsed.path))
-        return (local if local.is_absolute() else (root / local).resolve()).as_uri()
-    if "://" not in uri and not uri.startswith(("databricks", "mlflow-artifacts:")):
+    elif "://" not in uri and not uri.startswith(("databricks", "mlflow-artifacts:")):
         local = Path(uri)
-        return (local if local.is_absolute() else (root / local).resolve()).as_uri()
-    return uri
+    else:
+        return uri
+    return (local if local.is_absolute() else (root / local).resolve()).as_uri()
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -185,14 +178,20 @@ def _error_code(exc: BaseException) -> str:
     return str(getattr(exc, "error_code", ""))
 
 
+def _unless(codes: tuple[str, ...], call: Callable[[], _T]) -> _T | None:
+    """``call()``, or None when it fails with one of these MLflow error codes."""
+    try:
+        return call()
+    except Exception as exc:
+        if _error_code(exc) in codes:
+            return None
+        raise
+
+
 @contextmanager
 def _no_requirement_scan() -> Iterator[None]:
-    """Skip MLflow's check that the logged requirements match the environment.
-
-    They are the installed versions themselves (:func:`_pinned_requirements`), so the
-    check cannot fail, and it costs ~2 s per model (a scan of every installed
-    distribution). Guarded: if MLflow renames the hook, the check simply runs.
-    """
+    """Skip MLflow's requirements check: ~2 s per model, and it cannot fail (the pins
+    are the installed versions). If MLflow renames the hook, the check simply runs."""
     from mlflow.utils import environment
 
     name = "warn_dependency_requirement_mismatches"
@@ -229,12 +228,8 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
 
 
 def _check_prompts_once(client: MlflowClient) -> None:
-    """Check once per name, not before every registry call, that a model is no prompt.
-
-    MLflow 3's client asks the registry for the registered model before each alias or
-    tag call (``_raise_if_prompt``), six extra requests per champion decision. Guarded:
-    if MLflow renames the hook, every call checks again.
-    """
+    """Check once per name that a model is no prompt: MLflow 3 asks before each alias or
+    tag call (six extra requests per champion decision). If renamed, every call checks."""
     check = getattr(client, "_raise_if_prompt", None)
     if check is None:
         return
@@ -516,7 +511,7 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         self._require_run()
-        timestamp = _now_ms()
+        timestamp = int(time.time() * 1000)
         for name, raw in metrics.items():
             value = float(raw)
             if math.isnan(value):
@@ -558,16 +553,8 @@ class MLflowTracker:
         run_id = self._require_run()
         name = _file_name(figure.name)
         self.client.log_text(run_id, render_svg(figure), f"plots/{name}.svg")
-        data = {
-            "name": figure.name,
-            "title": figure.title,
-            "kind": figure.kind,
-            "x": _plain(list(figure.x)),
-            "y": [float(v) for v in figure.y],
-            "x_label": figure.x_label,
-            "y_label": figure.y_label,
-            "diagonal": figure.diagonal,
-        }
+        data = {f.name: getattr(figure, f.name) for f in dataclasses.fields(figure)}
+        data.update(x=_plain(list(figure.x)), y=[float(v) for v in figure.y])
         self.client.log_text(run_id, json.dumps(data, indent=1), f"plots/{name}.json")
 
     def log_text(self, text: str) -> None:
@@ -594,32 +581,25 @@ class MLflowTracker:
             )
         estimator = joblib.load(path)
 
-        lineage = {_key(k): _truncate(str(v), TAG_VALUE_MAX) for k, v in model.metadata.items()}
+        lineage = {**_cut(model.metadata, TAG_VALUE_MAX), "algorithm": model.algorithm}
+        params = _flatten(model.params, "")
         logged = self.client.create_logged_model(
             experiment_id,
             name=_file_name(model.registry_name),
             source_run_id=run_id,
-            tags={**lineage, "algorithm": model.algorithm},
-            params={
-                _key(k): _truncate(v, PARAM_VALUE_MAX)
-                for k, v in _flatten(model.params, "").items()
-            },
+            tags=lineage,
+            params=_cut(params, PARAM_VALUE_MAX),
             model_type=model.algorithm,
         )
         info = self._log_sklearn_model(estimator, model, logged.model_id, run_id)
         pickle_sha = self._stored_pickle_sha256(info.artifact_path, info.flavors)
 
-        tags: dict[str, str] = {**lineage, "algorithm": model.algorithm, TAG_PICKLE_SHA: pickle_sha}
+        tags = {**lineage, TAG_PICKLE_SHA: pickle_sha}
         tags.update({_key(f"metric.{k}"): repr(float(v)) for k, v in model.metrics.items()})
-        tags.update(
-            {
-                _key(f"param.{k}"): _truncate(v, TAG_VALUE_MAX)
-                for k, v in _flatten(model.params, "").items()
-            }
-        )
+        tags.update(_cut(params, TAG_VALUE_MAX, "param."))
         tags.update({_key(f"tag.{label}"): "true" for label in model.tags})
         if self._stage is not None:
-            tags["housing.pipeline_run_id"] = self._stage.pipeline_run_id
+            tags[TAG_PIPELINE_RUN_ID] = self._stage.pipeline_run_id
             tags["housing.stage_run"] = self._stage.name
 
         self._ensure_registered_model(model.registry_name)
@@ -652,11 +632,9 @@ class MLflowTracker:
     ) -> ModelInfo:
         """``mlflow.sklearn.log_model`` into the pre-created logged model ``model_id``.
 
-        ``run_id`` is not passed to ``log_model``: with it, MLflow re-reads the history of
-        every run metric to re-log it linked to the model (2 + N requests against a
-        server). The run link (run outputs) is recorded here in one call; the model's
-        metrics live in the version's ``metric.*`` tags. Only if a fluent run happens to
-        be active is ``run_id`` passed, so ``log_model`` cannot attach the model to it.
+        No ``run_id`` (with it MLflow re-logs every run metric, 2 + N requests): the run
+        link is recorded here in one call. Only with a fluent run active is it passed, so
+        ``log_model`` cannot attach the model to that run.
         """
         import mlflow
         import mlflow.sklearn
@@ -697,16 +675,10 @@ class MLflowTracker:
     def _ensure_registered_model(self, name: str) -> None:
         if name in self._registered_names:
             return
-        try:
-            self.client.get_registered_model(name)
-        except Exception as exc:
-            if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            try:
-                self.client.create_registered_model(name)
-            except Exception as create_exc:  # a concurrent stage registered it first
-                if _error_code(create_exc) != "RESOURCE_ALREADY_EXISTS":
-                    raise
+        missing = ("RESOURCE_DOES_NOT_EXIST",)
+        if _unless(missing, lambda: self.client.get_registered_model(name)) is None:
+            # a concurrent stage may have registered it first
+            _unless(("RESOURCE_ALREADY_EXISTS",), lambda: self.client.create_registered_model(name))
         self._registered_names.add(name)
 
     def champion(self, registry_name: str, metric: str) -> tuple[str, float] | None:
@@ -846,12 +818,8 @@ def _pickle_file_name(flavors: Mapping[str, Any]) -> str:
 
 
 def _version_by_alias(client: MlflowClient, name: str, alias: str) -> MlflowModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except Exception as exc:
-        if _error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
+    missing = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+    return _unless(missing, lambda: client.get_model_version_by_alias(name, alias))
 
 
 def load_registered_model(
@@ -872,11 +840,8 @@ def load_registered_model(
     import mlflow.sklearn
     import yaml
 
-    client = (
-        client_or_tracker.client
-        if isinstance(client_or_tracker, MLflowTracker)
-        else client_or_tracker
-    )
+    given = client_or_tracker
+    client = given.client if isinstance(given, MLflowTracker) else given
     version = _resolve_version(client, name, version_or_alias)
     number = str(version.version)
     label = f"{name} v{number}"
@@ -917,14 +882,11 @@ def load_registered_model(
 
 def _resolve_version(client: MlflowClient, name: str, version_or_alias: str) -> MlflowModelVersion:
     if version_or_alias.isdigit():
-        try:
-            return client.get_model_version(name, version_or_alias)
-        except Exception as exc:
-            if _error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
-                raise ArtifactError(
-                    f"MLflow model {name} has no version {version_or_alias}"
-                ) from None
-            raise
+        missing = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+        version = _unless(missing, lambda: client.get_model_version(name, version_or_alias))
+        if version is None:
+            raise ArtifactError(f"MLflow model {name} has no version {version_or_alias}")
+        return version
     version = _version_by_alias(client, name, version_or_alias)
     if version is None:
         raise ArtifactError(f"MLflow model {name} has no alias {version_or_alias!r}")

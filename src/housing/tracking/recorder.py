@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import partial
+from operator import methodcaller
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from housing.stages.select_best import SELECTION_VALUE
-from housing.tracking.base import Figure, ModelVersion, RegisteredModel, StageRun, Tracker
+from housing.tracking.base import Figure, ModelVersion, StageRun, Tracker
 from housing.tracking.lineage import config_hash, decide_champion, git_commit, redact, utc_now
 
 if TYPE_CHECKING:
@@ -35,11 +35,10 @@ class TrackerSet:
     def __init__(self, trackers: Sequence[Tracker]) -> None:
         self.trackers = list(trackers)
 
-    def each(self, action: str, call: Callable[[Tracker], Any]) -> list[Any]:
-        results = []
+    def each(self, action: str, call: Callable[[Tracker], Any]) -> None:
         for tracker in list(self.trackers):
             try:
-                results.append(call(tracker))
+                call(tracker)
             except Exception as exc:  # a tracking failure must not fail the stage
                 log.warning(
                     "tracking: %s %s failed (%s: %s); continuing without it for this stage",
@@ -50,7 +49,6 @@ class TrackerSet:
                 )
                 self.trackers.remove(tracker)
                 _close_quietly(tracker, "failed", f"tracking error during {action}")
-        return results
 
     def close(self, status: str, error: str | None) -> None:
         for tracker in self.trackers:
@@ -157,14 +155,30 @@ def finish_pipeline(settings: Settings, context: RunContext, status: str) -> Non
 
 def record(tset: TrackerSet, stage: str, settings: Settings, result: Any) -> None:
     """Report a stage's result to every tracker."""
-    if stage == "prepare":
-        _record_prepare(tset, settings, result)
-    elif stage == "train":
-        _record_train(tset, settings, result)
-    elif stage == "select_best":
-        _record_select(tset, settings, result)
-    elif stage == "evaluate":
-        _record_evaluate(tset, settings, result)
+    recorder = _RECORDERS.get(stage)
+    if recorder is not None:
+        recorder(tset, settings, result)
+
+
+def _report(
+    tset: TrackerSet,
+    section: str,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    artifacts: Mapping[Path, str | None],
+    *,
+    figures: Sequence[Figure] = (),
+    text: str | None = None,
+) -> None:
+    """Log params, metrics, artifacts (path -> name, None: its own), figures and a line."""
+    tset.each("log_params", lambda t: t.log_params(params, section))
+    tset.each("log_metrics", lambda t: t.log_metrics(metrics))
+    for path, name in artifacts.items():
+        tset.each("log_artifact", methodcaller("log_artifact", path, name))
+    for fig in figures:
+        tset.each("log_figure", methodcaller("log_figure", fig))
+    if text is not None:
+        tset.each("log_text", lambda t: t.log_text(text))
 
 
 def _lineage(settings: Settings, sha256: str, data_md5: str | None) -> dict[str, str]:
@@ -175,6 +189,12 @@ def _lineage(settings: Settings, sha256: str, data_md5: str | None) -> dict[str,
         "model_sha256": sha256,
         "created_at": utc_now(),
     }
+
+
+def _importance_figure(importances: Mapping[str, float], title: str) -> Figure:
+    ranked = sorted(importances.items(), key=lambda kv: kv[1], reverse=True)
+    x, y = [k for k, _ in ranked], [v for _, v in ranked]
+    return Figure("feature_importances", title, "bar", x, y, "feature", "importance")
 
 
 def _record_prepare(tset: TrackerSet, settings: Settings, result: PrepareResult) -> None:
@@ -191,29 +211,12 @@ def _record_prepare(tset: TrackerSet, settings: Settings, result: PrepareResult)
             "random_state": settings.prepare.random_state,
         },
     }
-    tset.each("log_params", lambda t: t.log_params(params, "prepare"))
-    tset.each("log_metrics", lambda t: t.log_metrics(result.metrics))
-    tset.each("log_artifact", lambda t: t.log_artifact(result.fingerprint_path, "data_fingerprint"))
-    tset.each(
-        "log_text",
-        lambda t: t.log_text(
-            f"prepare: {fp['raw']['rows']} rows -> train {fp['train']['rows']}, "
-            f"test {fp['test']['rows']}; raw md5 {fp['raw']['md5']}"
-        ),
+    text = (
+        f"prepare: {fp['raw']['rows']} rows -> train {fp['train']['rows']}, "
+        f"test {fp['test']['rows']}; raw md5 {fp['raw']['md5']}"
     )
-
-
-def _importance_figure(importances: Mapping[str, float], title: str) -> Figure:
-    ranked = sorted(importances.items(), key=lambda kv: kv[1], reverse=True)
-    return Figure(
-        name="feature_importances",
-        title=title,
-        kind="bar",
-        x=[k for k, _ in ranked],
-        y=[v for _, v in ranked],
-        x_label="feature",
-        y_label="importance",
-    )
+    artifacts = {result.fingerprint_path: "data_fingerprint"}
+    _report(tset, "prepare", params, result.metrics, artifacts, text=text)
 
 
 def _record_train(tset: TrackerSet, settings: Settings, result: TrainResult) -> None:
@@ -230,13 +233,11 @@ def _record_train(tset: TrackerSet, settings: Settings, result: TrainResult) -> 
             "refit_full": settings.train.refit_full,
         },
     }
-    tset.each("log_params", lambda t: t.log_params(params, "train_params"))
-    tset.each("log_metrics", lambda t: t.log_metrics(result.metrics))
-    for path in (result.metrics_path, result.meta_path):
-        tset.each("log_artifact", partial(_log_artifact, path=path))
-    if rec.get("feature_importances"):
-        fig = _importance_figure(rec["feature_importances"], f"{result.model_name} importances")
-        tset.each("log_figure", lambda t: t.log_figure(fig))
+    importances = rec.get("feature_importances")
+    title = f"{result.model_name} importances"
+    figures = [_importance_figure(importances, title)] if importances else []
+    artifacts = dict.fromkeys((result.metrics_path, result.meta_path))
+    _report(tset, "train_params", params, result.metrics, artifacts, figures=figures)
     version = ModelVersion(
         registry_name=f"{_model_name(settings)}-{result.model_name}",
         path=result.model_path,
@@ -250,31 +251,29 @@ def _record_train(tset: TrackerSet, settings: Settings, result: TrainResult) -> 
 
 
 def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult) -> None:
+    margin = settings.registry.min_improvement
     params = {
         "candidates": list(settings.selection.candidates),
         "metric": result.metric,
         "greater_is_better": result.greater_is_better,
         "allow_missing": settings.selection.allow_missing,
-        "min_improvement": settings.registry.min_improvement,
+        "min_improvement": margin,
     }
-    tset.each("log_params", lambda t: t.log_params(params, "selection"))
-    metrics = dict(result.metrics)
-    metrics[SELECTION_VALUE] = result.best_value
-    tset.each("log_metrics", lambda t: t.log_metrics(metrics))
-    for path in (result.summary_path, result.meta_path):
-        tset.each("log_artifact", partial(_log_artifact, path=path))
+    metrics = {**result.metrics, SELECTION_VALUE: result.best_value}
     scores = {n: float(r["metrics"][result.metric]) for n, r in result.candidates.items()}
-    fig = Figure(
-        name="candidates",
-        title=f"Candidates by {result.metric}",
-        kind="bar",
-        x=list(scores),
-        y=list(scores.values()),
-        x_label="model",
-        y_label=result.metric,
+    title = f"Candidates by {result.metric}"
+    figure = Figure(
+        "candidates", title, "bar", list(scores), list(scores.values()), "model", result.metric
     )
-    tset.each("log_figure", lambda t: t.log_figure(fig))
-    tset.each("log_text", lambda t: t.log_text(f"select_best: {result.best_model} wins"))
+    _report(
+        tset,
+        "selection",
+        params,
+        metrics,
+        dict.fromkeys((result.summary_path, result.meta_path)),
+        figures=[figure],
+        text=f"select_best: {result.best_model} wins",
+    )
     name = f"{_model_name(settings)}-best"
     version = ModelVersion(
         registry_name=name,
@@ -285,9 +284,8 @@ def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult
         metadata=_lineage(settings, result.best_sha256, result.summary.get("data_md5")),
         tags=("best", result.best_model),
     )
-    margin = float(params["min_improvement"])  # type: ignore[arg-type]
 
-    def register_and_gate(t: Tracker) -> RegisteredModel:
+    def register_and_gate(t: Tracker) -> None:
         current = t.champion(name, result.metric)
         registered = t.register_model(version)
         decision = decide_champion(
@@ -297,34 +295,23 @@ def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult
             current,
             metric=result.metric,
             greater_is_better=result.greater_is_better,
-            min_improvement=margin,
+            min_improvement=float(margin),
         )
         t.promote(decision, registered)
         verb = "promoted" if decision.promoted else "kept the champion"
         log.debug("champion (%s): %s: %s", t.backend, verb, decision.reason)
-        t.log_text(f"champion decision: {'promoted' if decision.promoted else 'rejected'}: "
-                   f"{decision.reason}")  # fmt: skip
-        return registered
+        verdict = "promoted" if decision.promoted else "rejected"
+        t.log_text(f"champion decision: {verdict}: {decision.reason}")
 
     tset.each("register_model", register_and_gate)
 
 
 def _record_evaluate(tset: TrackerSet, settings: Settings, result: EvaluationResult) -> None:
-    tset.each("log_params", lambda t: t.log_params({"model": result.model_name}, "evaluate"))
-    tset.each("log_metrics", lambda t: t.log_metrics(result.metrics))
-    artifacts = (
-        result.metrics_path,
-        result.meta_path,
-        result.predictions_path,
-        result.comparison_path,
-    )
-    for path in artifacts:
-        tset.each("log_artifact", partial(_log_artifact, path=path))
-    table = result.predictions
+    table, model = result.predictions, result.model_name
     figures = [
         Figure(
             name="predicted_vs_actual",
-            title=f"{result.model_name}: predicted vs actual (test)",
+            title=f"{model}: predicted vs actual (test)",
             kind="scatter",
             x=table["actual"].tolist(),
             y=table["predicted"].tolist(),
@@ -334,7 +321,7 @@ def _record_evaluate(tset: TrackerSet, settings: Settings, result: EvaluationRes
         ),
         Figure(
             name="residuals",
-            title=f"{result.model_name}: residuals (test)",
+            title=f"{model}: residuals (test)",
             kind="scatter",
             x=table["predicted"].tolist(),
             y=table["residual"].tolist(),
@@ -343,30 +330,27 @@ def _record_evaluate(tset: TrackerSet, settings: Settings, result: EvaluationRes
         ),
     ]
     if result.importances:
-        figures.append(_importance_figure(result.importances, f"{result.model_name} importances"))
+        figures.append(_importance_figure(result.importances, f"{model} importances"))
     comparison = result.comparison
+    models, rmse = comparison["model"].tolist(), comparison["test/rmse"].tolist()
     figures.append(
         Figure(
-            name="model_comparison",
-            title="Test RMSE per candidate",
-            kind="bar",
-            x=comparison["model"].tolist(),
-            y=comparison["test/rmse"].tolist(),
-            x_label="model",
-            y_label="test/rmse",
+            "model_comparison", "Test RMSE per candidate", "bar", models, rmse, "model", "test/rmse"
         )
     )
-    for fig in figures:
-        tset.each("log_figure", partial(_log_figure, figure=fig))
-
-
-def _log_artifact(tracker: Tracker, path: Path) -> None:
-    tracker.log_artifact(path)
-
-
-def _log_figure(tracker: Tracker, figure: Figure) -> None:
-    tracker.log_figure(figure)
+    paths = (result.metrics_path, result.meta_path, result.predictions_path, result.comparison_path)
+    _report(
+        tset, "evaluate", {"model": model}, result.metrics, dict.fromkeys(paths), figures=figures
+    )
 
 
 def _model_name(settings: Settings) -> str:
     return settings.clearml.model_name
+
+
+_RECORDERS: dict[str, Callable[[TrackerSet, Any, Any], None]] = {
+    "prepare": _record_prepare,
+    "train": _record_train,
+    "select_best": _record_select,
+    "evaluate": _record_evaluate,
+}
