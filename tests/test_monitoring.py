@@ -524,3 +524,25 @@ def test_redact_url() -> None:
         "https://hooks.slack.com/<redacted>"
     )
     assert mon.redact_url("not a url") == "<redacted-url>"
+
+
+def test_progress_lines_only_for_long_steps(caplog: pytest.LogCaptureFixture) -> None:
+    from housing.monitoring import Progress
+
+    logger = logging.getLogger("housing.test-progress")
+    caplog.set_level(logging.INFO, logger=logger.name)
+    quick = Progress(logger, "quick", 3)  # done well within 2 s: silent
+    for done in (1, 2, 3):
+        quick(done)
+    slow = Progress(logger, "slow", 3, after=0.0)
+    for done in (1, 2, 3):
+        slow(done, f": item {done}")
+    throttled = Progress(logger, "throttled", 3, after=0.0, every=3600.0)
+    for done in (1, 2, 3):
+        throttled(done)  # only the last line gets through the throttle
+    assert [r.getMessage() for r in caplog.records] == [
+        "slow 1/3: item 1",
+        "slow 2/3: item 2",
+        "slow 3/3: item 3",
+        "throttled 3/3",
+    ]

@@ -67,6 +67,25 @@ def _iso(moment: datetime | None = None) -> str:
     return text.removesuffix("+00:00") + "Z"
 
 
+class Progress:
+    """Progress lines (``<what> i/n<detail>``) for a step that runs longer than ``after``
+    seconds: at most one per ``every`` seconds, and the last one always."""
+
+    def __init__(
+        self, logger: logging.Logger, what: str, total: int, after: float = 2.0, every: float = 0.0
+    ) -> None:
+        self.logger, self.what, self.total = logger, what, total
+        self.after, self.every = after, every
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, done: int, detail: str = "") -> None:
+        now = time.monotonic()
+        if now - self.started <= self.after or (done < self.total and now - self.last < self.every):
+            return
+        self.last = now
+        self.logger.info("%s %d/%d%s", self.what, done, self.total, detail)
+
+
 def new_run_id() -> str:
     """Return a lexicographically time-sortable id: ``YYYYmmddTHHMMSSffffffZ-<8 hex>``."""
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(4)}"

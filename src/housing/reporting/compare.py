@@ -423,6 +423,7 @@ def collect_clearml(
 
 
 def _read_offline(got: Collected, cml: ClearMLSettings) -> None:
+    from housing.monitoring import Progress
     from housing.tracking.offline import CHAMPIONS_FILE, list_sessions, read_models
 
     if not cml.offline_dir.is_dir():
@@ -431,7 +432,9 @@ def _read_offline(got: Collected, cml: ClearMLSettings) -> None:
     sessions = list_sessions(cml.offline_dir)
     got.skipped.extend(_unlisted_sessions(cml.offline_dir, sessions))
     champion_ids, decisions = _ledger_index(cml.offline_dir / CHAMPIONS_FILE)
-    for session in sessions:
+    progress = Progress(log, "compare: ClearML offline sessions read", len(sessions), every=1.0)
+    for done, session in enumerate(sessions, 1):
+        progress(done)
         if session.project != got.project:
             continue
         try:

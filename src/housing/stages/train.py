@@ -13,6 +13,7 @@ from housing.data.split import split_frame
 from housing.errors import DataError, first_line
 from housing.evaluation import feature_importances, regression_metrics
 from housing.models import build_pipeline
+from housing.monitoring import Progress
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,13 +65,12 @@ def cross_validate_rmse(
     if folds == 0:
         return float("nan"), float("nan")
     scores = []
-    started = time.monotonic()
+    progress = Progress(log, "  cv fold", folds)
     for fold, (tr, va) in enumerate(KFold(folds, shuffle=True, random_state=random_state).split(x)):
         model = fit_deterministic(clone(pipeline), x.iloc[tr], y.iloc[tr])
         pred = model.predict(x.iloc[va])
         scores.append(float(np.sqrt(np.mean((pred - y.iloc[va].to_numpy()) ** 2))))
-        if time.monotonic() - started > 2.0:
-            log.info("  cv fold %d/%d: rmse %.3f", fold + 1, folds, scores[-1])
+        progress(fold + 1, f": rmse {scores[-1]:.3f}")
     return float(np.mean(scores)), float(np.std(scores))
 
 

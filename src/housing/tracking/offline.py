@@ -701,7 +701,10 @@ def _run_import_child(
 def _await_import(proc: subprocess.Popen[str], results: Path, total: int, timeout: float) -> bool:
     """Wait for the import child; False if it was killed after ``timeout``. Once it has
     taken more than :data:`PROGRESS_AFTER_SEC`, log each session it finishes."""
+    from housing.monitoring import Progress
+
     started = time.monotonic()
+    progress = Progress(logger, "ClearML sync:", total, after=PROGRESS_AFTER_SEC)
     shown = 0
     while True:
         try:
@@ -712,8 +715,8 @@ def _await_import(proc: subprocess.Popen[str], results: Path, total: int, timeou
                 proc.wait()
                 return False
         done = len(results.read_bytes().splitlines())
-        if done > shown and time.monotonic() - started > PROGRESS_AFTER_SEC:
-            logger.info("ClearML sync: %d/%d sessions imported", done, total)
+        if done > shown:
+            progress(done, " sessions imported")
             shown = done
         if proc.returncode is not None:
             return True
