@@ -175,3 +175,13 @@ def test_the_server_key_follows_code_config_place_and_tracker_env(tmp_path: Path
     assert stage_server.server_key(tmp_path / "conf", {}) != key
     conf.write_text("a: 22\n")
     assert stage_server.server_key(tmp_path, {}) != key
+
+
+def test_files_of_long_gone_servers_are_removed(tmp_path: Path) -> None:
+    week_ago = time.time() - 8 * 86400
+    for name in ("gone.lock", "gone.log", "live.lock", "live.sock", "recent.log"):
+        (tmp_path / name).write_text("")
+    for name in ("gone.lock", "gone.log", "live.lock"):
+        os.utime(tmp_path / name, (week_ago, week_ago))
+    stage_server._forget_old_servers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.lock", "live.sock", "recent.log"]

@@ -161,6 +161,7 @@ def _start_server(path: Path, cwd: Path, env: Mapping[str, str]) -> socket.socke
             return conn
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a dead server's socket
+        _forget_old_servers(path.parent)
         with path.with_suffix(".log").open("ab") as log:
             server = subprocess.Popen(
                 [sys.executable, "-m", "housing.stage_server", str(path)],
@@ -178,6 +179,15 @@ def _start_server(path: Path, cwd: Path, env: Mapping[str, str]) -> socket.socke
                 return conn
             time.sleep(0.05)
     return None
+
+
+def _forget_old_servers(folder: Path, days: float = 7.0) -> None:
+    """Remove the lock and log files of servers gone (no socket) for ``days``."""
+    cutoff = time.time() - days * 86400
+    for leftover in [*folder.glob("*.lock"), *folder.glob("*.log")]:
+        with contextlib.suppress(OSError):
+            if not leftover.with_suffix(".sock").exists() and leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
 
 
 def _send_request(conn: socket.socket, request: Mapping[str, object]) -> None:
