@@ -180,12 +180,25 @@ def bench_scale(workdir: Path, rows: list[int]) -> None:
               f"{verdict(big.max_rss_mb < 4096)}")  # fmt: skip
 
 
+def speed_probe() -> float:
+    """Seconds for a fixed pure-Python loop: this host's speed varies (shared VMs), so
+    figures from two runs compare only with their probes side by side."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(10**7):
+        total += i
+    return time.perf_counter() - started
+
+
 def main() -> None:
     rows_env = os.environ.get("BENCH_ROWS", "100000,1000000")
     rows = [int(r) for r in rows_env.split(",") if r.strip()]
     keep = bool(os.environ.get("BENCH_KEEP"))
     tmp = Path(tempfile.mkdtemp(prefix="housing-bench-"))
-    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; scratch {tmp}")
+    print(
+        f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; "
+        f"speed probe {speed_probe():.2f} s; scratch {tmp}"
+    )
     try:
         bench_pipeline(tmp)
         bench_tracking(tmp)
