@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -116,20 +117,26 @@ def test_switched_off_the_stage_runs_in_the_scripts_own_process(repo: Path, sock
     assert not list(sockets.glob("housing-stage-server-*/*.sock"))
 
 
-def test_ctrl_c_reaches_the_stage_and_nothing_is_left_running(repo: Path, sockets: Path) -> None:
+def _long_stage(
+    repo: Path, sockets: Path, **popen: Any
+) -> tuple[subprocess.Popen[str], psutil.Process]:
+    """A slow train stage started through a warm server: (its client, the stage child)."""
     env = _env(sockets)
-    assert _script(repo, env, "scripts/prepare.py").returncode == 0  # server warm
+    assert _script(repo, env, "scripts/prepare.py").returncode == 0  # the server is warm
     (server,) = _servers(sockets)
     proc = subprocess.Popen(
         ["python", "scripts/train.py", "model=random_forest", "model.params.n_estimators=3000"],
         cwd=repo,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         text=True,
-        start_new_session=True,
+        **popen,
     )
-    child = _stage_child(server)
+    return proc, _stage_child(server)
+
+
+def test_ctrl_c_reaches_the_stage_and_nothing_is_left_running(repo: Path, sockets: Path) -> None:
+    proc, child = _long_stage(repo, sockets, stderr=subprocess.PIPE, start_new_session=True)
     time.sleep(2.0)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -140,17 +147,7 @@ def test_ctrl_c_reaches_the_stage_and_nothing_is_left_running(repo: Path, socket
 
 
 def test_a_vanished_caller_takes_its_stage_with_it(repo: Path, sockets: Path) -> None:
-    env = _env(sockets)
-    assert _script(repo, env, "scripts/prepare.py").returncode == 0
-    (server,) = _servers(sockets)
-    proc = subprocess.Popen(
-        ["python", "scripts/train.py", "model=random_forest", "model.params.n_estimators=3000"],
-        cwd=repo,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    child = _stage_child(server)
+    proc, child = _long_stage(repo, sockets, stderr=subprocess.DEVNULL)
     proc.kill()  # kill -9: no chance to forward anything
     proc.wait()
     child.wait(timeout=30)
