@@ -213,12 +213,22 @@ def test_unreachable_server_fails_fast_with_next_step(tmp_path: Path) -> None:
     assert "next: " in text
 
 
-def test_auto_mode_falls_back_to_offline_when_unreachable(tmp_path: Path) -> None:
+def test_auto_mode_with_keys_and_no_server_is_a_failure(tmp_path: Path) -> None:
     checks = _run(_env(tmp_path), f"http://127.0.0.1:{_free_port()}", mode="auto")
     by_name = _by_name(checks)
     assert by_name["clearml mode"].status == "ok"
     assert by_name["clearml mode"].detail.startswith("auto -> offline")
-    assert by_name["clearml server"].status == "warn"  # auto copes; online would fail
+    # credentials say a server is meant to be used: it being down is not fine
+    assert by_name["clearml server"].status == "fail"
+
+
+def test_auto_mode_without_keys_runs_offline_and_the_server_is_optional(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path)}
+    checks = _run(env, f"http://127.0.0.1:{_free_port()}", mode="auto")
+    by_name = _by_name(checks)
+    assert by_name["clearml mode"].detail.startswith("auto -> offline")
+    assert by_name["clearml server"].status == "warn"
+    assert not [c for c in checks if c.status == "fail"]
 
 
 def test_silent_server_is_bounded_by_timeout(tmp_path: Path) -> None:
@@ -256,7 +266,7 @@ def test_black_hole_host_is_bounded_by_timeout(tmp_path: Path) -> None:
 
     assert elapsed < 3.0  # the budget: at most 2.5 x 0.5 s, plus slack
     server = _by_name(checks)["clearml server"]
-    assert server.status == "warn"
+    assert server.status == "fail"  # keys set: the server is meant to be used
     assert "no answer within 0.5 s" in server.detail
     _assert_no_secret(checks)
 

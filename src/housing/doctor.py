@@ -248,6 +248,7 @@ class _ServerState:
     key_names: tuple[str, str]
     access: str = ""
     secret: str = ""
+    offline_env: bool = False  # CLEARML_OFFLINE_MODE is set
     reachable: bool = False
     credentials_valid: bool | None = None  # None = not verified
     token: str = ""
@@ -309,8 +310,12 @@ def _check_mlflow(env: Mapping[str, str], uri: str, enabled: bool, client: _Clie
 
 def _check_server(state: _ServerState, files_host: str) -> Check:
     check = partial(Check, "clearml server")
-    # An explicit offline mode needs the server only for `housing clearml sync`.
-    severity: Status = "fail" if state.mode == "online" else "warn"
+    # A server is configured when the mode is online, or auto with credentials set (and
+    # no CLEARML_OFFLINE_MODE): then not reaching it is a failure. Otherwise only
+    # `housing clearml sync` needs it.
+    keys = bool(state.access and state.secret)
+    configured = state.mode == "online" or (state.mode == "auto" and keys and not state.offline_env)
+    severity: Status = "fail" if configured else "warn"
     shown = display_url(state.api_host)
     parts = urlsplit(state.api_host)
     if parts.scheme not in {"http", "https"} or not parts.netloc:
@@ -563,6 +568,7 @@ def diagnose(
             key_names=key_names,
             access=env.get(key_names[0], ""),
             secret=env.get(key_names[1], ""),
+            offline_env=_truthy(env.get("CLEARML_OFFLINE_MODE")),
         )
         cred_source = "environment" if state.access and state.secret else ""
         if not cred_source and literals.get("access_key") and literals.get("secret_key"):

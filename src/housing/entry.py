@@ -40,6 +40,8 @@ def configure_logging(verbosity: int) -> None:
     if verbosity <= 0:
         for name in ("mlflow", "mlflow.sklearn", "mlflow.utils.environment"):
             logging.getLogger(name).addFilter(_DropExpected())
+        # urllib3 logs each retry at WARNING; the command reports the outcome itself
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def error_line(message: str) -> None:
