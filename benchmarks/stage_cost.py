@@ -11,7 +11,6 @@ each figure is the best of the passes).
 
 from __future__ import annotations
 
-import importlib
 import json
 import multiprocessing
 import sys
@@ -20,9 +19,8 @@ from pathlib import Path
 
 from housing import runs
 from housing.config import load_settings
-from housing.repro import PRELOAD_MODULES, fork_server_env
+from housing.repro import preload
 from housing.runs import RunContext
-from housing.tracking.warmup import scoped_env
 
 ONE = "selection.candidates=[ridge]"
 STAGES = (
@@ -48,9 +46,7 @@ def _timed(
 def main(passes: int = 2) -> None:
     # as the engine starts its fork server: with the environment its warm-up needs
     settings = load_settings(["tracking=both"], root=Path.cwd())
-    with scoped_env(fork_server_env(settings)):
-        for module in PRELOAD_MODULES:
-            importlib.import_module(module)
+    preload(settings)
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     # one pipeline run owned by the engine, as housing repro hands it to its workers

@@ -212,6 +212,18 @@ def fork_server_env(settings: Settings | None) -> dict[str, str]:
     return {ENV_VARIABLE: json.dumps(env)} if env else {}
 
 
+def preload(settings: Settings | None) -> None:
+    """Import and warm up in this process what the fork server does (for a process that
+    forks stages itself: the stage server, the stage-cost benchmark)."""
+    import importlib
+
+    from housing.tracking.warmup import scoped_env
+
+    with scoped_env(fork_server_env(settings)):
+        for module in PRELOAD_MODULES:
+            importlib.import_module(module)
+
+
 def _make_pool(workers: int, env: Mapping[str, str]) -> Any:
     """The workers; the fork server starts now, with ``env`` added to its environment
     (this process's own is restored right after)."""
