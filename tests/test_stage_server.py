@@ -154,6 +154,25 @@ def test_a_vanished_caller_takes_its_stage_with_it(repo: Path, sockets: Path) ->
     assert not child.is_running()
 
 
+def test_a_killed_stage_fails_once_and_is_not_run_again(repo: Path, sockets: Path) -> None:
+    def starts() -> int:
+        events = _events(repo) if (repo / "metrics" / "pipeline_events.jsonl").exists() else []
+        return sum(
+            e.get("stage") == "train_random_forest" and e.get("status") == "started" for e in events
+        )
+
+    before = starts()
+    proc, child = _long_stage(repo, sockets, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while starts() == before and time.monotonic() < deadline:  # until the stage has started
+        time.sleep(0.1)
+    child.kill()  # kill -9 of the stage process itself
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "ended without an exit code" in err
+    assert starts() == before + 1, "the client ran the stage again in its own process"
+
+
 def test_an_idle_server_exits_and_removes_its_socket(repo: Path, sockets: Path) -> None:
     env = _env(sockets, HOUSING_STAGE_SERVER_IDLE="1")
     assert _script(repo, env, "scripts/prepare.py").returncode == 0

@@ -104,7 +104,8 @@ def _private_dir() -> Path | None:
 
 
 def main(args: Sequence[str]) -> int:
-    """Run ``housing <args>`` in a warm stage server; in this process if none can be used."""
+    """Run ``housing <args>`` in a warm stage server; in this process if none can be used
+    (no server could be reached before the request was sent)."""
     code = None
     if os.environ.get(SWITCH_ENV, "1").lower() not in ("0", "off", "false", "no"):
         with contextlib.suppress(OSError):
@@ -133,8 +134,11 @@ def _run_remote(args: list[str]) -> int | None:
     env[runs.CONTEXT_ENV] = runs.current().to_json()
     with conn:
         _send_request(conn, {"args": args, "cwd": str(cwd), "env": env})
-        with _forwarding_signals(conn):
-            reply = _recv_exact(conn, _RC.size)
+        try:  # from here on the stage may have run: never fall back to running it again
+            with _forwarding_signals(conn):
+                reply = _recv_exact(conn, _RC.size)
+        except OSError:
+            reply = None
     if reply is None:
         sys.stderr.write("error: the stage process ended without an exit code\n")
         return 1
@@ -271,21 +275,17 @@ def _alive(pid: int) -> bool:
 
 
 def _warm_up() -> None:
-    import importlib
-
     from housing.config import load_settings
     from housing.entry import configure_logging
     from housing.errors import HousingError
-    from housing.repro import PRELOAD_MODULES, fork_server_env
+    from housing.repro import preload
 
     configure_logging(0)
     try:
         settings = load_settings(root=Path.cwd())
     except HousingError:
         settings = None  # the stages will say what is wrong
-    os.environ.update(fork_server_env(settings))  # this process's start-up
-    for module in PRELOAD_MODULES:
-        importlib.import_module(module)
+    preload(settings)
 
 
 def _child(conn: socket.socket) -> None:
