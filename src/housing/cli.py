@@ -503,6 +503,7 @@ def doctor(settings: Settings) -> int:
         tracking_backends=settings.tracking,
         mlflow_uri=settings.mlflow.tracking_uri,
         config_file=os.environ.get("CLEARML_CONFIG_FILE"),
+        root=settings.root,
     )
     _show([render(checks)], lambda console: _print_checks(console, checks))
     return 1 if any(c.status == "fail" for c in checks) else 0

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from housing import http
+from housing.tracking.stores import clearml_store_problem, mlflow_store_problem
 
 if TYPE_CHECKING:
     from housing.config import ClearMLSettings
@@ -263,7 +264,9 @@ class _ServerState:
         return f"{kind}.get_all failed ({reply.why})"
 
 
-def _check_mlflow(env: Mapping[str, str], uri: str, enabled: bool, client: _Client) -> Check:
+def _check_mlflow(
+    env: Mapping[str, str], uri: str, enabled: bool, client: _Client, root: Path
+) -> Check:
     check = partial(Check, "mlflow")
     if not enabled:
         return check("ok", "MLflow disabled (not among the tracking backends)")
@@ -296,6 +299,9 @@ def _check_mlflow(env: Mapping[str, str], uri: str, enabled: bool, client: _Clie
             " store: mlflow.tracking_uri=sqlite:///mlflow.db",
         )
     if scheme == "sqlite":
+        problem = mlflow_store_problem(uri, root)
+        if problem is not None:
+            return check("fail", problem, "nothing was changed; repair the store as it says")
         return check("ok", f"local SQLite store {shown}{note}")
     if scheme not in {"", "file"}:
         return check("ok", f"tracking URI {shown} (not probed){note}")
@@ -524,6 +530,7 @@ def diagnose(
     tracking_backends: Sequence[str],
     mlflow_uri: str,
     config_file: str | None = None,
+    root: Path | None = None,
 ) -> list[Check]:
     """Check the tracking setup and return one :class:`Check` per aspect.
 
@@ -532,8 +539,10 @@ def diagnose(
     of a pipeline not run locally is reported when missing or when no agent listens on
     it. The API keys are read from the variables ``clearml.auth`` names, else from the
     ClearML config file (``config_file``, else ``CLEARML_CONFIG_FILE``, else
-    ``~/clearml.conf``).
+    ``~/clearml.conf``). A damaged local store (MLflow SQLite relative to ``root``,
+    default the current directory; ClearML ledgers) is a failure.
     """
+    root = Path.cwd() if root is None else root
     pipeline = clearml.pipeline
     expected_queues = [] if pipeline.run_locally else [pipeline.execution_queue]
     client = _Client(env, clearml.connect_timeout_sec)
@@ -554,7 +563,7 @@ def diagnose(
             checks.append(
                 Check("clearml mode", "ok", "ClearML disabled (not among the tracking backends)")
             )
-            checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, client))
+            checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, client, root))
             return checks
 
         config_check, config_path = _config_file_check(env, config_file)
@@ -581,7 +590,10 @@ def diagnose(
             queue_check, names = _check_queues(state, expected_queues)
             extra = [queue_check, _check_agents(state, expected_queues, names)]
         checks.append(_mode_check(env, state))
-        checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, client))
+        ledger_problem = clearml_store_problem(clearml.offline_dir)
+        if ledger_problem is not None:
+            checks.append(Check("clearml store", "fail", ledger_problem, "nothing was changed"))
+        checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, client, root))
     checks.extend([config_check, server_check, cred_check, *extra])
     basic = _basic(state) if state.secret else ""
     access = state.access if len(state.access) > 4 else ""

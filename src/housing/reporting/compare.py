@@ -244,11 +244,13 @@ def compare(
     reported in the result (``ok`` is false); an empty one gets headers-only tables.
     """
     from housing.io import write_csv
+    from housing.tracking.stores import check_stores
 
     if stage is not None and stage not in STAGES:
         raise ConfigError(f"--stage: unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     if last_n is not None and last_n < 1:
         raise ConfigError(f"--last: must be a positive number of runs, got {last_n}")
+    check_stores(settings, ("mlflow", "clearml"))  # never read (so re-create) a damaged store
     backends = {
         "clearml": collect_clearml(
             settings, project=project, tags=tags, stage=stage, last_n=last_n, env=env

@@ -259,6 +259,9 @@ def build_report(
     """Write ``reports/experiments.html`` and ``.md`` (with figures); see the module docstring."""
     if last_versions < 1:
         raise HousingError(f"--last: must be a positive number of versions, got {last_versions}")
+    from housing.tracking.stores import check_stores
+
+    check_stores(settings, ("mlflow", "clearml"))  # never read (so re-create) a damaged store
     inputs = _read_inputs(settings, project, env)
     page = _page(settings, inputs, last_versions)
     reports = settings.paths.reports_dir

@@ -166,8 +166,10 @@ def locked_json(path: Path, default: Callable[[], dict[str, Any]]) -> Iterator[d
     """Read-modify-write ``path`` under an exclusive lock; written atomically on success."""
     with file_lock(path.with_name(path.name + _LOCK_SUFFIX)):
         data = read_json_file(path, None)
-        if not isinstance(data, dict):
+        if data is None:
             data = default()
+        elif not isinstance(data, dict):  # never rewritten over: that would lose the ledger
+            raise ClearMLError(f"{path}: not a JSON object; fix or move the file aside")
         yield data
         write_json(path, data)
 

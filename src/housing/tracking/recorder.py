@@ -66,11 +66,16 @@ def build_trackers(settings: Settings) -> list[Tracker]:
     """One tracker per active backend (``tracking.backends``), not yet started.
 
     Local stores are resolved against the repository (:func:`housing.runs.store_root`),
-    so a DVC experiment's temporary copy records into the repository's own stores.
+    so a DVC experiment's temporary copy records into the repository's own stores. A
+    damaged local store raises :class:`~housing.tracking.stores.StoreError` before the
+    stage works (bad data, not a tracker hiccup); a tracker that cannot be built is a
+    warning and the stage runs without it.
     """
     from housing.runs import store_root
+    from housing.tracking.stores import check_stores
 
     root = store_root(settings.root)
+    check_stores(settings, root=root, offline_dir=_in_store(settings).offline_dir)
     trackers: list[Tracker] = []
     for backend in settings.tracking:
         try:
