@@ -575,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as exc:  # usage errors: click's message, exit 2
         exc.show()
         return exc.exit_code
-    except (HousingError, KeyboardInterrupt) as exc:
+    except (HousingError, KeyboardInterrupt, OSError) as exc:  # OSError: a full disk
         return report_error(exc)
     return result if isinstance(result, int) else 0
 

@@ -30,10 +30,30 @@ class _DropExpected(logging.Filter):
         return not any(text in message for text in _EXPECTED_NOISE)
 
 
+class _NoDiskFullTraceback(logging.Filter):
+    """A full disk is the command's one ``error:`` line: a library's record of it (DVC
+    logs a failed cache transfer with its traceback) is dropped, and the package's own
+    records keep their message without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from housing.io import is_disk_full
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not is_disk_full(exc):
+            return True
+        if not record.name.startswith("housing"):
+            return False
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
 def configure_logging(verbosity: int) -> None:
     """Messages only, to stderr (INFO; -q WARNING; -v DEBUG). Called by entry points only."""
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    if verbosity <= 0:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_NoDiskFullTraceback())
     # MLflow configures its own loggers when imported (later, lazily): set them via env.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbosity > 0 else "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -53,13 +73,34 @@ def error_line(message: str) -> None:
 def report_error(exc: BaseException) -> int:
     """Print the one line for ``exc`` and return the exit code it maps to.
 
-    A :class:`HousingError` gives its message and ``exit_code``; Ctrl-C gives
-    ``error: interrupted`` and 130. Anything else is a bug and propagates.
+    A :class:`HousingError` gives its message and ``exit_code``; a full disk (an
+    ``OSError`` from any library) gives ``error: disk full ...: free space and rerun``
+    and 1; Ctrl-C gives ``error: interrupted`` and 130. Anything else is a bug and
+    propagates.
     """
+    from housing.io import disk_full, is_disk_full
+
     if isinstance(exc, HousingError):
         error_line(str(exc))
         return exc.exit_code
+    if is_disk_full(exc):
+        error = disk_full(_written_path(exc))
+        error_line(str(error))
+        return error.exit_code
     if isinstance(exc, KeyboardInterrupt):
         error_line("interrupted")
         return INTERRUPTED
     raise exc
+
+
+def _written_path(exc: BaseException) -> str | None:
+    """The file a failed write was writing (a copy's destination), from ``exc`` or the
+    ``OSError`` it wraps."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and (seen.filename2 or seen.filename):
+            return str(seen.filename2 or seen.filename)
+        seen = seen.__cause__ or seen.__context__
+    return None

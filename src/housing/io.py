@@ -2,13 +2,14 @@
 
 Every output is written to a temporary file in its directory, fsynced and renamed into
 place: a failing stage never leaves a half-written file and the previous version
-survives. Also the package's one sha256, one inter-process file lock and one way to
-read what a short command printed.
+survives; a full disk is one :class:`DiskFullError` naming the file. Also the package's
+one sha256, one inter-process file lock and one way to read what a short command printed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -18,24 +19,55 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from housing.errors import ArtifactError
+from housing.errors import ArtifactError, HousingError
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+#: errno values that mean "no room to write": the disk (or the quota) is full.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class DiskFullError(HousingError, OSError):
+    """No space left writing a file; nothing half-written was left behind (an ``OSError``
+    too, so handlers of write errors still catch it)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the error it wraps) is a full disk or quota."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # an SDK may wrap the OSError (raise ... from, or as __context__)
+        if seen is None:
+            return False
+        if isinstance(seen, DiskFullError) or (
+            isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def disk_full(path: str | os.PathLike[str] | None) -> DiskFullError:
+    """The one-line error for a full disk while writing ``path`` (shown relative to the
+    current directory when inside it)."""
+    where = f" writing {relpath(path, Path.cwd())}" if path else ""
+    return DiskFullError(f"disk full{where}: free space and rerun")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; fsync and rename it onto ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is untouched.
+    On any exception the temporary file is removed and ``path`` is untouched; a full
+    disk raises :class:`DiskFullError` naming ``path``.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-    # O_EXCL with mode 0o666 honours the umask (mkstemp would make every output 0600).
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL with mode 0o666 honours the umask (mkstemp would make every output 0600).
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -43,8 +75,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         finally:
             os.close(fd)
         tmp.replace(target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full(target) from None
         raise
 
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TextIO, runtime
 
 from housing import http
 from housing.errors import ConfigError
+from housing.io import DiskFullError, disk_full, is_disk_full
 
 if TYPE_CHECKING:
     from housing.config import NotificationSettings
@@ -127,21 +128,32 @@ def _locked_append(path: Path, data: bytes, *, fsync: bool = False) -> None:
     """Append ``data`` with one ``os.write`` on an O_APPEND fd under an exclusive flock.
 
     Not :func:`housing.io.file_lock` (``filelock``): ~30 us a line against ~550 us. A
-    newline is prepended when the file does not end with one (a writer died mid-line).
+    newline is prepended when the file does not end with one (a writer killed mid-line).
+    The line is whole or absent: when a write fails (disk full), the file is cut back to
+    its previous size, still locked, and :class:`housing.io.DiskFullError` (or the
+    ``OSError``) is raised.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise disk_full(path) if is_disk_full(exc) else exc from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
         try:
-            size = os.fstat(fd).st_size
             if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data
             written = os.write(fd, data)
-            while written < len(data):  # a short write (disk full, signal): finish it locked
+            while written < len(data):  # a short write (signal): finish it locked
                 written += os.write(fd, data[written:])
             if fsync:
                 os.fsync(fd)
+        except BaseException as exc:
+            os.ftruncate(fd, size)  # never leave a torn line for the next writer
+            if is_disk_full(exc):
+                raise disk_full(path) from None
+            raise
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
@@ -271,7 +283,9 @@ def track_stage(
         try:
             events.append(failed)
         except OSError as log_exc:  # keep the original exception as the one raised
-            logger.warning("could not record failure of stage %r: %s", stage, log_exc)
+            # A full disk is the stage's own error line already; anything else is news.
+            level = logging.DEBUG if isinstance(log_exc, DiskFullError) else logging.WARNING
+            logger.log(level, "could not record failure of stage %r: %s", stage, log_exc)
         _safe_notify(notifier, failed)
         raise
     _safe_notify(notifier, events.append(final("succeeded")))
