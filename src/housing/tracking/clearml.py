@@ -120,12 +120,18 @@ def resolve_mode(
     reason = server_problem(settings, env, timeout)
     if reason is None:
         return "online", f"server {settings.server.api_host} answered"
-    # No credentials is the normal offline-first case (debug); no server answering is info.
-    _log_once(
-        f"ClearML offline ({reason}); sessions go to {settings.offline_dir}",
-        logging.DEBUG if reason.endswith(_NOT_SET) else logging.INFO,
-    )
+    if reason.endswith(_NOT_SET):  # no credentials: the normal offline-first case
+        _log_once(
+            f"ClearML offline ({reason}); sessions go to {settings.offline_dir}", logging.DEBUG
+        )
+    else:  # credentials set: a server is meant to be used, say once it is not
+        _log_once(offline_line(reason), logging.WARNING)
     return "offline", reason
+
+
+def offline_line(reason: str) -> str:
+    """The one warning line of a stage that records offline because the server failed."""
+    return f"clearml: {reason}; recording offline, `housing clearml sync` later"
 
 
 def server_problem(
@@ -284,14 +290,14 @@ class ClearMLTracker:
             problem = server_problem(self.settings) if mode == "online" else None
             if problem is not None:
                 mode, reason = "offline", problem
-                logger.warning("ClearML online requested but %s; recording offline", problem)
+                logger.warning("%s", offline_line(f"online requested but {problem}"))
         started = time.perf_counter()
         try:
             self._task = self._open(run, mode)
         except Exception as exc:
             if mode != "online":
                 raise ClearMLError(f"ClearML could not open an offline task: {exc}") from exc
-            logger.warning("ClearML online task failed (%s); recording offline", first_line(exc))
+            logger.warning("%s", offline_line(f"online task failed ({first_line(exc)})"))
             mode, reason = "offline", f"online init failed: {first_line(exc)}"
             try:
                 self._task = self._open(run, mode)

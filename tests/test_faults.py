@@ -1,0 +1,261 @@
+"""Faults, as an operator meets them: a dead or silent ClearML server, a full disk.
+
+Each test asserts the time bound, the one line the user sees and that nothing was lost.
+Disk-full tests use a real size-limited tmpfs (skipped with the reason where mounting is
+not permitted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from housing.config import ClearMLSettings
+from housing.doctor import diagnose
+from housing.io import DiskFullError, file_md5, write_json
+from housing.monitoring import EventLog, read_events
+from housing.scratch import make_scratch_repo
+from housing.tracking import offline
+from housing.tracking.base import StageRun
+from housing.tracking.clearml import ClearMLTracker
+from tests.helpers import run_tool
+
+KEYS = {"CLEARML_API_ACCESS_KEY": "fault-access", "CLEARML_API_SECRET_KEY": "fault-SECRET-9c1"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """An API host that accepts TCP connections and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@contextlib.contextmanager
+def refusing_server() -> Iterator[str]:
+    """An API host with nothing listening (connection refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+
+
+BLACK_HOLES = {"silent": silent_server, "refused": refusing_server}
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted on ``folder`` (skip when mounting is not allowed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a {size} tmpfs here: {mounted.stderr.strip() or 'not root'}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path, leave: int = 0) -> Path:
+    """Fill ``folder``'s filesystem, then free ``leave`` bytes; returns the filler file."""
+    filler = folder / "filler.bin"
+    chunk = b"\0" * 65536
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    with contextlib.suppress(OSError):
+        while os.write(fd, chunk):
+            pass
+    os.close(fd)
+    if leave:
+        os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+def clearml_settings(root: Path, api_host: str) -> ClearMLSettings:
+    return ClearMLSettings.model_validate(
+        {"mode": "auto", "offline_dir": ".clearml", "server": {"api_host": api_host},
+         "connect_timeout_sec": 1.0},
+        context={"root": root},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def clearml_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith(("CLEARML_", "TRAINS_"))]:
+        monkeypatch.delenv(key)
+    for key, value in KEYS.items():
+        monkeypatch.setenv(key, value)
+
+
+# --------------------------------------------------------------------------- ClearML
+
+
+@pytest.mark.parametrize("kind", sorted(BLACK_HOLES))
+@pytest.mark.usefixtures("clearml_keys")
+def test_a_stage_with_an_unreachable_clearml_server_records_offline_within_seconds(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="housing")
+    with BLACK_HOLES[kind]() as api_host:
+        settings = clearml_settings(tmp_path, api_host)
+        started = time.monotonic()
+        with ClearMLTracker(settings, run=StageRun("prepare", "prepare", "run-f1")) as tracker:
+            tracker.log_metrics({"data/rows": 200.0})
+        elapsed = time.monotonic() - started
+    assert elapsed < 5  # one 1 s ping, the offline task opened and closed
+    assert tracker.mode == "offline"
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"clearml: {api_host}/debug.ping not reachable")
+    assert lines[0].endswith("; recording offline, `housing clearml sync` later")
+    assert KEYS["CLEARML_API_SECRET_KEY"] not in lines[0]
+    (session,) = offline.list_sessions(settings.offline_dir)
+    assert session.closed and offline.read_scalars(session) == {"data/rows": 200.0}
+
+
+def closed_session(offline_dir: Path) -> dict[Path, bytes]:
+    """A closed offline session waiting for a sync; its files' bytes."""
+    session = offline_dir / "offline" / "offline-0123abcd"
+    session.mkdir(parents=True)
+    (session / "task.json").write_text('{"id": "offline-0123abcd", "name": "housing:prepare"}')
+    shutil.make_archive(str(session), "zip", session)
+    return session_files(offline_dir)
+
+
+def session_files(offline_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in (offline_dir / "offline").rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", sorted(BLACK_HOLES))
+def test_sync_and_doctor_against_an_unreachable_server_answer_within_the_timeout(
+    tmp_path: Path, kind: str
+) -> None:
+    with BLACK_HOLES[kind]() as api_host:
+        settings = clearml_settings(tmp_path, api_host)
+        kept = closed_session(settings.offline_dir)
+        started = time.monotonic()
+        with pytest.raises(offline.SyncError) as excinfo:
+            offline.sync(settings, env=KEYS)
+        synced = time.monotonic() - started
+        started = time.monotonic()
+        checks = diagnose(KEYS, settings, tracking_backends=["clearml"], mlflow_uri="")
+        diagnosed = time.monotonic() - started
+    assert synced < 3 and diagnosed < 5  # a 1 s timeout (doctor: 2.5 x at most), plus slack
+    assert str(excinfo.value).startswith(f"ClearML server unavailable: {api_host}")
+    assert str(excinfo.value).endswith(
+        "1 session(s) wait in " + str(settings.offline_dir / "offline")
+    )
+    assert {c.name: c.status for c in checks}["clearml server"] == "fail"
+    assert session_files(settings.offline_dir) == kept
+
+
+@pytest.mark.slow
+def test_sync_and_doctor_commands_against_a_silent_server(tmp_path: Path) -> None:
+    offline_dir = tmp_path / ".clearml"
+    kept = closed_session(offline_dir)
+    env = {**KEYS, "HOUSING_CONFIG_DIR": str(Path(__file__).parents[1] / "conf")}
+    with silent_server() as api_host:
+        overrides = (f"clearml.server.api_host={api_host}", "clearml.connect_timeout_sec=1")
+        started = time.monotonic()
+        sync = run_tool("housing", tmp_path, "clearml", "sync", *overrides, env=env, timeout=60)
+        doctor = run_tool("housing", tmp_path, "doctor", *overrides, env=env, timeout=60)
+        elapsed = time.monotonic() - started
+    # Two commands, each: the interpreter's start-up (2-4 s on a loaded 2-core box) + ~1 s.
+    assert elapsed < 15
+    assert sync.returncode == 5 and doctor.returncode == 1
+    (line,) = sync.stderr.strip().splitlines()
+    assert line.startswith(f"error: ClearML server unavailable: {api_host}/debug.ping")
+    assert "[FAIL] clearml server" in doctor.stdout
+    for done in (sync, doctor):
+        assert "Traceback" not in done.stderr + done.stdout
+        assert KEYS["CLEARML_API_SECRET_KEY"] not in done.stderr + done.stdout
+    assert session_files(offline_dir) == kept
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+def test_an_events_append_on_a_full_disk_is_whole_or_absent(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        log = EventLog(disk / "metrics" / "pipeline_events.jsonl")
+        log.append({"run_id": "r1", "stage": "prepare", "status": "started"})
+        before = log.path.read_bytes()
+        filler = fill(disk)
+        big = {"run_id": "r1", "stage": "prepare", "status": "succeeded", "pad": "x" * 20000}
+        with pytest.raises(DiskFullError) as excinfo:
+            log.append(big)
+        assert str(excinfo.value) == f"disk full writing {log.path}: free space and rerun"
+        assert log.path.read_bytes() == before  # cut back: no torn line
+        with pytest.raises(DiskFullError):  # an atomic write leaves no temp file behind
+            write_json(disk / "metrics" / "train_ridge.json", {"pad": "y" * 20000})
+        assert sorted(p.name for p in log.path.parent.iterdir()) == ["pipeline_events.jsonl"]
+        filler.unlink()
+        log.append(big)
+        assert [e["status"] for e in read_events(log.path)] == ["started", "succeeded"]
+
+
+def test_a_torn_tail_is_skipped_with_one_line_and_the_next_append_is_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = EventLog(tmp_path / "pipeline_events.jsonl")
+    log.append({"run_id": "r1", "stage": "prepare", "status": "started"})
+    with log.path.open("ab") as fh:  # a writer killed mid-line
+        fh.write(b'{"run_id":"r1","stage":"prepare","sta')
+    caplog.set_level(logging.WARNING, logger="housing.monitoring")
+    assert [e["status"] for e in log.read()] == ["started"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipping truncated last line of {log.path}"
+    ]
+    log.append({"run_id": "r1", "stage": "prepare", "status": "succeeded"})
+    assert [e["status"] for e in log.read()] == ["started", "succeeded"]
+
+
+@pytest.mark.slow
+def test_a_stage_on_a_full_disk_says_so_in_one_line_and_the_next_run_completes(
+    tmp_path: Path,
+) -> None:
+    with tmpfs(tmp_path / "disk", "6m") as disk:
+        repo = make_scratch_repo(disk / "repo", defaults={"data": "synthetic", "tracking": "none"})
+        args = ("prepare", "data.n_rows=2000")
+        first = run_tool("housing", repo, *args, timeout=120)
+        assert first.returncode == 0, first.stderr
+        outputs = [repo / "data/raw/housing.csv", repo / "data/processed/train.csv",
+                   repo / "metrics/data_fingerprint.json"]  # fmt: skip
+        kept = {p: file_md5(p) for p in outputs}
+        filler = fill(disk, leave=64 * 1024)  # room for the events, not for the table
+
+        full = run_tool("housing", repo, *args, "prepare.random_state=7", timeout=120)
+        assert full.returncode == 1
+        assert full.stderr.strip().splitlines()[-1] == (
+            "error: disk full writing data/raw/housing.csv: free space and rerun"
+        )
+        assert "Traceback" not in full.stderr + full.stdout
+        assert {p: file_md5(p) for p in outputs} == kept
+        assert not list(repo.rglob(".*.tmp"))
+        events_text = (repo / "metrics/pipeline_events.jsonl").read_text()
+        statuses = [json.loads(line)["status"] for line in events_text.splitlines()]
+        assert statuses == ["started", "succeeded", "started", "failed"]
+
+        filler.unlink()
+        again = run_tool("housing", repo, *args, "prepare.random_state=7", timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert file_md5(outputs[0]) == kept[outputs[0]]  # same data, new split
+        assert file_md5(outputs[1]) != kept[outputs[1]]
