@@ -14,6 +14,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,3 +261,32 @@ def test_a_stage_on_a_full_disk_says_so_in_one_line_and_the_next_run_completes(
         assert again.returncode == 0, again.stderr
         assert file_md5(outputs[0]) == kept[outputs[0]]  # same data, new split
         assert file_md5(outputs[1]) != kept[outputs[1]]
+
+
+def test_a_full_disk_reaches_the_console_as_one_line_without_traceback() -> None:
+    # A library's record of the failure (DVC logs a failed cache transfer with its
+    # traceback) is dropped, ours keep the message only, other tracebacks stay.
+    code = textwrap.dedent(
+        """
+        import logging, sqlite3
+        from housing.entry import configure_logging, report_error
+        configure_logging(0)
+        full = OSError(28, "No space left on device", "a.csv", None, ".dvc/cache/x.tmp")
+        logging.getLogger("dvc_data.hashfile.transfer").error("transfer", exc_info=full)
+        logging.getLogger("housing.repro").error("ours", exc_info=full)
+        sql = sqlite3.OperationalError("database or disk is full")
+        logging.getLogger("mlflow.store.db.utils").error("sql", exc_info=sql)
+        logging.getLogger("housing.x").error("bug", exc_info=ValueError("kept"))
+        print("exit", report_error(full))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == "ours"
+    assert lines[1] == "bug" and "ValueError: kept" in done.stderr  # not a disk-full error
+    assert lines[-1] == "error: disk full writing .dvc/cache/x.tmp: free space and rerun"
+    assert "No space left" not in done.stderr and "OperationalError" not in done.stderr
+    assert "transfer" not in done.stderr and "sql" not in done.stderr
+    assert done.stdout.strip() == "exit 1"

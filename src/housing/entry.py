@@ -54,6 +54,8 @@ def configure_logging(verbosity: int) -> None:
     if verbosity <= 0:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_NoDiskFullTraceback())
+        # MLflow's own handler prints its SQL store errors with the traceback.
+        logging.getLogger("mlflow.store.db.utils").addFilter(_NoDiskFullTraceback())
     # MLflow configures its own loggers when imported (later, lazily): set them via env.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbosity > 0 else "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 #: errno values that mean "no room to write": the disk (or the quota) is full.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_SQLITE_FULL = "database or disk is full"
 
 
 class DiskFullError(HousingError, OSError):
@@ -35,7 +36,8 @@ class DiskFullError(HousingError, OSError):
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (or the error it wraps) is a full disk or quota."""
+    """Whether ``exc`` (or the error it wraps) is a full disk or quota (an ``OSError``, or
+    SQLite's ``database or disk is full``)."""
     seen: BaseException | None = exc
     for _ in range(5):  # an SDK may wrap the OSError (raise ... from, or as __context__)
         if seen is None:
@@ -43,6 +45,8 @@ def is_disk_full(exc: BaseException) -> bool:
         if isinstance(seen, DiskFullError) or (
             isinstance(seen, OSError) and seen.errno in DISK_FULL_ERRNOS
         ):
+            return True
+        if type(seen).__name__ == "OperationalError" and _SQLITE_FULL in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
