@@ -390,8 +390,10 @@ def _check_credentials(state: _ServerState, source: str) -> Check:
             + (f": {message})" if message else ")"),
             create,
         )
+    # A server that answers debug.ping but not its API cannot be used: unless offline on
+    # purpose, that is a failure (the stages would record offline).
     return check(
-        "warn",
+        "warn" if state.mode == "offline" else "fail",
         f"{who} present; auth.login did not confirm them ({reply.why})",
         "retry; check the API server log: docker compose logs apiserver",
     )

@@ -290,7 +290,8 @@ def test_wrong_credentials_stop_the_sync(settings: ClearMLSettings, model_file: 
         assert time.perf_counter() - started < 15
         assert server.endpoints() == ["debug.ping", "auth.login"]
     message = str(excinfo.value)
-    assert "LoginError" in message and "0 imported, 2 left for the next sync" in message
+    assert "auth.login refused the credentials (HTTP 401)" in message
+    assert "nothing imported; 2 session(s) wait" in message
     assert SECRET not in message and "\n" not in message
     assert not (settings.offline_dir / offline.IMPORTED_FILE).exists()
 

@@ -192,7 +192,7 @@ def test_resolve_mode(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         alive = make_settings(tmp_path, mode="auto", server={"api_host": server.api_host})
         assert resolve_mode(alive, env=keys) == ("online", f"server {server.api_host} answered")
         assert resolve_mode(alive, env={})[0] == "offline"  # no credentials: never online
-        assert server.endpoints() == ["debug.ping"]
+        assert server.endpoints() == ["debug.ping", "auth.login"]  # the keys are checked too
 
 
 def test_tracker_satisfies_the_protocol(tmp_path: Path) -> None:

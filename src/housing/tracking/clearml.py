@@ -57,6 +57,7 @@ from housing.tracking.offline import (
     comment_json,
     list_sessions,
     locked_json,
+    login,
     ping,
     read_json_file,
     read_models,
@@ -137,15 +138,18 @@ def offline_line(reason: str) -> str:
 def server_problem(
     settings: ClearMLSettings, env: Mapping[str, str] | None = None, timeout: float | None = None
 ) -> str | None:
-    """Why the server cannot be used: credential variables not set, or ``debug.ping`` not
-    answering within ``timeout`` (default ``connect_timeout_sec``); ``None`` when it can."""
+    """Why the server cannot be used: credential variables not set, or ``debug.ping`` or
+    ``auth.login`` (the keys) not answering within ``timeout`` each (default
+    ``connect_timeout_sec``); ``None`` when it can."""
     env = os.environ if env is None else env
     auth = settings.auth
     missing = [n for n in (auth.access_key_env, auth.secret_key_env) if not env.get(n)]
     if missing:
         return " and ".join(missing) + _NOT_SET
     timeout = settings.connect_timeout_sec if timeout is None else timeout
-    return ping(settings.server.api_host, timeout)
+    host = settings.server.api_host
+    keys = (env[auth.access_key_env], env[auth.secret_key_env])
+    return ping(host, timeout) or login(host, *keys, timeout)
 
 
 def _log_once(message: str, level: int) -> None:

@@ -16,6 +16,7 @@ JSON. Ledgers are written atomically under an exclusive lock (``housing.io.file_
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -137,6 +138,30 @@ def ping(api_host: str, timeout: float) -> str | None:
         return f"{url} not reachable ({_reason(exc.reason)})"
     except (OSError, ValueError) as exc:
         return f"{url} not reachable ({_reason(exc)})"
+    return None if status == 200 else f"{url} answered HTTP {status}"
+
+
+def login(api_host: str, access_key: str, secret_key: str, timeout: float) -> str | None:
+    """``None`` when ``<api_host>/auth.login`` accepts the keys within ``timeout``, else why
+    not: a server that answers ``debug.ping`` but not its API would otherwise hold the SDK
+    in its own (10 s read, retried) timeouts."""
+    url = f"{api_host.rstrip('/')}/auth.login"
+    token = base64.b64encode(f"{access_key}:{secret_key}".encode()).decode("ascii")
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status = int(response.status)
+    except urllib.error.HTTPError as exc:
+        refused = exc.code in (401, 403)
+        return (
+            f"{url} refused the credentials (HTTP {exc.code})"
+            if refused
+            else (f"{url} answered HTTP {exc.code}")
+        )
+    except urllib.error.URLError as exc:
+        return f"{url} not answering ({_reason(exc.reason)})"
+    except (OSError, ValueError) as exc:
+        return f"{url} not answering ({_reason(exc)})"
     return None if status == 200 else f"{url} answered HTTP {status}"
 
 
@@ -510,6 +535,11 @@ def sync(settings: ClearMLSettings, *, env: Mapping[str, str] | None = None) -> 
             problem = ping(report.api_host, settings.connect_timeout_sec)
             if problem is not None:
                 raise SyncError(f"ClearML server unavailable: {problem}; {waiting}")
+            problem = login(
+                report.api_host, env[keys[0]], env[keys[1]], settings.connect_timeout_sec
+            )
+            if problem is not None:
+                raise SyncError(f"ClearML sync: {problem}; {waiting}")
             child_env = _child_env(env, offline_dir, settings.server)
             child_env["CLEARML_API_ACCESS_KEY"] = env[keys[0]]
             child_env["CLEARML_API_SECRET_KEY"] = env[keys[1]]
