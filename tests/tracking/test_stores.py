@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -166,3 +168,23 @@ def test_a_corrupt_clearml_ledger_is_refused_and_never_rewritten(
     assert index.read_text() == content
     index.write_text(json.dumps({"sessions": {}}))
     check_clearml_store(tmp_path)
+
+
+def test_a_store_left_mid_transaction_by_a_killed_writer_is_not_refused(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as conn:
+        for table in ("experiments", "runs", "metrics", "params", "tags"):
+            conn.execute(f"CREATE TABLE {table} (value)")
+    conn.close()
+    writer = (
+        "import os, sqlite3; c = sqlite3.connect('mlflow.db', isolation_level=None); "
+        "c.execute('PRAGMA cache_size=1'); c.execute('BEGIN'); "
+        "[c.execute('INSERT INTO runs VALUES (randomblob(10000))') for _ in range(100)]; "
+        "os._exit(9)"
+    )
+    subprocess.run([sys.executable, "-c", writer], cwd=tmp_path, check=False, timeout=60)
+    assert (tmp_path / "mlflow.db-journal").stat().st_size > 0  # a hot journal
+    assert mlflow_store_problem(URI, tmp_path) is None  # MLflow's next open rolls it back
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+    conn.close()

@@ -103,6 +103,8 @@ def mlflow_store_problem(tracking_uri: str, root: Path) -> str | None:
         return _refuse(db, f"unreadable ({_why(exc)})")
     if not header.startswith(_SQLITE_MAGIC):
         return _refuse(db, "not an SQLite database")
+    if _hot_journal(db):
+        return None  # a writer was killed mid-transaction: the next open rolls it back
     expected = _header_size(header)
     if expected is not None and size < expected:
         return _refuse(db, f"truncated ({size} of {expected} bytes)")
@@ -153,6 +155,16 @@ def _history(db: Path) -> list[str]:
     if parents.is_file():
         found.append(parents.name)
     return found
+
+
+def _hot_journal(db: Path) -> bool:
+    """A rollback journal left by a writer killed mid-transaction (a read-only open cannot
+    roll it back, and the database may be mid-change until MLflow's next open does)."""
+    journal = db.with_name(db.name + "-journal")
+    try:
+        return journal.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _any(items: Iterable[object]) -> bool:
