@@ -92,6 +92,8 @@ def ping_only_server() -> Iterator[str]:
 
 
 BLACK_HOLES = {"silent": silent_server, "refused": refusing_server, "ping-only": ping_only_server}
+#: The kinds as parameters; ping-only waits out two timeouts (~3.5 s on a loaded box): slow.
+KINDS = [pytest.param(k, marks=[pytest.mark.slow] if k == "ping-only" else []) for k in BLACK_HOLES]
 
 
 @contextlib.contextmanager
@@ -145,7 +147,7 @@ def clearml_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- ClearML
 
 
-@pytest.mark.parametrize("kind", sorted(BLACK_HOLES))
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.usefixtures("clearml_keys")
 def test_a_stage_with_an_unreachable_clearml_server_records_offline_within_seconds(
     tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
@@ -182,7 +184,7 @@ def session_files(offline_dir: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in (offline_dir / "offline").rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("kind", sorted(BLACK_HOLES))
+@pytest.mark.parametrize("kind", KINDS)
 def test_sync_and_doctor_against_an_unreachable_server_answer_within_the_timeout(
     tmp_path: Path, kind: str
 ) -> None:
