@@ -68,25 +68,13 @@ def build_trackers(settings: Settings) -> list[Tracker]:
     Local stores are resolved against the repository (:func:`housing.runs.store_root`),
     so a DVC experiment's temporary copy records into the repository's own stores.
     """
-    from housing.runs import store_root
-
-    root = store_root(settings.root)
     trackers: list[Tracker] = []
     for backend in settings.tracking:
         try:
-            if backend == "mlflow":
-                from housing.tracking.mlflow import MLflowTracker
+            if backend == "mlflow":  # a server falls back to the local spool
+                from housing.tracking.mlflow_spool import open_tracker
 
-                cfg = settings.mlflow
-                trackers.append(
-                    MLflowTracker(
-                        tracking_uri=cfg.tracking_uri,
-                        experiment=cfg.experiment,
-                        registry_uri=cfg.registry_uri,
-                        champion_alias=settings.registry.champion_alias,
-                        root=root,
-                    )
-                )
+                trackers.append(open_tracker(settings))
             elif backend == "clearml":
                 from housing.tracking.clearml import ClearMLTracker
 
