@@ -328,3 +328,30 @@ def test_server_killed_mid_run_then_sync_replays_each_run_once(
         assert len(again) == len(replayed)
     finally:
         stop(proc)
+
+
+@pytest.mark.parametrize(("status", "reachable"), [(200, True), (403, True), (404, False)])
+def test_probe_counts_an_answer_but_not_a_missing_health_endpoint(
+    status: int, reachable: bool
+) -> None:
+    """A refusing auth proxy is a server; a 404 on /health is no MLflow server."""
+    import http.server
+    import threading
+
+    from housing.tracking.mlflow import probe
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            return
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            reason = probe(f"http://127.0.0.1:{server.server_address[1]}", 2)
+        finally:
+            server.shutdown()
+    assert (reason is None) is reachable, reason

@@ -223,7 +223,8 @@ def unreachable(exc: BaseException) -> str | None:
 
 def probe(uri: str, timeout_sec: float) -> str | None:
     """None when ``uri`` (http/https) answers ``GET /health`` within ``timeout_sec``
-    (any HTTP status below 500 counts), else the reason it is unreachable."""
+    (any HTTP status below 500 but 404 counts: an MLflow server always has the
+    endpoint, an auth proxy may refuse it), else the reason it is unreachable."""
     import urllib.error
     import urllib.request
 
@@ -231,6 +232,8 @@ def probe(uri: str, timeout_sec: float) -> str | None:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_sec):
             return None
     except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return "HTTP 404 on /health: no MLflow server there"
         return None if exc.code < 500 else f"HTTP {exc.code}"
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
