@@ -49,14 +49,14 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def start_server(base: Path, port: int) -> subprocess.Popen[bytes]:
+def start_server(base: Path, port: int, *, wait: bool = True) -> subprocess.Popen[bytes]:
     """Start ``mlflow server`` on 127.0.0.1:``port`` (sqlite backend and proxied artifacts
-    in ``base``, reused by a restart); return once it is healthy."""
+    in ``base``, reused by a restart); return once it is healthy (``wait``, else at once:
+    then :func:`wait_healthy`)."""
     executable = Path(sys.executable).parent / "mlflow"
     if not executable.exists():
         pytest.skip(f"mlflow CLI not found next to {sys.executable}")
     base.mkdir(parents=True, exist_ok=True)
-    uri = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     # No background job runner (a pool of huey consumer processes, unused here): it
     # slows start and stop a lot on a 2-core machine.
@@ -84,6 +84,15 @@ def start_server(base: Path, port: int) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    if wait:
+        wait_healthy(proc, base, port)
+    return proc
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], base: Path, port: int) -> None:
+    """Wait until the server started by :func:`start_server` answers ``/health``."""
+    uri = f"http://127.0.0.1:{port}"
+    log_path = base / "server.log"
     started = time.monotonic()
     while not _healthy(uri):
         if proc.poll() is not None:
@@ -95,7 +104,6 @@ def start_server(base: Path, port: int) -> subprocess.Popen[bytes]:
             pytest.fail(f"mlflow server not healthy after {SERVER_START_TIMEOUT_SEC}s:\n{tail}")
         time.sleep(0.25)
     sys.stderr.write(f"\nmlflow server healthy after {time.monotonic() - started:.1f}s\n")
-    return proc
 
 
 @pytest.fixture(scope="session")

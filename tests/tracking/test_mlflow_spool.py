@@ -29,7 +29,7 @@ from housing.tracking.mlflow import MLflowTracker, load_registered_model
 from housing.tracking.mlflow_spool import TAG_PARTIAL, TAG_SOURCE, TAG_SYNCED, TAG_TARGET
 
 from ..conftest import CONF
-from .conftest import free_port, start_server, stop
+from .conftest import free_port, start_server, stop, wait_healthy
 
 #: Added time per stage allowed with a dead or silent server (the issue's figure).
 ADDED_LIMIT_SEC = 5.0
@@ -253,6 +253,8 @@ def test_server_killed_mid_run_then_sync_replays_each_run_once(
         baseline = _timed("train", _settings(*online, "model=linear_regression"))
         _kill_at_first("register_model", proc, monkeypatch)  # mid-stage
         killed = _timed("train", _settings(*online, "model=ridge"))
+        stop(proc)
+        proc = start_server(store, port, wait=False)  # back on its store; boots meanwhile
         _timed("select_best", _settings(*online))
         _timed("evaluate", _settings(*online))
         assert killed - baseline < ADDED_LIMIT_SEC, (killed, baseline)
@@ -268,8 +270,7 @@ def test_server_killed_mid_run_then_sync_replays_each_run_once(
         monkeypatch.setenv("HOUSING_CONFIG_DIR", str(CONF))
         monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         bound_mlflow_http()
-        stop(proc)
-        proc = start_server(store, port)
+        wait_healthy(proc, store, port)
         capsys.readouterr()
         assert main(["mlflow", "sync", *BASE, *online]) == 0
         out = capsys.readouterr().out.strip().splitlines()
@@ -303,7 +304,8 @@ def test_server_killed_mid_run_then_sync_replays_each_run_once(
         all_stages = server.search_runs(
             [experiment.experiment_id], filter_string="tags.\"housing.run_type\" = 'stage'"
         )
-        assert len({r.data.tags["mlflow.parentRunId"] for r in all_stages}) == 1
+        (parent_id,) = {r.data.tags["mlflow.parentRunId"] for r in all_stages}
+        assert server.get_run(parent_id).info.status == "FINISHED"  # reopened, then spooled
         partial = server.get_run(spooled["train_ridge"].data.tags[TAG_PARTIAL])
         assert partial.info.status == "KILLED"
         assert partial.data.tags["housing.superseded_by"] in {r.info.run_id for r in stage_copies}

@@ -28,6 +28,7 @@ from housing.tracking.mlflow import (
     TAG_PIPELINE_RUN_ID,
     TAG_RUN_TYPE,
     MLflowTracker,
+    close_orphans,
     probe,
     unreachable,
 )
@@ -179,6 +180,9 @@ class SpoolingTracker(MLflowTracker):
             else a
             for a in args
         )
+        if name == "finish_pipeline":
+            self._spool_finish_pipeline(str(args[0]), str(args[1]))
+            return None
         result = getattr(self._active, name)(*mapped)
         if name == "start":
             self._tag_spooled()
@@ -256,8 +260,16 @@ class SpoolingTracker(MLflowTracker):
         self._call("close", status, error)
 
     def finish_pipeline(self, pipeline_run_id: str, status: str) -> None:
-        """Close the pipeline's parent run on the server, or in the spool."""
+        """Close the pipeline's parent run on the server, or in the spool (a parent is
+        made there if none, so that sync closes the server's parent the same way)."""
         self._call("finish_pipeline", pipeline_run_id, status)
+
+    def _spool_finish_pipeline(self, pipeline_run_id: str, status: str) -> None:
+        spool = self._active
+        experiment_id = spool.experiment_id = spool._ensure_experiment()
+        parent = spool._ensure_parent(experiment_id, pipeline_run_id, {})
+        spool.client.set_tag(parent, TAG_TARGET, self.target)
+        spool.finish_pipeline(pipeline_run_id, status)
 
 
 # --------------------------------------------------------------------------- sync
@@ -270,6 +282,7 @@ class SyncResult:
     target: str
     replayed: list[str] = field(default_factory=list)
     already: int = 0
+    running: int = 0  # stage runs still open in the spool: replayed by a later sync
     left: int = 0
     decisions: list[str] = field(default_factory=list)
     error: str | None = None
@@ -285,11 +298,13 @@ class SyncResult:
             return f"mlflow sync: {self.error}"
         if self.note:
             return f"mlflow sync: {self.note}"
-        if not self.replayed and not self.already:
+        if not self.replayed and not self.already and not self.running:
             return f"mlflow sync: nothing to sync for {self.target}"
         text = f"mlflow sync: {len(self.replayed)} run(s) replayed to {self.target}"
         if self.already:
             text += f", {self.already} already there"
+        if self.running:
+            text += f", {self.running} still running (next sync)"
         if self.decisions:
             text += "; " + "; ".join(self.decisions)
         return text
@@ -349,12 +364,16 @@ def sync(settings: Settings) -> SyncResult:
 
     with file_lock(folder / "sync.lock"):
         spool = MlflowClient(spool_uri(folder))
+        for experiment in spool.search_experiments():  # stages killed while spooling
+            close_orphans(spool, str(experiment.experiment_id))
         runs = _spooled_runs(spool, target)
         stages = [
             r
             for r in runs
             if r.data.tags.get(TAG_RUN_TYPE) == "stage" and TAG_SYNCED not in r.data.tags
         ]
+        result.running = sum(1 for r in stages if r.info.status == "RUNNING")
+        stages = [r for r in stages if r.info.status != "RUNNING"]
         wanted = {r.data.tags.get(TAG_PARENT) for r in stages}
         parents = [
             r
@@ -437,7 +456,8 @@ class _Replayer:
             if run.info.status != "RUNNING":
                 self.server.set_terminated(server_id, run.info.status, run.info.end_time)
         self.parents[run.info.run_id] = server_id
-        self.spool.set_tag(run.info.run_id, TAG_SYNCED, server_id)
+        if run.info.status != "RUNNING":  # an open pipeline run is looked at again
+            self.spool.set_tag(run.info.run_id, TAG_SYNCED, server_id)
 
     def stage(self, run: Run) -> None:
         """Replay one spooled stage run (skipped if a complete copy is on the server)."""
