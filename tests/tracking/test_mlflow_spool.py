@@ -218,6 +218,29 @@ def test_sync_with_the_server_down_fails_in_one_line_and_keeps_the_spool(
     assert TAG_SYNCED not in run.data.tags
 
 
+def _server_champion(uri: str, root: Path, name: str) -> str:
+    """Register ``name`` on the server with a cv/rmse_mean no run can beat; make it the
+    champion; return its version."""
+    from housing.io import file_sha256
+    from housing.tracking.base import ModelVersion, StageRun
+    from housing.tracking.lineage import decide_champion
+
+    path = root / "models" / "linear_regression.joblib"
+    tracker = MLflowTracker(uri, "housing", None, "champion", root=root)
+    tracker.start(StageRun("train", "seed_champion", "seed"))
+    version = ModelVersion(name, path, "LinearRegression", {"cv/rmse_mean": 0.001}, {},
+                           {"model_sha256": file_sha256(path)})  # fmt: skip
+    registered = tracker.register_model(version)
+    metric = "cv/rmse_mean"
+    decision = decide_champion(
+        name, registered.version, 0.001, None, metric=metric, greater_is_better=False,
+        min_improvement=0.0,
+    )  # fmt: skip
+    tracker.promote(decision, registered)
+    tracker.close("completed")
+    return registered.version
+
+
 def _kill_at_first(method: str, proc: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGKILL the server's process group when the stage first calls ``method``."""
     original: Callable[..., Any] = getattr(MLflowTracker, method)
@@ -251,6 +274,11 @@ def test_server_killed_mid_run_then_sync_replays_each_run_once(
         online = [candidates, f"mlflow.tracking_uri={uri}"]
         _timed("prepare", _settings(*online))
         baseline = _timed("train", _settings(*online, "model=linear_regression"))
+        better = _server_champion(uri, project, "housing-best")  # unbeatable: kept
+        # The spool exists (as after an earlier offline stage): its one-time creation,
+        # as long as a new local store's, is in the time of the tests above.
+        (project / ".mlflow-spool").mkdir()
+        _spool_client(project).search_experiments()
         _kill_at_first("register_model", proc, monkeypatch)  # mid-stage
         killed = _timed("train", _settings(*online, "model=ridge"))
         stop(proc)
@@ -275,6 +303,7 @@ def test_server_killed_mid_run_then_sync_replays_each_run_once(
         assert main(["mlflow", "sync", *BASE, *online]) == 0
         out = capsys.readouterr().out.strip().splitlines()
         assert len(out) == 1 and out[0].startswith(f"mlflow sync: 3 run(s) replayed to {uri}")
+        assert "housing-best v2: kept the champion" in out[0]
 
         server = MlflowClient(uri)
         experiment = server.get_experiment_by_name("housing")
@@ -302,7 +331,9 @@ def test_server_killed_mid_run_then_sync_replays_each_run_once(
 
         # one parent for the whole pipeline run: online stages and replayed ones
         all_stages = server.search_runs(
-            [experiment.experiment_id], filter_string="tags.\"housing.run_type\" = 'stage'"
+            [experiment.experiment_id],
+            filter_string="tags.\"housing.run_type\" = 'stage' "
+            "and tags.\"housing.pipeline_run_id\" != 'seed'",
         )
         (parent_id,) = {r.data.tags["mlflow.parentRunId"] for r in all_stages}
         assert server.get_run(parent_id).info.status == "FINISHED"  # reopened, then spooled
@@ -314,11 +345,13 @@ def test_server_killed_mid_run_then_sync_replays_each_run_once(
         copies = {r.data.tags["mlflow.runName"]: r.info.run_id for r in stage_copies}
         ridge = server.search_model_versions("name = 'housing-ridge'")
         assert copies["train_ridge"] in {v.run_id for v in ridge}
-        best = server.get_model_version_by_alias("housing-best", "champion")
-        assert best.run_id == copies["select_best"]
-        assert best.tags["champion.decision"] == "promoted"
+        # the spool had no champion and promoted; the server's better one stays
+        assert server.get_model_version_by_alias("housing-best", "champion").version == better
+        (best,) = server.search_model_versions(f"run_id = '{copies['select_best']}'")
         assert best.tags["spool.champion.decision"] == "promoted"
-        model = load_registered_model(server, "housing-best", "champion")
+        assert best.tags["champion.decision"] == "rejected"
+        assert f"does not beat v{better} " in best.tags["champion.reason"]
+        model = load_registered_model(server, "housing-best", best.version)
         assert hasattr(model, "predict")
 
         # once each: the second sync finds nothing to do
