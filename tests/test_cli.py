@@ -77,9 +77,11 @@ COMMANDS = [
     "doctor",
     "config",
     "clearml",
+    "mlflow",
+    "sync",
 ]
 #: Every invocable command path (aliases and the clearml sub-group included).
-COMMAND_PATHS = [*([c] for c in COMMANDS), ["select-best"], ["clearml", "sync"]]
+COMMAND_PATHS = [*([c] for c in COMMANDS), ["select-best"], ["clearml", "sync"], ["mlflow", "sync"]]
 #: scripts/<name>.py -> the subcommand it stands for.
 SHIMS = {
     "prepare": ["prepare"],
@@ -90,6 +92,7 @@ SHIMS = {
     "clearml_schedule": ["schedule"],
     "clearml_compare": ["compare"],
     "clearml_sync": ["clearml", "sync"],
+    "mlflow_sync": ["mlflow", "sync"],
     "report": ["report"],
 }
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import click
 
-from housing.entry import configure_logging, report_error
-from housing.errors import HousingError
+from housing.entry import bound_mlflow_http, configure_logging, report_error
+from housing.errors import HousingError, first_line
 from housing.runner import run_stage
 
 if TYPE_CHECKING:
@@ -115,11 +115,18 @@ def _configured(function: Callable[..., int]) -> Callable[..., int]:
     @_leaf
     @functools.wraps(function)
     def command(options: Globals, /, overrides: tuple[str, ...], **kwargs: Any) -> int:
-        from housing.config import load_settings
-
-        return function(load_settings(list(overrides), config_dir=options.config_dir), **kwargs)
+        return function(_settings(overrides, options.config_dir), **kwargs)
 
     return command
+
+
+def _settings(overrides: Sequence[str], config_dir: Path | None) -> Settings:
+    """The composed settings; MLflow's HTTP budget set from them (mlflow.timeout_sec)."""
+    from housing.config import load_settings
+
+    settings = load_settings(list(overrides), config_dir=config_dir)
+    bound_mlflow_http(settings.mlflow.timeout_sec, settings.mlflow.retries)
+    return settings
 
 
 def _echo(text: str = "", *, err: bool = False) -> None:
@@ -552,6 +559,44 @@ def clearml_sync(settings: Settings) -> int:
     result = sync(settings.clearml)
     _echo(result.summary())
     return 0 if result.ok else 1
+
+
+@cli.group("mlflow", cls=_OrderedGroup, short_help="MLflow utilities (sync: replay the spool).")
+def mlflow_group() -> None:
+    """MLflow utilities: `housing mlflow sync` replays runs spooled while the server was
+    unreachable."""
+
+
+@mlflow_group.command("sync", short_help="Replay spooled MLflow runs to the server.")
+@_configured
+def mlflow_sync(settings: Settings) -> int:
+    """Replay every run spooled while mlflow.tracking_uri was unreachable, once each."""
+    from housing.tracking.mlflow_spool import sync
+
+    result = sync(settings)
+    _echo(result.summary(), err=not result.ok)
+    return 0 if result.ok else 1
+
+
+@cli.command("sync", short_help="Sync both trackers: ClearML sessions, MLflow spool.")
+@_configured
+def sync_all(settings: Settings) -> int:
+    """`housing clearml sync` then `housing mlflow sync`: one line each; non-zero if
+    either failed."""
+    from housing.tracking.mlflow_spool import sync as mlflow_sync_
+    from housing.tracking.offline import sync as clearml_sync_
+
+    failed = False
+    try:
+        report = clearml_sync_(settings.clearml)
+        _echo(report.summary(), err=not report.ok)
+        failed = not report.ok
+    except HousingError as exc:
+        _echo(f"clearml sync: {first_line(exc)}", err=True)
+        failed = True
+    result = mlflow_sync_(settings)
+    _echo(result.summary(), err=not result.ok)
+    return 1 if failed or not result.ok else 0
 
 
 @clearml.command("import-sessions", hidden=True)

@@ -284,9 +284,16 @@ class TrackingSettings(_Section):
 
 
 class MLflowSettings(_Section):
+    """The ``mlflow:`` section (``spool_dir`` absolute)."""
+
     tracking_uri: Text = "sqlite:///mlflow.db"
     experiment: Text = "housing"
     registry_uri: Text | None = None  # None: same as tracking_uri
+    # A tracking server's budget: whole seconds per HTTP attempt (MLflow reads an int),
+    # retries per call; an unreachable server sends the stage's record to spool_dir.
+    timeout_sec: Annotated[StrictInt, Field(ge=1, le=600)] = 2
+    retries: Annotated[StrictInt, Field(ge=0, le=10)] = 1
+    spool_dir: ProjectPath = Path(".mlflow-spool")
 
 
 class ClearMLServer(_Section):

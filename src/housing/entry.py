@@ -59,11 +59,46 @@ def configure_logging(verbosity: int) -> None:
     # MLflow configures its own loggers when imported (later, lazily): set them via env.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbosity > 0 else "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run ... at: <url>" to stdout for each run ended on a server
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if verbosity <= 0:
         for name in ("mlflow", "mlflow.sklearn", "mlflow.utils.environment"):
             logging.getLogger(name).addFilter(_DropExpected())
         # urllib3 logs each retry at WARNING; the command reports the outcome itself
         logging.getLogger("urllib3").setLevel(logging.ERROR)
+    bound_mlflow_http()  # the defaults of mlflow.timeout_sec / retries, until settings load
+
+
+#: Records which MLflow HTTP variables housing set (``NAME=value,...``), so a later call
+#: (or a child process, which inherits both) may replace its own values, never the user's.
+_BUDGET_MARK = "HOUSING_MLFLOW_HTTP_BUDGET"
+
+
+def bound_mlflow_http(timeout_sec: int = 2, retries: int = 1) -> None:
+    """Give every MLflow HTTP call a short timeout and few retries without backoff.
+
+    MLflow 3.17 has no per-client or per-call knob: its REST client reads
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``_MAX_RETRIES`` / ``_BACKOFF_FACTOR`` /
+    ``_BACKOFF_JITTER`` from the environment at each call (defaults 120 s, 7 retries,
+    exponential backoff: minutes per call against a dead server). So they are set here,
+    at a command's start-up (entry points only), unless the user set them; child
+    processes inherit them. Called again once the settings are composed.
+    """
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_sec),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    }
+    ours = dict(
+        item.split("=", 1) for item in os.environ.get(_BUDGET_MARK, "").split(",") if "=" in item
+    )
+    for name, value in wanted.items():
+        current = os.environ.get(name)
+        if current is None or ours.get(name) == current:
+            os.environ[name] = value
+            ours[name] = value
+    os.environ[_BUDGET_MARK] = ",".join(f"{k}={v}" for k, v in ours.items())
 
 
 def error_line(message: str) -> None:

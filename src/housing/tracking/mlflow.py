@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
     from mlflow.models.model import ModelInfo
 
-__all__ = ["MLflowTracker", "load_registered_model"]
+__all__ = ["MLflowTracker", "load_registered_model", "probe", "unreachable"]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,70 @@ def _pinned_requirements() -> tuple[str, ...]:
 
 def _error_code(exc: BaseException) -> str:
     return str(getattr(exc, "error_code", ""))
+
+
+_UNREACHABLE = (
+    ("connection refused", "connection refused"),
+    ("timed out", "timed out"),
+    ("timeout", "timed out"),
+    ("max retries exceeded", "no answer"),
+    ("remotedisconnected", "connection closed"),
+    ("connection aborted", "connection closed"),
+    ("connection reset", "connection closed"),
+    ("name or service not known", "unknown host"),
+    ("failed to resolve", "unknown host"),
+    ("too many 5", "server error"),
+    ("response code 50", "server error"),
+    ("error code 50", "server error"),
+)
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """Why a tracking server could not be used (``connection refused``, ``timed out``...),
+    or None when ``exc`` is no transport failure (a refused request, a bug).
+
+    MLflow wraps ``requests`` errors in ``MlflowException`` messages (sometimes without
+    the cause), so the exception chain's types and texts are both read.
+    """
+    import requests
+
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, requests.Timeout | TimeoutError):
+            return "timed out"
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        text = str(seen).lower()
+        for needle, reason in _UNREACHABLE:
+            if needle in text:
+                return reason
+        if isinstance(seen, requests.ConnectionError | ConnectionError):
+            return "connection failed"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def probe(uri: str, timeout_sec: float) -> str | None:
+    """None when ``uri`` (http/https) answers ``GET /health`` within ``timeout_sec``
+    (any HTTP status below 500 but 404 counts: an MLflow server always has the
+    endpoint, an auth proxy may refuse it), else the reason it is unreachable."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_sec):
+            return None
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return "HTTP 404 on /health: no MLflow server there"
+        return None if exc.code < 500 else f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, BaseException):
+            return unreachable(reason) or type(reason).__name__
+        return unreachable(exc) or str(reason)
 
 
 def _unless(codes: tuple[str, ...], call: Callable[[], _T]) -> _T | None:
@@ -651,9 +715,10 @@ class MLflowTracker:
                     model_id=model_id,
                     **pin_run,
                 )
-            except Exception:
-                with suppress(Exception):
-                    self.client.finalize_logged_model(model_id, "FAILED")
+            except Exception as exc:
+                if unreachable(exc) is None:
+                    with suppress(Exception):
+                        self.client.finalize_logged_model(model_id, "FAILED")
                 raise
         if not pin_run:
             self.client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
@@ -742,9 +807,13 @@ class MLflowTracker:
         mlflow_status = _STATUS.get(status.lower())
         if mlflow_status is None:
             raise ValueError(f"unknown close status {status!r} (completed|failed|killed)")
-        try:  # the run must be terminated even if these fail
+        pending = (self._pending_params, self._pending_metrics)
+        try:  # the run must be terminated even if these fail (not if the server is gone)
             self._flush()
         except Exception as exc:
+            if unreachable(exc):
+                self._pending_params, self._pending_metrics = pending
+                raise
             log.warning("MLflow: could not record the stage's params and metrics: %s", exc)
         try:
             if self._log_lines:
@@ -753,6 +822,8 @@ class MLflowTracker:
             if error:
                 self.client.set_tag(self.run_id, "error", _one_line(error, ERROR_TAG_MAX))
         except Exception as exc:
+            if unreachable(exc):
+                raise
             log.warning("MLflow: could not record the stage log/error: %s", exc)
         self.client.set_terminated(self.run_id, mlflow_status)
         self._closed = True

@@ -74,24 +74,14 @@ def build_trackers(settings: Settings) -> list[Tracker]:
     from housing.runs import store_root
     from housing.tracking.stores import check_stores
 
-    root = store_root(settings.root)
-    check_stores(settings, root=root, offline_dir=_in_store(settings).offline_dir)
+    check_stores(settings, root=store_root(settings.root), offline_dir=_in_store(settings).offline_dir)
     trackers: list[Tracker] = []
     for backend in settings.tracking:
         try:
-            if backend == "mlflow":
-                from housing.tracking.mlflow import MLflowTracker
+            if backend == "mlflow":  # a server falls back to the local spool
+                from housing.tracking.mlflow_spool import open_tracker
 
-                cfg = settings.mlflow
-                trackers.append(
-                    MLflowTracker(
-                        tracking_uri=cfg.tracking_uri,
-                        experiment=cfg.experiment,
-                        registry_uri=cfg.registry_uri,
-                        champion_alias=settings.registry.champion_alias,
-                        root=root,
-                    )
-                )
+                trackers.append(open_tracker(settings))
             elif backend == "clearml":
                 from housing.tracking.clearml import ClearMLTracker
 
