@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from housing.errors import HousingError
+from housing.errors import HousingError, Terminated
 
 #: Library messages that are expected on every run and say nothing actionable.
 _EXPECTED_NOISE = (
@@ -54,12 +54,13 @@ def report_error(exc: BaseException) -> int:
     """Print the one line for ``exc`` and return the exit code it maps to.
 
     A :class:`HousingError` gives its message and ``exit_code``; Ctrl-C gives
-    ``error: interrupted`` and 130. Anything else is a bug and propagates.
+    ``error: interrupted`` and 130, SIGTERM ``error: terminated`` and 143. Anything else
+    is a bug and propagates.
     """
     if isinstance(exc, HousingError):
         error_line(str(exc))
         return exc.exit_code
-    if isinstance(exc, KeyboardInterrupt):
-        error_line("interrupted")
-        return INTERRUPTED
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C 130; SIGTERM (Terminated) 143
+        error_line("terminated" if isinstance(exc, Terminated) else "interrupted")
+        return int(getattr(exc, "exit_code", INTERRUPTED))
     raise exc
