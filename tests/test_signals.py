@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from housing.scratch import make_scratch_repo
+from tests.helpers import run_tool
 
 #: The bound the issue sets for every child to be gone after a signal.
 STOP_BOUND = 10.0
@@ -151,3 +152,54 @@ def test_a_signal_stops_every_process_and_records_the_run_killed(
     assert last[f"train_{SLOW_MODEL}"]["status"] == "killed"
     assert last["pipeline"]["status"] == "killed"
     assert f"train@{SLOW_MODEL}" in last["pipeline"]["stages_killed"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_stage_run_by_hand_stops_on_sigterm_and_records_it_killed(repo: Path) -> None:
+    proc = _start(repo, "train", f"model={SLOW_MODEL}")
+    stage = _wait_for_running_stage(repo, proc, f"train_{SLOW_MODEL}")
+    seconds, stderr = _stopped(proc, signal.SIGTERM, group=False)
+
+    assert proc.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "error: terminated", stderr[-2000:]
+    assert _group(proc.pid) == [] and seconds < STOP_BOUND, f"{seconds:.1f}s"
+    runs = {r.info.run_id: r for r in _runs(repo)}
+    assert runs[stage.info.run_id].info.status == "KILLED"
+    assert runs[stage.data.tags["mlflow.parentRunId"]].info.status == "KILLED"
+    run_id = stage.data.tags["housing.pipeline_run_id"]
+    last = {e["stage"]: e for e in _events(repo) if e["run_id"] == run_id}
+    assert last[f"train_{SLOW_MODEL}"]["status"] == "killed"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_stage_killed_by_sigkill_fails_the_run_and_the_next_run_closes_it(repo: Path) -> None:
+    proc = _start(repo, "repro")
+    stage = _wait_for_running_stage(repo, proc, f"train_{SLOW_MODEL}")
+    while any(r.info.status == "RUNNING" for r in _runs(repo) if r.info.run_id != stage.info.run_id
+              and r.data.tags.get("housing.run_type") == "stage"):  # fmt: skip
+        time.sleep(0.3)  # the slow stage alone: the failure names it
+    pid = int(stage.data.tags["housing.pid"])
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 1, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: stage train@{SLOW_MODEL} failed: its worker process died"
+    ), stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert time.monotonic() - t0 < STOP_BOUND
+    assert _group(proc.pid) == []
+    parent = stage.data.tags["mlflow.parentRunId"]
+    assert _client(repo).get_run(parent).info.status == "FAILED"  # the engine closed it
+
+    later = run_tool("housing", repo, "prepare", env={"HOUSING_STAGE_SERVER": "0"})
+    assert later.returncode == 0, later.stderr[-2000:]
+    closed = _client(repo).get_run(stage.info.run_id)
+    assert closed.info.status == "KILLED"
+    assert closed.data.tags["housing.close_reason"] == (
+        f"process {pid} on {closed.data.tags['housing.host']} ended without closing its run"
+    )
+    assert [r.info.run_name for r in _runs(repo) if r.info.status == "RUNNING"] == []

@@ -111,6 +111,7 @@ class StageJob:
     context: RunContext
     overrides: tuple[str, ...] = ()  # tracking-only overrides appended to the stage's
     verbosity: int = 0
+    threads: int = 0  # OpenMP/BLAS threads of the stage (its share of the cores); 0: all
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,11 @@ def run_job(job: StageJob) -> StageOutcome:
     os.chdir(job.wdir)
     configure_logging(job.verbosity)
     call = stage_call(job.cmd)
-    with stop_signals():  # Ctrl-C / SIGTERM: the stage's runs and events say killed
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+
+    # Ctrl-C / SIGTERM: the stage's runs and events say killed. Parallel stages share
+    # the cores: OpenMP (histogram boosting) oversubscribed is many times slower.
+    with stop_signals(), threadpool_limits(limits=job.threads or None):
         return _run_call(job, call, t0)
 
 
@@ -326,17 +331,18 @@ def reproduce(
     root = root.resolve()
     ctx = (context or runs.current()).owned_by_engine()
     result = ReproResult(ctx.run_id)
-    template = StageJob("", "", str(root), str(root), ctx, tuple(overrides), verbosity)
-    run = _Run(root, jobs or _default_jobs(), force, template, on_event or (lambda s, w: None))
+    jobs = jobs or _default_jobs()
+    threads = max(1, _default_jobs() // jobs)
+    template = StageJob("", "", str(root), str(root), ctx, tuple(overrides), verbosity, threads)
+    run = _Run(root, jobs, force, template, on_event or (lambda s, w: None))
     t0 = time.monotonic()
     try:
         with stop_signals():
             if force or not (root / "dvc.lock").exists():  # everything will run
                 run.start()
             _reproduce(run, result)
-            if run.pool is not None and result.named("ran"):
-                status = "completed" if result.ok else "failed"
-                run.submit(finish_job, template, status).result()
+            if run.pool is not None and (result.named("ran") or result.named("failed")):
+                _finish(run, template, "completed" if result.ok else "failed")
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             terminated = isinstance(exc, Terminated)
@@ -356,6 +362,20 @@ def reproduce(
             result.seconds = time.monotonic() - t0
             _summarise(run, result)
     return result
+
+
+def _finish(run: _Run, job: StageJob, status: str) -> None:
+    """Close the pipeline run in the trackers, in a worker (warm); here if the pool broke
+    (a worker was killed: ``kill -9``)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        run.submit(finish_job, job, status).result()
+    except BrokenProcessPool:
+        if run.settings is not None:
+            from housing.tracking.recorder import finish_pipeline
+
+            finish_pipeline(run.settings, job.context, status)
 
 
 def _close_killed(run: _Run, job: StageJob) -> None:
