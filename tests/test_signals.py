@@ -8,6 +8,7 @@ log, with a pipeline summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -78,13 +79,24 @@ def _runs(repo: Path) -> list[Any]:
 
 
 def _wait_for_running_stage(repo: Path, proc: subprocess.Popen[str], name: str) -> Any:
-    """The MLflow run of stage ``name`` once it is RUNNING (the stage is tracking)."""
+    """The MLflow run of stage ``name`` once it is RUNNING (the stage is tracking).
+
+    Polled with plain sqlite: an MLflow client here could race the stage creating the store.
+    """
+    import sqlite3
+
+    query = "SELECT run_uuid FROM runs WHERE name = ? AND status = 'RUNNING'"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"ended early: {proc.communicate()[1][-2000:]}"
-        for run in _runs(repo) if (repo / "mlflow.db").exists() else []:
-            if run.info.run_name == name and run.info.status == "RUNNING":
-                return run
+        try:
+            uri = f"file:{repo / 'mlflow.db'}?mode=ro"  # never creates the store
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
+                found = db.execute(query, (name,)).fetchall()
+        except sqlite3.Error:
+            found = []
+        if found:
+            return _client(repo).get_run(found[0][0])
         time.sleep(0.3)
     raise AssertionError(f"{name} never started")
 

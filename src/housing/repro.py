@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from housing.errors import HousingError, Terminated
-from housing.runner import STAGES, stop_signals
+from housing.runner import STAGES, stop_requested, stop_signals
 
 if TYPE_CHECKING:
     from housing.config import Settings
@@ -192,6 +192,8 @@ def _run_call(job: StageJob, call: tuple[str, list[str]] | None, t0: float) -> S
     except HousingError as exc:
         return StageOutcome(job.name, False, time.monotonic() - t0, str(exc), exc.exit_code)
     except Exception as exc:
+        if stop_requested():  # a library turned the Ctrl-C / SIGTERM into another error
+            return StageOutcome(job.name, False, time.monotonic() - t0, "interrupted", 130)
         log.exception("stage %s crashed", job.name)
         error = f"{type(exc).__name__}: {exc}"
         return StageOutcome(job.name, False, time.monotonic() - t0, error, 1)
@@ -410,6 +412,8 @@ def _reproduce(run: _Run, result: ReproResult) -> None:
                 result.stages[stage.addressing] = "not run"
             while pending or running:
                 for stage in list(pending) if result.ok else []:
+                    if len(running) >= run.jobs:  # no queued work: an interrupt leaves
+                        break  # only running stages, each in its own worker
                     upstream = list(graph.successors(stage))
                     waiting = ("not run", "running")
                     if any(result.stages.get(u.addressing) in waiting for u in upstream):
@@ -517,9 +521,16 @@ def _shutdown(pool: Any, interrupted: bool, idle: bool) -> None:
             process.kill()
             process.join(timeout=1.0)
     pool.shutdown(wait=False, cancel_futures=True)
-    _stop_helpers(resource_tracker=False)  # it ends with this process, once its
-    tracker = _helper_pid("resource_tracker")  # semaphores are released
-    descendants = [p for p in descendants if p.pid != tracker]
+    with contextlib.suppress(psutil.Error):  # and a replacement worker started meanwhile
+        descendants += psutil.Process().children(recursive=True)
+    # release the pool's semaphores now (as at exit), so the resource tracker stops
+    # with nothing to clean up and is reaped here rather than after us
+    from multiprocessing import util
+
+    with contextlib.suppress(Exception):
+        util._run_finalizers(0)  # type: ignore[attr-defined]
+    _stop_helpers()
+    descendants = list({p.pid: p for p in descendants}.values())
     _, alive = psutil.wait_procs(descendants, timeout=1.0)
     for leftover in alive:
         with contextlib.suppress(psutil.Error):
@@ -536,7 +547,7 @@ def _helper_pid(module: str) -> int | None:
     return pid if isinstance(pid, int) else None
 
 
-def _stop_helpers(*, resource_tracker: bool = True) -> None:
+def _stop_helpers() -> None:
     """Stop multiprocessing's fork server (killed: it may still be warming up) and
     resource tracker, else they outlive us briefly."""
     import importlib
@@ -546,7 +557,7 @@ def _stop_helpers(*, resource_tracker: bool = True) -> None:
     if pid:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-    for module in ("forkserver", "resource_tracker") if resource_tracker else ("forkserver",):
+    for module in ("forkserver", "resource_tracker"):
         helper = getattr(importlib.import_module(f"multiprocessing.{module}"), f"_{module}", None)
         stop = getattr(helper, "_stop", None)
         if stop is not None:

@@ -85,6 +85,11 @@ def stage_function(stage: str) -> Callable[[Any], Any]:
 _stopping = threading.Event()
 
 
+def stop_requested() -> bool:
+    """Whether this process got Ctrl-C or SIGTERM inside :func:`stop_signals`."""
+    return _stopping.is_set()
+
+
 def _raise_stop(signum: int, frame: FrameType | None) -> None:
     if _stopping.is_set():  # the first one is being handled: let the cleanup finish
         return
