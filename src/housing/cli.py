@@ -615,8 +615,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
         result = cli.main(arguments, prog_name=PROG, standalone_mode=False)
-    except click.exceptions.Abort:  # click's form of Ctrl-C
-        return report_error(KeyboardInterrupt())
+    except click.exceptions.Abort as exc:  # click's form of Ctrl-C (or SIGTERM)
+        cause = exc.__cause__
+        return report_error(cause if isinstance(cause, KeyboardInterrupt) else KeyboardInterrupt())
     except click.ClickException as exc:  # usage errors: click's message, exit 2
         exc.show()
         return exc.exit_code

@@ -138,6 +138,16 @@ class DataSettings(_Section):
         return self
 
 
+class LargeTableProfile(_Section):
+    """What a candidate runs as on a train split of more than ``train.large_table_rows``
+    rows: another estimator (its own params), or the same one with ``params`` merged in."""
+
+    estimator: Text | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    _no_params = field_validator("params", mode="before")(_or_empty)
+
+
 class ModelSettings(_Section):
     """One candidate model: the estimator key, its params, preprocessing options."""
 
@@ -145,6 +155,7 @@ class ModelSettings(_Section):
     estimator: Text
     params: dict[str, Any] = Field(default_factory=dict)
     scale: StrictBool = True
+    large: LargeTableProfile | None = None
 
     _no_params = field_validator("params", mode="before")(_or_empty)
 
@@ -152,13 +163,23 @@ class ModelSettings(_Section):
     def _estimator(self) -> ModelSettings:
         from housing.models import ESTIMATORS, check_params
 
-        if self.estimator not in ESTIMATORS:
-            raise ConfigError(
-                f"model.estimator: unknown estimator {self.estimator!r}; "
-                f"choose one of {', '.join(ESTIMATORS)}"
-            )
-        check_params(self.estimator, self.params)
+        for key, model in (("model", self), ("model.large", self.large_profile())):
+            if model.estimator not in ESTIMATORS:
+                raise ConfigError(
+                    f"{key}.estimator: unknown estimator {model.estimator!r}; "
+                    f"choose one of {', '.join(ESTIMATORS)}"
+                )
+            check_params(model.estimator, model.params, prefix=f"{key}.params")
         return self
+
+    def large_profile(self) -> ModelSettings:
+        """This candidate as it runs on a large table (itself without a ``large`` block)."""
+        if self.large is None:
+            return self
+        swapped = self.large.estimator not in (None, self.estimator)
+        params = dict(self.large.params) if swapped else {**self.params, **self.large.params}
+        estimator = self.large.estimator or self.estimator
+        return self.model_copy(update={"estimator": estimator, "params": params, "large": None})
 
 
 class Paths(_Section):

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from housing.errors import HousingError
+from housing.errors import HousingError, Terminated
 
 #: Library messages that are expected on every run and say nothing actionable.
 _EXPECTED_NOISE = (
@@ -112,8 +112,8 @@ def report_error(exc: BaseException) -> int:
 
     A :class:`HousingError` gives its message and ``exit_code``; a full disk (an
     ``OSError`` from any library) gives ``error: disk full ...: free space and rerun``
-    and 1; Ctrl-C gives ``error: interrupted`` and 130. Anything else is a bug and
-    propagates.
+    and 1; Ctrl-C gives ``error: interrupted`` and 130, SIGTERM ``error: terminated``
+    and 143. Anything else is a bug and propagates.
     """
     from housing.io import disk_full, is_disk_full
 
@@ -124,9 +124,9 @@ def report_error(exc: BaseException) -> int:
         error = disk_full(_written_path(exc))
         error_line(str(error))
         return error.exit_code
-    if isinstance(exc, KeyboardInterrupt):
-        error_line("interrupted")
-        return INTERRUPTED
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C 130; SIGTERM (Terminated) 143
+        error_line("terminated" if isinstance(exc, Terminated) else "interrupted")
+        return int(getattr(exc, "exit_code", INTERRUPTED))
     raise exc
 
 

@@ -32,6 +32,13 @@ class ArtifactError(HousingError):
     exit_code = 4
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises :class:`KeyboardInterrupt`: the command stops
+    the same way (runs recorded as killed) and exits 143 (128 + SIGTERM)."""
+
+    exit_code = 143
+
+
 def first_line(value: object, limit: int | None = None) -> str:
     """The first non-blank line of ``str(value)`` (an error), else the type's name; longer than
     ``limit`` characters, it is cut to ``limit`` ending in ``...``."""

@@ -72,13 +72,13 @@ _RULES: dict[str, dict[str, tuple[Rule, str]]] = {
 }
 
 
-def check_params(estimator: str, params: Mapping[str, Any]) -> None:
-    """Raise :class:`ConfigError` naming ``model.params.<key>`` for an out-of-range value."""
+def check_params(
+    estimator: str, params: Mapping[str, Any], *, prefix: str = "model.params"
+) -> None:
+    """Raise :class:`ConfigError` naming ``<prefix>.<key>`` for an out-of-range value."""
     for key, (rule, expected) in _RULES.get(estimator, {}).items():
         if key in params and not rule(params[key]):
-            raise ConfigError(
-                f"model.params.{key}: {estimator} needs {expected}, got {params[key]!r}"
-            )
+            raise ConfigError(f"{prefix}.{key}: {estimator} needs {expected}, got {params[key]!r}")
 
 
 def build_estimator(estimator: str, params: Mapping[str, Any], n_jobs: int | None = None) -> Any:

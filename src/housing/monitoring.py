@@ -52,8 +52,8 @@ def _triggers(status: str, kind: str) -> set[str]:
 
 
 NOTIFY_TRIGGERS: Final = frozenset[str]().union(
-    *(_triggers(status, "stage") for status in ("started", "succeeded", "failed")),
-    *(_triggers(status, PIPELINE_STAGE) for status in ("succeeded", "failed")),
+    *(_triggers(status, "stage") for status in ("started", "succeeded", "failed", "killed")),
+    *(_triggers(status, PIPELINE_STAGE) for status in ("succeeded", "failed", "killed")),
 )
 _MAX_ERROR_CHARS: Final = 500
 
@@ -279,7 +279,9 @@ def track_stage(
     try:
         yield handle
     except BaseException as exc:
-        failed = final("failed", one_line_error(exc))
+        # Ctrl-C or SIGTERM (housing.errors.Terminated): killed, not failed
+        killed = isinstance(exc, KeyboardInterrupt | SystemExit)
+        failed = final("killed" if killed else "failed", one_line_error(exc))
         try:
             events.append(failed)
         except OSError as log_exc:  # keep the original exception as the one raised
@@ -294,7 +296,7 @@ def track_stage(
 def record_pipeline_summary(
     events: EventLog,
     run_id: str,
-    status: Literal["succeeded", "failed"],
+    status: Literal["succeeded", "failed", "killed"],
     duration_sec: float,
     *,
     notifier: Notifier | None = None,
@@ -398,7 +400,7 @@ def last_run_status(path: str | os.PathLike[str]) -> RunStatus | None:
         )
     if summary is not None:
         outcome = str(summary.get("status"))
-    elif any(s.status == "failed" for s in stages.values()):
+    elif any(s.status in ("failed", "killed") for s in stages.values()):
         outcome = "failed"
     elif any(s.status == "started" for s in stages.values()):
         outcome = "running"

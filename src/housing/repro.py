@@ -30,12 +30,13 @@ import os
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from housing.errors import HousingError
-from housing.runner import STAGES
+from housing.errors import HousingError, Terminated
+from housing.runner import STAGES, stop_requested, stop_signals
 
 if TYPE_CHECKING:
     from housing.config import Settings
@@ -110,6 +111,7 @@ class StageJob:
     context: RunContext
     overrides: tuple[str, ...] = ()  # tracking-only overrides appended to the stage's
     verbosity: int = 0
+    threads: int = 0  # OpenMP/BLAS threads of the stage (its share of the cores); 0: all
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class ReproResult:
     seconds: float = 0.0
     error: str | None = None
     exit_code: int = 0
+    killed: bool = False  # stopped by Ctrl-C or SIGTERM
 
     @property
     def ok(self) -> bool:
@@ -154,15 +157,26 @@ def stage_call(cmd: str) -> tuple[str, list[str]] | None:
 def run_job(job: StageJob) -> StageOutcome:
     """Worker side: run one stage (a function call, or the command in a shell)."""
     import signal
-    import subprocess
 
     from housing.entry import configure_logging
 
     t0 = time.monotonic()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the fork server ignores it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.chdir(job.wdir)
     configure_logging(job.verbosity)
     call = stage_call(job.cmd)
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+
+    # Ctrl-C / SIGTERM: the stage's runs and events say killed. Parallel stages share
+    # the cores: OpenMP (histogram boosting) oversubscribed is many times slower.
+    with stop_signals(), threadpool_limits(limits=job.threads or None):
+        return _run_call(job, call, t0)
+
+
+def _run_call(job: StageJob, call: tuple[str, list[str]] | None, t0: float) -> StageOutcome:
+    import subprocess
+
     try:
         if call is None:
             env = {**os.environ, "DVC_ROOT": job.root, "DVC_STAGE": job.name}
@@ -178,6 +192,8 @@ def run_job(job: StageJob) -> StageOutcome:
     except HousingError as exc:
         return StageOutcome(job.name, False, time.monotonic() - t0, str(exc), exc.exit_code)
     except Exception as exc:
+        if stop_requested():  # a library turned the Ctrl-C / SIGTERM into another error
+            return StageOutcome(job.name, False, time.monotonic() - t0, "interrupted", 130)
         log.exception("stage %s crashed", job.name)
         error = f"{type(exc).__name__}: {exc}"
         return StageOutcome(job.name, False, time.monotonic() - t0, error, 1)
@@ -228,7 +244,6 @@ def _make_pool(workers: int, env: Mapping[str, str]) -> Any:
     """The workers; the fork server starts now, with ``env`` added to its environment
     (this process's own is restored right after)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import forkserver
 
     from housing.tracking.warmup import scoped_env
@@ -237,7 +252,20 @@ def _make_pool(workers: int, env: Mapping[str, str]) -> Any:
     ctx.set_forkserver_preload(list(PRELOAD_MODULES))
     with scoped_env(env):
         forkserver.ensure_running()
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1)
+    return _Pool(max_workers=workers, mp_context=ctx, max_tasks_per_child=1)
+
+
+class _Pool(ProcessPoolExecutor):
+    """A process pool that starts no replacement worker once stopping or shut down
+    (CPython 3.11 replaces a ``max_tasks_per_child`` worker even after
+    ``shutdown(wait=False)``, and fails in its manager thread)."""
+
+    stopping = False
+
+    def _adjust_process_count(self) -> None:
+        if self.stopping or self._processes is None:
+            return
+        super()._adjust_process_count()
 
 
 def _default_jobs() -> int:
@@ -295,33 +323,74 @@ def reproduce(
     """Reproduce ``root``'s ``dvc.yaml`` (see the module docstring); never raises for a
     failed stage: the result carries the error. ``overrides`` are tracking-only Hydra
     overrides added to every stage; ``on_event(stage, what)`` hears ``running``,
-    ``skipped``, ``done`` and ``failed`` as they happen."""
+    ``skipped``, ``done`` and ``failed`` as they happen.
+
+    Ctrl-C (:class:`KeyboardInterrupt`) and SIGTERM (:class:`~housing.errors.Terminated`)
+    stop every worker and what it started within seconds, record the runs as killed
+    (MLflow KILLED, ClearML failed, ``killed`` events and a summary) and are re-raised."""
     from housing import runs
 
     root = root.resolve()
     ctx = (context or runs.current()).owned_by_engine()
     result = ReproResult(ctx.run_id)
-    template = StageJob("", "", str(root), str(root), ctx, tuple(overrides), verbosity)
-    run = _Run(root, jobs or _default_jobs(), force, template, on_event or (lambda s, w: None))
+    jobs = jobs or _default_jobs()
+    threads = max(1, _default_jobs() // jobs)
+    template = StageJob("", "", str(root), str(root), ctx, tuple(overrides), verbosity, threads)
+    run = _Run(root, jobs, force, template, on_event or (lambda s, w: None))
     t0 = time.monotonic()
     try:
-        if force or not (root / "dvc.lock").exists():  # everything will run
-            run.start()
-        _reproduce(run, result)
-        if run.pool is not None and result.named("ran"):
-            status = "completed" if result.ok else "failed"
-            run.submit(finish_job, template, status).result()
-    except BaseException:
-        if result.error is None:
-            result.error, result.exit_code = "interrupted", 130
+        with stop_signals():
+            if force or not (root / "dvc.lock").exists():  # everything will run
+                run.start()
+            _reproduce(run, result)
+            if run.pool is not None and (result.named("ran") or result.named("failed")):
+                _finish(run, template, "completed" if result.ok else "failed")
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            terminated = isinstance(exc, Terminated)
+            result.error = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+            result.exit_code = Terminated.exit_code if terminated else 130
+            result.killed = True
+        elif result.error is None:
+            result.error, result.exit_code = f"{type(exc).__name__}: {exc}", 1
         raise
     finally:
-        if run.pool is not None:
-            idle = not any(s in ("ran", "failed") for s in result.stages.values())
-            _shutdown(run.pool, interrupted=result.exit_code == 130, idle=idle)
-        result.seconds = time.monotonic() - t0
-        _summarise(run, result)
+        with stop_signals():  # a second Ctrl-C / SIGTERM does not cut the cleanup short
+            started = [s for s, v in result.stages.items() if v in ("ran", "failed", "running")]
+            if run.pool is not None:
+                _shutdown(run.pool, interrupted=result.killed, idle=not started)
+            if result.killed and started and not result.named("running"):
+                _close_killed(run, template)  # between stages: the parent may be open
+            result.seconds = time.monotonic() - t0
+            _summarise(run, result)
     return result
+
+
+def _finish(run: _Run, job: StageJob, status: str) -> None:
+    """Close the pipeline run in the trackers, in a worker (warm); here if the pool broke
+    (a worker was killed: ``kill -9``)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        run.submit(finish_job, job, status).result()
+    except BrokenProcessPool:
+        if run.settings is not None:
+            from housing.tracking.recorder import finish_pipeline
+
+            finish_pipeline(run.settings, job.context, status)
+
+
+def _close_killed(run: _Run, job: StageJob) -> None:
+    """After an interrupt between stages: close the pipeline's parent run as KILLED (a
+    stage that was running closes its own run and the parent, as killed)."""
+    if run.settings is None:
+        return
+    from housing.tracking.recorder import finish_pipeline
+
+    try:
+        finish_pipeline(run.settings, job.context, "killed")
+    except Exception as exc:  # the next run's orphan sweep closes it
+        log.warning("could not close the interrupted pipeline run: %s", _first_line(exc))
 
 
 def _reproduce(run: _Run, result: ReproResult) -> None:
@@ -343,6 +412,8 @@ def _reproduce(run: _Run, result: ReproResult) -> None:
                 result.stages[stage.addressing] = "not run"
             while pending or running:
                 for stage in list(pending) if result.ok else []:
+                    if len(running) >= run.jobs:  # no queued work: an interrupt leaves
+                        break  # only running stages, each in its own worker
                     upstream = list(graph.successors(stage))
                     waiting = ("not run", "running")
                     if any(result.stages.get(u.addressing) in waiting for u in upstream):
@@ -414,27 +485,66 @@ def _record(stage: Any) -> None:
     stage.dump(update_pipeline=False)
 
 
-def _shutdown(pool: Any, interrupted: bool, idle: bool) -> None:
-    """Stop the workers; after an interrupt kill them, and the fork server with them.
+#: After Ctrl-C / SIGTERM: how long a stage gets to close its runs as killed.
+STOP_GRACE_SECONDS: Final = 5.0
 
-    ``idle``: no stage ran, so the fork server (maybe still warming up) is killed at once.
+
+def _shutdown(pool: Any, interrupted: bool, idle: bool) -> None:
+    """Stop the workers; after an interrupt stop them (SIGTERM, then SIGKILL after
+    :data:`STOP_GRACE_SECONDS`), the fork server and everything they started.
+
+    ``idle``: no stage started, so the fork server (maybe still warming up) is killed at once.
     """
-    if idle:
-        pool.shutdown(wait=False)
-        _stop_helpers()
-        return
-    if not interrupted:
+    import signal
+
+    import psutil
+
+    if not interrupted and not idle:
         pool.shutdown(wait=True)
         return
+    descendants: list[psutil.Process] = []
+    with contextlib.suppress(psutil.Error):  # whatever the workers started, too
+        descendants = psutil.Process().children(recursive=True)
     processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    deadline = time.monotonic() + 3.0  # time for a stage to close its runs as KILLED
+    pool.stopping = True  # no replacement workers
+    for process in processes:  # a SIGTERM to this process only reached no worker
+        with contextlib.suppress(OSError, ValueError):
+            if process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
     for process in processes:
         process.join(timeout=max(0.0, deadline - time.monotonic()))
         if process.is_alive():
+            log.warning(
+                "stage worker %s did not stop in %gs: killed", process.pid, STOP_GRACE_SECONDS
+            )
             process.kill()
             process.join(timeout=1.0)
+    pool.shutdown(wait=False, cancel_futures=True)
+    with contextlib.suppress(psutil.Error):  # and a replacement worker started meanwhile
+        descendants += psutil.Process().children(recursive=True)
+    # release the pool's semaphores now (as at exit), so the resource tracker stops
+    # with nothing to clean up and is reaped here rather than after us
+    from multiprocessing import util
+
+    with contextlib.suppress(Exception):
+        util._run_finalizers(0)  # type: ignore[attr-defined]
     _stop_helpers()
+    descendants = list({p.pid: p for p in descendants}.values())
+    _, alive = psutil.wait_procs(descendants, timeout=1.0)
+    for leftover in alive:
+        with contextlib.suppress(psutil.Error):
+            leftover.kill()
+    psutil.wait_procs(alive, timeout=1.0)
+
+
+def _helper_pid(module: str) -> int | None:
+    """The pid of multiprocessing's fork server or resource tracker, if running."""
+    import importlib
+
+    helper = getattr(importlib.import_module(f"multiprocessing.{module}"), f"_{module}", None)
+    pid = getattr(helper, "_forkserver_pid" if module == "forkserver" else "_pid", None)
+    return pid if isinstance(pid, int) else None
 
 
 def _stop_helpers() -> None:
@@ -443,12 +553,12 @@ def _stop_helpers() -> None:
     import importlib
     import signal
 
+    pid = _helper_pid("forkserver")
+    if pid:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
     for module in ("forkserver", "resource_tracker"):
         helper = getattr(importlib.import_module(f"multiprocessing.{module}"), f"_{module}", None)
-        pid = getattr(helper, "_forkserver_pid", None)
-        if pid:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
         stop = getattr(helper, "_stop", None)
         if stop is not None:
             with contextlib.suppress(Exception):
@@ -462,7 +572,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _summarise(run: _Run, result: ReproResult) -> None:
     """Append the run's summary event (best model and test rmse when it succeeded)."""
-    if not any(s in ("ran", "failed") for s in result.stages.values()):
+    if not any(s in ("ran", "failed", "running") for s in result.stages.values()):
         return
 
     from housing.monitoring import EventLog, build_notifiers, record_pipeline_summary
@@ -484,13 +594,17 @@ def _summarise(run: _Run, result: ReproResult) -> None:
     record_pipeline_summary(
         EventLog(settings.paths.metrics_dir / "pipeline_events.jsonl"),
         result.run_id,
-        "succeeded" if result.ok else "failed",
+        "killed" if result.killed else "succeeded" if result.ok else "failed",
         result.seconds,
         notifier=notifier,
         best_model=best,
         test_rmse=rmse,
         error=result.error,
-        extra={"stages_run": result.named("ran"), "stages_skipped": result.named("skipped")},
+        extra={
+            "stages_run": result.named("ran"),
+            "stages_skipped": result.named("skipped"),
+            **({"stages_killed": result.named("running")} if result.killed else {}),
+        },
     )
 
 

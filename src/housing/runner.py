@@ -8,9 +8,15 @@ and the ClearML pipeline steps.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
+
+from housing.errors import Terminated
 
 if TYPE_CHECKING:
     from housing.config import Settings
@@ -55,6 +61,7 @@ def execute_stage(
         stage=stage, name=name, pipeline_run_id=context.run_id, tags=(stage,), context=context
     )
     with (
+        stop_signals(),
         track_stage(events, context.run_id, name, notifier) as handle,
         tracked(settings, run) as tset,
     ):
@@ -72,3 +79,44 @@ def stage_function(stage: str) -> Callable[[Any], Any]:
         raise ValueError(f"unknown stage {stage!r}")
     run: Callable[[Any], Any] = importlib.import_module(f"housing.stages.{stage}").run
     return run
+
+
+#: Set once the first Ctrl-C or SIGTERM of this process was raised (see stop_signals).
+_stopping = threading.Event()
+
+
+def stop_requested() -> bool:
+    """Whether this process got Ctrl-C or SIGTERM inside :func:`stop_signals`."""
+    return _stopping.is_set()
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    if _stopping.is_set():  # the first one is being handled: let the cleanup finish
+        return
+    _stopping.set()
+    if signum == signal.SIGTERM:
+        raise Terminated("SIGTERM")
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`~housing.errors.Terminated` as Ctrl-C raises
+    :class:`KeyboardInterrupt`, so the stage's trackers and events record it as killed;
+    a second signal while that cleanup runs is ignored. A signal this process ignores
+    (``nohup``, a background job) stays ignored; off the main thread, or nested, nothing
+    changes."""
+    signums = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGTERM) is _raise_stop
+    ):
+        yield
+        return
+    before = {s: h for s in signums if (h := signal.getsignal(s)) not in (None, signal.SIG_IGN)}
+    for signum in before:
+        signal.signal(signum, _raise_stop)
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

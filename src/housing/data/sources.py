@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from housing.errors import DataError, first_line
+from housing.errors import ConfigError, DataError, first_line
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -123,8 +123,53 @@ def make_synthetic(n_rows: int, noise: float, random_state: int) -> RawTable:
     return RawTable(pd.DataFrame(data), f"synthetic({n_rows} rows from Boston)")
 
 
+#: Peak bytes the pipeline needs per cell of the raw table (a float64 frame, the
+#: splits, CSV text and the training copies, ~10 times 8 bytes); a CSV's cell is ~9 bytes
+#: of text. A deliberately generous estimate: it only refuses what cannot fit.
+BYTES_PER_CELL = 80
+CSV_BYTES_PER_CELL = 9
+
+
+def memory_estimate(settings: DataSettings) -> tuple[int, str, str] | None:
+    """``(bytes, what sets it, how to lower it)`` for the configured table, when its size
+    is known before it is loaded (synthetic rows, a CSV's file size); else None."""
+    n_cols = len(BOSTON_COLUMNS) - len(settings.drop_columns)
+    if settings.source == "synthetic" and settings.n_rows is not None:
+        rows = settings.n_rows
+        return rows * n_cols * BYTES_PER_CELL, f"data.n_rows={rows}", "lower data.n_rows"
+    if settings.source == "csv" and settings.path is not None and settings.path.is_file():
+        size = settings.path.stat().st_size
+        need = size // CSV_BYTES_PER_CELL * BYTES_PER_CELL
+        return need, f"data.path={settings.path} ({_gib(size)})", "use a smaller table"
+    return None
+
+
+def check_memory(settings: DataSettings, available: int | None = None) -> None:
+    """Refuse, before any work, a table whose estimated peak memory exceeds what is
+    ``available`` (default: the machine's available memory, from psutil)."""
+    estimate = memory_estimate(settings)
+    if estimate is None:
+        return
+    need, what, fix = estimate
+    if available is None:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    if need > available:
+        raise ConfigError(
+            f"{what}: needs ~{_gib(need)} (estimate), limit {_gib(available)} "
+            f"(available memory); {fix}"
+        )
+
+
+def _gib(n_bytes: float) -> str:
+    gib = n_bytes / 2**30
+    return f"{gib:,.0f} GiB" if gib >= 10 else f"{gib:.2g} GiB"
+
+
 def load(settings: DataSettings) -> RawTable:
-    """Load the configured source."""
+    """Load the configured source (refused up front if it would not fit in memory)."""
+    check_memory(settings)
     if settings.source == "boston":
         return load_boston()
     if settings.source == "california":

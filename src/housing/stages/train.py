@@ -104,15 +104,6 @@ def fit_and_score(
     x_val, y_val = val_part[features], val_part[target]
 
     folds = cfg.folds_for(len(train))
-    if folds != cfg.cv_folds:
-        log.warning(
-            "train: %d rows > train.large_table_rows=%d: CV uses train.cv_folds_large=%d folds "
-            "instead of %d",
-            len(train),
-            cfg.large_table_rows,
-            folds,
-            cfg.cv_folds,
-        )
     if folds > len(train):
         raise DataError(f"train split has {len(train)} rows, fewer than train.cv_folds={folds}")
 
@@ -161,20 +152,25 @@ def read_split(path: Path) -> pd.DataFrame:
 
 def run(settings: Settings) -> TrainResult:
     """Train ``settings.model`` and write ``models/<name>.joblib`` + its metrics JSON."""
-    model = settings.model
     paths = settings.paths
-    # Validate the estimator config before reading any data.
-    build_pipeline(model.estimator, model.params, ["x"], scale=model.scale)
+    # Validate the estimator config (and its large-table profile) before reading any data.
+    for candidate in (settings.model, settings.model.large_profile()):
+        build_pipeline(candidate.estimator, candidate.params, ["x"], scale=candidate.scale)
     train = read_split(paths.train)
     target = settings.data.target
     if target not in train.columns:
         raise DataError(f"{paths.train}: target column {target!r} not found (data.target)")
+    large = len(train) > settings.train.large_table_rows
+    model = settings.model.large_profile() if large else settings.model
+    if large:
+        log.warning("train %s: %s", model.name, large_table_line(settings, len(train)))
     outcome = fit_and_score(train, target, model, settings.train)
 
     model_path = paths.model(model.name)
     sha = io.save_model(model_path, outcome.pipeline)
     fingerprint = _read_fingerprint(paths.fingerprint)
     counts = {
+        "large_table": int(large),
         "cv_folds": outcome.cv_folds,
         "n_train": outcome.n_train,
         "n_val": outcome.n_val,
@@ -184,6 +180,7 @@ def run(settings: Settings) -> TrainResult:
         "model": model.name,
         "estimator": model.estimator,
         "params": dict(model.params),
+        "profile": "large" if large else "default",
         "scale": model.scale,
         "refit_full": settings.train.refit_full,
         "features": outcome.features,
@@ -218,6 +215,22 @@ def run(settings: Settings) -> TrainResult:
         record=record,
         meta_path=paths.meta(metrics_path),
     )
+
+
+def large_table_line(settings: Settings, n_rows: int) -> str:
+    """The one line saying what a large train split changes (profile and CV folds)."""
+    cfg, base = settings.train, settings.model
+    large = base.large_profile()
+    changes = []
+    if large is not base:
+        params = ", ".join(f"{k}={v}" for k, v in large.params.items() if k != "random_state")
+        changes.append(f"{large.estimator}({params}) (model.large)")
+    folds = cfg.folds_for(n_rows)
+    if folds != cfg.cv_folds:
+        changes.append(f"{folds}-fold CV (train.cv_folds_large)")
+    what = ", ".join(changes) or "no change (no model.large, train.cv_folds_large: null)"
+    limit = f"train.large_table_rows={cfg.large_table_rows}"
+    return f"{n_rows} rows > {limit}: large-table profile: {what}"
 
 
 def _read_fingerprint(path: Path) -> dict[str, Any]:

@@ -851,7 +851,8 @@ class MLflowTracker:
 
 
 def close_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
-    """Close (KILLED) runs left RUNNING by a process of this host that no longer exists.
+    """Close (KILLED, tagged ``housing.close_reason``) runs left RUNNING by a process of
+    this host that no longer exists.
 
     A stage run belongs to the process in ``housing.pid``; a parent run to the owner of
     its pipeline run (``housing.owner_pid``, ``housing.owner_started``).
@@ -869,10 +870,13 @@ def close_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
             continue
         started_text = None if TAG_PID in tags else tags.get("housing.owner_started")
         started = float(started_text) if started_text else None
-        if is_alive(int(pid_text), started, tags.get("housing.host", "")):
+        host = tags.get("housing.host", "")
+        if is_alive(int(pid_text), started, host):
             continue
+        reason = f"process {pid_text} on {host or 'this host'} ended without closing its run"
         with suppress(Exception):  # a concurrent sweep may have closed it
             client.set_tag(run.info.run_id, "housing.closed_by", "orphan-sweep")
+            client.set_tag(run.info.run_id, "housing.close_reason", reason)
             client.set_terminated(run.info.run_id, "KILLED")
             closed.append(run.info.run_id)
     if closed:

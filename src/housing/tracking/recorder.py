@@ -95,9 +95,9 @@ def build_trackers(settings: Settings) -> list[Tracker]:
 def tracked(settings: Settings, run: StageRun) -> Iterator[TrackerSet]:
     """Open every active tracker for ``run``; close them completed or failed."""
     tset = TrackerSet(build_trackers(settings))
-    tset.each("start", lambda t: t.start(run))
-    tset.each("log_config", lambda t: t.log_config(redact(dict(settings.resolved)), "config"))
-    try:
+    try:  # a Ctrl-C / SIGTERM while the runs open closes them too
+        tset.each("start", lambda t: t.start(run))
+        tset.each("log_config", lambda t: t.log_config(redact(dict(settings.resolved)), "config"))
         yield tset
     except BaseException as exc:
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -1,0 +1,217 @@
+"""Ctrl-C, SIGTERM and kill -9 against real process trees, with real DVC and MLflow.
+
+A scratch copy of the project whose gradient_boosting candidate trains for minutes, so
+a signal always lands while it runs. Each contract: the exit code, every process gone
+within 10 s, the runs KILLED in MLflow (failed in ClearML) and ``killed`` in the events
+log, with a pipeline summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from housing.scratch import make_scratch_repo
+from tests.helpers import run_tool
+
+#: The bound the issue sets for every child to be gone after a signal.
+STOP_BOUND = 10.0
+SLOW_MODEL = "gradient_boosting"
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A scratch project tracking to MLflow whose gradient_boosting train is very slow."""
+    root = make_scratch_repo(tmp_path_factory.mktemp("signals"), defaults={"tracking": "mlflow"})
+    slow = root / "conf" / "model" / f"{SLOW_MODEL}.yaml"
+    slow.write_text(slow.read_text().replace("n_estimators: 300", "n_estimators: 200000"))
+    forest = root / "conf" / "model" / "random_forest.yaml"
+    forest.write_text(forest.read_text().replace("n_estimators: 100", "n_estimators: 10"))
+    pipeline = root / "conf" / "pipeline.yaml"
+    pipeline.write_text(pipeline.read_text().replace("cv_folds: 5 ", "cv_folds: 2 "))
+    subprocess.run(["git", "commit", "-qam", "slow candidate"], cwd=root, check=True)
+    yield root
+
+
+def _env(repo: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOUSING_RUN_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["HOUSING_CONFIG_DIR"] = str(repo / "conf")
+    env["HOUSING_STAGE_SERVER"] = "0"
+    return env
+
+
+def _start(repo: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "housing"), *args],
+        cwd=repo,
+        env=_env(repo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal gives a command
+    )
+
+
+def _client(repo: Path) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
+
+
+def _runs(repo: Path) -> list[Any]:
+    client = _client(repo)
+    experiment = client.get_experiment_by_name("housing")
+    if experiment is None:
+        return []
+    return list(client.search_runs([experiment.experiment_id], "", max_results=1000))
+
+
+def _wait_for_running_stage(repo: Path, proc: subprocess.Popen[str], name: str) -> Any:
+    """The MLflow run of stage ``name`` once it is RUNNING (the stage is tracking).
+
+    Polled with plain sqlite: an MLflow client here could race the stage creating the store.
+    """
+    import sqlite3
+
+    query = "SELECT run_uuid FROM runs WHERE name = ? AND status = 'RUNNING'"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"ended early: {proc.communicate()[1][-2000:]}"
+        try:
+            uri = f"file:{repo / 'mlflow.db'}?mode=ro"  # never creates the store
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
+                found = db.execute(query, (name,)).fetchall()
+        except sqlite3.Error:
+            found = []
+        if found:
+            return _client(repo).get_run(found[0][0])
+        time.sleep(0.3)
+    raise AssertionError(f"{name} never started")
+
+
+def _group(pgid: int) -> list[int]:
+    left = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                left.append(process.pid)
+        except (OSError, psutil.Error):
+            continue
+    return left
+
+
+def _stopped(proc: subprocess.Popen[str], signum: int, *, group: bool) -> tuple[float, str]:
+    """Send ``signum`` (to the group, as a terminal, or the process, as ``kill``); wait
+    until the command and every process of its group are gone. -> (seconds, stderr)."""
+    t0 = time.monotonic()
+    (os.killpg if group else os.kill)(proc.pid, signum)
+    _, stderr = proc.communicate(timeout=60)
+    while _group(proc.pid) and time.monotonic() - t0 < STOP_BOUND + 5:
+        time.sleep(0.1)
+    return time.monotonic() - t0, stderr
+
+
+def _events(repo: Path) -> list[dict[str, Any]]:
+    lines = (repo / "metrics" / "pipeline_events.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("command", "signum", "group", "code"),
+    [
+        ("repro", signal.SIGTERM, False, 143),  # a supervisor's kill: the main process only
+        ("pipeline", signal.SIGINT, True, 130),  # Ctrl-C: the whole process group
+    ],
+    ids=["repro-sigterm", "pipeline-ctrl-c"],
+)
+def test_a_signal_stops_every_process_and_records_the_run_killed(
+    repo: Path, command: str, signum: int, group: bool, code: int
+) -> None:
+    proc = _start(repo, command)
+    stage = _wait_for_running_stage(repo, proc, f"train_{SLOW_MODEL}")
+    seconds, stderr = _stopped(proc, signum, group=group)
+
+    assert proc.returncode == code, stderr[-2000:]
+    word = "terminated" if signum == signal.SIGTERM else "interrupted"
+    assert stderr.strip().splitlines()[-1] == f"error: {word}", stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert _group(proc.pid) == [], "processes outlived the command"
+    assert seconds < STOP_BOUND, f"took {seconds:.1f}s to stop"
+
+    runs = {r.info.run_id: r for r in _runs(repo)}
+    assert runs[stage.info.run_id].info.status == "KILLED"
+    parent = runs[stage.data.tags["mlflow.parentRunId"]]
+    assert parent.info.status == "KILLED"
+    assert [r.info.run_name for r in runs.values() if r.info.status == "RUNNING"] == []
+
+    run_id = stage.data.tags["housing.pipeline_run_id"]
+    events = [e for e in _events(repo) if e["run_id"] == run_id]
+    last = {e["stage"]: e for e in events}
+    assert last[f"train_{SLOW_MODEL}"]["status"] == "killed"
+    assert last["pipeline"]["status"] == "killed"
+    assert f"train@{SLOW_MODEL}" in last["pipeline"]["stages_killed"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_stage_run_by_hand_stops_on_sigterm_and_records_it_killed(repo: Path) -> None:
+    proc = _start(repo, "train", f"model={SLOW_MODEL}")
+    stage = _wait_for_running_stage(repo, proc, f"train_{SLOW_MODEL}")
+    seconds, stderr = _stopped(proc, signal.SIGTERM, group=False)
+
+    assert proc.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "error: terminated", stderr[-2000:]
+    assert _group(proc.pid) == [] and seconds < STOP_BOUND, f"{seconds:.1f}s"
+    runs = {r.info.run_id: r for r in _runs(repo)}
+    assert runs[stage.info.run_id].info.status == "KILLED"
+    assert runs[stage.data.tags["mlflow.parentRunId"]].info.status == "KILLED"
+    run_id = stage.data.tags["housing.pipeline_run_id"]
+    last = {e["stage"]: e for e in _events(repo) if e["run_id"] == run_id}
+    assert last[f"train_{SLOW_MODEL}"]["status"] == "killed"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_stage_killed_by_sigkill_fails_the_run_and_the_next_run_closes_it(repo: Path) -> None:
+    proc = _start(repo, "repro")
+    stage = _wait_for_running_stage(repo, proc, f"train_{SLOW_MODEL}")
+    while any(r.info.status == "RUNNING" for r in _runs(repo) if r.info.run_id != stage.info.run_id
+              and r.data.tags.get("housing.run_type") == "stage"):  # fmt: skip
+        time.sleep(0.3)  # the slow stage alone: the failure names it
+    pid = int(stage.data.tags["housing.pid"])
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 1, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: stage train@{SLOW_MODEL} failed: its worker process died"
+    ), stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert time.monotonic() - t0 < STOP_BOUND
+    assert _group(proc.pid) == []
+    parent = stage.data.tags["mlflow.parentRunId"]
+    assert _client(repo).get_run(parent).info.status == "FAILED"  # the engine closed it
+
+    later = run_tool("housing", repo, "prepare", env={"HOUSING_STAGE_SERVER": "0"})
+    assert later.returncode == 0, later.stderr[-2000:]
+    closed = _client(repo).get_run(stage.info.run_id)
+    assert closed.info.status == "KILLED"
+    assert closed.data.tags["housing.close_reason"] == (
+        f"process {pid} on {closed.data.tags['housing.host']} ended without closing its run"
+    )
+    assert [r.info.run_name for r in _runs(repo) if r.info.status == "RUNNING"] == []
