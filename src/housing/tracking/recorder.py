@@ -74,7 +74,9 @@ def build_trackers(settings: Settings) -> list[Tracker]:
     from housing.runs import store_root
     from housing.tracking.stores import check_stores
 
-    check_stores(settings, root=store_root(settings.root), offline_dir=_in_store(settings).offline_dir)
+    check_stores(
+        settings, root=store_root(settings.root), offline_dir=_in_store(settings).offline_dir
+    )
     trackers: list[Tracker] = []
     for backend in settings.tracking:
         try:
