@@ -40,7 +40,7 @@ repro: run ## Alias of run
 
 test: install ## Run the full test suite (slow and integration tests included)
 	bash scripts/ensure_test_tools.sh
-	pytest -q --durations=15
+	pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: install ## Run the fast tests (not slow, not integration; under 3 minutes)
 	pytest -q -m "not slow and not integration"
