@@ -7,6 +7,7 @@ functions and trackers, one pipeline run, no DVC.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -64,3 +65,14 @@ def ran_stages(dvc_output: str) -> list[str]:
     return [
         line.split("'")[1] for line in dvc_output.splitlines() if line.startswith("Running stage")
     ]
+
+
+class WarningLines(logging.Handler):
+    """Collects the messages of WARNING and worse records (attach to a logger)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())

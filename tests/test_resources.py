@@ -14,16 +14,7 @@ from housing.data import sources
 from housing.errors import ConfigError
 from housing.stages import prepare, train
 from tests.conftest import CONF, SettingsFactory
-from tests.helpers import run_tool
-
-
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+from tests.helpers import WarningLines, run_tool
 
 
 @pytest.mark.slow
@@ -32,7 +23,7 @@ def test_a_large_table_switches_each_model_to_its_large_profile(
 ) -> None:
     small = ["data=synthetic", "data.n_rows=200", "train.large_table_rows=100"]
     prepare.run(make_settings(small))  # 160 train rows > 100
-    said = _Lines()
+    said = WarningLines()
     logger = logging.getLogger("housing.stages.train")
     logger.addHandler(said)
     try:

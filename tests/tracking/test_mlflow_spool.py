@@ -29,6 +29,7 @@ from housing.tracking.mlflow import MLflowTracker, load_registered_model
 from housing.tracking.mlflow_spool import TAG_PARTIAL, TAG_SOURCE, TAG_SYNCED, TAG_TARGET
 
 from ..conftest import CONF
+from ..helpers import WarningLines
 from .conftest import free_port, start_server, stop, wait_healthy
 
 #: Added time per stage allowed with a dead or silent server (the issue's figure).
@@ -116,7 +117,7 @@ def refused(
     _start_up(mp)
     mp.chdir(root)
     mp.setenv("HOUSING_RUN_ID", "run-refused")
-    handler = _Lines()
+    handler = WarningLines()
     logging.getLogger("housing").addHandler(handler)
     try:
         settings = load_settings([*BASE, f"mlflow.tracking_uri={uri}"], CONF)
@@ -125,15 +126,6 @@ def refused(
     finally:
         logging.getLogger("housing").removeHandler(handler)
         mp.undo()
-
-
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 @pytest.fixture
