@@ -446,13 +446,7 @@ class _Replayer:
         else:
             kept = {k: v for k, v in tags.items() if k not in _SPOOL_ONLY}
             kept[TAG_SOURCE] = run.info.run_id
-            created = self.server.create_run(
-                self.experiment_id,
-                start_time=run.info.start_time,
-                tags=kept,
-                run_name=run.info.run_name,
-            )
-            server_id = str(created.info.run_id)
+            server_id = self._create(run, kept)
             if run.info.status != "RUNNING":
                 self.server.set_terminated(server_id, run.info.status, run.info.end_time)
         self.parents[run.info.run_id] = server_id
@@ -477,6 +471,16 @@ class _Replayer:
         self.spool.set_tag(spool_id, TAG_SYNCED, server_id)
         self.result.replayed.append(server_id)
 
+    def _create(self, run: Run, tags: dict[str, str]) -> str:
+        """A server run with the spooled run's name and start time; its id."""
+        created = self.server.create_run(
+            self.experiment_id,
+            start_time=run.info.start_time,
+            tags=tags,
+            run_name=run.info.run_name,
+        )
+        return str(created.info.run_id)
+
     def _copy_run(self, run: Run) -> str:
         from mlflow.entities import Metric, Param
 
@@ -486,13 +490,7 @@ class _Replayer:
         if parent:
             tags[TAG_PARENT] = parent
         tags[TAG_SOURCE] = spool_id
-        created = self.server.create_run(
-            self.experiment_id,
-            start_time=run.info.start_time,
-            tags=tags,
-            run_name=run.info.run_name,
-        )
-        server_id = str(created.info.run_id)
+        server_id = self._create(run, tags)
         params = [Param(k, v) for k, v in run.data.params.items()]
         metrics = [
             Metric(m.key, m.value, m.timestamp, m.step)
