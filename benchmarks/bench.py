@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from housing.scratch import make_scratch_repo, project_root
+# Scratch copies are test machinery (tests/scratch.py): run from a checkout, import it from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.scratch import make_scratch_repo, project_root
 
 BIN = Path(sys.executable).parent
 RSS_WRAPPER = (

@@ -18,6 +18,9 @@ from typing import Any
 from housing import runs
 from housing.config import load_settings
 from housing.runner import execute_stage
+from housing.schedule import CrontabIO, install_line, install_schedule
+from housing.tracking.clearml import ClearMLTracker
+from housing.tracking.offline import OfflineSession, read_events
 
 
 def run_all(overrides: Sequence[str] = (), config_dir: Path | None = None) -> dict[str, Any]:
@@ -76,3 +79,29 @@ class WarningLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
+
+
+def find_line(crontab_text: str, marker: str) -> str | None:
+    """The first crontab line tagged ``# housing:<marker>``, if any."""
+    for line in crontab_text.splitlines():
+        if line.strip() and install_line(line + "\n", None, marker) == "":
+            return line
+    return None
+
+
+def uninstall_schedule(io: CrontabIO, marker: str) -> bool:
+    """Remove the marker's line(s); write only if changed. Returns ``changed``."""
+    return install_schedule(io, None, marker)
+
+
+def read_log(session: OfflineSession) -> list[str]:
+    """The console/text messages of an offline session (``report_text``, captured output)."""
+    events = read_events(session, "log.jsonl")
+    return [str(e.get("msg", "")) for e in events if e.get("type") == "log"]
+
+
+def offline_folder(tracker: ClearMLTracker) -> Path | None:
+    """The session folder of a tracker's open offline task (``None`` otherwise)."""
+    if tracker.task is None or not tracker.offline:
+        return None
+    return Path(str(tracker.task.get_offline_mode_folder()))

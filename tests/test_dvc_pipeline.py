@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from housing.config import compose
-from housing.scratch import make_scratch_repo
 from tests.conftest import CONF, PROJECT, is_score_file, metrics_records
 from tests.helpers import ran_stages, run_tool
+from tests.scratch import make_scratch_repo
 
 
 def test_dvc_yaml_candidates_match_the_config() -> None:

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from housing import runs
-from housing.scratch import make_scratch_repo
 from tests.helpers import ran_stages, run_tool
+from tests.scratch import make_scratch_repo
 
 CANDIDATES = ("linear_regression", "ridge", "random_forest", "gradient_boosting")
 

@@ -28,11 +28,11 @@ from housing.config import ClearMLSettings
 from housing.doctor import diagnose
 from housing.io import DiskFullError, file_md5, write_json
 from housing.monitoring import EventLog, read_events
-from housing.scratch import make_scratch_repo
 from housing.tracking import offline
 from housing.tracking.base import StageRun
 from housing.tracking.clearml import ClearMLTracker
 from tests.helpers import run_tool
+from tests.scratch import make_scratch_repo
 
 KEYS = {"CLEARML_API_ACCESS_KEY": "fault-access", "CLEARML_API_SECRET_KEY": "fault-SECRET-9c1"}
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from housing.scratch import make_scratch_repo
 from tests.fakes.clearml_api import FakeClearMLServer
+from tests.scratch import make_scratch_repo
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -78,7 +78,7 @@ def test_a_table_that_cannot_fit_is_refused_with_the_estimate_and_the_limit(
 
 
 def test_an_absurd_n_rows_is_one_line_and_exit_2_before_any_work(tmp_path: Path) -> None:
-    from housing.scratch import make_scratch_repo
+    from tests.scratch import make_scratch_repo
 
     repo = make_scratch_repo(tmp_path / "repo", defaults={"tracking": "none"})
     t0 = time.monotonic()

@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from housing import schedule as sch
+from tests.helpers import find_line, uninstall_schedule
 
 
 def _utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
@@ -342,16 +343,16 @@ def test_install_idempotent_on_crontab_file(tmp_path: Path) -> None:
     assert lines[:3] == original.splitlines()  # other lines preserved, in order
     assert lines[3] == changed
     assert len(lines) == 4
-    assert sch.find_line(path.read_text(), "clearml_pipeline") == changed
+    assert find_line(path.read_text(), "clearml_pipeline") == changed
 
     # a different marker is independent
     other = sch.crontab_line("0 0 * * *", "true", "other")
     sch.install_schedule(io, other, "other")
-    assert sch.find_line(path.read_text(), "clearml_pipeline") == changed
+    assert find_line(path.read_text(), "clearml_pipeline") == changed
 
-    assert sch.uninstall_schedule(io, "clearml_pipeline") is True
-    assert sch.find_line(path.read_text(), "clearml_pipeline") is None
-    assert sch.uninstall_schedule(io, "clearml_pipeline") is False
+    assert uninstall_schedule(io, "clearml_pipeline") is True
+    assert find_line(path.read_text(), "clearml_pipeline") is None
+    assert uninstall_schedule(io, "clearml_pipeline") is False
 
 
 def test_install_line_dedupes_and_handles_empty() -> None:

@@ -22,8 +22,8 @@ from typing import Any
 import psutil
 import pytest
 
-from housing.scratch import make_scratch_repo
 from tests.helpers import run_tool
+from tests.scratch import make_scratch_repo
 
 #: The bound the issue sets for every child to be gone after a signal.
 STOP_BOUND = 10.0

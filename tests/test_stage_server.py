@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from housing import stage_server
-from housing.scratch import make_scratch_repo
+from tests.scratch import make_scratch_repo
 
 pytestmark = pytest.mark.slow
 

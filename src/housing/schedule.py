@@ -170,11 +170,6 @@ def _marker_of(line: str) -> str | None:
     return match.group("marker") if match else None
 
 
-def find_line(crontab_text: str, marker: str) -> str | None:
-    """The first crontab line tagged ``# housing:<marker>``, if any."""
-    return next((ln for ln in crontab_text.splitlines() if _marker_of(ln) == marker), None)
-
-
 def install_line(crontab_text: str, line: str | None, marker: str) -> str:
     """The crontab text with ``line`` as the marker's only line, where its first one was
     (else appended); ``line=None`` removes the marker's lines. Other lines are kept."""
@@ -259,11 +254,6 @@ def install_schedule(io: CrontabIO, line: str | None, marker: str) -> bool:
     if updated != current:
         io.write(updated)
     return updated != current
-
-
-def uninstall_schedule(io: CrontabIO, marker: str) -> bool:
-    """Remove the marker's line(s); write only if changed. Returns ``changed``."""
-    return install_schedule(io, None, marker)
 
 
 def write_schedule_file(path: Path, expr: str, runs: Sequence[datetime], command: str) -> Path:

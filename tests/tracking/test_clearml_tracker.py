@@ -37,6 +37,7 @@ from housing.tracking.clearml import (
 )
 from tests.conftest import CONF
 from tests.fakes.clearml_api import FakeClearMLServer
+from tests.helpers import offline_folder, read_log
 
 pytestmark = pytest.mark.integration
 
@@ -253,7 +254,7 @@ def test_stage_is_recorded_offline_and_reads_back(tmp_path: Path, model_file: Pa
         tracker.log_text("trained linear_regression on 40 rows")
         first = tracker.register_model(model_version(model_file))
         second = tracker.register_model(model_version(model_file))
-        session_folder = tracker.session_folder
+        session_folder = offline_folder(tracker)
         closed_at = time.perf_counter()
     close_seconds = time.perf_counter() - closed_at
 
@@ -298,7 +299,7 @@ def test_stage_is_recorded_offline_and_reads_back(tmp_path: Path, model_file: Pa
     series = {trace.get("name") for plot in plots for trace in plot["data"]}
     assert {"pred_vs_actual", "y = x"} <= series
     assert any(trace.get("type") == "bar" for plot in plots for trace in plot["data"])
-    assert any("trained linear_regression" in m for m in offline.read_log(session))
+    assert any("trained linear_regression" in m for m in read_log(session))
 
     artifacts = offline.read_artifacts(session)
     assert artifacts["train_linear_regression.json"] is not None
@@ -345,9 +346,7 @@ def test_failure_inside_with_marks_the_task_failed(tmp_path: Path) -> None:
     assert offline.FAILED_TAG in session.tags
     assert session.properties["status"] == "failed"
     assert session.properties["error"] == "RuntimeError: test set is empty"
-    assert any(
-        "stage failed: RuntimeError: test set is empty" in m for m in offline.read_log(session)
-    )
+    assert any("stage failed: RuntimeError: test set is empty" in m for m in read_log(session))
     assert offline.read_scalars(session) == {"test/rmse": 3.0}
     assert session.zip_path is not None  # closed all the same
 
@@ -466,8 +465,7 @@ def test_champion_ledger_promote_and_reject(tmp_path: Path, model_file: Path) ->
     assert "champion" in model_1.tags
     assert "champion" not in model_2.tags
     assert any(
-        "champion decision: housing-best v2" in m and "rejected" in m
-        for m in offline.read_log(second)
+        "champion decision: housing-best v2" in m and "rejected" in m for m in read_log(second)
     )
 
 

@@ -249,13 +249,6 @@ class ClearMLTracker:
         """The underlying ``clearml.Task`` (``None`` when not started)."""
         return self._task
 
-    @property
-    def session_folder(self) -> Path | None:
-        """Offline only: the session folder of the open task."""
-        if self._task is None or not self.offline:
-            return None
-        return Path(str(self._task.get_offline_mode_folder()))
-
     # ---------------------------------------------------------------- lifecycle
 
     def __enter__(self) -> ClearMLTracker:

@@ -400,13 +400,6 @@ def read_scalars(session: OfflineSession, *, summary: bool = False) -> dict[str,
     return out
 
 
-def read_log(session: OfflineSession) -> list[str]:
-    """The console/text messages of the session (``report_text`` and captured output)."""
-    return [
-        str(e.get("msg", "")) for e in read_events(session, "log.jsonl") if e.get("type") == "log"
-    ]
-
-
 def read_artifacts(session: OfflineSession) -> dict[str, Path | None]:
     """Artifact name -> its file inside the session folder (``None`` when the file is gone)."""
     artifacts = (session.task.get("execution") or {}).get("artifacts") or []

@@ -14,8 +14,8 @@ PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "co
 
 
 def project_root() -> Path:
-    """The repository this package was installed from (editable install)."""
-    return Path(__file__).resolve().parents[2]
+    """The checkout this file belongs to (``tests/`` sits at its root)."""
+    return Path(__file__).resolve().parents[1]
 
 
 def make_scratch_repo(
