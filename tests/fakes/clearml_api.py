@@ -29,7 +29,9 @@ preloaded (constructor or ``add_task`` / ``add_model`` / ``add_project``; ``proj
 becomes a project id) for compare-style tests; ``tasks.get_all`` / ``models.get_all``
 filter on ``id``, ``name`` (a regex, as the server does), ``project``, ``status``,
 ``task``, ``ready``, ``tags`` / ``system_tags`` (OR, ``__$all`` for AND, ``-tag`` to
-exclude), sort with ``order_by`` and page with ``page`` / ``page_size``.
+exclude), sort with ``order_by``, page with ``page`` / ``page_size`` (capped at
+:data:`MAX_PAGE_SIZE`, the server's default and limit) and project with ``only_fields``
+(the named fields only, dotted paths such as ``metadata.k`` included, plus ``id``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from typing import Any
 
 API_VERSION = "2.30"
 SERVER_VERSION = "2.0.0"
+MAX_PAGE_SIZE = 500  # clearml-server 2.0.0: get_all pages default to and are capped at 500
 
 _ENDPOINT = re.compile(r"^/(?:v(?P<version>[\d.]+)/)?(?P<endpoint>[a-z_]+\.[a-z_]+)$")
 
@@ -369,11 +372,28 @@ def _page(items: list[dict[str, Any]], body: Mapping[str, Any]) -> list[dict[str
     for spec in (str(o) for o in reversed(order)):
         name = spec.lstrip("-+")
         items = sorted(items, key=_field_key(name), reverse=spec.startswith("-"))
-    page_size = body.get("page_size")
-    if page_size:
+    if body.get("page") is not None or body.get("page_size"):
+        size = min(int(body.get("page_size") or MAX_PAGE_SIZE), MAX_PAGE_SIZE)
         page = int(body.get("page") or 0)
-        items = items[page * int(page_size) : (page + 1) * int(page_size)]
-    return items
+        items = items[page * size : (page + 1) * size]
+    fields = _as_list(body.get("only_fields"))
+    return [_only(item, fields) for item in items] if fields else items
+
+
+def _only(item: Mapping[str, Any], fields: Iterable[str]) -> dict[str, Any]:
+    """``item`` with only ``fields`` (dotted paths into nested objects) and ``id``."""
+    out: dict[str, Any] = {"id": item.get("id")}
+    for path in fields:
+        *parents, last = str(path).split(".")
+        source: Any = item
+        for key in parents:
+            source = source.get(key) if isinstance(source, Mapping) else None
+        if isinstance(source, Mapping) and last in source:
+            target = out
+            for key in parents:
+                target = target.setdefault(key, {})
+            target[last] = source[last]
+    return out
 
 
 def _login(server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:

@@ -22,9 +22,9 @@ import json
 import logging
 import math
 import os
-import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,7 +90,6 @@ TABLES: Final = {
     "clearml": ("clearml_experiments.csv", "clearml_models.csv"),
     "mlflow": ("mlflow_experiments.csv", "mlflow_models.csv"),
 }
-PAGE_SIZE: Final = 500
 TAG_SEPARATOR: Final = ";"
 _TASK_FIELDS: Final = (
     "id",
@@ -106,20 +105,6 @@ _TASK_FIELDS: Final = (
     "last_update",
     "last_metrics",
     "hyperparams",
-)
-_MODEL_FIELDS: Final = (
-    "id",
-    "name",
-    "project",
-    "framework",
-    "uri",
-    "created",
-    "tags",
-    "system_tags",
-    "comment",
-    "metadata",
-    "task",
-    "ready",
 )
 _MLFLOW_STATUS: Final = {
     "FINISHED": "completed",
@@ -625,7 +610,8 @@ def _model_row(lineage: Mapping[str, Any], metrics: Mapping[str, Any], **row: An
 def _read_server(
     got: Collected, cml: ClearMLSettings, env: Mapping[str, str], tags: Sequence[str]
 ) -> None:
-    """Every task and model of the project, page by page (``page``/``page_size``)."""
+    """Every task and model of the project through the SDK's query API (it pages)."""
+    from clearml import Model, Task
     from clearml.backend_api.session import Session
 
     session = Session(
@@ -634,71 +620,78 @@ def _read_server(
         host=cml.api_host,
         http_retries_config={"total": 1, "connect": 1, "read": 1, "backoff_factor": 0.2},
     )
-
-    def call(endpoint: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        service, action = endpoint.split(".", 1)
-        response = session.send_request(service, action, method="post", json=dict(body))
-        try:
-            payload = response.json()
-        except ValueError:
-            payload = {}
-        meta = payload.get("meta") or {}
-        if response.status_code != 200:
-            message = meta.get("result_msg") or response.reason
-            raise HousingError(
-                f"ClearML {endpoint} on {cml.api_host}: HTTP {response.status_code} {message}"
-            )
-        data = payload.get("data")
-        return data if isinstance(data, dict) else {}
-
-    projects = call(
-        "projects.get_all", {"name": f"^{re.escape(got.project)}$", "only_fields": ["id", "name"]}
-    ).get("projects")
-    project_ids = [str(p["id"]) for p in projects or () if p.get("name") == got.project]
-    if not project_ids:
-        got.note = f"no project {got.project!r} on the ClearML server"
-        return
-    task_query: dict[str, Any] = {
-        "project": project_ids,
-        "only_fields": list(_TASK_FIELDS),
-        "order_by": ["created"],
-    }
-    if tags:
-        task_query["tags"] = ["__$all", *tags]
-    tasks = fetch_all_pages(call, "tasks.get_all", "tasks", task_query)
-    models = fetch_all_pages(
-        call,
-        "models.get_all",
-        "models",
-        {"project": project_ids, "only_fields": list(_MODEL_FIELDS), "order_by": ["created"]},
-    )
-    got.experiments.extend(_server_task_row(t, got.project) for t in tasks)
-    got.models.extend(_server_model_row(m) for m in models)
+    with sdk_default_session(session):
+        if Task.get_project_id(got.project, search_hidden=False) is None:
+            got.note = f"no project {got.project!r} on the ClearML server"
+            return
+        # By name, not task_filter={"project": [id]}: clearml 2.1.12's _query_tasks pops that
+        # key on the first page, so later pages would list every project's tasks.
+        tasks = Task.query_tasks(
+            project_name=got.project,
+            additional_return_fields=_TASK_FIELDS,
+            task_filter={"order_by": ["created"], **({"tags": ["__$all", *tags]} if tags else {})},
+        )
+        models = Model.query_models(project_name=got.project, include_archived=True)
+        got.experiments.extend(
+            _server_task_row(_plain(t), got.project) for t in tasks if isinstance(t, dict)
+        )
+        got.models.extend(_server_model_row(_model_fields(m)) for m in models)
     task_pipeline = {r["task_id"]: r["pipeline_run_id"] for r in got.experiments}
     for row in got.models:
         if not row["pipeline_run_id"]:
             row["pipeline_run_id"] = task_pipeline.get(row["task_id"], "")
 
 
-def fetch_all_pages(
-    call: Callable[[str, Mapping[str, Any]], Mapping[str, Any]],
-    endpoint: str,
-    key: str,
-    body: Mapping[str, Any],
-    page_size: int = PAGE_SIZE,
-) -> list[dict[str, Any]]:
-    """Call ``endpoint`` with ``page`` 0, 1, ... until a short page (or no new ids)."""
-    items: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    page = 0
-    while True:
-        batch = list(call(endpoint, {**body, "page": page, "page_size": page_size}).get(key) or ())
-        fresh = [b for b in batch if isinstance(b, dict) and str(b.get("id")) not in seen]
-        items.extend(fresh)
-        seen.update(str(b.get("id")) for b in fresh)
-        if len(batch) < page_size or not fresh:
-            return items
-        page += 1
+@contextmanager
+def sdk_default_session(session: Any) -> Iterator[None]:
+    """Make ``session`` the ClearML SDK's default session for the block, then restore it.
+
+    SDK quirk (clearml 2.1.12): ``Task.query_tasks``, ``Task.get_project_id`` and
+    ``Model.query_models`` take no session; they use the process-wide
+    ``InterfaceBase._default_session``, created once from ``CLEARML_*`` variables and
+    never re-read. Setting it (``_set_default_session``, "for debug and testing") is how
+    the configured host and keys reach them without writing ``os.environ``.
+    tests/test_compare.py::test_sdk_default_session_quirk_still_holds checks both names.
+    """
+    from clearml.backend_interface.base import InterfaceBase
+
+    before = InterfaceBase._default_session
+    InterfaceBase._set_default_session(session)
+    try:
+        yield
+    finally:
+        InterfaceBase._default_session = before
+
+
+def _plain(value: Any) -> Any:
+    """SDK response objects (``to_dict``) and their containers as plain dicts and lists."""
+    if not isinstance(value, dict) and hasattr(value, "to_dict"):  # some are dict subclasses
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _model_fields(model: Any) -> dict[str, Any]:
+    """The fields of a ``clearml.Model`` the model row reads (one ``models.get_by_id``).
+
+    SDK quirk (clearml 2.1.12): ``Model`` has no public creation time; it is read from the
+    model's data object (``_get_model_data().created``), checked by the same contract test
+    as :func:`sdk_default_session`.
+    """
+    return {
+        "id": model.id,
+        "name": model.name,
+        "framework": model.framework,
+        "uri": model.url,
+        "tags": list(model.tags or ()),
+        "comment": model.comment,
+        "metadata": _plain(model.get_all_metadata()),
+        "task": model.original_task,
+        "created": getattr(model._get_model_data(), "created", None),
+    }
 
 
 def _server_task_row(task: Mapping[str, Any], project: str) -> Row:
