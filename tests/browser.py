@@ -7,12 +7,15 @@ fetches), so a page that needs the network shows up as missing content, not a ha
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CANDIDATES = ("chromium", "chromium-browser", "/usr/bin/chromium")
 INSTALL_HINT = "install it with `bash scripts/ensure_test_tools.sh` (Debian package chromium)"
@@ -86,10 +89,56 @@ FIGURE_CHECK = """
 """
 
 
+# A layout check run from the test side: writes ``data-layout`` on ``<body>``, a JSON object
+# with the viewport's page height, each table wrapper's scroll and client width (a table
+# cut behind a scrollbar has scrollWidth > clientWidth), whether each figure legend lies
+# inside its SVG, and the text colour of each metric card's value.
+LAYOUT_CHECK = """
+(function () {
+  function box(el) { var r = el.getBoundingClientRect();
+    return [r.left, r.top, r.right, r.bottom]; }
+  var out = {height: document.documentElement.scrollHeight, tables: [], legends: [], kpis: []};
+  document.querySelectorAll(".table-wrap").forEach(function (w) {
+    var section = w.closest("section");
+    out.tables.push({section: section ? section.id : "", scroll: w.scrollWidth,
+                     client: w.clientWidth});
+  });
+  document.querySelectorAll("svg.chart").forEach(function (svg) {
+    var outer = box(svg);
+    svg.querySelectorAll("g[id*='legend_']").forEach(function (g) {
+      var b = box(g);
+      out.legends.push({id: g.id, inside: b[0] >= outer[0] - 1 && b[1] >= outer[1] - 1 &&
+                        b[2] <= outer[2] + 1 && b[3] <= outer[3] + 1, legend: b, svg: outer});
+    });
+  });
+  document.querySelectorAll(".kpi").forEach(function (k) {
+    var value = k.querySelector(".value");
+    out.kpis.push({label: k.querySelector(".label").textContent, cls: k.className,
+                   color: getComputedStyle(value).color, text: value.textContent});
+  });
+  document.body.setAttribute("data-layout", JSON.stringify(out));
+})();
+"""
+
+
+def layout(run: PageRun) -> dict[str, Any]:
+    """The ``data-layout`` object :data:`LAYOUT_CHECK` left on ``<body>``."""
+    found = re.search(r'<body[^>]*\sdata-layout="([^"]*)"', run.dom)
+    if found is None:
+        raise AssertionError("LAYOUT_CHECK did not run (no data-layout on <body>)")
+    data: dict[str, Any] = json.loads(html.unescape(found.group(1)))
+    return data
+
+
 def dump_dom(
-    executable: str, page: Path, timeout: float = 60.0, script: str | None = None
+    executable: str,
+    page: Path,
+    timeout: float = 60.0,
+    script: str | None = None,
+    size: tuple[int, int] = (1400, 900),
 ) -> PageRun:
-    """Load ``page`` and return the DOM after its scripts ran, plus its console lines.
+    """Load ``page`` in a ``size`` window (CSS pixels) and return the DOM after its scripts
+    ran, plus its console lines.
 
     ``script``: run after the page's own content, from a copy of ``page`` next to it (the
     page itself is left as it is).
@@ -105,6 +154,7 @@ def dump_dom(
             [
                 "--enable-logging=stderr",
                 "--v=0",
+                f"--window-size={size[0]},{size[1]}",
                 "--virtual-time-budget=3000",
                 "--dump-dom",
                 page.resolve().as_uri(),

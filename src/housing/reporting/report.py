@@ -52,6 +52,9 @@ MUTED: Final = "#9CA3AF"
 INK: Final = "#1F2937"
 LINE_COLORS: Final = ("#4C78A8", "#F58518", "#54A24B", "#B279A2", "#72B7B2", "#9D755D", "#EECA3B")
 MARKERS: Final = ("s", "^", "D", "v", "P", "X", "<")
+# Per series, so lines with equal values stay apart: dash pattern and a sideways dodge.
+DASHES: Final = ("--", ":", "-.", (0, (5, 1.5, 1, 1.5, 1, 1.5)), (0, (1, 3)), (0, (8, 2)), "-")
+DODGE: Final = 0.05  # x offset between series, in versions
 
 
 # --------------------------------------------------------------------------- model
@@ -87,7 +90,8 @@ class Chart:
 
 @dataclass(frozen=True)
 class Cell:
-    """A table cell; ``badge`` styles it (good, bad, muted, star; wrap: long text)."""
+    """A table cell; ``badge`` styles it (good, bad, muted, star; wrap: long text; id: an
+    identifier that may break anywhere; nowrap: a time kept on one line)."""
 
     text: str
     badge: str = ""
@@ -137,7 +141,7 @@ class Kpi:
     value: str
     hint: str = ""
     anchor: str = ""  # an element id for the value (tests and links)
-    accent: bool = False
+    accent: bool = False  # the headline card (highlighted, not a warning)
 
 
 @dataclass
@@ -312,6 +316,7 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
     best_value = as_float((inputs.summary or {}).get("best_value"))
     n_test = (inputs.test or {}).get("n_test")
     runs = _runs(experiments, metric)
+    pipeline_runs = [r for r in runs if r["pipeline"]]
 
     headline = f"Champion: {champion}" if champion else "No champion evaluated yet"
     if champion:
@@ -327,7 +332,7 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
         Kpi("Test MAE", format_metric(test_metrics.get("test/mae")), "champion"),
         Kpi("Test R²", format_metric(test_metrics.get("test/r2")), "champion"),
         Kpi(metric, format_metric(best_value), "selection metric"),
-        Kpi("Pipeline runs", str(len(runs)) if experiments else DASH, "tracked"),
+        Kpi("Pipeline runs", str(len(pipeline_runs)) if experiments else DASH, "tracked"),
         Kpi("Model versions", str(len(models)) if models else DASH, "registered"),
     ]
     sections = [
@@ -666,7 +671,7 @@ def _versions_section(models: list[dict[str, Any]], metric: str, last: int) -> S
                 ("Registry name", lambda r: str(r["name"])),
                 ("Version", version),
                 ("Algorithm", lambda r: str(r.get("algorithm") or "")),
-                ("Registered (UTC)", lambda r: _time(r.get("created"))),
+                ("Registered (UTC)", lambda r: Cell(_time(r.get("created")), "nowrap")),
                 *((k, lambda r, k=k: format_metric(r.get(k))) for k in keys),
                 ("Data", lambda r: Cell(str(r.get("data_md5") or "")[:8], "muted")),
                 ("Git", lambda r: Cell(str(r.get("git_commit") or "")[:10], "muted")),
@@ -682,14 +687,16 @@ def _draw_versions(
     from matplotlib.ticker import MaxNLocator
 
     axes = fig.subplots(1, len(keys), sharex=True, squeeze=False)[0]
-    for ax, key in zip(axes, keys, strict=True):
+    for j, (ax, key) in enumerate(zip(axes, keys, strict=True)):
         for i, (name, rows) in enumerate(series.items()):
             values = [(int(r["version"]), as_float(r.get(key))) for r in rows]
             points = [(x, y) for x, y in values if y is not None]
             if not points:
                 continue
-            xs, ys = zip(*points, strict=True)
             best = name.endswith("-best")
+            shift = (i - (len(series) - 1) / 2) * DODGE
+            xs = [x + shift for x, _ in points]
+            ys = [y for _, y in points]
             color = INK if best else LINE_COLORS[i % len(LINE_COLORS)]
             ax.plot(
                 xs,
@@ -698,13 +705,15 @@ def _draw_versions(
                 ms=6 if best else 5,
                 mfc="white" if not best else color,
                 lw=2.4 if best else 1.6,
+                ls="-" if best else DASHES[i % len(DASHES)],
                 color=color,
                 label=name,
                 zorder=3 if best else 2,
+                gid=f"series-{j}-{i}",  # tests find each line by it
             )
             for r, (x, y) in zip(rows, values, strict=True):
                 if r.get("champion") and y is not None:
-                    ax.plot([x], [y], marker="*", ms=15, color=ACCENT, zorder=4, lw=0)
+                    ax.plot([x + shift], [y], marker="*", ms=15, color=ACCENT, zorder=4, lw=0)
         ax.set(title=key, xlabel="version")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.margins(x=0.08, y=0.15)
@@ -773,7 +782,7 @@ def _history_section(decisions: list[ChampionEvent], models: list[dict[str, Any]
         )
 
     columns: list[tuple[str, Callable[[Any], Cell | str]]] = [
-        ("Decided (UTC)", lambda e: _time(e.decided_at)),
+        ("Decided (UTC)", lambda e: Cell(_time(e.decided_at), "nowrap")),
         ("Challenger", lambda e: label(e.registry_name, e.version, e.model)),
         (decisions[-1].metric or "value", lambda e: format_metric(e.value)),
         ("Champion faced", faced),
@@ -894,7 +903,8 @@ def _registry_line(
 
 
 def _runs(experiments: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Pipeline runs (tasks grouped by pipeline_run_id), newest first."""
+    """Tracked runs (tasks grouped by pipeline_run_id), newest first; ``pipeline``: it ran
+    more than one stage (a stage run by hand is a run of its own, not a pipeline run)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in experiments:
         key = str(row.get("pipeline_run_id") or row.get("task_id"))
@@ -912,6 +922,7 @@ def _runs(experiments: list[dict[str, Any]], metric: str) -> list[dict[str, Any]
                 "started": min(starts) if starts else None,
                 "seconds": (max(ends) - min(starts)).total_seconds() if starts and ends else None,
                 "tasks": len(rows),
+                "pipeline": len({r.get("stage") for r in rows}) > 1,
                 "failed": sum(s == "failed" for s in statuses),
                 "open": sum(s in ("open", "in_progress") for s in statuses),
                 "model": str((select or evaluate or {}).get("model") or ""),
@@ -930,8 +941,13 @@ def _runs_section(runs: list[dict[str, Any]], metric: str) -> Section:
         "Recent pipeline runs",
         "Each run: its stages as tracked, the model select_best picked, and its test score.",
     )
-    if not runs:
-        return section.add(Note("No tracked pipeline runs (tracking off or not run yet)."))
+    pipeline_runs = [r for r in runs if r["pipeline"]]
+    single = len(runs) - len(pipeline_runs)
+    caption = f"Not listed: {single} single-stage run(s) (a stage run by hand)." if single else ""
+    if not pipeline_runs:
+        return section.add(
+            Note("No tracked pipeline runs (tracking off or not run yet). " + caption)
+        )
 
     def status(r: dict[str, Any]) -> Cell:
         if r["failed"]:
@@ -940,10 +956,10 @@ def _runs_section(runs: list[dict[str, Any]], metric: str) -> Section:
 
     return section.add(
         _table(
-            runs[:15],
+            pipeline_runs[:15],
             [
-                ("Run", lambda r: r["run_id"]),
-                ("Started (UTC)", lambda r: _time(r["started"])),
+                ("Run", lambda r: Cell(r["run_id"], "id")),
+                ("Started (UTC)", lambda r: Cell(_time(r["started"]), "nowrap")),
                 (
                     "Duration",
                     lambda r: f"{r['seconds']:.1f} s" if r["seconds"] is not None else DASH,
@@ -955,6 +971,7 @@ def _runs_section(runs: list[dict[str, Any]], metric: str) -> Section:
                 ("Test RMSE", lambda r: format_metric(r["test_rmse"])),
             ],
             {2, 3, 6, 7},
+            caption,
         )
     )
 
