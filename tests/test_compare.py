@@ -315,6 +315,18 @@ def test_bad_filters_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> 
     assert "--stage" in capsys.readouterr().out
 
 
+def test_a_local_file_store_with_a_space_in_its_path_is_found(tmp_path: Path) -> None:
+    from housing.reporting.compare import _local_store_missing
+    from housing.tracking.mlflow import _resolve_uri
+
+    store = tmp_path / "my runs" / "mlruns"
+    uri = _resolve_uri("my runs/mlruns", tmp_path)
+    assert "%20" in uri  # file URIs are percent-encoded
+    assert _local_store_missing(uri) == store
+    store.mkdir(parents=True)
+    assert _local_store_missing(uri) is None
+
+
 def test_sdk_default_session_quirk_still_holds() -> None:
     """The private SDK names compare.py relies on exist at the locked clearml version."""
     from clearml import Model
@@ -390,6 +402,34 @@ def _server_models() -> list[dict[str, Any]]:
     ]
 
 
+def compare_against(
+    server: FakeClearMLServer, cwd: Path, access: str, secret: str
+) -> subprocess.CompletedProcess[str]:
+    """``clearml_compare.py`` in a fresh process (the SDK keeps per-process state) against
+    ``server``, with its keys and no ``~/clearml.conf``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
+    env.update(server.env(access_key=access, secret_key=secret))
+    env["PYTHONPATH"] = str(PROJECT / "src")
+    env["HOME"] = str(cwd)  # no ~/clearml.conf of the user
+    return subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT / "scripts" / "clearml_compare.py"),
+            "--config-dir",
+            str(CONF),
+            f"clearml.server.api_host={server.api_host}",
+            f"clearml.server.web_host={server.web_host}",
+            f"clearml.server.files_host={server.files_host}",
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_server_export_pages_through_every_task(tmp_path: Path) -> None:
@@ -398,27 +438,7 @@ def test_server_export_pages_through_every_task(tmp_path: Path) -> None:
         tasks=_server_tasks(), models=_server_models(), access_key=access, secret_key=secret
     )
     with server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
-        env.update(server.env(access_key=access, secret_key=secret))
-        env["PYTHONPATH"] = str(PROJECT / "src")
-        env["HOME"] = str(tmp_path)  # no ~/clearml.conf of the user
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(PROJECT / "scripts" / "clearml_compare.py"),
-                "--config-dir",
-                str(CONF),
-                f"clearml.server.api_host={server.api_host}",
-                f"clearml.server.web_host={server.web_host}",
-                f"clearml.server.files_host={server.files_host}",
-            ],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        proc = compare_against(server, tmp_path, access, secret)
         assert proc.returncode == 0, proc.stderr[-3000:]
         task_calls = server.calls_to("tasks.get_all")
         model_pages = [c["page"] for c in server.calls_to("models.get_all")]
@@ -451,6 +471,22 @@ def test_server_export_pages_through_every_task(tmp_path: Path) -> None:
     assert not one(models, model_id="model-ridge")["champion"]
     assert f"clearml (server, {api_host}): {SERVER_TASKS} task(s)" in proc.stdout
     assert not (tmp_path / "mlflow.db").exists()  # reading MLflow never creates a store
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_server_error_is_one_line_naming_the_call_and_server(tmp_path: Path) -> None:
+    with FakeClearMLServer(tasks=_server_tasks()[:8], access_key="k", secret_key="s") as server:
+        server.fail("tasks.get_all", times=5, status=500, message="index unavailable")
+        proc = compare_against(server, tmp_path, "k", "s")
+        api_host = server.api_host
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: clearml: ClearML tasks.get_all on {api_host}: HTTP 500 index unavailable"
+    ], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics" / "clearml_experiments.csv").exists()  # nothing half-written
 
 
 def test_offline_json_lines_skip_every_unparsable_line(tmp_path: Path) -> None:

@@ -611,8 +611,8 @@ def _read_server(
     got: Collected, cml: ClearMLSettings, env: Mapping[str, str], tags: Sequence[str]
 ) -> None:
     """Every task and model of the project through the SDK's query API (it pages)."""
-    from clearml import Model, Task
     from clearml.backend_api.session import Session
+    from clearml.backend_interface.session import SendError
 
     session = Session(
         api_key=env.get(cml.access_key_env, ""),
@@ -620,26 +620,41 @@ def _read_server(
         host=cml.api_host,
         http_retries_config={"total": 1, "connect": 1, "read": 1, "backoff_factor": 0.2},
     )
-    with sdk_default_session(session):
-        if Task.get_project_id(got.project, search_hidden=False) is None:
-            got.note = f"no project {got.project!r} on the ClearML server"
-            return
-        # By name, not task_filter={"project": [id]}: clearml 2.1.12's _query_tasks pops that
-        # key on the first page, so later pages would list every project's tasks.
-        tasks = Task.query_tasks(
-            project_name=got.project,
-            additional_return_fields=_TASK_FIELDS,
-            task_filter={"order_by": ["created"], **({"tags": ["__$all", *tags]} if tags else {})},
-        )
-        models = Model.query_models(project_name=got.project, include_archived=True)
-        got.experiments.extend(
-            _server_task_row(_plain(t), got.project) for t in tasks if isinstance(t, dict)
-        )
-        got.models.extend(_server_model_row(_model_fields(m)) for m in models)
+    try:
+        with sdk_default_session(session):
+            _query_server(got, tags)
+    except SendError as exc:  # one line, as the server said it (not the request dump)
+        meta = getattr(exc.result, "meta", None)
+        endpoint = getattr(getattr(meta, "endpoint", None), "name", None) or "request"
+        code, message = getattr(meta, "result_code", ""), getattr(meta, "result_msg", "")
+        raise HousingError(
+            f"ClearML {endpoint} on {cml.api_host}: HTTP {code} {message}".rstrip()
+        ) from None
     task_pipeline = {r["task_id"]: r["pipeline_run_id"] for r in got.experiments}
     for row in got.models:
         if not row["pipeline_run_id"]:
             row["pipeline_run_id"] = task_pipeline.get(row["task_id"], "")
+
+
+def _query_server(got: Collected, tags: Sequence[str]) -> None:
+    """Tasks and models of ``got.project`` through the SDK's default session."""
+    from clearml import Model, Task
+
+    if Task.get_project_id(got.project, search_hidden=False) is None:
+        got.note = f"no project {got.project!r} on the ClearML server"
+        return
+    # By name, not task_filter={"project": [id]}: clearml 2.1.12's _query_tasks pops that
+    # key on the first page, so later pages would list every project's tasks.
+    tasks = Task.query_tasks(
+        project_name=got.project,
+        additional_return_fields=_TASK_FIELDS,
+        task_filter={"order_by": ["created"], **({"tags": ["__$all", *tags]} if tags else {})},
+    )
+    models = Model.query_models(project_name=got.project, include_archived=True)
+    got.experiments.extend(
+        _server_task_row(_plain(t), got.project) for t in tasks if isinstance(t, dict)
+    )
+    got.models.extend(_server_model_row(_model_fields(m)) for m in models)
 
 
 @contextmanager
@@ -781,8 +796,10 @@ def _local_store_missing(uri: str) -> Path | None:
     if uri.startswith("sqlite:////"):
         path = Path(uri[len("sqlite:///") :])
         return None if path.is_file() else path
-    if uri.startswith("file://"):
-        path = Path(uri.removeprefix("file://"))
+    if uri.startswith("file:"):  # as the tracker's _resolve_uri writes it: percent-encoded
+        from urllib.parse import unquote, urlparse
+
+        path = Path(unquote(urlparse(uri).path))
         return None if path.is_dir() else path
     return None
 
