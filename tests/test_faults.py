@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from housing.config import ClearMLSettings
+from housing.config import ClearMLSettings, load_settings
 from housing.doctor import diagnose
 from housing.io import DiskFullError, file_md5, write_json
 from housing.monitoring import EventLog, read_events
+from housing.runner import execute_stage
 from housing.scratch import make_scratch_repo
 from housing.tracking import offline
 from housing.tracking.base import StageRun
@@ -330,3 +331,62 @@ def test_a_full_disk_reaches_the_console_as_one_line_without_traceback() -> None
     assert "No space left" not in done.stderr and "OperationalError" not in done.stderr
     assert "transfer" not in done.stderr and "sql" not in done.stderr
     assert done.stdout.strip() == "exit 1"
+
+
+@pytest.mark.slow
+def test_a_tracker_store_on_a_full_disk_fails_the_stage_with_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The MLflow store alone is on the small disk: the stage's record cannot be written,
+    # so the stage fails (it used to drop the tracker and exit 0 with the run incomplete).
+    repo = make_scratch_repo(
+        tmp_path / "repo", defaults={"data": "synthetic", "tracking": "mlflow"}
+    )
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        store = f"mlflow.tracking_uri=sqlite:///{disk}/mlflow.db"
+
+        def prepare(*more: str) -> object:
+            overrides = ["data.n_rows=200", store, *more]
+            return execute_stage("prepare", load_settings(overrides, repo / "conf", repo))
+
+        prepare()
+        outputs = [repo / "data/processed/train.csv", repo / "metrics/data_fingerprint.json"]
+        kept = {p: file_md5(p) for p in outputs}
+        filler = fill(disk)
+        caplog.set_level(logging.WARNING)
+        with pytest.raises(DiskFullError) as excinfo:
+            prepare("prepare.random_state=7")
+        assert str(excinfo.value) == f"disk full writing {disk}/mlflow.db: free space and rerun"
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("housing")] == []
+        assert {p: file_md5(p) for p in outputs} == kept  # the stage did not run
+        statuses = [e["status"] for e in read_events(repo / "metrics/pipeline_events.jsonl")]
+        assert statuses == ["started", "succeeded", "started", "failed"]
+
+        filler.unlink()  # the next run after space is freed completes
+        prepare("prepare.random_state=7")
+        assert file_md5(outputs[0]) != kept[outputs[0]]
+
+
+def test_repro_recording_a_stage_on_a_full_disk_names_the_cache_once(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # The stage's outputs fit, DVC's cache copy of them does not: DVC logs "ERROR: failed
+    # to transfer ..." with the OSError and raises it without a path.
+    from dvc.repo import Repo, lock_repo
+
+    from housing.repro import _record, quiet_dvc
+
+    with tmpfs(tmp_path / "disk", "3m") as disk:
+        repo = make_scratch_repo(disk / "repo", defaults={"data": "synthetic", "tracking": "none"})
+        execute_stage("prepare", load_settings(["data.n_rows=2000"], repo / "conf", repo))
+        fill(disk, leave=64 * 1024)  # room for the lock file, not for the cache copy
+        quiet_dvc()
+        dvc_repo = Repo(str(repo))
+        with lock_repo(dvc_repo), contextlib.chdir(repo), pytest.raises(DiskFullError) as excinfo:
+            (stage,) = [s for s in dvc_repo.index.stages if s.addressing == "prepare"]
+            _record(stage)
+        dvc_repo.close()
+    assert str(excinfo.value) == "disk full writing .dvc/cache/files/md5: free space and rerun"
+    printed = capfd.readouterr()
+    assert "failed to transfer" not in printed.err and "Traceback" not in printed.err
+    assert "No space left" not in printed.err + printed.out

@@ -30,7 +30,7 @@ class _DropExpected(logging.Filter):
         return not any(text in message for text in _EXPECTED_NOISE)
 
 
-class _NoDiskFullTraceback(logging.Filter):
+class NoDiskFullTraceback(logging.Filter):
     """A full disk is the command's one ``error:`` line: a library's record of it (DVC
     logs a failed cache transfer with its traceback) is dropped, and the package's own
     records keep their message without the traceback."""
@@ -53,9 +53,9 @@ def configure_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     if verbosity <= 0:
         for handler in logging.getLogger().handlers:
-            handler.addFilter(_NoDiskFullTraceback())
+            handler.addFilter(NoDiskFullTraceback())
         # MLflow's own handler prints its SQL store errors with the traceback.
-        logging.getLogger("mlflow.store.db.utils").addFilter(_NoDiskFullTraceback())
+        logging.getLogger("mlflow.store.db.utils").addFilter(NoDiskFullTraceback())
     # MLflow configures its own loggers when imported (later, lazily): set them via env.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbosity > 0 else "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -115,29 +115,16 @@ def report_error(exc: BaseException) -> int:
     and 1; Ctrl-C gives ``error: interrupted`` and 130, SIGTERM ``error: terminated``
     and 143. Anything else is a bug and propagates.
     """
-    from housing.io import disk_full, is_disk_full
+    from housing.io import disk_full, is_disk_full, written_path
 
     if isinstance(exc, HousingError):
         error_line(str(exc))
         return exc.exit_code
     if is_disk_full(exc):
-        error = disk_full(_written_path(exc))
+        error = disk_full(written_path(exc))
         error_line(str(error))
         return error.exit_code
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C 130; SIGTERM (Terminated) 143
         error_line("terminated" if isinstance(exc, Terminated) else "interrupted")
         return int(getattr(exc, "exit_code", INTERRUPTED))
     raise exc
-
-
-def _written_path(exc: BaseException) -> str | None:
-    """The file a failed write was writing (a copy's destination), from ``exc`` or the
-    ``OSError`` it wraps."""
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None:
-            break
-        if isinstance(seen, OSError) and (seen.filename2 or seen.filename):
-            return str(seen.filename2 or seen.filename)
-        seen = seen.__cause__ or seen.__context__
-    return None

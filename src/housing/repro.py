@@ -457,12 +457,20 @@ def _reproduce(run: _Run, result: ReproResult) -> None:
 
 
 def quiet_dvc() -> None:
-    """DVC sets up its console logging when imported: keep its warnings, once each."""
+    """DVC sets up its console logging when imported: keep its warnings, once each; its
+    record of a full disk (``ERROR: failed to transfer ...``) is dropped (the command's
+    one line says it)."""
     import dvc  # noqa: F401 - the import configures the "dvc" logger
+
+    from housing.entry import NoDiskFullTraceback
 
     dvc_log = logging.getLogger("dvc")
     dvc_log.setLevel(logging.WARNING)
     dvc_log.propagate = False
+    for name in ("dvc", "dvc_data", "dvc_objects"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, NoDiskFullTraceback) for f in handler.filters):
+                handler.addFilter(NoDiskFullTraceback())
 
 
 def _outcome(future: Any, name: str) -> StageOutcome:
@@ -476,13 +484,23 @@ def _outcome(future: Any, name: str) -> StageOutcome:
 
 
 def _record(stage: Any) -> None:
-    """Record a finished stage as ``dvc repro`` does: save, commit, dump to dvc.lock."""
+    """Record a finished stage as ``dvc repro`` does: save, commit, dump to dvc.lock.
+
+    A full disk raises :class:`~housing.io.DiskFullError` naming the file, else DVC's
+    cache (DVC raises the ``OSError`` without its path)."""
+    from housing.io import disk_full, is_disk_full, written_path
+
     no_cache_outs = any(
         not out.use_cache for out in stage.outs if not (out.is_metric or out.is_plot)
     )
-    stage.save(allow_missing=False, run_cache=not no_cache_outs)
-    stage.commit(allow_missing=False)
-    stage.dump(update_pipeline=False)
+    try:
+        stage.save(allow_missing=False, run_cache=not no_cache_outs)
+        stage.commit(allow_missing=False)
+        stage.dump(update_pipeline=False)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise disk_full(written_path(exc) or stage.repo.cache.local.path) from None
 
 
 #: After Ctrl-C / SIGTERM: how long a stage gets to close its runs as killed.

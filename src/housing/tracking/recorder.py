@@ -2,14 +2,16 @@
 
 The same names and numbers go to every active backend and match ``metrics/*.json``.
 A tracker that fails is reported once and dropped for the rest of the stage: a
-tracking problem never fails a stage or loses its outputs.
+tracking problem never fails a stage or loses its outputs. A full disk under a
+tracker's store is the exception: the stage's record would be silently incomplete, so
+it ends the stage with the one disk-full line naming the store.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from operator import methodcaller
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,16 +32,25 @@ log = logging.getLogger(__name__)
 
 
 class TrackerSet:
-    """The active trackers of one stage; a call that raises disables that tracker."""
+    """The active trackers of one stage; a call that raises disables that tracker (a
+    full disk raises :class:`~housing.io.DiskFullError` instead)."""
 
     def __init__(self, trackers: Sequence[Tracker]) -> None:
         self.trackers = list(trackers)
 
     def each(self, action: str, call: Callable[[Tracker], Any]) -> None:
+        from housing.io import disk_full, is_disk_full, written_path
+
         for tracker in list(self.trackers):
             try:
                 call(tracker)
-            except Exception as exc:  # a tracking failure must not fail the stage
+            except Exception as exc:
+                if is_disk_full(exc):  # the run would be incomplete: the stage fails
+                    self.trackers.remove(tracker)
+                    with suppress(Exception):  # it cannot write its status either
+                        tracker.close("failed", "disk full")
+                    raise disk_full(written_path(exc) or _store_of(tracker)) from None
+                # any other tracking failure must not fail the stage
                 log.warning(
                     "tracking: %s %s failed (%s: %s); continuing without it for this stage",
                     tracker.backend,
@@ -53,6 +64,18 @@ class TrackerSet:
     def close(self, status: str, error: str | None) -> None:
         for tracker in self.trackers:
             _close_quietly(tracker, status, error)
+
+
+def _store_of(tracker: Tracker) -> Path | None:
+    """Where ``tracker`` writes locally: an MLflow sqlite store (the spool's too), or the
+    ClearML offline folder; None for a server."""
+    from housing.tracking.mlflow import _sqlite_path
+
+    uri = getattr(tracker, "tracking_uri", None)
+    if isinstance(uri, str):
+        return _sqlite_path(uri)
+    folder = getattr(getattr(tracker, "settings", None), "offline_dir", None)
+    return folder if isinstance(folder, Path) else None
 
 
 def _close_quietly(tracker: Tracker, status: str, error: str | None) -> None:
