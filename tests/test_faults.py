@@ -30,7 +30,7 @@ from housing.io import DiskFullError, file_md5, write_json
 from housing.monitoring import EventLog, read_events
 from housing.runner import execute_stage
 from housing.scratch import make_scratch_repo
-from housing.tracking import offline
+from housing.tracking import mlflow_spool, offline
 from housing.tracking.base import StageRun
 from housing.tracking.clearml import ClearMLTracker
 from tests.helpers import run_tool
@@ -88,6 +88,44 @@ def ping_only_server() -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         release.set()
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def health_only_server() -> Iterator[tuple[str, list[float]]]:
+    """An MLflow URI whose ``/health`` answers (the probe passes) and whose API never does;
+    yields it and the seconds each API request stayed open until the client gave up."""
+    attempts: list[float] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.rstrip("/").endswith("/health"):
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"OK")
+                return
+            started = time.monotonic()
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.connection.settimeout(60)
+            with contextlib.suppress(OSError):
+                self.rfile.read(1)  # until the client closes the connection
+            attempts.append(time.monotonic() - started)
+            self.close_connection = True
+
+        do_POST = do_GET  # noqa: N815 - the name http.server calls
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", attempts
+    finally:
         server.shutdown()
         server.server_close()
 
@@ -390,3 +428,56 @@ def test_repro_recording_a_stage_on_a_full_disk_names_the_cache_once(
     printed = capfd.readouterr()
     assert "failed to transfer" not in printed.err and "Traceback" not in printed.err
     assert "No space left" not in printed.err + printed.out
+
+
+#: MLflow's HTTP variables a test's parent process may carry (as a user's they would win).
+MLFLOW_HTTP_VARS = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+                    "HOUSING_MLFLOW_HTTP_BUDGET")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_configured_mlflow_timeout_and_retries_govern_a_stage_server_child(
+    tmp_path: Path,
+) -> None:
+    # The defaults are 2 s and 1 retry (two 2 s attempts); the config asks one 1 s attempt.
+    # The stage runs in a stage server's child, as every `housing <stage>` command does
+    # (cli.run_stage); the server's own start-up had no config.
+    repo = make_scratch_repo(
+        tmp_path / "repo", defaults={"data": "synthetic", "tracking": "mlflow"}
+    )
+    with health_only_server() as (uri, attempts):
+        overrides = (f"mlflow.tracking_uri={uri}", "mlflow.timeout_sec=1", "mlflow.retries=0")
+        done = run_tool(
+            "python", repo, "scripts/prepare.py", "data.n_rows=200", *overrides,
+            unset=MLFLOW_HTTP_VARS,
+            env={"HOUSING_STAGE_SERVER_IDLE": "2"}, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(attempts) == 1, attempts  # mlflow.retries=0: the first call, once
+    assert 0.5 <= attempts[0] < 1.9, attempts  # mlflow.timeout_sec=1 (the default: 2)
+    (line,) = [ln for ln in done.stderr.splitlines() if "mlflow" in ln]
+    assert line.startswith(f"mlflow: {uri} unreachable (timed out); recording to the local spool")
+    settings = load_settings([f"mlflow.tracking_uri={uri}"], repo / "conf", repo)
+    assert mlflow_spool.pending(settings) == 1  # the run was kept
+
+
+def test_repro_workers_inherit_the_configured_mlflow_budget(tmp_path: Path) -> None:
+    # The workers are forked from the fork server, started with fork_server_env: the run's
+    # budget; a worker's own start-up (configure_logging) keeps an inherited budget.
+    from housing.entry import mlflow_http_env
+    from housing.repro import fork_server_env
+
+    environ = {k: v for k, v in os.environ.items() if k not in MLFLOW_HTTP_VARS}
+    settings = load_settings(["mlflow.timeout_sec=1", "mlflow.retries=0"], root=tmp_path)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in MLFLOW_HTTP_VARS:
+            mp.delenv(name, raising=False)
+        env = fork_server_env(settings)
+    assert env["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "1"
+    assert env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    inherited = {**environ, **env}
+    assert mlflow_http_env(None, None, inherited) == {}  # the worker's start-up default
+    assert mlflow_http_env(5, 2, inherited)["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
+    users = {**environ, "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}  # the user's value wins
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in mlflow_http_env(1, 0, users)

@@ -23,7 +23,7 @@ import click
 
 from housing.entry import bound_mlflow_http, configure_logging, report_error
 from housing.errors import HousingError, first_line
-from housing.runner import run_stage
+from housing.runner import execute_stage
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -127,6 +127,11 @@ def _settings(overrides: Sequence[str], config_dir: Path | None) -> Settings:
     settings = load_settings(list(overrides), config_dir=config_dir)
     bound_mlflow_http(settings.mlflow.timeout_sec, settings.mlflow.retries)
     return settings
+
+
+def run_stage(stage: str, overrides: Sequence[str], config_dir: Path | None) -> None:
+    """A stage command's body: the settings (with their MLflow budget), then the stage."""
+    execute_stage(stage, _settings(overrides, config_dir))
 
 
 def _echo(text: str = "", *, err: bool = False) -> None:

@@ -210,22 +210,26 @@ def finish_job(job: StageJob, status: str) -> None:
 
 
 def fork_server_env(settings: Settings | None) -> dict[str, str]:
-    """What the fork server's environment needs for its warm-up
-    (:mod:`housing.tracking.warmup`): the ClearML variables the stages' trackers will
-    use with ``settings`` (None: the config is broken, the stages will say so)."""
+    """What the fork server's environment needs, for the workers forked from it: the
+    run's MLflow HTTP budget (``mlflow.timeout_sec`` / ``retries``, see
+    :mod:`housing.entry`) and, for its warm-up (:mod:`housing.tracking.warmup`), the
+    ClearML variables the stages' trackers will use with ``settings`` (None: the config
+    is broken, the stages will say so)."""
     import json
 
+    from housing.entry import mlflow_http_env
     from housing.tracking.recorder import clearml_env
     from housing.tracking.warmup import ENV_VARIABLE
 
     if settings is None:
         return {}
+    budget = mlflow_http_env(settings.mlflow.timeout_sec, settings.mlflow.retries, os.environ)
     try:
         env = clearml_env(settings)
     except (HousingError, ValueError, OSError) as exc:  # the stages report it
         log.debug("fork server warm-up without ClearML's config: %s", exc)
-        return {}
-    return {ENV_VARIABLE: json.dumps(env)} if env else {}
+        return budget
+    return {**budget, ENV_VARIABLE: json.dumps(env)} if env else budget
 
 
 def preload(settings: Settings | None) -> None:
