@@ -26,6 +26,7 @@ import pytest
 
 from housing.config import ClearMLSettings, load_settings
 from housing.doctor import diagnose
+from housing.entry import configure_logging
 from housing.io import DiskFullError, file_md5, write_json
 from housing.monitoring import EventLog, read_events
 from housing.runner import execute_stage
@@ -418,12 +419,16 @@ def test_repro_recording_a_stage_on_a_full_disk_names_the_cache_once(
         repo = make_scratch_repo(disk / "repo", defaults={"data": "synthetic", "tracking": "none"})
         execute_stage("prepare", load_settings(["data.n_rows=2000"], repo / "conf", repo))
         fill(disk, leave=64 * 1024)  # room for the lock file, not for the cache copy
+        root = logging.getLogger()
+        saved = root.handlers[:], root.level
+        configure_logging(0)  # the command's console, as at its start-up
         quiet_dvc()
         dvc_repo = Repo(str(repo))
         with lock_repo(dvc_repo), contextlib.chdir(repo), pytest.raises(DiskFullError) as excinfo:
             (stage,) = [s for s in dvc_repo.index.stages if s.addressing == "prepare"]
             _record(stage)
         dvc_repo.close()
+        root.handlers[:], root.level = saved
     assert str(excinfo.value) == "disk full writing .dvc/cache/files/md5: free space and rerun"
     printed = capfd.readouterr()
     assert "failed to transfer" not in printed.err and "Traceback" not in printed.err
