@@ -382,3 +382,64 @@ def test_probe_counts_an_answer_but_not_a_missing_health_endpoint(
         finally:
             server.shutdown()
     assert (reason is None) is reachable, reason
+
+
+def _clauses(sql: str) -> tuple[str, ...]:
+    """A CREATE statement's top-level clauses, sorted: MLflow's migrations write a
+    table's constraints in an order that varies with the hash seed."""
+    parts, depth, current = [], 0, ""
+    for char in " ".join(sql.split()):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 1:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return tuple(sorted([*parts, current.strip()]))
+
+
+def _schema(db: Path) -> set[tuple[str, str, tuple[str, ...]]]:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL")
+        schema = {(str(t), str(n), _clauses(str(q))) for t, n, q in rows}
+        revision = con.execute("SELECT version_num FROM alembic_version").fetchall()
+    finally:
+        con.close()
+    return schema | {("revision", str(revision), ())}
+
+
+@pytest.mark.slow
+def test_the_spool_store_template_is_the_schema_mlflow_makes(tmp_path: Path) -> None:
+    # After an MLflow upgrade this fails: rewrite it with write_store_template().
+    from mlflow import MlflowClient
+
+    made, templated = tmp_path / "made" / "mlflow.db", tmp_path / "templated" / "mlflow.db"
+    made.parent.mkdir()
+    MlflowClient(f"sqlite:///{made}").search_experiments()
+    templated.parent.mkdir()
+    mlflow_spool.create_store(templated)
+    assert _schema(templated) == _schema(made)
+
+
+def test_a_spool_store_from_the_template_opens_at_once_and_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    started = time.monotonic()
+    mlflow_spool.create_store(db)
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.create_experiment("housing")
+    assert time.monotonic() - started < 3  # MLflow's migrations take ~6 s
+    assert [e.name for e in client.search_experiments()] == ["housing", "Default"]
+    before = db.read_bytes()
+    mlflow_spool.create_store(db)  # an existing store is kept as it is
+    assert db.read_bytes() == before and client.get_experiment(experiment).name == "housing"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.create.lock"]
+    monkeypatch.setattr(mlflow_spool, "STORE_TEMPLATE", tmp_path / "absent.sql")
+    mlflow_spool.create_store(tmp_path / "other.db")  # no template: MLflow creates it
+    assert not (tmp_path / "other.db").exists()
