@@ -458,11 +458,15 @@ def report(settings: Settings, project: str | None, last_versions: int) -> int:
 def status(settings: Settings) -> int:
     """Show the last pipeline run's stages from metrics/pipeline_events.jsonl."""
     from housing.monitoring import last_run_status, render_status
+    from housing.tracking.recorder import pending_sync
 
     events = settings.paths.metrics_dir / "pipeline_events.jsonl"
     run = last_run_status(events)
+    pending = pending_sync(settings).summary()
     if run is None:
         _echo(f"no pipeline runs recorded yet in {events}")
+        if pending:
+            _echo(pending)
         return 0
     _show([render_status(run)], lambda console: _print_status(console, run))
     test = settings.paths.test_summary
@@ -474,6 +478,8 @@ def status(settings: Settings) -> int:
         scores = "  ".join(f"test/{k}={v:.3f}" for k, v in sorted(read_scores(test).items()))
         where = relpath(test, settings.root)
         _echo(f"selected model: {model}  {scores}  ({where})")
+    if pending:
+        _echo(pending)
     return 0 if run.outcome != "failed" else 1
 
 
@@ -507,7 +513,8 @@ def doctor(settings: Settings) -> int:
     """
     import os
 
-    from housing.doctor import diagnose, render
+    from housing.doctor import diagnose, pending_check, render
+    from housing.tracking.recorder import pending_sync
 
     checks = diagnose(
         os.environ,
@@ -517,6 +524,7 @@ def doctor(settings: Settings) -> int:
         config_file=os.environ.get("CLEARML_CONFIG_FILE"),
         root=settings.root,
     )
+    checks.append(pending_check(pending_sync(settings).summary()))
     _show([render(checks)], lambda console: _print_checks(console, checks))
     return 1 if any(c.status == "fail" for c in checks) else 0
 

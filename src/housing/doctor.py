@@ -602,6 +602,14 @@ def diagnose(
     return _scrub(checks, [state.secret, basic, state.token, access])
 
 
+def pending_check(summary: str | None) -> Check:
+    """Work not yet synced (:meth:`~housing.tracking.recorder.PendingSync.summary`): a
+    warning, not a failure."""
+    if summary is None:
+        return Check("pending sync", "ok", "nothing waits for `housing sync`")
+    return Check("pending sync", "warn", summary.removeprefix("pending sync: "), "housing sync")
+
+
 _LABELS: dict[str, str] = {"ok": " ok ", "warn": "warn", "fail": "FAIL"}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from operator import methodcaller
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,6 +154,44 @@ def clearml_env(settings: Settings) -> dict[str, str]:
     from housing.tracking.clearml import client_env
 
     return client_env(_in_store(settings))
+
+
+@dataclass(frozen=True)
+class PendingSync:
+    """Work recorded locally that a sync has not sent to its server yet."""
+
+    mlflow_runs: int = 0  # stage runs in the MLflow spool
+    clearml_sessions: int = 0  # closed ClearML offline sessions not imported
+    problems: tuple[str, ...] = ()  # a local store that could not be read
+
+    def summary(self) -> str | None:
+        """One line naming what waits and the command that sends it; None: nothing."""
+        if not (self.mlflow_runs or self.clearml_sessions or self.problems):
+            return None
+        parts = [f"{self.mlflow_runs} MLflow run(s) spooled"] if self.mlflow_runs else []
+        if self.clearml_sessions:
+            parts.append(f"{self.clearml_sessions} ClearML offline session(s) not synced")
+        parts += [f"cannot count: {problem}" for problem in self.problems]
+        return "pending sync: " + ", ".join(parts) + "; run `housing sync`"
+
+
+def pending_sync(settings: Settings) -> PendingSync:
+    """What ``housing sync`` would send: MLflow runs spooled for ``mlflow.tracking_uri``
+    and closed ClearML offline sessions not yet in ``clearml.server``; read-only."""
+    from housing.errors import first_line
+    from housing.tracking import mlflow_spool, offline
+
+    runs = sessions = 0
+    problems: list[str] = []
+    try:
+        runs = mlflow_spool.pending(settings)
+    except Exception as exc:  # a damaged spool: say so, do not fail the caller
+        problems.append(f"{mlflow_spool.spool_dir(settings)}: {first_line(exc, 200)}")
+    try:
+        sessions = offline.pending_sessions(_in_store(settings))
+    except Exception as exc:
+        problems.append(f"{_in_store(settings).offline_dir}: {first_line(exc, 200)}")
+    return PendingSync(runs, sessions, tuple(problems))
 
 
 def finish_pipeline(settings: Settings, context: RunContext, status: str) -> None:
