@@ -486,3 +486,19 @@ def test_repro_workers_inherit_the_configured_mlflow_budget(tmp_path: Path) -> N
     assert mlflow_http_env(5, 2, inherited)["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
     users = {**environ, "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}  # the user's value wins
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in mlflow_http_env(1, 0, users)
+
+
+@pytest.mark.parametrize("command", [["clearml", "sync"], ["sync"]])
+def test_a_sync_prints_the_clearml_summary_once(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    from housing.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "clearml.server.api_host=http://127.0.0.1:9"]) == 0
+    printed = capsys.readouterr()
+    summary = "ClearML sync to http://127.0.0.1:9: 0 imported, 0 already there"
+    assert (printed.out + printed.err).splitlines().count(summary) == 1, printed

@@ -559,7 +559,6 @@ def sync(settings: ClearMLSettings, *, env: Mapping[str, str] | None = None) -> 
             upload_uri = settings.output_uri or settings.server.files_host
             _import(offline_dir, pending, report, upload_uri, child_env)
     report.seconds = time.monotonic() - started
-    logger.info("%s", report.summary())
     return report
 
 
