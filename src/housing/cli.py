@@ -513,7 +513,7 @@ def doctor(settings: Settings) -> int:
     """
     import os
 
-    from housing.doctor import diagnose, pending_check, render
+    from housing.doctor import diagnose, render
     from housing.tracking.recorder import pending_sync
 
     checks = diagnose(
@@ -523,8 +523,8 @@ def doctor(settings: Settings) -> int:
         mlflow_uri=settings.mlflow.tracking_uri,
         config_file=os.environ.get("CLEARML_CONFIG_FILE"),
         root=settings.root,
+        pending=pending_sync(settings).summary(),
     )
-    checks.append(pending_check(pending_sync(settings).summary()))
     _show([render(checks)], lambda console: _print_checks(console, checks))
     return 1 if any(c.status == "fail" for c in checks) else 0
 
