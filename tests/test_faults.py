@@ -388,6 +388,7 @@ def test_a_tracker_store_on_a_full_disk_fails_the_stage_with_one_line(
             overrides = ["data.n_rows=200", store, *more]
             return execute_stage("prepare", load_settings(overrides, repo / "conf", repo))
 
+        mlflow_spool.create_store(disk / "mlflow.db")  # a new store at once (no migrations)
         prepare()
         outputs = [repo / "data/processed/train.csv", repo / "metrics/data_fingerprint.json"]
         kept = {p: file_md5(p) for p in outputs}
@@ -417,19 +418,21 @@ def test_repro_recording_a_stage_on_a_full_disk_names_the_cache_once(
 
     with tmpfs(tmp_path / "disk", "3m") as disk:
         repo = make_scratch_repo(disk / "repo", defaults={"data": "synthetic", "tracking": "none"})
-        execute_stage("prepare", load_settings(["data.n_rows=2000"], repo / "conf", repo))
-        fill(disk, leave=64 * 1024)  # room for the lock file, not for the cache copy
         root = logging.getLogger()
         saved = root.handlers[:], root.level
         configure_logging(0)  # the command's console, as at its start-up
-        quiet_dvc()
-        dvc_repo = Repo(str(repo))
-        with lock_repo(dvc_repo), contextlib.chdir(repo), pytest.raises(DiskFullError) as excinfo:
-            (stage,) = [s for s in dvc_repo.index.stages if s.addressing == "prepare"]
-            _record(stage)
-        dvc_repo.close()
-        root.handlers[:], root.level = saved
-    assert str(excinfo.value) == "disk full writing .dvc/cache/files/md5: free space and rerun"
+        try:
+            execute_stage("prepare", load_settings(["data.n_rows=2000"], repo / "conf", repo))
+            fill(disk, leave=64 * 1024)  # room for the lock file, not for the cache copy
+            quiet_dvc()
+            dvc_repo = Repo(str(repo))
+            with lock_repo(dvc_repo), contextlib.chdir(repo), pytest.raises(DiskFullError) as exc:
+                (stage,) = [s for s in dvc_repo.index.stages if s.addressing == "prepare"]
+                _record(stage)
+            dvc_repo.close()
+        finally:
+            root.handlers[:], root.level = saved
+    assert str(exc.value) == "disk full writing .dvc/cache/files/md5: free space and rerun"
     printed = capfd.readouterr()
     assert "failed to transfer" not in printed.err and "Traceback" not in printed.err
     assert "No space left" not in printed.err + printed.out

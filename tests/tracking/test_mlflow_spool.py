@@ -443,3 +443,45 @@ def test_a_spool_store_from_the_template_opens_at_once_and_is_never_replaced(
     monkeypatch.setattr(mlflow_spool, "STORE_TEMPLATE", tmp_path / "absent.sql")
     mlflow_spool.create_store(tmp_path / "other.db")  # no template: MLflow creates it
     assert not (tmp_path / "other.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_server_that_stops_answering_mid_stage_costs_seconds_and_the_run_is_spooled(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_prepare_sec: float
+) -> None:
+    # The real server frozen (SIGSTOP) at the stage's first metrics: its socket accepts,
+    # nothing answers. The stage goes on within the budget (mlflow.timeout_sec=1,
+    # retries=0 here), the run is spooled whole, one line says so.
+    port = free_port()
+    proc = start_server(tmp_path / "server", port)
+    uri = f"http://127.0.0.1:{port}"
+    original: Callable[..., Any] = MLflowTracker.log_metrics
+
+    def freeze_then_call(self: MLflowTracker, *args: Any) -> Any:
+        os.killpg(proc.pid, signal.SIGSTOP)
+        return original(self, *args)
+
+    handler = WarningLines()
+    logging.getLogger("housing").addHandler(handler)
+    try:
+        settings = _settings(
+            f"mlflow.tracking_uri={uri}", "mlflow.timeout_sec=1", "mlflow.retries=0"
+        )
+        bound_mlflow_http(1, 0)  # the stage command's start-up, from these settings
+        monkeypatch.setattr(MLflowTracker, "log_metrics", freeze_then_call)
+        started = time.monotonic()
+        execute_stage("prepare", settings, context=runs.current())
+        elapsed = time.monotonic() - started
+    finally:
+        logging.getLogger("housing").removeHandler(handler)
+        os.killpg(proc.pid, signal.SIGCONT)
+        stop(proc)
+    assert elapsed - local_prepare_sec < ADDED_LIMIT_SEC, (elapsed, local_prepare_sec)
+    assert handler.lines == [
+        f"mlflow: {uri} unreachable (timed out); recording to the local spool, run "
+        "`housing mlflow sync` later"
+    ]
+    _assert_spooled_prepare(project, uri)
+    (run,) = _spooled_stages(project)
+    assert run.data.tags[TAG_PARTIAL]  # the server's half-done run, superseded at sync
