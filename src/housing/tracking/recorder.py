@@ -92,9 +92,11 @@ def build_trackers(settings: Settings) -> list[Tracker]:
     Local stores are resolved against the repository (:func:`housing.runs.store_root`),
     so a DVC experiment's temporary copy records into the repository's own stores. A
     damaged local store raises :class:`~housing.tracking.stores.StoreError` before the
-    stage works (bad data, not a tracker hiccup); a tracker that cannot be built is a
+    stage works (bad data, not a tracker hiccup), a full disk
+    :class:`~housing.io.DiskFullError`; a tracker that cannot be built otherwise is a
     warning and the stage runs without it.
     """
+    from housing.io import disk_full, is_disk_full, written_path
     from housing.runs import store_root
     from housing.tracking.stores import check_stores
 
@@ -113,6 +115,8 @@ def build_trackers(settings: Settings) -> list[Tracker]:
 
                 trackers.append(ClearMLTracker(_in_store(settings)))
         except Exception as exc:
+            if is_disk_full(exc):  # as in TrackerSet.each: the stage's record would be lost
+                raise disk_full(written_path(exc)) from None
             log.warning("tracking: %s unavailable (%s: %s)", backend, type(exc).__name__, exc)
     return trackers
 
