@@ -558,3 +558,61 @@ def test_import_loads_only_the_standard_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- pending sync
+
+
+@pytest.mark.slow  # imports MLflow (~3 s)
+def test_status_and_doctor_count_what_waits_for_a_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two spooled MLflow stage runs (one synced), two closed ClearML offline sessions (one
+    # imported into this server): one of each waits.
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from housing.cli import main
+    from housing.io import write_json
+    from housing.tracking import mlflow_spool
+
+    monkeypatch.chdir(tmp_path)
+    uri, api_host = "http://127.0.0.1:9", "http://127.0.0.1:8008"
+    spool = tmp_path / ".mlflow-spool"
+    spool.mkdir()
+    mlflow_spool.create_store(spool / "mlflow.db")
+    client = MlflowClient(mlflow_spool.spool_uri(spool))
+    experiment = client.create_experiment("housing")
+    tags = {mlflow_spool.TAG_TARGET: uri, "housing.run_type": "stage"}
+    waiting, synced = (client.create_run(experiment, tags=tags).info.run_id for _ in range(2))
+    client.set_tag(synced, mlflow_spool.TAG_SYNCED, "server-run")
+    for sid in ("offline-0123abcd", "offline-4567ef01"):
+        session = tmp_path / ".clearml" / "offline" / sid
+        session.mkdir(parents=True)
+        (session / "task.json").write_text(json.dumps({"id": sid, "name": "housing:prepare"}))
+        shutil.make_archive(str(session), "zip", session)
+    imported = {"api_host": api_host, "task_id": "t1", "imported_at": "2026-01-01T00:00:00"}
+    write_json(
+        tmp_path / ".clearml" / "imported.json", {"sessions": {"offline-0123abcd": [imported]}}
+    )
+
+    line = (
+        "pending sync: 1 MLflow run(s) spooled, 1 ClearML offline session(s) not synced; "
+        "run `housing sync`"
+    )
+    overrides = [
+        "tracking=none",
+        f"mlflow.tracking_uri={uri}",
+        f"clearml.server.api_host={api_host}",
+    ]
+    assert main(["status", *overrides]) == 0
+    assert line in capsys.readouterr().out.splitlines()
+    assert main(["doctor", *overrides]) == 0  # a warning, not a failure
+    out = capsys.readouterr().out
+    assert "[warn] pending sync" in out and line.removeprefix("pending sync: ") in out
+    assert "next: housing sync" in out
+    client.set_tag(waiting, mlflow_spool.TAG_SYNCED, "server-run")  # as a sync does
+    shutil.rmtree(tmp_path / ".clearml" / "offline")
+    assert main(["doctor", *overrides]) == 0
+    assert "pending sync" not in capsys.readouterr().out  # nothing waits: no line

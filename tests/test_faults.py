@@ -24,11 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from housing.config import ClearMLSettings
+from housing.config import ClearMLSettings, load_settings
 from housing.doctor import diagnose
+from housing.entry import configure_logging
 from housing.io import DiskFullError, file_md5, write_json
 from housing.monitoring import EventLog, read_events
-from housing.tracking import offline
+from housing.runner import execute_stage
+from housing.tracking import mlflow_spool, offline
 from housing.tracking.base import StageRun
 from housing.tracking.clearml import ClearMLTracker
 from tests.helpers import run_tool
@@ -87,6 +89,44 @@ def ping_only_server() -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         release.set()
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def health_only_server() -> Iterator[tuple[str, list[float]]]:
+    """An MLflow URI whose ``/health`` answers (the probe passes) and whose API never does;
+    yields it and the seconds each API request stayed open until the client gave up."""
+    attempts: list[float] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.rstrip("/").endswith("/health"):
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"OK")
+                return
+            started = time.monotonic()
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.connection.settimeout(60)
+            with contextlib.suppress(OSError):
+                self.rfile.read(1)  # until the client closes the connection
+            attempts.append(time.monotonic() - started)
+            self.close_connection = True
+
+        do_POST = do_GET  # noqa: N815 - the name http.server calls
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", attempts
+    finally:
         server.shutdown()
         server.server_close()
 
@@ -330,3 +370,138 @@ def test_a_full_disk_reaches_the_console_as_one_line_without_traceback() -> None
     assert "No space left" not in done.stderr and "OperationalError" not in done.stderr
     assert "transfer" not in done.stderr and "sql" not in done.stderr
     assert done.stdout.strip() == "exit 1"
+
+
+@pytest.mark.slow
+def test_a_tracker_store_on_a_full_disk_fails_the_stage_with_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The MLflow store alone is on the small disk: the stage's record cannot be written,
+    # so the stage fails (it used to drop the tracker and exit 0 with the run incomplete).
+    repo = make_scratch_repo(
+        tmp_path / "repo", defaults={"data": "synthetic", "tracking": "mlflow"}
+    )
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        store = f"mlflow.tracking_uri=sqlite:///{disk}/mlflow.db"
+
+        def prepare(*more: str) -> object:
+            overrides = ["data.n_rows=200", store, *more]
+            return execute_stage("prepare", load_settings(overrides, repo / "conf", repo))
+
+        mlflow_spool.create_store(disk / "mlflow.db")  # a new store at once (no migrations)
+        prepare()
+        outputs = [repo / "data/processed/train.csv", repo / "metrics/data_fingerprint.json"]
+        kept = {p: file_md5(p) for p in outputs}
+        filler = fill(disk)
+        caplog.set_level(logging.WARNING)
+        with pytest.raises(DiskFullError) as excinfo:
+            prepare("prepare.random_state=7")
+        assert str(excinfo.value) == f"disk full writing {disk}/mlflow.db: free space and rerun"
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("housing")] == []
+        assert {p: file_md5(p) for p in outputs} == kept  # the stage did not run
+        statuses = [e["status"] for e in read_events(repo / "metrics/pipeline_events.jsonl")]
+        assert statuses == ["started", "succeeded", "started", "failed"]
+
+        filler.unlink()  # the next run after space is freed completes
+        prepare("prepare.random_state=7")
+        assert file_md5(outputs[0]) != kept[outputs[0]]
+
+
+def test_repro_recording_a_stage_on_a_full_disk_names_the_cache_once(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # The stage's outputs fit, DVC's cache copy of them does not: DVC logs "ERROR: failed
+    # to transfer ..." with the OSError and raises it without a path.
+    from dvc.repo import Repo, lock_repo
+
+    from housing.repro import _record, quiet_dvc
+
+    with tmpfs(tmp_path / "disk", "3m") as disk:
+        repo = make_scratch_repo(disk / "repo", defaults={"data": "synthetic", "tracking": "none"})
+        root = logging.getLogger()
+        saved = root.handlers[:], root.level
+        configure_logging(0)  # the command's console, as at its start-up
+        try:
+            execute_stage("prepare", load_settings(["data.n_rows=2000"], repo / "conf", repo))
+            fill(disk, leave=64 * 1024)  # room for the lock file, not for the cache copy
+            quiet_dvc()
+            dvc_repo = Repo(str(repo))
+            with lock_repo(dvc_repo), contextlib.chdir(repo), pytest.raises(DiskFullError) as exc:
+                (stage,) = [s for s in dvc_repo.index.stages if s.addressing == "prepare"]
+                _record(stage)
+            dvc_repo.close()
+        finally:
+            root.handlers[:], root.level = saved
+    assert str(exc.value) == "disk full writing .dvc/cache/files/md5: free space and rerun"
+    printed = capfd.readouterr()
+    assert "failed to transfer" not in printed.err and "Traceback" not in printed.err
+    assert "No space left" not in printed.err + printed.out
+
+
+#: MLflow's HTTP variables a test's parent process may carry (as a user's they would win).
+MLFLOW_HTTP_VARS = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+                    "HOUSING_MLFLOW_HTTP_BUDGET")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_configured_mlflow_timeout_and_retries_govern_a_stage_server_child(
+    tmp_path: Path,
+) -> None:
+    # The defaults are 2 s and 1 retry (two 2 s attempts); the config asks one 1 s attempt.
+    # The stage runs in a stage server's child, as every `housing <stage>` command does
+    # (cli.run_stage); the server's own start-up had no config.
+    repo = make_scratch_repo(
+        tmp_path / "repo", defaults={"data": "synthetic", "tracking": "mlflow"}
+    )
+    with health_only_server() as (uri, attempts):
+        overrides = (f"mlflow.tracking_uri={uri}", "mlflow.timeout_sec=1", "mlflow.retries=0")
+        done = run_tool(
+            "python", repo, "scripts/prepare.py", "data.n_rows=200", *overrides,
+            unset=MLFLOW_HTTP_VARS,
+            env={"HOUSING_STAGE_SERVER_IDLE": "2"}, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(attempts) == 1, attempts  # mlflow.retries=0: the first call, once
+    assert 0.5 <= attempts[0] < 1.9, attempts  # mlflow.timeout_sec=1 (the default: 2)
+    (line,) = [ln for ln in done.stderr.splitlines() if "mlflow" in ln]
+    assert line.startswith(f"mlflow: {uri} unreachable (timed out); recording to the local spool")
+    settings = load_settings([f"mlflow.tracking_uri={uri}"], repo / "conf", repo)
+    assert mlflow_spool.pending(settings) == 1  # the run was kept
+
+
+def test_repro_workers_inherit_the_configured_mlflow_budget(tmp_path: Path) -> None:
+    # The workers are forked from the fork server, started with fork_server_env: the run's
+    # budget; a worker's own start-up (configure_logging) keeps an inherited budget.
+    from housing.entry import mlflow_http_env
+    from housing.repro import fork_server_env
+
+    environ = {k: v for k, v in os.environ.items() if k not in MLFLOW_HTTP_VARS}
+    settings = load_settings(["mlflow.timeout_sec=1", "mlflow.retries=0"], root=tmp_path)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in MLFLOW_HTTP_VARS:
+            mp.delenv(name, raising=False)
+        env = fork_server_env(settings)
+    assert env["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "1"
+    assert env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    inherited = {**environ, **env}
+    assert mlflow_http_env(None, None, inherited) == {}  # the worker's start-up default
+    assert mlflow_http_env(5, 2, inherited)["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
+    users = {**environ, "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}  # the user's value wins
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in mlflow_http_env(1, 0, users)
+
+
+@pytest.mark.parametrize("command", [["clearml", "sync"], ["sync"]])
+def test_a_sync_prints_the_clearml_summary_once(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+) -> None:
+    from housing.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "clearml.server.api_host=http://127.0.0.1:9"]) == 0
+    printed = capsys.readouterr()
+    summary = "ClearML sync to http://127.0.0.1:9: 0 imported, 0 already there"
+    assert (printed.out + printed.err).splitlines().count(summary) == 1, printed

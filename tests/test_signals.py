@@ -169,8 +169,15 @@ def test_a_signal_stops_every_process_and_records_the_run_killed(
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_stage_run_by_hand_stops_on_sigterm_and_records_it_killed(repo: Path) -> None:
-    proc = _start(repo, "train", f"model={SLOW_MODEL}")
+    # Both trackers: the ClearML offline session (no keys here) is closed failed too.
+    proc = _start(repo, "train", f"model={SLOW_MODEL}", "tracking=both", "clearml.mode=offline")
     stage = _wait_for_running_stage(repo, proc, f"train_{SLOW_MODEL}")
+    # and both trackers started: the config is logged (MLflow's first) once they have
+    artifacts = Path(stage.info.artifact_uri.removeprefix("file://"))
+    deadline = time.monotonic() + 60
+    while not (artifacts.is_dir() and any(artifacts.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "trackers never started"
+        time.sleep(0.3)
     seconds, stderr = _stopped(proc, signal.SIGTERM, group=False)
 
     assert proc.returncode == 143, stderr[-2000:]
@@ -182,6 +189,11 @@ def test_a_stage_run_by_hand_stops_on_sigterm_and_records_it_killed(repo: Path) 
     run_id = stage.data.tags["housing.pipeline_run_id"]
     last = {e["stage"]: e for e in _events(repo) if e["run_id"] == run_id}
     assert last[f"train_{SLOW_MODEL}"]["status"] == "killed"
+    from housing.tracking.offline import list_sessions
+
+    (session,) = [s for s in list_sessions(repo / ".clearml") if SLOW_MODEL in s.name]
+    assert session.closed and session.status == "failed", session
+    assert session.properties.get("pipeline_run_id", run_id) == run_id
 
 
 @pytest.mark.slow
@@ -215,3 +227,51 @@ def test_a_stage_killed_by_sigkill_fails_the_run_and_the_next_run_closes_it(repo
         f"process {pid} on {closed.data.tags['housing.host']} ended without closing its run"
     )
     assert [r.info.run_name for r in _runs(repo) if r.info.status == "RUNNING"] == []
+
+
+_BETWEEN_STAGES = """
+import os, signal, sys
+from pathlib import Path
+from housing.entry import configure_logging, report_error
+from housing.repro import reproduce
+
+def on_event(stage, what):  # prepare recorded, no train stage started yet
+    if (stage, what) == ("prepare", "done"):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+configure_logging(0)
+try:
+    reproduce(Path.cwd(), on_event=on_event)
+except KeyboardInterrupt as exc:
+    sys.exit(report_error(exc))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_sigterm_between_two_stages_stops_everything_and_records_it(tmp_path: Path) -> None:
+    # housing repro's own engine, a real SIGTERM to its process the moment prepare is
+    # recorded: no stage is running, the fork server and the finished worker are.
+    root = make_scratch_repo(tmp_path / "between", defaults={"tracking": "mlflow"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BETWEEN_STAGES], cwd=root, env=_env(root),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    _, stderr = proc.communicate(timeout=300)
+    t0 = time.monotonic()
+    while _group(proc.pid) and time.monotonic() - t0 < STOP_BOUND:
+        time.sleep(0.1)
+
+    assert proc.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "error: terminated", stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert _group(proc.pid) == [], "processes outlived the command"
+    events = _events(root)
+    assert [(e["stage"], e["status"]) for e in events] == [
+        ("prepare", "started"), ("prepare", "succeeded"), ("pipeline", "killed")
+    ]  # fmt: skip
+    assert events[-1]["stages_run"] == ["prepare"] and events[-1]["stages_killed"] == []
+    runs = _runs(root)
+    assert {r.data.tags["housing.run_type"]: r.info.status for r in runs} == {
+        "pipeline": "KILLED", "stage": "FINISHED"
+    }  # fmt: skip

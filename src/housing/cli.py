@@ -23,7 +23,7 @@ import click
 
 from housing.entry import bound_mlflow_http, configure_logging, report_error
 from housing.errors import HousingError, first_line
-from housing.runner import run_stage
+from housing.runner import execute_stage
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -127,6 +127,11 @@ def _settings(overrides: Sequence[str], config_dir: Path | None) -> Settings:
     settings = load_settings(list(overrides), config_dir=config_dir)
     bound_mlflow_http(settings.mlflow.timeout_sec, settings.mlflow.retries)
     return settings
+
+
+def run_stage(stage: str, overrides: Sequence[str], config_dir: Path | None) -> None:
+    """A stage command's body: the settings (with their MLflow budget), then the stage."""
+    execute_stage(stage, _settings(overrides, config_dir))
 
 
 def _echo(text: str = "", *, err: bool = False) -> None:
@@ -453,11 +458,15 @@ def report(settings: Settings, project: str | None, last_versions: int) -> int:
 def status(settings: Settings) -> int:
     """Show the last pipeline run's stages from metrics/pipeline_events.jsonl."""
     from housing.monitoring import last_run_status, render_status
+    from housing.tracking.recorder import pending_sync
 
     events = settings.paths.metrics_dir / "pipeline_events.jsonl"
     run = last_run_status(events)
+    pending = pending_sync(settings).summary()
     if run is None:
         _echo(f"no pipeline runs recorded yet in {events}")
+        if pending:
+            _echo(pending)
         return 0
     _show([render_status(run)], lambda console: _print_status(console, run))
     test = settings.paths.test_summary
@@ -469,6 +478,8 @@ def status(settings: Settings) -> int:
         scores = "  ".join(f"test/{k}={v:.3f}" for k, v in sorted(read_scores(test).items()))
         where = relpath(test, settings.root)
         _echo(f"selected model: {model}  {scores}  ({where})")
+    if pending:
+        _echo(pending)
     return 0 if run.outcome != "failed" else 1
 
 
@@ -503,6 +514,7 @@ def doctor(settings: Settings) -> int:
     import os
 
     from housing.doctor import diagnose, render
+    from housing.tracking.recorder import pending_sync
 
     checks = diagnose(
         os.environ,
@@ -511,6 +523,7 @@ def doctor(settings: Settings) -> int:
         mlflow_uri=settings.mlflow.tracking_uri,
         config_file=os.environ.get("CLEARML_CONFIG_FILE"),
         root=settings.root,
+        pending=pending_sync(settings).summary(),
     )
     _show([render(checks)], lambda console: _print_checks(console, checks))
     return 1 if any(c.status == "fail" for c in checks) else 0

@@ -533,6 +533,7 @@ def diagnose(
     mlflow_uri: str,
     config_file: str | None = None,
     root: Path | None = None,
+    pending: str | None = None,
 ) -> list[Check]:
     """Check the tracking setup and return one :class:`Check` per aspect.
 
@@ -542,7 +543,9 @@ def diagnose(
     it. The API keys are read from the variables ``clearml.auth`` names, else from the
     ClearML config file (``config_file``, else ``CLEARML_CONFIG_FILE``, else
     ``~/clearml.conf``). A damaged local store (MLflow SQLite relative to ``root``,
-    default the current directory; ClearML ledgers) is a failure.
+    default the current directory; ClearML ledgers) is a failure. ``pending``: what waits
+    for ``housing sync`` (:meth:`~housing.tracking.recorder.PendingSync.summary`), a
+    warning.
     """
     root = Path.cwd() if root is None else root
     pipeline = clearml.pipeline
@@ -566,7 +569,7 @@ def diagnose(
                 Check("clearml mode", "ok", "ClearML disabled (not among the tracking backends)")
             )
             checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, client, root))
-            return checks
+            return [*checks, *pending_check(pending)]
 
         config_check, config_path = _config_file_check(env, config_file)
         literals = _read_config_literals(config_path) if config_path else {}
@@ -596,10 +599,18 @@ def diagnose(
         if ledger_problem is not None:
             checks.append(Check("clearml store", "fail", ledger_problem, "nothing was changed"))
         checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, client, root))
-    checks.extend([config_check, server_check, cred_check, *extra])
+    checks.extend([config_check, server_check, cred_check, *extra, *pending_check(pending)])
     basic = _basic(state) if state.secret else ""
     access = state.access if len(state.access) > 4 else ""
     return _scrub(checks, [state.secret, basic, state.token, access])
+
+
+def pending_check(summary: str | None) -> list[Check]:
+    """Work not yet synced (:meth:`~housing.tracking.recorder.PendingSync.summary`): a
+    warning, not a failure; nothing when nothing waits."""
+    if summary is None:
+        return []
+    return [Check("pending sync", "warn", summary.removeprefix("pending sync: "), "housing sync")]
 
 
 _LABELS: dict[str, str] = {"ok": " ok ", "warn": "warn", "fail": "FAIL"}

@@ -4,6 +4,23 @@ ClearML hooks ``sys.exit``: once called in a process (even when caught), later
 ClearML tasks of that process stop reporting. So nothing here (or in
 :mod:`housing.cli`) calls ``sys.exit``: errors become an exit code that the
 console script returns.
+
+MLflow's HTTP budget (``mlflow.timeout_sec``, ``mlflow.retries``): MLflow 3 has no
+per-client or per-call knob; its REST client reads ``MLFLOW_HTTP_REQUEST_TIMEOUT`` /
+``_MAX_RETRIES`` / ``_BACKOFF_FACTOR`` / ``_BACKOFF_JITTER`` from the environment at
+each call (defaults 120 s, 7 retries, exponential backoff: minutes per call against a
+dead server). So the budget is decided once per process, at its start-up, before its
+first MLflow call, and children inherit it:
+
+- a command's process (each stage command, so also a stage server's child, which is
+  the client's command): :func:`bound_mlflow_http` from the composed settings
+  (``housing.cli``); :func:`configure_logging` sets the defaults before that, never
+  over a budget the parent process decided;
+- ``housing repro`` / ``housing pipeline`` workers: the fork server they are forked
+  from starts with the run's budget in its environment (``repro.fork_server_env``),
+  so a worker writes nothing.
+
+A variable the user set is never replaced.
 """
 
 from __future__ import annotations
@@ -11,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 from housing.errors import HousingError, Terminated
 
@@ -30,7 +48,7 @@ class _DropExpected(logging.Filter):
         return not any(text in message for text in _EXPECTED_NOISE)
 
 
-class _NoDiskFullTraceback(logging.Filter):
+class NoDiskFullTraceback(logging.Filter):
     """A full disk is the command's one ``error:`` line: a library's record of it (DVC
     logs a failed cache transfer with its traceback) is dropped, and the package's own
     records keep their message without the traceback."""
@@ -53,9 +71,9 @@ def configure_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     if verbosity <= 0:
         for handler in logging.getLogger().handlers:
-            handler.addFilter(_NoDiskFullTraceback())
+            handler.addFilter(NoDiskFullTraceback())
         # MLflow's own handler prints its SQL store errors with the traceback.
-        logging.getLogger("mlflow.store.db.utils").addFilter(_NoDiskFullTraceback())
+        logging.getLogger("mlflow.store.db.utils").addFilter(NoDiskFullTraceback())
     # MLflow configures its own loggers when imported (later, lazily): set them via env.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbosity > 0 else "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -66,39 +84,46 @@ def configure_logging(verbosity: int) -> None:
             logging.getLogger(name).addFilter(_DropExpected())
         # urllib3 logs each retry at WARNING; the command reports the outcome itself
         logging.getLogger("urllib3").setLevel(logging.ERROR)
-    bound_mlflow_http()  # the defaults of mlflow.timeout_sec / retries, until settings load
+    bound_mlflow_http()  # the defaults, unless the parent process decided the budget
 
 
-#: Records which MLflow HTTP variables housing set (``NAME=value,...``), so a later call
-#: (or a child process, which inherits both) may replace its own values, never the user's.
+#: Records which MLflow HTTP variables housing set (``NAME=value,...``), so a later
+#: decision (or a child process's, which inherits both) may replace its own values,
+#: never the user's.
 _BUDGET_MARK = "HOUSING_MLFLOW_HTTP_BUDGET"
 
 
-def bound_mlflow_http(timeout_sec: int = 2, retries: int = 1) -> None:
-    """Give every MLflow HTTP call a short timeout and few retries without backoff.
-
-    MLflow 3.17 has no per-client or per-call knob: its REST client reads
-    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``_MAX_RETRIES`` / ``_BACKOFF_FACTOR`` /
-    ``_BACKOFF_JITTER`` from the environment at each call (defaults 120 s, 7 retries,
-    exponential backoff: minutes per call against a dead server). So they are set here,
-    at a command's start-up (entry points only), unless the user set them; child
-    processes inherit them. Called again once the settings are composed.
-    """
+def mlflow_http_env(
+    timeout_sec: int | None, retries: int | None, environ: Mapping[str, str]
+) -> dict[str, str]:
+    """The MLflow HTTP variables to set over ``environ`` for this budget (with the mark
+    of which ones housing set): never a value the user set; without a budget (None), the
+    defaults only where neither housing nor the user decided one yet."""
     wanted = {
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_sec),
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_sec or 2),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(1 if retries is None else retries),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
         "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
     }
+    decided = timeout_sec is not None or retries is not None
     ours = dict(
-        item.split("=", 1) for item in os.environ.get(_BUDGET_MARK, "").split(",") if "=" in item
+        item.split("=", 1) for item in environ.get(_BUDGET_MARK, "").split(",") if "=" in item
     )
+    changes: dict[str, str] = {}
     for name, value in wanted.items():
-        current = os.environ.get(name)
-        if current is None or ours.get(name) == current:
-            os.environ[name] = value
-            ours[name] = value
-    os.environ[_BUDGET_MARK] = ",".join(f"{k}={v}" for k, v in ours.items())
+        current = environ.get(name)
+        if current is None or (decided and ours.get(name) == current):
+            changes[name] = ours[name] = value
+    if changes:
+        changes[_BUDGET_MARK] = ",".join(f"{k}={v}" for k, v in ours.items())
+    return changes
+
+
+def bound_mlflow_http(timeout_sec: int | None = None, retries: int | None = None) -> None:
+    """Give every MLflow HTTP call of this process (and its children) the budget
+    ``mlflow.timeout_sec`` / ``mlflow.retries``, without backoff (see the module
+    docstring); None: the defaults, unless a budget was decided already."""
+    os.environ.update(mlflow_http_env(timeout_sec, retries, os.environ))
 
 
 def error_line(message: str) -> None:
@@ -115,29 +140,16 @@ def report_error(exc: BaseException) -> int:
     and 1; Ctrl-C gives ``error: interrupted`` and 130, SIGTERM ``error: terminated``
     and 143. Anything else is a bug and propagates.
     """
-    from housing.io import disk_full, is_disk_full
+    from housing.io import disk_full, is_disk_full, written_path
 
     if isinstance(exc, HousingError):
         error_line(str(exc))
         return exc.exit_code
     if is_disk_full(exc):
-        error = disk_full(_written_path(exc))
+        error = disk_full(written_path(exc))
         error_line(str(error))
         return error.exit_code
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C 130; SIGTERM (Terminated) 143
         error_line("terminated" if isinstance(exc, Terminated) else "interrupted")
         return int(getattr(exc, "exit_code", INTERRUPTED))
     raise exc
-
-
-def _written_path(exc: BaseException) -> str | None:
-    """The file a failed write was writing (a copy's destination), from ``exc`` or the
-    ``OSError`` it wraps."""
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None:
-            break
-        if isinstance(seen, OSError) and (seen.filename2 or seen.filename):
-            return str(seen.filename2 or seen.filename)
-        seen = seen.__cause__ or seen.__context__
-    return None

@@ -52,6 +52,19 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+def written_path(exc: BaseException) -> str | None:
+    """The file a failed write was writing (a copy's destination), from ``exc`` or the
+    ``OSError`` it wraps; None when no error in the chain names one."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and (seen.filename2 or seen.filename):
+            return str(seen.filename2 or seen.filename)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def disk_full(path: str | os.PathLike[str] | None) -> DiskFullError:
     """The one-line error for a full disk while writing ``path`` (shown relative to the
     current directory when inside it)."""

@@ -210,22 +210,26 @@ def finish_job(job: StageJob, status: str) -> None:
 
 
 def fork_server_env(settings: Settings | None) -> dict[str, str]:
-    """What the fork server's environment needs for its warm-up
-    (:mod:`housing.tracking.warmup`): the ClearML variables the stages' trackers will
-    use with ``settings`` (None: the config is broken, the stages will say so)."""
+    """What the fork server's environment needs, for the workers forked from it: the
+    run's MLflow HTTP budget (``mlflow.timeout_sec`` / ``retries``, see
+    :mod:`housing.entry`) and, for its warm-up (:mod:`housing.tracking.warmup`), the
+    ClearML variables the stages' trackers will use with ``settings`` (None: the config
+    is broken, the stages will say so)."""
     import json
 
+    from housing.entry import mlflow_http_env
     from housing.tracking.recorder import clearml_env
     from housing.tracking.warmup import ENV_VARIABLE
 
     if settings is None:
         return {}
+    budget = mlflow_http_env(settings.mlflow.timeout_sec, settings.mlflow.retries, os.environ)
     try:
         env = clearml_env(settings)
     except (HousingError, ValueError, OSError) as exc:  # the stages report it
         log.debug("fork server warm-up without ClearML's config: %s", exc)
-        return {}
-    return {ENV_VARIABLE: json.dumps(env)} if env else {}
+        return budget
+    return {**budget, ENV_VARIABLE: json.dumps(env)} if env else budget
 
 
 def preload(settings: Settings | None) -> None:
@@ -457,12 +461,20 @@ def _reproduce(run: _Run, result: ReproResult) -> None:
 
 
 def quiet_dvc() -> None:
-    """DVC sets up its console logging when imported: keep its warnings, once each."""
+    """DVC sets up its console logging when imported: keep its warnings, once each; its
+    record of a full disk (``ERROR: failed to transfer ...``) is dropped (the command's
+    one line says it)."""
     import dvc  # noqa: F401 - the import configures the "dvc" logger
+
+    from housing.entry import NoDiskFullTraceback
 
     dvc_log = logging.getLogger("dvc")
     dvc_log.setLevel(logging.WARNING)
     dvc_log.propagate = False
+    for name in ("dvc", "dvc_data", "dvc_objects"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, NoDiskFullTraceback) for f in handler.filters):
+                handler.addFilter(NoDiskFullTraceback())
 
 
 def _outcome(future: Any, name: str) -> StageOutcome:
@@ -476,13 +488,23 @@ def _outcome(future: Any, name: str) -> StageOutcome:
 
 
 def _record(stage: Any) -> None:
-    """Record a finished stage as ``dvc repro`` does: save, commit, dump to dvc.lock."""
+    """Record a finished stage as ``dvc repro`` does: save, commit, dump to dvc.lock.
+
+    A full disk raises :class:`~housing.io.DiskFullError` naming the file, else DVC's
+    cache (DVC raises the ``OSError`` without its path)."""
+    from housing.io import disk_full, is_disk_full, written_path
+
     no_cache_outs = any(
         not out.use_cache for out in stage.outs if not (out.is_metric or out.is_plot)
     )
-    stage.save(allow_missing=False, run_cache=not no_cache_outs)
-    stage.commit(allow_missing=False)
-    stage.dump(update_pipeline=False)
+    try:
+        stage.save(allow_missing=False, run_cache=not no_cache_outs)
+        stage.commit(allow_missing=False)
+        stage.dump(update_pipeline=False)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise disk_full(written_path(exc) or stage.repo.cache.local.path) from None
 
 
 #: After Ctrl-C / SIGTERM: how long a stage gets to close its runs as killed.

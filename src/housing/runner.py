@@ -100,23 +100,32 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 
 @contextmanager
+def handling_signals(
+    signums: Sequence[int], handler: Callable[[int, FrameType | None], Any]
+) -> Iterator[None]:
+    """Within the block, ``handler`` handles ``signums``; the previous handlers come back
+    after it. A signal this process ignores (``nohup``, a background job) stays ignored.
+    Main thread only (as :func:`signal.signal`)."""
+    before = {s: h for s in signums if (h := signal.getsignal(s)) not in (None, signal.SIG_IGN)}
+    for signum in before:
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+
+
+@contextmanager
 def stop_signals() -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`~housing.errors.Terminated` as Ctrl-C raises
     :class:`KeyboardInterrupt`, so the stage's trackers and events record it as killed;
     a second signal while that cleanup runs is ignored. A signal this process ignores
-    (``nohup``, a background job) stays ignored; off the main thread, or nested, nothing
-    changes."""
-    signums = (signal.SIGINT, signal.SIGTERM)
+    stays ignored; off the main thread, or nested, nothing changes."""
     if threading.current_thread() is not threading.main_thread() or (
         signal.getsignal(signal.SIGTERM) is _raise_stop
     ):
         yield
         return
-    before = {s: h for s in signums if (h := signal.getsignal(s)) not in (None, signal.SIG_IGN)}
-    for signum in before:
-        signal.signal(signum, _raise_stop)
-    try:
+    with handling_signals((signal.SIGINT, signal.SIGTERM), _raise_stop):
         yield
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)

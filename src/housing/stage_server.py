@@ -206,19 +206,14 @@ def _forwarding_signals(conn: socket.socket) -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP of this process go to the child as one byte each
     (a signal this process ignores, as under ``nohup`` or ``&``, stays ignored)."""
 
+    from housing.runner import handling_signals
+
     def forward(signum: int, _frame: object) -> None:
         with contextlib.suppress(OSError):
             conn.send(bytes([signum]))
 
-    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    before = {s: signal.getsignal(s) for s in signums if signal.getsignal(s) != signal.SIG_IGN}
-    for signum in before:
-        signal.signal(signum, forward)
-    try:
+    with handling_signals((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), forward):
         yield
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
 
 
 def _recv_exact(conn: socket.socket, size: int) -> bytes | None:

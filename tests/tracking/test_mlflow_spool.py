@@ -382,3 +382,106 @@ def test_probe_counts_an_answer_but_not_a_missing_health_endpoint(
         finally:
             server.shutdown()
     assert (reason is None) is reachable, reason
+
+
+def _clauses(sql: str) -> tuple[str, ...]:
+    """A CREATE statement's top-level clauses, sorted: MLflow's migrations write a
+    table's constraints in an order that varies with the hash seed."""
+    parts, depth, current = [], 0, ""
+    for char in " ".join(sql.split()):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 1:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return tuple(sorted([*parts, current.strip()]))
+
+
+def _schema(db: Path) -> set[tuple[str, str, tuple[str, ...]]]:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        rows = con.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL")
+        schema = {(str(t), str(n), _clauses(str(q))) for t, n, q in rows}
+        revision = con.execute("SELECT version_num FROM alembic_version").fetchall()
+    finally:
+        con.close()
+    return schema | {("revision", str(revision), ())}
+
+
+@pytest.mark.slow
+def test_the_spool_store_template_is_the_schema_mlflow_makes(tmp_path: Path) -> None:
+    # After an MLflow upgrade this fails: rewrite it with write_store_template().
+    from mlflow import MlflowClient
+
+    made, templated = tmp_path / "made" / "mlflow.db", tmp_path / "templated" / "mlflow.db"
+    made.parent.mkdir()
+    MlflowClient(f"sqlite:///{made}").search_experiments()
+    templated.parent.mkdir()
+    mlflow_spool.create_store(templated)
+    assert _schema(templated) == _schema(made)
+
+
+def test_a_spool_store_from_the_template_opens_at_once_and_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    started = time.monotonic()
+    mlflow_spool.create_store(db)
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.create_experiment("housing")
+    assert time.monotonic() - started < 3  # MLflow's migrations take ~6 s
+    assert [e.name for e in client.search_experiments()] == ["housing", "Default"]
+    before = db.read_bytes()
+    mlflow_spool.create_store(db)  # an existing store is kept as it is
+    assert db.read_bytes() == before and client.get_experiment(experiment).name == "housing"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.create.lock"]
+    monkeypatch.setattr(mlflow_spool, "STORE_TEMPLATE", tmp_path / "absent.sql")
+    mlflow_spool.create_store(tmp_path / "other.db")  # no template: MLflow creates it
+    assert not (tmp_path / "other.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_server_that_stops_answering_mid_stage_costs_seconds_and_the_run_is_spooled(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_prepare_sec: float
+) -> None:
+    # The real server frozen (SIGSTOP) at the stage's first metrics: its socket accepts,
+    # nothing answers. The stage goes on within the budget (mlflow.timeout_sec=1,
+    # retries=0 here), the run is spooled whole, one line says so.
+    port = free_port()
+    proc = start_server(tmp_path / "server", port)
+    uri = f"http://127.0.0.1:{port}"
+    original: Callable[..., Any] = MLflowTracker.log_metrics
+
+    def freeze_then_call(self: MLflowTracker, *args: Any) -> Any:
+        os.killpg(proc.pid, signal.SIGSTOP)
+        return original(self, *args)
+
+    handler = WarningLines()
+    logging.getLogger("housing").addHandler(handler)
+    try:
+        settings = _settings(
+            f"mlflow.tracking_uri={uri}", "mlflow.timeout_sec=1", "mlflow.retries=0"
+        )
+        bound_mlflow_http(1, 0)  # the stage command's start-up, from these settings
+        monkeypatch.setattr(MLflowTracker, "log_metrics", freeze_then_call)
+        started = time.monotonic()
+        execute_stage("prepare", settings, context=runs.current())
+        elapsed = time.monotonic() - started
+    finally:
+        logging.getLogger("housing").removeHandler(handler)
+        os.killpg(proc.pid, signal.SIGCONT)
+        stop(proc)
+    assert elapsed - local_prepare_sec < ADDED_LIMIT_SEC, (elapsed, local_prepare_sec)
+    assert handler.lines == [
+        f"mlflow: {uri} unreachable (timed out); recording to the local spool, run "
+        "`housing mlflow sync` later"
+    ]
+    _assert_spooled_prepare(project, uri)
+    (run,) = _spooled_stages(project)
+    assert run.data.tags[TAG_PARTIAL]  # the server's half-done run, superseded at sync

@@ -487,6 +487,28 @@ class SyncReport:
         return f"ClearML sync to {self.api_host}: " + ", ".join(parts)
 
 
+def _not_imported(offline_dir: Path, report: SyncReport) -> list[OfflineSession]:
+    """The closed sessions not yet imported into ``report.api_host``; the imported and
+    the open ones are noted in ``report``."""
+    done = read_json_file(offline_dir / IMPORTED_FILE, {}).get("sessions") or {}
+    pending: list[OfflineSession] = []
+    for session in list_sessions(offline_dir):
+        entries = done.get(session.task_id) or []
+        if any(isinstance(e, dict) and e.get("api_host") == report.api_host for e in entries):
+            report.already_imported.append(session.task_id)
+        elif not session.closed:
+            report.open_sessions.append(session.task_id)
+        else:
+            pending.append(session)
+    return pending
+
+
+def pending_sessions(settings: ClearMLSettings) -> int:
+    """How many closed offline sessions wait for a sync to ``clearml.server.api_host``."""
+    report = SyncReport(api_host=settings.server.api_host.rstrip("/"))
+    return len(_not_imported(settings.offline_dir, report))
+
+
 def sync(settings: ClearMLSettings, *, env: Mapping[str, str] | None = None) -> SyncReport:
     """Import every not-yet-imported closed session of ``settings.offline_dir`` into the
     server of ``settings.server``.
@@ -507,16 +529,7 @@ def sync(settings: ClearMLSettings, *, env: Mapping[str, str] | None = None) -> 
     with file_lock(offline_dir / SYNC_LOCK_FILE, blocking=False) as acquired:
         if not acquired:
             raise SyncError(f"another ClearML sync of {offline_dir} is running; try again later")
-        done = read_json_file(offline_dir / IMPORTED_FILE, {}).get("sessions") or {}
-        pending: list[OfflineSession] = []
-        for session in list_sessions(offline_dir):
-            entries = done.get(session.task_id) or []
-            if any(isinstance(e, dict) and e.get("api_host") == report.api_host for e in entries):
-                report.already_imported.append(session.task_id)
-            elif not session.closed:
-                report.open_sessions.append(session.task_id)
-            else:
-                pending.append(session)
+        pending = _not_imported(offline_dir, report)
         if pending:
             waiting = (
                 f"nothing imported; {len(pending)} session(s) wait in {sessions_root(offline_dir)}"
@@ -539,7 +552,6 @@ def sync(settings: ClearMLSettings, *, env: Mapping[str, str] | None = None) -> 
             upload_uri = settings.output_uri or settings.server.files_host
             _import(offline_dir, pending, report, upload_uri, child_env)
     report.seconds = time.monotonic() - started
-    logger.info("%s", report.summary())
     return report
 
 

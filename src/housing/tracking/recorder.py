@@ -2,14 +2,17 @@
 
 The same names and numbers go to every active backend and match ``metrics/*.json``.
 A tracker that fails is reported once and dropped for the rest of the stage: a
-tracking problem never fails a stage or loses its outputs.
+tracking problem never fails a stage or loses its outputs. A full disk under a
+tracker's store is the exception: the stage's record would be silently incomplete, so
+it ends the stage with the one disk-full line naming the store.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from operator import methodcaller
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,16 +33,25 @@ log = logging.getLogger(__name__)
 
 
 class TrackerSet:
-    """The active trackers of one stage; a call that raises disables that tracker."""
+    """The active trackers of one stage; a call that raises disables that tracker (a
+    full disk raises :class:`~housing.io.DiskFullError` instead)."""
 
     def __init__(self, trackers: Sequence[Tracker]) -> None:
         self.trackers = list(trackers)
 
     def each(self, action: str, call: Callable[[Tracker], Any]) -> None:
+        from housing.io import disk_full, is_disk_full, written_path
+
         for tracker in list(self.trackers):
             try:
                 call(tracker)
-            except Exception as exc:  # a tracking failure must not fail the stage
+            except Exception as exc:
+                if is_disk_full(exc):  # the run would be incomplete: the stage fails
+                    self.trackers.remove(tracker)
+                    with suppress(Exception):  # it cannot write its status either
+                        tracker.close("failed", "disk full")
+                    raise disk_full(written_path(exc) or _store_of(tracker)) from None
+                # any other tracking failure must not fail the stage
                 log.warning(
                     "tracking: %s %s failed (%s: %s); continuing without it for this stage",
                     tracker.backend,
@@ -55,6 +67,18 @@ class TrackerSet:
             _close_quietly(tracker, status, error)
 
 
+def _store_of(tracker: Tracker) -> Path | None:
+    """Where ``tracker`` writes locally: an MLflow sqlite store (the spool's too), or the
+    ClearML offline folder; None for a server."""
+    from housing.tracking.mlflow import _sqlite_path
+
+    uri = getattr(tracker, "tracking_uri", None)
+    if isinstance(uri, str):
+        return _sqlite_path(uri)
+    folder = getattr(getattr(tracker, "settings", None), "offline_dir", None)
+    return folder if isinstance(folder, Path) else None
+
+
 def _close_quietly(tracker: Tracker, status: str, error: str | None) -> None:
     try:
         tracker.close(status, error)
@@ -68,9 +92,11 @@ def build_trackers(settings: Settings) -> list[Tracker]:
     Local stores are resolved against the repository (:func:`housing.runs.store_root`),
     so a DVC experiment's temporary copy records into the repository's own stores. A
     damaged local store raises :class:`~housing.tracking.stores.StoreError` before the
-    stage works (bad data, not a tracker hiccup); a tracker that cannot be built is a
+    stage works (bad data, not a tracker hiccup), a full disk
+    :class:`~housing.io.DiskFullError`; a tracker that cannot be built otherwise is a
     warning and the stage runs without it.
     """
+    from housing.io import disk_full, is_disk_full, written_path
     from housing.runs import store_root
     from housing.tracking.stores import check_stores
 
@@ -89,6 +115,8 @@ def build_trackers(settings: Settings) -> list[Tracker]:
 
                 trackers.append(ClearMLTracker(_in_store(settings)))
         except Exception as exc:
+            if is_disk_full(exc):  # as in TrackerSet.each: the stage's record would be lost
+                raise disk_full(written_path(exc)) from None
             log.warning("tracking: %s unavailable (%s: %s)", backend, type(exc).__name__, exc)
     return trackers
 
@@ -130,6 +158,44 @@ def clearml_env(settings: Settings) -> dict[str, str]:
     from housing.tracking.clearml import client_env
 
     return client_env(_in_store(settings))
+
+
+@dataclass(frozen=True)
+class PendingSync:
+    """Work recorded locally that a sync has not sent to its server yet."""
+
+    mlflow_runs: int = 0  # stage runs in the MLflow spool
+    clearml_sessions: int = 0  # closed ClearML offline sessions not imported
+    problems: tuple[str, ...] = ()  # a local store that could not be read
+
+    def summary(self) -> str | None:
+        """One line naming what waits and the command that sends it; None: nothing."""
+        if not (self.mlflow_runs or self.clearml_sessions or self.problems):
+            return None
+        parts = [f"{self.mlflow_runs} MLflow run(s) spooled"] if self.mlflow_runs else []
+        if self.clearml_sessions:
+            parts.append(f"{self.clearml_sessions} ClearML offline session(s) not synced")
+        parts += [f"cannot count: {problem}" for problem in self.problems]
+        return "pending sync: " + ", ".join(parts) + "; run `housing sync`"
+
+
+def pending_sync(settings: Settings) -> PendingSync:
+    """What ``housing sync`` would send: MLflow runs spooled for ``mlflow.tracking_uri``
+    and closed ClearML offline sessions not yet in ``clearml.server``; read-only."""
+    from housing.errors import first_line
+    from housing.tracking import mlflow_spool, offline
+
+    runs = sessions = 0
+    problems: list[str] = []
+    try:
+        runs = mlflow_spool.pending(settings)
+    except Exception as exc:  # a damaged spool: say so, do not fail the caller
+        problems.append(f"{mlflow_spool.spool_dir(settings)}: {first_line(exc, 200)}")
+    try:
+        sessions = offline.pending_sessions(_in_store(settings))
+    except Exception as exc:
+        problems.append(f"{_in_store(settings).offline_dir}: {first_line(exc, 200)}")
+    return PendingSync(runs, sessions, tuple(problems))
 
 
 def finish_pipeline(settings: Settings, context: RunContext, status: str) -> None:
