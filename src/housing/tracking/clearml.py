@@ -38,6 +38,7 @@ from typing import Any, Final
 
 from housing.config import ClearMLSettings
 from housing.errors import ArtifactError, ConfigError, first_line
+from housing.quirks.clearml import offline_output_models, unlock_offline_model
 from housing.tracking.base import (
     ChampionDecision,
     Figure,
@@ -188,10 +189,9 @@ def load_sdk_config() -> None:
     The ``housing repro`` fork server calls this so forked stages skip the parse; a
     tracker whose config file differs makes the SDK read its own instead.
     """
-    from clearml.config import ConfigSDKWrapper, ConfigWrapper
+    from housing.quirks.clearml import load_config_now
 
-    ConfigWrapper._init()
-    ConfigSDKWrapper._init()
+    load_config_now()
     _sdk_config_from[:] = [os.environ.get("CLEARML_CONFIG_FILE", "")]
 
 
@@ -199,10 +199,9 @@ def _drop_stale_sdk_config() -> None:
     """Forget a config :func:`load_sdk_config` read from another ``CLEARML_CONFIG_FILE``."""
     if not _sdk_config_from or _sdk_config_from[0] == os.environ.get("CLEARML_CONFIG_FILE", ""):
         return
-    from clearml.config import ConfigSDKWrapper, ConfigWrapper
+    from housing.quirks.clearml import forget_config
 
-    ConfigWrapper._config = None
-    ConfigSDKWrapper.clear_config_impl()
+    forget_config()
     _sdk_config_from.clear()
 
 
@@ -591,11 +590,7 @@ class ClearMLTracker:
         target_name = f"{_safe_name(model.registry_name)}-v{version}{path.suffix}"
         with _staged(path, target_name, self.offline) as weights:
             if self.offline:
-                base: Any = out._get_base_model()
-                if not hasattr(base, "locked"):
-                    # SDK bug (clearml 1.15-2.1.12): the offline placeholder has no `locked`,
-                    # so update_weights raises AttributeError before copying the weights.
-                    base.locked = False
+                unlock_offline_model(out)
             out.update_weights(
                 weights_filename=str(weights),
                 target_filename=target_name,
@@ -718,7 +713,7 @@ class ClearMLTracker:
         if self.offline:
             # The offline registration is already recorded in task.json; add the tag to
             # that record so the import creates the model with it.
-            for entry in getattr(self._task, "_offline_output_models", []):
+            for entry in offline_output_models(self._task):
                 if entry.get("id") == registered.model_id:
                     tags = entry.setdefault("init", {}).setdefault("tags", [])
                     if CHAMPION_TAG not in tags:

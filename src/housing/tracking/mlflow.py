@@ -23,10 +23,9 @@ import posixpath
 import re
 import shutil
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping
+from contextlib import suppress
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,6 +33,7 @@ from urllib.parse import unquote, urlparse
 
 from housing.errors import ArtifactError, ConfigError
 from housing.io import file_lock, file_sha256, read_json, write_json
+from housing.quirks.mlflow import check_prompts_once, fluent_tracking_uri, no_requirement_scan
 from housing.tracking.base import (
     ChampionDecision,
     Figure,
@@ -77,8 +77,6 @@ _INVALID_FILE_CHARS = re.compile(r"[^\w.\-]")
 _STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 _PINNED_DISTRIBUTIONS = ("scikit-learn", "numpy", "pandas", "joblib")
 
-# Serialises the temporary change of mlflow's process-global tracking URI.
-_GLOBAL_URI_LOCK = threading.Lock()
 _T = TypeVar("_T")
 
 
@@ -252,61 +250,6 @@ def _unless(codes: tuple[str, ...], call: Callable[[], _T]) -> _T | None:
         raise
 
 
-@contextmanager
-def _no_requirement_scan() -> Iterator[None]:
-    """Skip MLflow's requirements check: ~2 s per model, and it cannot fail (the pins
-    are the installed versions). If MLflow renames the hook, the check simply runs."""
-    from mlflow.utils import environment
-
-    name = "warn_dependency_requirement_mismatches"
-    original = getattr(environment, name, None)
-    if original is None:
-        yield
-        return
-    setattr(environment, name, lambda *args, **kwargs: None)
-    try:
-        yield
-    finally:
-        setattr(environment, name, original)
-
-
-@contextmanager
-def _fluent_tracking_uri(uri: str) -> Iterator[None]:
-    """Point mlflow's global (fluent) tracking URI at ``uri``; restore it afterwards."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    with _GLOBAL_URI_LOCK:
-        env_before = os.environ.get("MLFLOW_TRACKING_URI")
-        global_before = getattr(tracking_utils, "_tracking_uri", None)
-        set_uri: Any = mlflow.set_tracking_uri
-        set_uri(uri)
-        try:
-            yield
-        finally:
-            set_uri(global_before)
-            if env_before is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = env_before
-
-
-def _check_prompts_once(client: MlflowClient) -> None:
-    """Check once per name that a model is no prompt: MLflow 3 asks before each alias or
-    tag call (six extra requests per champion decision). If renamed, every call checks."""
-    check = getattr(client, "_raise_if_prompt", None)
-    if check is None:
-        return
-    checked: set[str] = set()
-
-    def once(name: str) -> None:
-        if name not in checked:
-            check(name)
-            checked.add(name)
-
-    setattr(client, "_raise_if_prompt", once)  # noqa: B010
-
-
 def render_svg(figure: Figure) -> str:
     """The figure as SVG (matplotlib's Figure, no pyplot), text kept as text.
 
@@ -381,7 +324,7 @@ class MLflowTracker:
         self.client: MlflowClient = MlflowClient(
             tracking_uri=self.tracking_uri, registry_uri=self.registry_uri
         )
-        _check_prompts_once(self.client)
+        check_prompts_once(self.client)
         self.run_id: str | None = None
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
@@ -669,7 +612,7 @@ class MLflowTracker:
         self._ensure_registered_model(model.registry_name)
         # A local (sqlalchemy) registry resolves a ``models:/<model_id>`` source through
         # the global tracking URI, so this call needs it set too (mlflow 3.17).
-        with _fluent_tracking_uri(self.tracking_uri):
+        with fluent_tracking_uri(self.tracking_uri):
             version = self.client.create_model_version(
                 name=model.registry_name,
                 source=info.model_uri,
@@ -704,7 +647,7 @@ class MLflowTracker:
         import mlflow.sklearn
         from mlflow.entities import LoggedModelOutput
 
-        with _fluent_tracking_uri(self.tracking_uri), _no_requirement_scan():
+        with fluent_tracking_uri(self.tracking_uri), no_requirement_scan():
             pin_run = {"run_id": run_id} if mlflow.active_run() is not None else {}
             try:
                 info: ModelInfo = mlflow.sklearn.log_model(

@@ -1,0 +1,55 @@
+"""ClearML SDK quirks (locked: clearml 2.1.12)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def load_config_now() -> None:
+    """Parse the SDK's configuration (HOCON, ~1 s) now, from the ``CLEARML_*`` variables
+    as they are.
+
+    clearml 2.1.12 parses it lazily on first use, with no public call to do it ahead:
+    the private class methods ``ConfigWrapper._init`` and ``ConfigSDKWrapper._init``
+    are what first use calls. A warm process calls this so forked stages skip it.
+    """
+    from clearml.config import ConfigSDKWrapper, ConfigWrapper
+
+    ConfigWrapper._init()
+    ConfigSDKWrapper._init()
+
+
+def forget_config() -> None:
+    """Drop a configuration :func:`load_config_now` parsed, so the next use re-reads it.
+
+    clearml 2.1.12 keeps the parsed config in the private class attribute
+    ``ConfigWrapper._config`` (None: not loaded) and has no public reset for it.
+    """
+    from clearml.config import ConfigSDKWrapper, ConfigWrapper
+
+    ConfigWrapper._config = None
+    ConfigSDKWrapper.clear_config_impl()
+
+
+def unlock_offline_model(output_model: Any) -> None:
+    """Let ``output_model.update_weights`` run on an offline task.
+
+    SDK bug (clearml 1.15 to 2.1.12): the placeholder that the private
+    ``OutputModel._get_base_model()`` returns offline has no ``locked`` attribute, so
+    ``update_weights`` raises AttributeError before it copies the weights.
+    """
+    base: Any = output_model._get_base_model()
+    if not hasattr(base, "locked"):
+        base.locked = False
+
+
+def offline_output_models(task: Any) -> list[dict[str, Any]]:
+    """The models registered so far in an offline ``task``'s session (mutable records).
+
+    clearml 2.1.12 has no public access to them: the private list
+    ``Task._offline_output_models`` is what it writes to the session's ``task.json``
+    (``offline_output_models``) when the task closes, so a tag added to a record here
+    reaches the model that ``Task.import_offline_session`` creates.
+    """
+    models: list[dict[str, Any]] = getattr(task, "_offline_output_models", [])
+    return models
