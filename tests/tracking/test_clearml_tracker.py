@@ -192,6 +192,8 @@ def test_resolve_mode(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         alive = make_settings(tmp_path, mode="auto", server={"api_host": server.api_host})
         assert resolve_mode(alive, env=keys) == ("online", f"server {server.api_host} answered")
         assert resolve_mode(alive, env={})[0] == "offline"  # no credentials: never online
+        offline_env = {**keys, "CLEARML_OFFLINE_MODE": "1"}  # as doctor and the SDK read it
+        assert resolve_mode(alive, env=offline_env) == ("offline", "CLEARML_OFFLINE_MODE is set")
         assert server.endpoints() == ["debug.ping", "auth.login"]  # the keys are checked too
 
 

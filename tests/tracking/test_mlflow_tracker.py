@@ -34,7 +34,12 @@ from housing.tracking.base import (
     StageRun,
     Tracker,
 )
-from housing.tracking.mlflow import MLflowTracker, load_registered_model
+from housing.tracking.mlflow import (
+    MLflowTracker,
+    load_registered_model,
+    local_store_path,
+    resolve_uri,
+)
 
 EXPERIMENT = "housing-test"
 REGISTRY = "housing-ridge"
@@ -160,6 +165,27 @@ def test_tracker_satisfies_protocol(new_tracker: Callable[[], MLflowTracker]) ->
     tracker = new_tracker()
     assert isinstance(tracker, Tracker)
     assert tracker.backend == "mlflow"
+
+
+def test_one_resolver_for_local_store_uris(tmp_path: Path) -> None:
+    from housing.reporting.compare import _local_store_missing
+    from housing.tracking.stores import sqlite_path
+
+    root = tmp_path / "my project"  # a space: file: URIs percent-encode it
+    runs = root / "ml runs"
+    runs.mkdir(parents=True)
+    db = root / "mlflow.db"
+    assert local_store_path("sqlite:///mlflow.db?timeout=5", root) == db.resolve()
+    assert local_store_path(f"sqlite:///{db}", tmp_path) == db
+    assert local_store_path("sqlite:///:memory:", root) is None
+    assert local_store_path("http://127.0.0.1:5000", root) is None
+    for uri in ("ml runs", "file:ml%20runs", runs.as_uri(), f"file://localhost{runs.as_uri()[7:]}"):
+        assert local_store_path(uri, root) == runs.resolve(), uri
+        assert resolve_uri(uri, root) == runs.resolve().as_uri(), uri
+        assert _local_store_missing(resolve_uri(uri, root), root) is None, uri  # it exists
+    assert _local_store_missing(resolve_uri("file:gone", root), root) == (root / "gone").resolve()
+    assert sqlite_path("sqlite:///mlflow.db", root) == db.resolve()  # the store checks agree
+    assert sqlite_path("file:ml%20runs", root) is None
 
 
 def test_relative_sqlite_uri_resolves_against_root(

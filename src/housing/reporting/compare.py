@@ -783,15 +783,14 @@ def _server_model_row(model: Mapping[str, Any]) -> Row:
 # --------------------------------------------------------------------------- MLflow
 
 
-def _local_store_missing(uri: str) -> Path | None:
+def _local_store_missing(uri: str, root: Path) -> Path | None:
     """The local store's path when it does not exist (reading must not create it)."""
-    if uri.startswith("sqlite:////"):
-        path = Path(uri[len("sqlite:///") :])
-        return None if path.is_file() else path
-    if uri.startswith("file://"):
-        path = Path(uri.removeprefix("file://"))
-        return None if path.is_dir() else path
-    return None
+    from housing.tracking.mlflow import local_store_path
+
+    path = local_store_path(uri, root)
+    if path is None or (path.is_file() if uri.startswith("sqlite:") else path.is_dir()):
+        return None
+    return path
 
 
 def collect_mlflow(
@@ -803,18 +802,18 @@ def collect_mlflow(
     last_n: int | None = None,
 ) -> Collected:
     """MLflow stage runs of the experiment and the registry versions they registered."""
-    from housing.tracking.mlflow import _resolve_uri  # the tracker's: both read one store
+    from housing.tracking.mlflow import resolve_uri  # the tracker's: both read one store
 
     cfg = settings.mlflow
-    uri = _resolve_uri(cfg.tracking_uri, settings.root)
+    uri = resolve_uri(cfg.tracking_uri, settings.root)
     registry = cfg.registry_uri
-    registry_uri = _resolve_uri(registry, settings.root) if registry else None
+    registry_uri = resolve_uri(registry, settings.root) if registry else None
     name = project or cfg.experiment
     alias = settings.registry.champion_alias
     source = "server" if uri.startswith(("http://", "https://", "databricks")) else "local"
     got = Collected("mlflow", source, uri, name)
     filters = {"tags": tuple(tags), "stage": stage, "last_n": last_n}
-    missing = _local_store_missing(uri)
+    missing = _local_store_missing(uri, settings.root)
     if missing is not None:
         got.note = f"no MLflow store at {missing}"
         return _finish(got, settings, filters)

@@ -115,10 +115,14 @@ def resolve_mode(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
 ) -> tuple[str, str]:
-    """``("online" | "offline", reason)``; ``auto`` is online only when :func:`server_problem`
-    finds none, else offline with the reason logged once per process."""
+    """The one ClearML online/offline decision: ``("online" | "offline", reason)``; ``auto``
+    is offline when ``CLEARML_OFFLINE_MODE`` is set, online only when
+    :func:`server_problem` finds none, else offline with the reason logged once per process."""
     if settings.mode in ("online", "offline"):
         return settings.mode, f"clearml.mode={settings.mode}"
+    offline_env = (os.environ if env is None else env).get("CLEARML_OFFLINE_MODE", "")
+    if offline_env.strip().lower() in ("1", "true", "yes", "on", "y", "t"):
+        return "offline", "CLEARML_OFFLINE_MODE is set"  # as the SDK would (and doctor says)
     reason = server_problem(settings, env, timeout)
     if reason is None:
         return "online", f"server {settings.server.api_host} answered"

@@ -48,7 +48,14 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
     from mlflow.models.model import ModelInfo
 
-__all__ = ["MLflowTracker", "load_registered_model", "probe", "unreachable"]
+__all__ = [
+    "MLflowTracker",
+    "load_registered_model",
+    "local_store_path",
+    "probe",
+    "resolve_uri",
+    "unreachable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +144,12 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _resolve_uri(uri: str, root: Path) -> str:
-    """Make local store URIs absolute against ``root`` (remote URIs pass through)."""
+def resolve_uri(uri: str, root: Path) -> str:
+    """The one MLflow URI resolver: local store URIs (``sqlite:///``, ``file:``, a plain
+    path) made absolute against ``root``; remote URIs pass through."""
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///") :]
-        if path.startswith("/") or path == ":memory:" or not path:
+        if path.startswith("/") or path.startswith(":memory:") or not path:
             return uri
         return f"sqlite:///{(root / path).resolve()}"
     if uri.startswith("file:"):
@@ -155,10 +163,21 @@ def _resolve_uri(uri: str, root: Path) -> str:
     return (local if local.is_absolute() else (root / local).resolve()).as_uri()
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    if uri.startswith("sqlite:////"):
-        return Path(uri[len("sqlite:///") :])
+def local_store_path(uri: str, root: Path) -> Path | None:
+    """The database file (``sqlite:///``, query dropped) or folder (``file:``, a plain
+    path) of a local store URI, absolute against ``root``; None for a server or
+    ``:memory:``."""
+    resolved = resolve_uri(uri, root)
+    if resolved.startswith("sqlite:///"):
+        path = resolved[len("sqlite:///") :].split("?", 1)[0]
+        return Path(path) if path.startswith("/") else None
+    if resolved.startswith("file:"):
+        return Path(unquote(urlparse(resolved).path))
     return None
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return local_store_path(uri, Path("/")) if uri.startswith("sqlite:///") else None
 
 
 @functools.cache
@@ -310,13 +329,13 @@ class MLflowTracker:
         from mlflow import MlflowClient
 
         self.root = Path(root).resolve()
-        self.tracking_uri = _resolve_uri(tracking_uri, self.root)
-        self.registry_uri = _resolve_uri(registry_uri, self.root) if registry_uri else None
+        self.tracking_uri = resolve_uri(tracking_uri, self.root)
+        self.registry_uri = resolve_uri(registry_uri, self.root) if registry_uri else None
         self.experiment = experiment
         self.champion_alias = champion_alias
         db = _sqlite_path(self.tracking_uri)
         if artifact_location is not None:
-            self.artifact_location: str | None = _resolve_uri(artifact_location, self.root)
+            self.artifact_location: str | None = resolve_uri(artifact_location, self.root)
         elif db is not None:
             self.artifact_location = (db.parent / "mlruns").as_uri()
         else:

@@ -14,6 +14,7 @@ from operator import methodcaller
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from housing.errors import first_line
 from housing.stages.select_best import SELECTION_VALUE
 from housing.tracking.base import Figure, ModelVersion, StageRun, Tracker
 from housing.tracking.lineage import config_hash, decide_champion, git_commit, redact, utc_now
@@ -102,7 +103,7 @@ def tracked(settings: Settings, run: StageRun) -> Iterator[TrackerSet]:
         tset.each("log_config", lambda t: t.log_config(redact(dict(settings.resolved)), "config"))
         yield tset
     except BaseException as exc:
-        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        message = f"{type(exc).__name__}: {first_line(exc) if str(exc).strip() else ''}"
         killed = isinstance(exc, KeyboardInterrupt | SystemExit)
         tset.close("killed" if killed else "failed", str(redact(message)))
         raise
