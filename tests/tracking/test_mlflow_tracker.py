@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,6 +27,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from housing.errors import ArtifactError
+from housing.quirks.mlflow import fluent_tracking_uri
 from housing.tracking.base import (
     ChampionDecision,
     Figure,
@@ -629,3 +631,46 @@ def test_parallel_stage_processes_share_one_parent(store: Path) -> None:
     stages = client.search_runs([experiment.experiment_id], "tags.\"housing.run_type\" = 'stage'")
     assert {run.data.tags["mlflow.parentRunId"] for run in stages} == parents
     assert len(stages) == workers
+
+
+def test_logged_model_carries_signature_and_input_example(
+    new_tracker: Callable[[], MLflowTracker], store: Path
+) -> None:
+    import mlflow.artifacts
+    import mlflow.models
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    table = pd.DataFrame(
+        {"rooms": rng.normal(6, 1, 40), "rad": rng.integers(1, 9, 40), "age": rng.normal(size=40)}
+    )
+    table["price"] = 3 * table["rooms"] - table["rad"] + rng.normal(scale=0.1, size=40)
+    features = ["rooms", "rad", "age"]
+    pipe = Pipeline([("scale", StandardScaler()), ("model", Ridge())])
+    pipe.fit(table[features], table["price"])
+    path = store / "ridge-named.joblib"
+    joblib.dump(pipe, path)
+    base = model_version(store, (np.zeros((2, 3)), np.zeros(2)), alpha=1.0, rmse=3.5)
+    model = dataclasses.replace(
+        base,
+        path=path,
+        metadata={**base.metadata, "model_sha256": hashlib.sha256(path.read_bytes()).hexdigest()},
+        example=table.head(5),  # train rows as the recorder reads them: target included
+    )
+    tracker = new_tracker()
+    tracker.start(StageRun("train", "train_ridge", "pipe-signature"))
+    registered = tracker.register_model(model)
+    tracker.close("completed")
+
+    with fluent_tracking_uri(tracker.tracking_uri):  # models:/<id> reads the global URI
+        info = mlflow.models.get_model_info(str(registered.extra["model_uri"]))
+        local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(store / "dl"))
+    assert info.signature is not None
+    inputs = info.signature.inputs.to_dict()
+    assert [c["name"] for c in inputs] == features  # the target is not an input
+    assert {c["type"] for c in inputs} == {"double"}  # an int column too: ints or floats serve
+    assert info.signature.outputs is not None
+    assert info.saved_input_example_info is not None
+    example = mlflow.models.Model.load(local).load_input_example(local)
+    assert list(example.columns) == features
+    assert len(example) == 5

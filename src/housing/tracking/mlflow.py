@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlparse
 
-from housing.errors import ArtifactError, ConfigError
+from housing.errors import ArtifactError, ConfigError, first_line
 from housing.io import file_lock, file_sha256, read_json, write_json
 from housing.quirks.mlflow import check_prompts_once, fluent_tracking_uri, no_requirement_scan
 from housing.tracking.base import (
@@ -666,6 +666,7 @@ class MLflowTracker:
         import mlflow.sklearn
         from mlflow.entities import LoggedModelOutput
 
+        schema = _signature(estimator, model.example)
         with fluent_tracking_uri(self.tracking_uri), no_requirement_scan():
             pin_run = {"run_id": run_id} if mlflow.active_run() is not None else {}
             try:
@@ -675,6 +676,7 @@ class MLflowTracker:
                     serialization_format="cloudpickle",
                     pip_requirements=list(_pinned_requirements()),
                     model_id=model_id,
+                    **schema,
                     **pin_run,
                 )
             except Exception as exc:
@@ -844,6 +846,27 @@ def close_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
     if closed:
         log.info("MLflow: closed %d run(s) left RUNNING by ended processes", len(closed))
     return closed
+
+
+def _signature(estimator: Any, example: Any) -> dict[str, Any]:
+    """``signature`` and ``input_example`` for ``log_model`` from a few train rows (the
+    columns the fitted pipeline takes), or nothing when there are none.
+
+    Features are typed double: the pipeline imputes and scales floats, and MLflow's
+    schema check accepts integers for a double column but not floats for a long one.
+    """
+    names = getattr(estimator, "feature_names_in_", None)
+    if example is None or names is None or len(example) == 0:
+        return {}
+    from mlflow.models import infer_signature
+
+    try:
+        features = example[[str(n) for n in names]].astype("float64")
+        predicted = estimator.predict(features)
+    except (KeyError, ValueError, TypeError) as exc:
+        log.warning("MLflow: model logged without a signature (%s)", first_line(exc))
+        return {}
+    return {"signature": infer_signature(features, predicted), "input_example": features}
 
 
 def _pickle_file_name(flavors: Mapping[str, Any]) -> str:

@@ -189,6 +189,17 @@ def _lineage(settings: Settings, sha256: str, data_md5: str | None) -> dict[str,
     }
 
 
+def _example_rows(settings: Settings, rows: int = 5) -> Any:
+    """The first ``rows`` of the train split (features and target), or None if unreadable."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(settings.paths.train, nrows=rows)
+    except (OSError, ValueError) as exc:
+        log.debug("no input example for the model (%s)", first_line(exc))
+        return None
+
+
 def _importance_figure(importances: Mapping[str, float], title: str) -> Figure:
     ranked = sorted(importances.items(), key=lambda kv: kv[1], reverse=True)
     x, y = [k for k, _ in ranked], [v for _, v in ranked]
@@ -244,6 +255,7 @@ def _record_train(tset: TrackerSet, settings: Settings, result: TrainResult) -> 
         params=result.params,
         metadata=_lineage(settings, result.model_sha256, rec.get("data_md5")),
         tags=("candidate", result.model_name),
+        example=_example_rows(settings),
     )
     tset.each("register_model", lambda t: t.register_model(version))
 
@@ -281,6 +293,7 @@ def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult
         params=dict(result.summary["best_params"]),
         metadata=_lineage(settings, result.best_sha256, result.summary.get("data_md5")),
         tags=("best", result.best_model),
+        example=_example_rows(settings),
     )
 
     def register_and_gate(t: Tracker) -> None:
