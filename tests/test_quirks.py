@@ -148,6 +148,19 @@ def test_cache_schema_revision_answers_without_alembic(monkeypatch: pytest.Monke
     assert utils._get_latest_schema_revision() == head
 
 
+def test_version_model_id_from_the_source_when_the_store_drops_it() -> None:
+    from mlflow.entities.model_registry import ModelVersion
+
+    # what a SQL registry returns: model_id None, the logged model named by the source
+    stored = ModelVersion("m", "1", 0, source="models:/m-0123abcd", model_id=None)
+    assert stored.model_id is None
+    assert mlflow_quirks.version_model_id(stored) == "m-0123abcd"
+    given = ModelVersion("m", "2", 0, source="models:/m-0123abcd", model_id="m-ffff")
+    assert mlflow_quirks.version_model_id(given) == "m-ffff"
+    for source in ("runs:/abc/model", "models:/m/3", "file:///tmp/model"):
+        assert mlflow_quirks.version_model_id(ModelVersion("m", "3", 0, source=source)) is None
+
+
 # -------------------------------------------------------------------------------- ClearML
 
 

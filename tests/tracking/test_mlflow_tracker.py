@@ -41,6 +41,7 @@ from housing.tracking.mlflow import (
     load_registered_model,
     local_store_path,
     resolve_uri,
+    version_record,
 )
 
 EXPERIMENT = "housing-test"
@@ -329,18 +330,37 @@ def test_pipeline_run_logging_registry_and_champion(
     assert second.model_id == f"models:/{REGISTRY}/2"
     v1 = client.get_model_version(REGISTRY, "1")
     expected = model_version(store, data, alpha=1.0, rmse=3.5)
+    # the version's own tags: only what a person filters by in the registry UI
+    assert v1.tags == {
+        "algorithm": "ridge",
+        "data_md5": "d" * 32,
+        "git_commit": "abc1234",
+        "champion": "promoted",
+    }
+    # the full record: on the logged model, and the run's lineage.json
+    record = version_record(client, v1)
     for key, value in expected.metadata.items():
-        assert v1.tags[key] == value
-    assert v1.tags["metric.val/rmse"] == "3.5"
-    assert v1.tags["metric.cv/rmse_mean"] == "3.75"
-    assert v1.tags["param.alpha"] == "1.0"
-    assert v1.tags["param.solver.name"] == "auto"
-    assert v1.tags["algorithm"] == "ridge"
-    assert len(v1.tags["mlflow_pickle_sha256"]) == 64
+        assert record[key] == value
+    assert record["metric.val/rmse"] == "3.5"
+    assert record["metric.cv/rmse_mean"] == "3.75"
+    assert record["param.alpha"] == "1.0"
+    assert record["param.solver.name"] == "auto"
+    assert len(record["mlflow_pickle_sha256"]) == 64
     assert v1.run_id == train.run_id
-    assert v1.tags["housing.pipeline_run_id"] == "pipe-1"
-    assert v1.tags["housing.stage_run"] == "train_ridge"
+    assert record["housing.pipeline_run_id"] == "pipe-1"
+    assert record["housing.stage_run"] == "train_ridge"
+    lineage = json.loads(read_artifact(client, train.run_id, "lineage.json", store))
+    assert lineage["metadata"] == dict(expected.metadata)
+    assert lineage["metrics"] == {"val/rmse": 3.5, "cv/rmse_mean": 3.75}
+    assert lineage["params"] == {"alpha": 1.0, "solver": {"name": "auto"}}
+    assert lineage["labels"] == ["housing"]
+    assert (lineage["version"], lineage["algorithm"]) == ("1", "ridge")
+    assert lineage["pipeline_run_id"] == "pipe-1"
+    assert lineage["stage_run"] == "train_ridge"
+    assert lineage["mlflow_pickle_sha256"] == record["mlflow_pickle_sha256"]
     v2 = client.get_model_version(REGISTRY, "2")
+    assert set(v2.tags) == {"algorithm", "data_md5", "git_commit", "champion"}
+    assert v2.tags["champion"] == "rejected"
     assert v2.run_id == select.run_id
     logged = client.get_logged_model(str(first.extra["logged_model_id"]))
     assert logged.source_run_id == train.run_id
@@ -348,16 +368,17 @@ def test_pipeline_run_logging_registry_and_champion(
     assert logged.params["alpha"] == "1.0"
     assert logged.tags["model_sha256"] == expected.metadata["model_sha256"]
     assert [o.model_id for o in train_run.outputs.model_outputs] == [logged.model_id]
-    assert v2.tags["metric.val/rmse"] == "4.0"
+    assert version_record(client, v2)["metric.val/rmse"] == "4.0"
 
     # champion decisions: v1 promoted, v2 rejected, alias stays on v1
     assert str(client.get_model_version_by_alias(REGISTRY, "champion").version) == "1"
-    assert v1.tags["champion.decision"] == "promoted"
-    assert v1.tags["champion.replaced_version"] == ""
-    assert v1.tags["champion.metric"] == "val/rmse"
-    assert v2.tags["champion.decision"] == "rejected"
-    assert v2.tags["champion.reason"] == "not better than the champion"
-    assert v2.tags["champion.decided_at"] == "2026-01-01T00:00:00+00:00"
+    r1, r2 = record, version_record(client, v2)
+    assert r1["champion.decision"] == "promoted"
+    assert r1["champion.replaced_version"] == ""
+    assert r1["champion.metric"] == "val/rmse"
+    assert r2["champion.decision"] == "rejected"
+    assert r2["champion.reason"] == "not better than the champion"
+    assert r2["champion.decided_at"] == "2026-01-01T00:00:00+00:00"
     last = json.loads(client.get_registered_model(REGISTRY).tags["champion.last_decision"])
     assert last["version"] == "2"
     assert last["decision"] == "rejected"
@@ -535,6 +556,8 @@ def test_load_registered_model_refuses_wrong_or_missing_tags(
     with pytest.raises(ArtifactError, match="refusing to unpickle"):
         load_registered_model(tracker, REGISTRY, reg.version)
     tracker.client.delete_model_version_tag(REGISTRY, reg.version, "mlflow_pickle_sha256")
+    logged_id = str(reg.extra["logged_model_id"])
+    tracker.client.delete_logged_model_tag(logged_id, "mlflow_pickle_sha256")
     with pytest.raises(ArtifactError, match="no mlflow_pickle_sha256 tag"):
         load_registered_model(tracker, REGISTRY, reg.version)
     with pytest.raises(ArtifactError, match="no alias 'champion'"):
@@ -586,11 +609,9 @@ def test_register_and_champion_through_server(
     assert {"plots/residuals.svg", "plots/residuals.json"} <= artifact_files(
         client, run.info.run_id
     )
-    v2 = client.get_model_version(REGISTRY, "2")
-    assert v2.tags["champion.decision"] == "rejected"
-    assert (
-        v2.tags["model_sha256"] == model_version(tmp_path, data, 10.0, 4.0).metadata["model_sha256"]
-    )
+    v2 = version_record(client, client.get_model_version(REGISTRY, "2"))
+    assert v2["champion.decision"] == "rejected"
+    assert v2["model_sha256"] == model_version(tmp_path, data, 10.0, 4.0).metadata["model_sha256"]
     assert str(client.get_model_version_by_alias(REGISTRY, "champion").version) == "1"
     loaded = load_registered_model(client, REGISTRY, "champion")
     x, _ = data

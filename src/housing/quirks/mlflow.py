@@ -97,3 +97,20 @@ def cache_schema_revision() -> str:
     head = latest()
     setattr(utils, "_get_latest_schema_revision", lambda: head)  # noqa: B010
     return head
+
+
+def version_model_id(version: Any) -> str | None:
+    """The id of the logged model behind a registry version, or None.
+
+    mlflow 3.17: a version read back from a SQL (sqlite) registry has ``model_id``
+    None even when it was created with one (that store has no column for it); its
+    ``source``, ``models:/<model_id>``, still names the logged model.
+    """
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return str(model_id)
+    source = str(getattr(version, "source", "") or "")
+    rest = source.removeprefix("models:/")
+    if rest != source and rest.startswith("m-") and "/" not in rest:
+        return rest
+    return None

@@ -860,11 +860,14 @@ def _read_mlflow(
         )
         if v.run_id in run_ids
     ]
-    for version in versions:
-        row = _mlflow_version_row(version, champions, got.source)
+    from housing.tracking.mlflow import version_record
+
+    tagged = [(v, version_record(client, v)) for v in versions]
+    for version, tags in tagged:
+        row = _mlflow_version_row(version, tags, champions, got.source)
         row["pipeline_run_id"] = row["pipeline_run_id"] or stage_of.get(row["task_id"], "")
         got.models.append(row)
-    got.champions = _mlflow_events(versions, metric)
+    got.champions = _mlflow_events(tagged, metric)
 
 
 def _paged(fetch: Callable[[str | None], Any]) -> list[Any]:
@@ -902,8 +905,9 @@ def _mlflow_run_row(run: Any, project: str, source: str) -> Row:
     )
 
 
-def _mlflow_version_row(version: Any, champions: Mapping[str, str], source: str) -> Row:
-    tags: dict[str, str] = dict(version.tags or {})
+def _mlflow_version_row(
+    version: Any, tags: Mapping[str, str], champions: Mapping[str, str], source: str
+) -> Row:
     name, number = str(version.name), str(version.version)
     labels = tuple(k.removeprefix("tag.") for k in sorted(tags) if k.startswith("tag."))
     return _model_row(
@@ -925,15 +929,16 @@ def _mlflow_version_row(version: Any, champions: Mapping[str, str], source: str)
     )
 
 
-def _mlflow_events(versions: Sequence[Any], default_metric: str) -> list[ChampionEvent]:
+def _mlflow_events(
+    versions: Sequence[tuple[Any, Mapping[str, str]]], default_metric: str
+) -> list[ChampionEvent]:
     """Champion decisions from the versions' ``champion.*`` tags, in decision order.
 
     A rejected challenger's tags do not name the champion it faced; it is the last
     version promoted before it (what the gate compared against).
     """
     decided = []
-    for version in versions:
-        tags: dict[str, str] = dict(version.tags or {})
+    for version, tags in versions:
         if tags.get("champion.decision") in ("promoted", "rejected"):
             decided.append((tags.get("champion.decided_at", ""), version, tags))
     decided.sort(key=lambda d: (str(d[1].name), d[0], _version_key(d[1].version)))

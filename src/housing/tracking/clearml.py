@@ -209,6 +209,9 @@ def _drop_stale_sdk_config() -> None:
     _sdk_config_from.clear()
 
 
+#: The model metadata entry (online) holding the registration record as JSON.
+LINEAGE_METADATA = "lineage"
+
 # --------------------------------------------------------------------------- tracker
 
 
@@ -569,13 +572,10 @@ class ClearMLTracker:
                 *model.tags,
                 f"algorithm:{model.algorithm}" if model.algorithm else "",
                 f"version:{version}",
-                _tag("sha256", meta.get("model_sha256")),
                 _tag("data", meta.get("data_md5")),
                 _tag("git", meta.get("git_commit"), 12),
-                _tag("config", meta.get("config_hash"), 12),
-                f"stage:{run.stage}" if run else "",
             ]
-        )
+        )  # what a person filters by; the full record is the comment and `lineage`
         record = {
             "registry_name": model.registry_name,
             "version": str(version),
@@ -602,10 +602,8 @@ class ClearMLTracker:
             )
         model_id = str(out.id)
         self._models[model_id] = out
-        if not self.offline:
-            metrics = {f"metric:{k}": v for k, v in record["metrics"].items()}
-            for key, value in {**meta, **metrics}.items():
-                _quietly(out.set_metadata, key, str(value))
+        if not self.offline:  # the full record as one metadata entry
+            _quietly(out.set_metadata, LINEAGE_METADATA, comment)
         artifact = f"{METADATA_ARTIFACT_PREFIX}{model.registry_name}_v{version}"
         task.upload_artifact(artifact, artifact_object={**record, "model_id": model_id})
         _quietly(

@@ -33,7 +33,12 @@ from urllib.parse import unquote, urlparse
 
 from housing.errors import ArtifactError, ConfigError, first_line
 from housing.io import file_lock, file_sha256, read_json, write_json
-from housing.quirks.mlflow import check_prompts_once, fluent_tracking_uri, no_requirement_scan
+from housing.quirks.mlflow import (
+    check_prompts_once,
+    fluent_tracking_uri,
+    no_requirement_scan,
+    version_model_id,
+)
 from housing.tracking.base import (
     ChampionDecision,
     Figure,
@@ -55,6 +60,7 @@ __all__ = [
     "probe",
     "resolve_uri",
     "unreachable",
+    "version_record",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,13 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 TAG_PICKLE_SHA = "mlflow_pickle_sha256"
 TAG_PID = "housing.pid"  # the process that runs a stage run
+#: A registry version's own tags: what a person filters versions by in the registry UI
+#: (plus ``champion``: promoted|rejected, once decided). The full record (lineage,
+#: metrics, params, pickle hash, the decision's details) is on the version's logged
+#: model as tags (:func:`version_record`) and in the run's ``lineage.json``.
+VERSION_TAGS = ("algorithm", "data_md5", "git_commit")
+TAG_CHAMPION = "champion"
+LINEAGE_ARTIFACT = "lineage.json"
 
 _PARAMS_PER_BATCH = 100
 _KNOWN_PARENTS = 50  # pipeline runs whose parent id is remembered beside a local store
@@ -620,13 +633,15 @@ class MLflowTracker:
         info = self._log_sklearn_model(estimator, model, logged.model_id, run_id)
         pickle_sha = self._stored_pickle_sha256(info.artifact_path, info.flavors)
 
-        tags = {**lineage, TAG_PICKLE_SHA: pickle_sha}
-        tags.update({_key(f"metric.{k}"): repr(float(v)) for k, v in model.metrics.items()})
-        tags.update(_cut(params, TAG_VALUE_MAX, "param."))
-        tags.update({_key(f"tag.{label}"): "true" for label in model.tags})
+        record = {**lineage, TAG_PICKLE_SHA: pickle_sha}
+        record.update({_key(f"metric.{k}"): repr(float(v)) for k, v in model.metrics.items()})
+        record.update(_cut(params, TAG_VALUE_MAX, "param."))
+        record.update({_key(f"tag.{label}"): "true" for label in model.tags})
         if self._stage is not None:
-            tags[TAG_PIPELINE_RUN_ID] = self._stage.pipeline_run_id
-            tags["housing.stage_run"] = self._stage.name
+            record[TAG_PIPELINE_RUN_ID] = self._stage.pipeline_run_id
+            record["housing.stage_run"] = self._stage.name
+        self.client.set_logged_model_tags(info.model_id, record)
+        tags = {key: lineage[key] for key in VERSION_TAGS if lineage.get(key)}
 
         self._ensure_registered_model(model.registry_name)
         # A local (sqlalchemy) registry resolves a ``models:/<model_id>`` source through
@@ -640,6 +655,22 @@ class MLflowTracker:
                 model_id=info.model_id,
             )
         number = str(version.version)
+        full = {
+            "registry_name": model.registry_name,
+            "version": number,
+            "algorithm": model.algorithm,
+            "metadata": dict(model.metadata),
+            "metrics": {k: float(v) for k, v in model.metrics.items()},
+            "params": _plain(model.params),
+            "labels": list(model.tags),
+            "pipeline_run_id": self._stage.pipeline_run_id if self._stage else "",
+            "stage_run": self._stage.name if self._stage else "",
+            "run_id": run_id,
+            "logged_model_id": info.model_id,
+            TAG_PICKLE_SHA: pickle_sha,
+        }
+        text = json.dumps(full, indent=1, sort_keys=True, default=str, allow_nan=True)
+        self.client.log_text(run_id, text + "\n", LINEAGE_ARTIFACT)
         return RegisteredModel(
             backend=self.backend,
             registry_name=model.registry_name,
@@ -718,7 +749,7 @@ class MLflowTracker:
         version = _version_by_alias(self.client, registry_name, self.champion_alias)
         if version is None:
             return None
-        raw = version.tags.get(_key(f"metric.{metric}"))
+        raw = version_record(self.client, version).get(_key(f"metric.{metric}"))
         if raw is None:
             log.warning(
                 "MLflow champion %s v%s has no metric.%s tag; treating as no champion",
@@ -744,8 +775,15 @@ class MLflowTracker:
             "champion.decided_at": decision.decided_at,
             "champion.metric": decision.metric,
         }
-        for key, value in tags.items():
-            self.client.set_model_version_tag(name, version, key, value)
+        model_id = registered.extra.get("logged_model_id")
+        if not model_id:
+            model_id = version_model_id(self.client.get_model_version(name, version))
+        if model_id:  # the details beside the rest of the record
+            self.client.set_logged_model_tags(str(model_id), tags)
+        else:  # a version without a logged model (MLflow 2): on the version itself
+            for key, value in tags.items():
+                self.client.set_model_version_tag(name, version, key, value)
+        self.client.set_model_version_tag(name, version, TAG_CHAMPION, tags["champion.decision"])
         summary = {
             "version": version,
             "decision": tags["champion.decision"],
@@ -869,6 +907,23 @@ def _signature(estimator: Any, example: Any) -> dict[str, Any]:
     return {"signature": infer_signature(features, predicted), "input_example": features}
 
 
+def version_record(client: MlflowClient, version: MlflowModelVersion) -> dict[str, str]:
+    """A registry version's full record: its logged model's tags (lineage, metrics,
+    params, pickle hash, the champion decision's details) under the version's own tags.
+
+    Versions registered before the tags were trimmed carry everything themselves.
+    """
+    record: dict[str, str] = {}
+    model_id = version_model_id(version)
+    if model_id:
+        missing = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+        logged = _unless(missing, lambda: client.get_logged_model(str(model_id)))
+        if logged is not None:
+            record.update({str(k): str(v) for k, v in (logged.tags or {}).items()})
+    record.update(version.tags or {})
+    return record
+
+
 def _pickle_file_name(flavors: Mapping[str, Any]) -> str:
     sklearn_flavor = flavors.get("sklearn")
     name = sklearn_flavor.get("pickled_model") if isinstance(sklearn_flavor, Mapping) else None
@@ -905,7 +960,7 @@ def load_registered_model(
     version = _resolve_version(client, name, version_or_alias)
     number = str(version.version)
     label = f"{name} v{number}"
-    tags: Mapping[str, str] = version.tags or {}
+    tags = version_record(client, version)
     if expected_sha256 is not None and tags.get("model_sha256") != expected_sha256:
         raise ArtifactError(
             f"MLflow model {label}: model_sha256 tag {tags.get('model_sha256')!r} does not "
