@@ -484,6 +484,14 @@ def test_online_mode_against_the_fake_server(tmp_path: Path, model_file: Path) -
         assert models[1]["ready"] is True  # published
         assert all(m["uri"].startswith(server.files_host) for m in models)
         assert "models.add_or_update_metadata" in server.endpoints()
+        for model in models:  # the record is one metadata entry, not one per key
+            assert set(model["metadata"]) - {"champion_metric", "champion_value"} == {"lineage"}
+            record = json.loads(model["metadata"]["lineage"]["value"])
+            assert (record["registry_name"], record["version"]) == (
+                model["name"],
+                "1" if model is models[0] else "2",
+            )
+            assert set(record) >= {"metadata", "metrics", "params", "algorithm", "task_id"}
         assert not (tmp_path / ".clearml" / "offline").exists()  # nothing recorded offline
 
 
