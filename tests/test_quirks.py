@@ -7,6 +7,8 @@ failing (or silently slowing down) later.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import multiprocessing
 import os
@@ -189,6 +191,19 @@ def test_clearml_config_loaded_now_and_forgotten() -> None:
     assert ConfigWrapper._config is loaded
 
 
+def test_quiet_console_names_the_sdk_logger() -> None:
+    from clearml.debugging.log import get_logger
+
+    assert get_logger("Repository Detection").name == clearml_quirks.REPOSITORY_LOGGER
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        with clearml_quirks.quiet_console():
+            print("ClearML Task: created new task id=0")
+        with clearml_quirks.quiet_console(verbose=True):
+            print("shown")
+    assert printed.getvalue() == "shown\n"
+
+
 @pytest.fixture
 def offline_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     """A real ClearML task in offline mode, its session under ``tmp_path``."""
@@ -245,6 +260,9 @@ def test_offline_model_registration_needs_both_clearml_quirks(
     assert records[0]["id"] == out.id
     records[0]["init"]["tags"].append("champion")  # reaches task.json at close
     folder = Path(str(task.get_offline_mode_folder()))
-    task.close()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        task.close()
+    assert "Offline session stored in" in printed.getvalue()  # why quiet_console
     written = json.loads((folder / "task.json").read_text(encoding="utf-8"))
     assert written["offline_output_models"][0]["init"]["tags"] == ["a", "champion"]

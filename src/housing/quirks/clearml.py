@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from typing import Any
+
+#: The SDK's logger for repository detection (``clearml.debugging.log.get_logger``).
+REPOSITORY_LOGGER = "clearml.Repository Detection"
 
 
 def load_config_now() -> None:
@@ -53,3 +59,18 @@ def offline_output_models(task: Any) -> list[dict[str, Any]]:
     """
     models: list[dict[str, Any]] = getattr(task, "_offline_output_models", [])
     return models
+
+
+def quiet_console(verbose: bool = False) -> contextlib.AbstractContextManager[Any]:
+    """Around ``Task.init`` and ``Task.close``: keep the SDK's console chatter off the
+    console unless ``verbose``.
+
+    clearml 2.1.12 prints its "ClearML Task: created new task id=..." / results-page
+    banners and, offline, "ClearML Task: Offline session stored in <zip>" to stdout
+    (no option to stop it), and warns through the ``clearml.Repository Detection``
+    logger when the code is not in a git repository.
+    """
+    if verbose:
+        return contextlib.nullcontext()
+    logging.getLogger(REPOSITORY_LOGGER).setLevel(logging.ERROR)
+    return contextlib.redirect_stdout(io.StringIO())

@@ -21,7 +21,6 @@ on :meth:`ClearMLTracker.close`. The SDK is imported lazily.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import math
@@ -38,7 +37,11 @@ from typing import Any, Final
 
 from housing.config import ClearMLSettings
 from housing.errors import ArtifactError, ConfigError, first_line
-from housing.quirks.clearml import offline_output_models, unlock_offline_model
+from housing.quirks.clearml import (
+    offline_output_models,
+    quiet_console,
+    unlock_offline_model,
+)
 from housing.tracking.base import (
     ChampionDecision,
     Figure,
@@ -162,14 +165,6 @@ def _log_once(message: str, level: int) -> None:
     if message not in _logged_reasons:
         _logged_reasons.add(message)
         logger.log(level, "%s", message)
-
-
-def _quiet_sdk() -> contextlib.AbstractContextManager[Any]:
-    """Keep ``Task.init``'s stdout banners and repository warning off the console, unless -v."""
-    if logger.isEnabledFor(logging.DEBUG):
-        return contextlib.nullcontext()
-    logging.getLogger("clearml.Repository Detection").setLevel(logging.ERROR)
-    return contextlib.redirect_stdout(io.StringIO())
 
 
 def client_env(settings: ClearMLSettings) -> dict[str, str]:
@@ -345,7 +340,7 @@ class ClearMLTracker:
                 _quietly(task.mark_failed, status_reason=reason, status_message=reason)
             else:
                 _quietly(task.set_user_properties, status="completed")
-            with contextlib.redirect_stdout(io.StringIO()):  # "Offline session stored in"
+            with quiet_console():
                 task.close()
             if status == "failed" and not self.offline:
                 # Task.close() marks a task completed; make the failure the final state.
@@ -369,7 +364,7 @@ class ClearMLTracker:
                 raise ClearMLError(
                     f"another ClearML task ({current.name!r}) is open in this process; close it"
                 )
-            with _quiet_sdk():
+            with quiet_console(verbose=logger.isEnabledFor(logging.DEBUG)):
                 return Task.init(
                     project_name=self.settings.project_name,
                     task_name=f"{self.settings.task_prefix}:{run.name}",
