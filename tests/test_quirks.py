@@ -204,6 +204,27 @@ def test_quiet_console_names_the_sdk_logger() -> None:
     assert printed.getvalue() == "shown\n"
 
 
+def test_sdk_env_is_what_the_sdk_reads_and_is_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clearml.config import get_cache_dir
+
+    monkeypatch.setenv("CLEARML_API_HOST", "http://mine:8008")
+    monkeypatch.delenv("CLEARML_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRAINS_OFFLINE_MODE", raising=False)
+    before = clearml_quirks.set_sdk_env(
+        {"CLEARML_CACHE_DIR": str(tmp_path), "CLEARML_API_HOST": "http://other:8008"},
+        keep_set=True,
+    )
+    assert Path(get_cache_dir()) == tmp_path  # the SDK reads it from the environment
+    assert os.environ["CLEARML_API_HOST"] == "http://mine:8008"  # kept: it was set
+    os.environ["TRAINS_OFFLINE_MODE"] = "1"  # as the SDK sets some itself
+    clearml_quirks.restore_sdk_env(before)
+    assert "CLEARML_CACHE_DIR" not in os.environ
+    assert "TRAINS_OFFLINE_MODE" not in os.environ
+    assert os.environ["CLEARML_API_HOST"] == "http://mine:8008"
+
+
 @pytest.fixture
 def offline_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     """A real ClearML task in offline mode, its session under ``tmp_path``."""

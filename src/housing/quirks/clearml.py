@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+from collections.abc import Mapping
 from typing import Any
 
 #: The SDK's logger for repository detection (``clearml.debugging.log.get_logger``).
@@ -74,3 +76,33 @@ def quiet_console(verbose: bool = False) -> contextlib.AbstractContextManager[An
         return contextlib.nullcontext()
     logging.getLogger(REPOSITORY_LOGGER).setLevel(logging.ERROR)
     return contextlib.redirect_stdout(io.StringIO())
+
+
+#: The variables the SDK reads and writes.
+ENV_PREFIXES = ("CLEARML_", "TRAINS_")
+
+
+def set_sdk_env(values: Mapping[str, str], *, keep_set: bool = False) -> dict[str, str]:
+    """Put ``values`` into ``os.environ`` for the SDK (``keep_set``: only where unset);
+    returns every ``CLEARML_*``/``TRAINS_*`` variable as it was, for
+    :func:`restore_sdk_env`.
+
+    clearml 2.1.12 takes its cache folder, config file, server and keys only from the
+    environment (``CLEARML_CACHE_DIR``, ``CLEARML_CONFIG_FILE``, ``CLEARML_API_*``: no
+    ``Task.init`` argument) and sets some itself (``CLEARML_PROC_MASTER_ID``,
+    ``TRAINS_OFFLINE_MODE``), so they are set for a task's lifetime and put back after.
+    """
+    before = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+    for key, value in values.items():
+        if value and not (keep_set and os.environ.get(key)):
+            os.environ[key] = value
+    return before
+
+
+def restore_sdk_env(before: Mapping[str, str]) -> None:
+    """Put the ``CLEARML_*``/``TRAINS_*`` variables back as :func:`set_sdk_env` found them
+    (those the SDK or this process added since are removed)."""
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIXES)]:
+        if key not in before:
+            del os.environ[key]
+    os.environ.update(before)

@@ -40,6 +40,8 @@ from housing.errors import ArtifactError, ConfigError, first_line
 from housing.quirks.clearml import (
     offline_output_models,
     quiet_console,
+    restore_sdk_env,
+    set_sdk_env,
     unlock_offline_model,
 )
 from housing.tracking.base import (
@@ -89,7 +91,6 @@ _TASK_TYPES: Final = {
     "select_best": "qc",
     "evaluate": "testing",
 }
-_ENV_PREFIXES: Final = ("CLEARML_", "TRAINS_")
 _NOT_SET: Final = " not set"
 _logged_reasons: set[str] = set()
 _active: list[ClearMLTracker] = []  # the tracker whose task is open in this process (0 or 1)
@@ -102,15 +103,14 @@ def set_server_env(settings: ClearMLSettings) -> None:
     """Point the SDK at the configured server: hosts and keys (read from the variables
     named in ``clearml.auth``) go to the ``CLEARML_*`` variables it reads, unless set."""
     server, auth = settings.server, settings.auth
-    for key, value in (
-        ("CLEARML_API_HOST", server.api_host),
-        ("CLEARML_WEB_HOST", server.web_host),
-        ("CLEARML_FILES_HOST", server.files_host),
-        ("CLEARML_API_ACCESS_KEY", os.environ.get(auth.access_key_env, "")),
-        ("CLEARML_API_SECRET_KEY", os.environ.get(auth.secret_key_env, "")),
-    ):
-        if value and not os.environ.get(key):
-            os.environ[key] = value
+    values = {
+        "CLEARML_API_HOST": server.api_host,
+        "CLEARML_WEB_HOST": server.web_host,
+        "CLEARML_FILES_HOST": server.files_host,
+        "CLEARML_API_ACCESS_KEY": os.environ.get(auth.access_key_env, ""),
+        "CLEARML_API_SECRET_KEY": os.environ.get(auth.secret_key_env, ""),
+    }
+    set_sdk_env(values, keep_set=True)
 
 
 def resolve_mode(
@@ -384,10 +384,7 @@ class ClearMLTracker:
     def _enter_env(self, mode: str) -> None:
         from clearml import Task
 
-        # Snapshot every CLEARML_*/TRAINS_* variable: the SDK sets some itself
-        # (CLEARML_PROC_MASTER_ID, TRAINS_OFFLINE_MODE).
-        self._env_before = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
-        os.environ.update(client_env(self.settings))
+        self._env_before = set_sdk_env(client_env(self.settings))
         _drop_stale_sdk_config()
         if self._env_before.get("CLEARML_CONFIG_FILE"):
             _warn_slow_user_config()
@@ -401,10 +398,7 @@ class ClearMLTracker:
     def _restore_env(self) -> None:
         if self._env_before is None:
             return
-        for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES)]:
-            if key not in self._env_before:
-                del os.environ[key]
-        os.environ.update(self._env_before)
+        restore_sdk_env(self._env_before)
         self._env_before = None
 
     def _require(self) -> Any:
