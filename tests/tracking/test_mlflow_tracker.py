@@ -27,7 +27,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from housing.errors import ArtifactError
-from housing.quirks.mlflow import fluent_tracking_uri
+from housing.quirks.mlflow import fluent_tracking_uri, version_model_id
 from housing.tracking.base import (
     ChampionDecision,
     Figure,
@@ -532,6 +532,15 @@ def test_load_registered_model_verifies_then_loads(
     by_alias = load_registered_model(tracker.client, REGISTRY, "champion")
     np.testing.assert_allclose(by_version.predict(x), original.predict(x))
     np.testing.assert_allclose(by_alias.predict(x), original.predict(x))
+
+
+def test_sqlite_registry_drops_the_model_id_and_the_quirk_recovers_it(
+    registered: tuple[MLflowTracker, RegisteredModel, ModelVersion],
+) -> None:
+    tracker, reg, _ = registered
+    version = tracker.client.get_model_version(REGISTRY, reg.version)
+    assert version.model_id is None  # mlflow 3.17's SQL registry (when fixed: simplify)
+    assert version_model_id(version) == reg.extra["logged_model_id"]
 
 
 def test_load_registered_model_refuses_tampered_pickle(
