@@ -185,8 +185,8 @@ def test_one_resolver_for_local_store_uris(tmp_path: Path) -> None:
     for uri in ("ml runs", "file:ml%20runs", runs.as_uri(), f"file://localhost{runs.as_uri()[7:]}"):
         assert local_store_path(uri, root) == runs.resolve(), uri
         assert resolve_uri(uri, root) == runs.resolve().as_uri(), uri
-        assert _local_store_missing(resolve_uri(uri, root), root) is None, uri  # it exists
-    assert _local_store_missing(resolve_uri("file:gone", root), root) == (root / "gone").resolve()
+        assert _local_store_missing(resolve_uri(uri, root)) is None, uri  # it exists
+    assert _local_store_missing(resolve_uri("file:gone", root)) == (root / "gone").resolve()
     assert sqlite_path("sqlite:///mlflow.db", root) == db.resolve()  # the store checks agree
     assert sqlite_path("file:ml%20runs", root) is None
 

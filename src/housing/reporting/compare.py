@@ -783,11 +783,12 @@ def _server_model_row(model: Mapping[str, Any]) -> Row:
 # --------------------------------------------------------------------------- MLflow
 
 
-def _local_store_missing(uri: str, root: Path) -> Path | None:
-    """The local store's path when it does not exist (reading must not create it)."""
+def _local_store_missing(uri: str) -> Path | None:
+    """The local store's path when it does not exist (reading must not create it);
+    ``uri`` is resolved (:func:`~housing.tracking.mlflow.resolve_uri`: absolute)."""
     from housing.tracking.mlflow import local_store_path
 
-    path = local_store_path(uri, root)
+    path = local_store_path(uri, Path("/"))
     if path is None or (path.is_file() if uri.startswith("sqlite:") else path.is_dir()):
         return None
     return path
@@ -813,7 +814,7 @@ def collect_mlflow(
     source = "server" if uri.startswith(("http://", "https://", "databricks")) else "local"
     got = Collected("mlflow", source, uri, name)
     filters = {"tags": tuple(tags), "stage": stage, "last_n": last_n}
-    missing = _local_store_missing(uri, settings.root)
+    missing = _local_store_missing(uri)
     if missing is not None:
         got.note = f"no MLflow store at {missing}"
         return _finish(got, settings, filters)
