@@ -30,7 +30,6 @@ from housing.reporting.compare import (
     MODEL_COLUMNS,
     MODEL_METRIC_COLUMNS,
     compare,
-    sdk_default_session,
 )
 from tests.conftest import metrics_records
 from tests.fakes.clearml_api import FakeClearMLServer
@@ -317,28 +316,14 @@ def test_bad_filters_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> 
 
 def test_a_local_file_store_with_a_space_in_its_path_is_found(tmp_path: Path) -> None:
     from housing.reporting.compare import _local_store_missing
-    from housing.tracking.mlflow import _resolve_uri
+    from housing.tracking.mlflow import resolve_uri
 
     store = tmp_path / "my runs" / "mlruns"
-    uri = _resolve_uri("my runs/mlruns", tmp_path)
+    uri = resolve_uri("my runs/mlruns", tmp_path)
     assert "%20" in uri  # file URIs are percent-encoded
     assert _local_store_missing(uri) == store
     store.mkdir(parents=True)
     assert _local_store_missing(uri) is None
-
-
-def test_sdk_default_session_quirk_still_holds() -> None:
-    """The private SDK names compare.py relies on exist at the locked clearml version."""
-    from clearml import Model
-    from clearml.backend_interface.base import InterfaceBase
-
-    assert callable(InterfaceBase._set_default_session)
-    assert callable(Model._get_model_data)
-    before = InterfaceBase._default_session
-    marker = object()
-    with sdk_default_session(marker):
-        assert InterfaceBase._get_default_session() is marker
-    assert InterfaceBase._default_session is before
 
 
 # --------------------------------------------------------------------------- server (fake)

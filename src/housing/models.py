@@ -10,7 +10,8 @@ import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from housing.errors import ConfigError
+from housing.errors import ConfigError, first_line
+from housing.quirks.sklearn import validate_params
 
 #: config key -> (module, class, whether it accepts n_jobs)
 ESTIMATORS: dict[str, tuple[str, str, bool]] = {
@@ -99,12 +100,10 @@ def build_estimator(estimator: str, params: Mapping[str, Any], n_jobs: int | Non
     if takes_n_jobs and n_jobs is not None and "n_jobs" not in kwargs:
         kwargs["n_jobs"] = n_jobs
     model = cls(**kwargs)
-    validate = getattr(model, "_validate_params", None)
-    if callable(validate):
-        try:
-            validate()
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"model.params: {str(exc).splitlines()[0]}") from None
+    try:
+        validate_params(model)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.params: {first_line(exc)}") from None
     return model
 
 

@@ -527,7 +527,9 @@ def _shutdown(pool: Any, interrupted: bool, idle: bool) -> None:
     descendants: list[psutil.Process] = []
     with contextlib.suppress(psutil.Error):  # whatever the workers started, too
         descendants = psutil.Process().children(recursive=True)
-    processes = list((getattr(pool, "_processes", None) or {}).values())
+    from housing.quirks.multiprocessing import pool_processes, run_exit_finalizers
+
+    processes = pool_processes(pool)
     pool.stopping = True  # no replacement workers
     for process in processes:  # a SIGTERM to this process only reached no worker
         with contextlib.suppress(OSError, ValueError):
@@ -547,10 +549,8 @@ def _shutdown(pool: Any, interrupted: bool, idle: bool) -> None:
         descendants += psutil.Process().children(recursive=True)
     # release the pool's semaphores now (as at exit), so the resource tracker stops
     # with nothing to clean up and is reaped here rather than after us
-    from multiprocessing import util
-
     with contextlib.suppress(Exception):
-        util._run_finalizers(0)  # type: ignore[attr-defined]
+        run_exit_finalizers()
     _stop_helpers()
     descendants = list({p.pid: p for p in descendants}.values())
     _, alive = psutil.wait_procs(descendants, timeout=1.0)

@@ -214,9 +214,8 @@ def test_sync_imports_sessions_once(
         assert set(models) == {"version:0", "version:1", "version:2"}
         model = models["version:1"]
         assert model["name"] == "housing-ridge"
-        assert {f"sha256:{sha256(model_file)}", f"data:{'d' * 32}", "algorithm:ridge"} <= set(
-            model["tags"]
-        )
+        assert {f"data:{'d' * 32}", "algorithm:ridge"} <= set(model["tags"])
+        assert not any(t.startswith("sha256:") for t in model["tags"])
         record = json.loads(next(ln for ln in model["comment"].splitlines() if ln.startswith("{")))
         assert record["metadata"]["model_sha256"] == sha256(model_file)
         assert record["metrics"] == {"val/rmse": 0.25}
@@ -485,6 +484,14 @@ def test_online_mode_against_the_fake_server(tmp_path: Path, model_file: Path) -
         assert models[1]["ready"] is True  # published
         assert all(m["uri"].startswith(server.files_host) for m in models)
         assert "models.add_or_update_metadata" in server.endpoints()
+        for model in models:  # the record is one metadata entry, not one per key
+            assert set(model["metadata"]) - {"champion_metric", "champion_value"} == {"lineage"}
+            record = json.loads(model["metadata"]["lineage"]["value"])
+            assert (record["registry_name"], record["version"]) == (
+                model["name"],
+                "1" if model is models[0] else "2",
+            )
+            assert set(record) >= {"metadata", "metrics", "params", "algorithm", "task_id"}
         assert not (tmp_path / ".clearml" / "offline").exists()  # nothing recorded offline
 
 

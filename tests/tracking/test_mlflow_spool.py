@@ -25,7 +25,7 @@ from housing.config import Settings, load_settings
 from housing.entry import bound_mlflow_http
 from housing.runner import execute_stage
 from housing.tracking import mlflow_spool
-from housing.tracking.mlflow import MLflowTracker, load_registered_model
+from housing.tracking.mlflow import MLflowTracker, load_registered_model, version_record
 from housing.tracking.mlflow_spool import TAG_PARTIAL, TAG_SOURCE, TAG_SYNCED, TAG_TARGET
 
 from ..conftest import CONF
@@ -341,8 +341,10 @@ def test_server_killed_mid_run_then_sync_replays_each_run_once(
         assert server.get_model_version_by_alias("housing-best", "champion").version == better
         (best,) = server.search_model_versions(f"run_id = '{copies['select_best']}'")
         assert best.tags["spool.champion.decision"] == "promoted"
-        assert best.tags["champion.decision"] == "rejected"
-        assert f"does not beat v{better} " in best.tags["champion.reason"]
+        assert best.tags["champion"] == "rejected"
+        decided = version_record(server, best)
+        assert decided["champion.decision"] == "rejected"
+        assert f"does not beat v{better} " in decided["champion.reason"]
         model = load_registered_model(server, "housing-best", best.version)
         assert hasattr(model, "predict")
 

@@ -23,14 +23,14 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from housing.errors import ConfigError, HousingError, first_line
+from housing.quirks import clearml as clearml_quirks
 
 if TYPE_CHECKING:
     from housing.config import Settings
@@ -621,7 +621,7 @@ def _read_server(
         http_retries_config={"total": 1, "connect": 1, "read": 1, "backoff_factor": 0.2},
     )
     try:
-        with sdk_default_session(session):
+        with clearml_quirks.default_session(session):
             _query_server(got, tags)
     except SendError as exc:  # one line, as the server said it (not the request dump)
         meta = getattr(exc.result, "meta", None)
@@ -657,27 +657,6 @@ def _query_server(got: Collected, tags: Sequence[str]) -> None:
     got.models.extend(_server_model_row(_model_fields(m)) for m in models)
 
 
-@contextmanager
-def sdk_default_session(session: Any) -> Iterator[None]:
-    """Make ``session`` the ClearML SDK's default session for the block, then restore it.
-
-    SDK quirk (clearml 2.1.12): ``Task.query_tasks``, ``Task.get_project_id`` and
-    ``Model.query_models`` take no session; they use the process-wide
-    ``InterfaceBase._default_session``, created once from ``CLEARML_*`` variables and
-    never re-read. Setting it (``_set_default_session``, "for debug and testing") is how
-    the configured host and keys reach them without writing ``os.environ``.
-    tests/test_compare.py::test_sdk_default_session_quirk_still_holds checks both names.
-    """
-    from clearml.backend_interface.base import InterfaceBase
-
-    before = InterfaceBase._default_session
-    InterfaceBase._set_default_session(session)
-    try:
-        yield
-    finally:
-        InterfaceBase._default_session = before
-
-
 def _plain(value: Any) -> Any:
     """SDK response objects (``to_dict``) and their containers as plain dicts and lists."""
     if not isinstance(value, dict) and hasattr(value, "to_dict"):  # some are dict subclasses
@@ -690,12 +669,7 @@ def _plain(value: Any) -> Any:
 
 
 def _model_fields(model: Any) -> dict[str, Any]:
-    """The fields of a ``clearml.Model`` the model row reads (one ``models.get_by_id``).
-
-    SDK quirk (clearml 2.1.12): ``Model`` has no public creation time; it is read from the
-    model's data object (``_get_model_data().created``), checked by the same contract test
-    as :func:`sdk_default_session`.
-    """
+    """The fields of a ``clearml.Model`` the model row reads (one ``models.get_by_id``)."""
     return {
         "id": model.id,
         "name": model.name,
@@ -705,7 +679,7 @@ def _model_fields(model: Any) -> dict[str, Any]:
         "comment": model.comment,
         "metadata": _plain(model.get_all_metadata()),
         "task": model.original_task,
-        "created": getattr(model._get_model_data(), "created", None),
+        "created": clearml_quirks.model_created(model),
     }
 
 
@@ -792,16 +766,14 @@ def _server_model_row(model: Mapping[str, Any]) -> Row:
 
 
 def _local_store_missing(uri: str) -> Path | None:
-    """The local store's path when it does not exist (reading must not create it)."""
-    if uri.startswith("sqlite:////"):
-        path = Path(uri[len("sqlite:///") :])
-        return None if path.is_file() else path
-    if uri.startswith("file:"):  # as the tracker's _resolve_uri writes it: percent-encoded
-        from urllib.parse import unquote, urlparse
+    """The local store's path when it does not exist (reading must not create it);
+    ``uri`` is resolved (:func:`~housing.tracking.mlflow.resolve_uri`: absolute)."""
+    from housing.tracking.mlflow import local_store_path
 
-        path = Path(unquote(urlparse(uri).path))
-        return None if path.is_dir() else path
-    return None
+    path = local_store_path(uri, Path("/"))
+    if path is None or (path.is_file() if uri.startswith("sqlite:") else path.is_dir()):
+        return None
+    return path
 
 
 def collect_mlflow(
@@ -813,12 +785,12 @@ def collect_mlflow(
     last_n: int | None = None,
 ) -> Collected:
     """MLflow stage runs of the experiment and the registry versions they registered."""
-    from housing.tracking.mlflow import _resolve_uri  # the tracker's: both read one store
+    from housing.tracking.mlflow import resolve_uri  # the tracker's: both read one store
 
     cfg = settings.mlflow
-    uri = _resolve_uri(cfg.tracking_uri, settings.root)
+    uri = resolve_uri(cfg.tracking_uri, settings.root)
     registry = cfg.registry_uri
-    registry_uri = _resolve_uri(registry, settings.root) if registry else None
+    registry_uri = resolve_uri(registry, settings.root) if registry else None
     name = project or cfg.experiment
     alias = settings.registry.champion_alias
     source = "server" if uri.startswith(("http://", "https://", "databricks")) else "local"
@@ -871,11 +843,14 @@ def _read_mlflow(
         )
         if v.run_id in run_ids
     ]
-    for version in versions:
-        row = _mlflow_version_row(version, champions, got.source)
+    from housing.tracking.mlflow import version_record
+
+    tagged = [(v, version_record(client, v)) for v in versions]
+    for version, tags in tagged:
+        row = _mlflow_version_row(version, tags, champions, got.source)
         row["pipeline_run_id"] = row["pipeline_run_id"] or stage_of.get(row["task_id"], "")
         got.models.append(row)
-    got.champions = _mlflow_events(versions, metric)
+    got.champions = _mlflow_events(tagged, metric)
 
 
 def _paged(fetch: Callable[[str | None], Any]) -> list[Any]:
@@ -913,8 +888,9 @@ def _mlflow_run_row(run: Any, project: str, source: str) -> Row:
     )
 
 
-def _mlflow_version_row(version: Any, champions: Mapping[str, str], source: str) -> Row:
-    tags: dict[str, str] = dict(version.tags or {})
+def _mlflow_version_row(
+    version: Any, tags: Mapping[str, str], champions: Mapping[str, str], source: str
+) -> Row:
     name, number = str(version.name), str(version.version)
     labels = tuple(k.removeprefix("tag.") for k in sorted(tags) if k.startswith("tag."))
     return _model_row(
@@ -936,15 +912,16 @@ def _mlflow_version_row(version: Any, champions: Mapping[str, str], source: str)
     )
 
 
-def _mlflow_events(versions: Sequence[Any], default_metric: str) -> list[ChampionEvent]:
+def _mlflow_events(
+    versions: Sequence[tuple[Any, Mapping[str, str]]], default_metric: str
+) -> list[ChampionEvent]:
     """Champion decisions from the versions' ``champion.*`` tags, in decision order.
 
     A rejected challenger's tags do not name the champion it faced; it is the last
     version promoted before it (what the gate compared against).
     """
     decided = []
-    for version in versions:
-        tags: dict[str, str] = dict(version.tags or {})
+    for version, tags in versions:
         if tags.get("champion.decision") in ("promoted", "rejected"):
             decided.append((tags.get("champion.decided_at", ""), version, tags))
     decided.sort(key=lambda d: (str(d[1].name), d[0], _version_key(d[1].version)))

@@ -57,6 +57,7 @@ class ModelVersion:
     params: Mapping[str, Any]
     metadata: Mapping[str, str]  # data_md5, git_commit, config_hash, model_sha256, created_at
     tags: Sequence[str] = ()
+    example: Any = None  # a few rows of the train split (DataFrame): the model's schema
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ on :meth:`ClearMLTracker.close`. The SDK is imported lazily.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import math
@@ -38,6 +37,13 @@ from typing import Any, Final
 
 from housing.config import ClearMLSettings
 from housing.errors import ArtifactError, ConfigError, first_line
+from housing.quirks.clearml import (
+    offline_output_models,
+    quiet_console,
+    restore_sdk_env,
+    set_sdk_env,
+    unlock_offline_model,
+)
 from housing.tracking.base import (
     ChampionDecision,
     Figure,
@@ -85,7 +91,6 @@ _TASK_TYPES: Final = {
     "select_best": "qc",
     "evaluate": "testing",
 }
-_ENV_PREFIXES: Final = ("CLEARML_", "TRAINS_")
 _NOT_SET: Final = " not set"
 _logged_reasons: set[str] = set()
 _active: list[ClearMLTracker] = []  # the tracker whose task is open in this process (0 or 1)
@@ -98,15 +103,14 @@ def set_server_env(settings: ClearMLSettings) -> None:
     """Point the SDK at the configured server: hosts and keys (read from the variables
     named in ``clearml.auth``) go to the ``CLEARML_*`` variables it reads, unless set."""
     server, auth = settings.server, settings.auth
-    for key, value in (
-        ("CLEARML_API_HOST", server.api_host),
-        ("CLEARML_WEB_HOST", server.web_host),
-        ("CLEARML_FILES_HOST", server.files_host),
-        ("CLEARML_API_ACCESS_KEY", os.environ.get(auth.access_key_env, "")),
-        ("CLEARML_API_SECRET_KEY", os.environ.get(auth.secret_key_env, "")),
-    ):
-        if value and not os.environ.get(key):
-            os.environ[key] = value
+    values = {
+        "CLEARML_API_HOST": server.api_host,
+        "CLEARML_WEB_HOST": server.web_host,
+        "CLEARML_FILES_HOST": server.files_host,
+        "CLEARML_API_ACCESS_KEY": os.environ.get(auth.access_key_env, ""),
+        "CLEARML_API_SECRET_KEY": os.environ.get(auth.secret_key_env, ""),
+    }
+    set_sdk_env(values, keep_set=True)
 
 
 def resolve_mode(
@@ -114,10 +118,14 @@ def resolve_mode(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
 ) -> tuple[str, str]:
-    """``("online" | "offline", reason)``; ``auto`` is online only when :func:`server_problem`
-    finds none, else offline with the reason logged once per process."""
+    """The one ClearML online/offline decision: ``("online" | "offline", reason)``; ``auto``
+    is offline when ``CLEARML_OFFLINE_MODE`` is set, online only when
+    :func:`server_problem` finds none, else offline with the reason logged once per process."""
     if settings.mode in ("online", "offline"):
         return settings.mode, f"clearml.mode={settings.mode}"
+    offline_env = (os.environ if env is None else env).get("CLEARML_OFFLINE_MODE", "")
+    if offline_env.strip().lower() in ("1", "true", "yes", "on", "y", "t"):
+        return "offline", "CLEARML_OFFLINE_MODE is set"  # as the SDK would (and doctor says)
     reason = server_problem(settings, env, timeout)
     if reason is None:
         return "online", f"server {settings.server.api_host} answered"
@@ -159,14 +167,6 @@ def _log_once(message: str, level: int) -> None:
         logger.log(level, "%s", message)
 
 
-def _quiet_sdk() -> contextlib.AbstractContextManager[Any]:
-    """Keep ``Task.init``'s stdout banners and repository warning off the console, unless -v."""
-    if logger.isEnabledFor(logging.DEBUG):
-        return contextlib.nullcontext()
-    logging.getLogger("clearml.Repository Detection").setLevel(logging.ERROR)
-    return contextlib.redirect_stdout(io.StringIO())
-
-
 def client_env(settings: ClearMLSettings) -> dict[str, str]:
     """``CLEARML_CACHE_DIR`` (``offline_dir``) and ``CLEARML_CONFIG_FILE`` (the user's own,
     else the client config generated in ``offline_dir``) for the SDK; nothing is set here."""
@@ -188,10 +188,9 @@ def load_sdk_config() -> None:
     The ``housing repro`` fork server calls this so forked stages skip the parse; a
     tracker whose config file differs makes the SDK read its own instead.
     """
-    from clearml.config import ConfigSDKWrapper, ConfigWrapper
+    from housing.quirks.clearml import load_config_now
 
-    ConfigWrapper._init()
-    ConfigSDKWrapper._init()
+    load_config_now()
     _sdk_config_from[:] = [os.environ.get("CLEARML_CONFIG_FILE", "")]
 
 
@@ -199,12 +198,14 @@ def _drop_stale_sdk_config() -> None:
     """Forget a config :func:`load_sdk_config` read from another ``CLEARML_CONFIG_FILE``."""
     if not _sdk_config_from or _sdk_config_from[0] == os.environ.get("CLEARML_CONFIG_FILE", ""):
         return
-    from clearml.config import ConfigSDKWrapper, ConfigWrapper
+    from housing.quirks.clearml import forget_config
 
-    ConfigWrapper._config = None
-    ConfigSDKWrapper.clear_config_impl()
+    forget_config()
     _sdk_config_from.clear()
 
+
+#: The model metadata entry (online) holding the registration record as JSON.
+LINEAGE_METADATA = "lineage"
 
 # --------------------------------------------------------------------------- tracker
 
@@ -332,7 +333,7 @@ class ClearMLTracker:
                 _quietly(task.mark_failed, status_reason=reason, status_message=reason)
             else:
                 _quietly(task.set_user_properties, status="completed")
-            with contextlib.redirect_stdout(io.StringIO()):  # "Offline session stored in"
+            with quiet_console():
                 task.close()
             if status == "failed" and not self.offline:
                 # Task.close() marks a task completed; make the failure the final state.
@@ -356,7 +357,7 @@ class ClearMLTracker:
                 raise ClearMLError(
                     f"another ClearML task ({current.name!r}) is open in this process; close it"
                 )
-            with _quiet_sdk():
+            with quiet_console(verbose=logger.isEnabledFor(logging.DEBUG)):
                 return Task.init(
                     project_name=self.settings.project_name,
                     task_name=f"{self.settings.task_prefix}:{run.name}",
@@ -376,10 +377,7 @@ class ClearMLTracker:
     def _enter_env(self, mode: str) -> None:
         from clearml import Task
 
-        # Snapshot every CLEARML_*/TRAINS_* variable: the SDK sets some itself
-        # (CLEARML_PROC_MASTER_ID, TRAINS_OFFLINE_MODE).
-        self._env_before = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
-        os.environ.update(client_env(self.settings))
+        self._env_before = set_sdk_env(client_env(self.settings))
         _drop_stale_sdk_config()
         if self._env_before.get("CLEARML_CONFIG_FILE"):
             _warn_slow_user_config()
@@ -393,10 +391,7 @@ class ClearMLTracker:
     def _restore_env(self) -> None:
         if self._env_before is None:
             return
-        for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES)]:
-            if key not in self._env_before:
-                del os.environ[key]
-        os.environ.update(self._env_before)
+        restore_sdk_env(self._env_before)
         self._env_before = None
 
     def _require(self) -> Any:
@@ -559,13 +554,10 @@ class ClearMLTracker:
                 *model.tags,
                 f"algorithm:{model.algorithm}" if model.algorithm else "",
                 f"version:{version}",
-                _tag("sha256", meta.get("model_sha256")),
                 _tag("data", meta.get("data_md5")),
                 _tag("git", meta.get("git_commit"), 12),
-                _tag("config", meta.get("config_hash"), 12),
-                f"stage:{run.stage}" if run else "",
             ]
-        )
+        )  # what a person filters by; the full record is the comment and `lineage`
         record = {
             "registry_name": model.registry_name,
             "version": str(version),
@@ -584,11 +576,7 @@ class ClearMLTracker:
         target_name = f"{_safe_name(model.registry_name)}-v{version}{path.suffix}"
         with _staged(path, target_name, self.offline) as weights:
             if self.offline:
-                base: Any = out._get_base_model()
-                if not hasattr(base, "locked"):
-                    # SDK bug (clearml 1.15-2.1.12): the offline placeholder has no `locked`,
-                    # so update_weights raises AttributeError before copying the weights.
-                    base.locked = False
+                unlock_offline_model(out)
             out.update_weights(
                 weights_filename=str(weights),
                 target_filename=target_name,
@@ -596,10 +584,8 @@ class ClearMLTracker:
             )
         model_id = str(out.id)
         self._models[model_id] = out
-        if not self.offline:
-            metrics = {f"metric:{k}": v for k, v in record["metrics"].items()}
-            for key, value in {**meta, **metrics}.items():
-                _quietly(out.set_metadata, key, str(value))
+        if not self.offline:  # the full record as one metadata entry
+            _quietly(out.set_metadata, LINEAGE_METADATA, comment)
         artifact = f"{METADATA_ARTIFACT_PREFIX}{model.registry_name}_v{version}"
         task.upload_artifact(artifact, artifact_object={**record, "model_id": model_id})
         _quietly(
@@ -711,7 +697,7 @@ class ClearMLTracker:
         if self.offline:
             # The offline registration is already recorded in task.json; add the tag to
             # that record so the import creates the model with it.
-            for entry in getattr(self._task, "_offline_output_models", []):
+            for entry in offline_output_models(self._task):
                 if entry.get("id") == registered.model_id:
                     tags = entry.setdefault("init", {}).setdefault("tags", [])
                     if CHAMPION_TAG not in tags:

@@ -23,17 +23,22 @@ import posixpath
 import re
 import shutil
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping
+from contextlib import suppress
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlparse
 
-from housing.errors import ArtifactError, ConfigError
+from housing.errors import ArtifactError, ConfigError, first_line
 from housing.io import file_lock, file_sha256, read_json, write_json
+from housing.quirks.mlflow import (
+    check_prompts_once,
+    fluent_tracking_uri,
+    no_requirement_scan,
+    version_model_id,
+)
 from housing.tracking.base import (
     ChampionDecision,
     Figure,
@@ -48,7 +53,15 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
     from mlflow.models.model import ModelInfo
 
-__all__ = ["MLflowTracker", "load_registered_model", "probe", "unreachable"]
+__all__ = [
+    "MLflowTracker",
+    "load_registered_model",
+    "local_store_path",
+    "probe",
+    "resolve_uri",
+    "unreachable",
+    "version_record",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +80,13 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 TAG_PICKLE_SHA = "mlflow_pickle_sha256"
 TAG_PID = "housing.pid"  # the process that runs a stage run
+#: A registry version's own tags: what a person filters versions by in the registry UI
+#: (plus ``champion``: promoted|rejected, once decided). The full record (lineage,
+#: metrics, params, pickle hash, the decision's details) is on the version's logged
+#: model as tags (:func:`version_record`) and in the run's ``lineage.json``.
+VERSION_TAGS = ("algorithm", "data_md5", "git_commit")
+TAG_CHAMPION = "champion"
+LINEAGE_ARTIFACT = "lineage.json"
 
 _PARAMS_PER_BATCH = 100
 _KNOWN_PARENTS = 50  # pipeline runs whose parent id is remembered beside a local store
@@ -77,8 +97,6 @@ _INVALID_FILE_CHARS = re.compile(r"[^\w.\-]")
 _STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 _PINNED_DISTRIBUTIONS = ("scikit-learn", "numpy", "pandas", "joblib")
 
-# Serialises the temporary change of mlflow's process-global tracking URI.
-_GLOBAL_URI_LOCK = threading.Lock()
 _T = TypeVar("_T")
 
 
@@ -139,11 +157,12 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _resolve_uri(uri: str, root: Path) -> str:
-    """Make local store URIs absolute against ``root`` (remote URIs pass through)."""
+def resolve_uri(uri: str, root: Path) -> str:
+    """The one MLflow URI resolver: local store URIs (``sqlite:///``, ``file:``, a plain
+    path) made absolute against ``root``; remote URIs pass through."""
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///") :]
-        if path.startswith("/") or path == ":memory:" or not path:
+        if path.startswith("/") or path.startswith(":memory:") or not path:
             return uri
         return f"sqlite:///{(root / path).resolve()}"
     if uri.startswith("file:"):
@@ -157,10 +176,21 @@ def _resolve_uri(uri: str, root: Path) -> str:
     return (local if local.is_absolute() else (root / local).resolve()).as_uri()
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    if uri.startswith("sqlite:////"):
-        return Path(uri[len("sqlite:///") :])
+def local_store_path(uri: str, root: Path) -> Path | None:
+    """The database file (``sqlite:///``, query dropped) or folder (``file:``, a plain
+    path) of a local store URI, absolute against ``root``; None for a server or
+    ``:memory:``."""
+    resolved = resolve_uri(uri, root)
+    if resolved.startswith("sqlite:///"):
+        path = resolved[len("sqlite:///") :].split("?", 1)[0]
+        return Path(path) if path.startswith("/") else None
+    if resolved.startswith("file:"):
+        return Path(unquote(urlparse(resolved).path))
     return None
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return local_store_path(uri, Path("/")) if uri.startswith("sqlite:///") else None
 
 
 @functools.cache
@@ -252,61 +282,6 @@ def _unless(codes: tuple[str, ...], call: Callable[[], _T]) -> _T | None:
         raise
 
 
-@contextmanager
-def _no_requirement_scan() -> Iterator[None]:
-    """Skip MLflow's requirements check: ~2 s per model, and it cannot fail (the pins
-    are the installed versions). If MLflow renames the hook, the check simply runs."""
-    from mlflow.utils import environment
-
-    name = "warn_dependency_requirement_mismatches"
-    original = getattr(environment, name, None)
-    if original is None:
-        yield
-        return
-    setattr(environment, name, lambda *args, **kwargs: None)
-    try:
-        yield
-    finally:
-        setattr(environment, name, original)
-
-
-@contextmanager
-def _fluent_tracking_uri(uri: str) -> Iterator[None]:
-    """Point mlflow's global (fluent) tracking URI at ``uri``; restore it afterwards."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    with _GLOBAL_URI_LOCK:
-        env_before = os.environ.get("MLFLOW_TRACKING_URI")
-        global_before = getattr(tracking_utils, "_tracking_uri", None)
-        set_uri: Any = mlflow.set_tracking_uri
-        set_uri(uri)
-        try:
-            yield
-        finally:
-            set_uri(global_before)
-            if env_before is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = env_before
-
-
-def _check_prompts_once(client: MlflowClient) -> None:
-    """Check once per name that a model is no prompt: MLflow 3 asks before each alias or
-    tag call (six extra requests per champion decision). If renamed, every call checks."""
-    check = getattr(client, "_raise_if_prompt", None)
-    if check is None:
-        return
-    checked: set[str] = set()
-
-    def once(name: str) -> None:
-        if name not in checked:
-            check(name)
-            checked.add(name)
-
-    setattr(client, "_raise_if_prompt", once)  # noqa: B010
-
-
 def render_svg(figure: Figure) -> str:
     """The figure as SVG (matplotlib's Figure, no pyplot), text kept as text.
 
@@ -367,13 +342,13 @@ class MLflowTracker:
         from mlflow import MlflowClient
 
         self.root = Path(root).resolve()
-        self.tracking_uri = _resolve_uri(tracking_uri, self.root)
-        self.registry_uri = _resolve_uri(registry_uri, self.root) if registry_uri else None
+        self.tracking_uri = resolve_uri(tracking_uri, self.root)
+        self.registry_uri = resolve_uri(registry_uri, self.root) if registry_uri else None
         self.experiment = experiment
         self.champion_alias = champion_alias
         db = _sqlite_path(self.tracking_uri)
         if artifact_location is not None:
-            self.artifact_location: str | None = _resolve_uri(artifact_location, self.root)
+            self.artifact_location: str | None = resolve_uri(artifact_location, self.root)
         elif db is not None:
             self.artifact_location = (db.parent / "mlruns").as_uri()
         else:
@@ -381,7 +356,7 @@ class MLflowTracker:
         self.client: MlflowClient = MlflowClient(
             tracking_uri=self.tracking_uri, registry_uri=self.registry_uri
         )
-        _check_prompts_once(self.client)
+        check_prompts_once(self.client)
         self.run_id: str | None = None
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
@@ -658,18 +633,20 @@ class MLflowTracker:
         info = self._log_sklearn_model(estimator, model, logged.model_id, run_id)
         pickle_sha = self._stored_pickle_sha256(info.artifact_path, info.flavors)
 
-        tags = {**lineage, TAG_PICKLE_SHA: pickle_sha}
-        tags.update({_key(f"metric.{k}"): repr(float(v)) for k, v in model.metrics.items()})
-        tags.update(_cut(params, TAG_VALUE_MAX, "param."))
-        tags.update({_key(f"tag.{label}"): "true" for label in model.tags})
+        record = {**lineage, TAG_PICKLE_SHA: pickle_sha}
+        record.update({_key(f"metric.{k}"): repr(float(v)) for k, v in model.metrics.items()})
+        record.update(_cut(params, TAG_VALUE_MAX, "param."))
+        record.update({_key(f"tag.{label}"): "true" for label in model.tags})
         if self._stage is not None:
-            tags[TAG_PIPELINE_RUN_ID] = self._stage.pipeline_run_id
-            tags["housing.stage_run"] = self._stage.name
+            record[TAG_PIPELINE_RUN_ID] = self._stage.pipeline_run_id
+            record["housing.stage_run"] = self._stage.name
+        self.client.set_logged_model_tags(info.model_id, record)
+        tags = {key: lineage[key] for key in VERSION_TAGS if lineage.get(key)}
 
         self._ensure_registered_model(model.registry_name)
         # A local (sqlalchemy) registry resolves a ``models:/<model_id>`` source through
         # the global tracking URI, so this call needs it set too (mlflow 3.17).
-        with _fluent_tracking_uri(self.tracking_uri):
+        with fluent_tracking_uri(self.tracking_uri):
             version = self.client.create_model_version(
                 name=model.registry_name,
                 source=info.model_uri,
@@ -678,6 +655,22 @@ class MLflowTracker:
                 model_id=info.model_id,
             )
         number = str(version.version)
+        full = {
+            "registry_name": model.registry_name,
+            "version": number,
+            "algorithm": model.algorithm,
+            "metadata": dict(model.metadata),
+            "metrics": {k: float(v) for k, v in model.metrics.items()},
+            "params": _plain(model.params),
+            "labels": list(model.tags),
+            "pipeline_run_id": self._stage.pipeline_run_id if self._stage else "",
+            "stage_run": self._stage.name if self._stage else "",
+            "run_id": run_id,
+            "logged_model_id": info.model_id,
+            TAG_PICKLE_SHA: pickle_sha,
+        }
+        text = json.dumps(full, indent=1, sort_keys=True, default=str, allow_nan=True)
+        self.client.log_text(run_id, text + "\n", LINEAGE_ARTIFACT)
         return RegisteredModel(
             backend=self.backend,
             registry_name=model.registry_name,
@@ -704,7 +697,8 @@ class MLflowTracker:
         import mlflow.sklearn
         from mlflow.entities import LoggedModelOutput
 
-        with _fluent_tracking_uri(self.tracking_uri), _no_requirement_scan():
+        schema = _signature(estimator, model.example)
+        with fluent_tracking_uri(self.tracking_uri), no_requirement_scan():
             pin_run = {"run_id": run_id} if mlflow.active_run() is not None else {}
             try:
                 info: ModelInfo = mlflow.sklearn.log_model(
@@ -713,6 +707,7 @@ class MLflowTracker:
                     serialization_format="cloudpickle",
                     pip_requirements=list(_pinned_requirements()),
                     model_id=model_id,
+                    **schema,
                     **pin_run,
                 )
             except Exception as exc:
@@ -754,7 +749,7 @@ class MLflowTracker:
         version = _version_by_alias(self.client, registry_name, self.champion_alias)
         if version is None:
             return None
-        raw = version.tags.get(_key(f"metric.{metric}"))
+        raw = version_record(self.client, version).get(_key(f"metric.{metric}"))
         if raw is None:
             log.warning(
                 "MLflow champion %s v%s has no metric.%s tag; treating as no champion",
@@ -780,8 +775,15 @@ class MLflowTracker:
             "champion.decided_at": decision.decided_at,
             "champion.metric": decision.metric,
         }
-        for key, value in tags.items():
-            self.client.set_model_version_tag(name, version, key, value)
+        model_id = registered.extra.get("logged_model_id")
+        if not model_id:
+            model_id = version_model_id(self.client.get_model_version(name, version))
+        if model_id:  # the details beside the rest of the record
+            self.client.set_logged_model_tags(str(model_id), tags)
+        else:  # a version without a logged model (MLflow 2): on the version itself
+            for key, value in tags.items():
+                self.client.set_model_version_tag(name, version, key, value)
+        self.client.set_model_version_tag(name, version, TAG_CHAMPION, tags["champion.decision"])
         summary = {
             "version": version,
             "decision": tags["champion.decision"],
@@ -884,6 +886,44 @@ def close_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
     return closed
 
 
+def _signature(estimator: Any, example: Any) -> dict[str, Any]:
+    """``signature`` and ``input_example`` for ``log_model`` from a few train rows (the
+    columns the fitted pipeline takes), or nothing when there are none.
+
+    Features are typed double: the pipeline imputes and scales floats, and MLflow's
+    schema check accepts integers for a double column but not floats for a long one.
+    """
+    names = getattr(estimator, "feature_names_in_", None)
+    if example is None or names is None or len(example) == 0:
+        return {}
+    from mlflow.models import infer_signature
+
+    try:
+        features = example[[str(n) for n in names]].astype("float64")
+        predicted = estimator.predict(features)
+    except (KeyError, ValueError, TypeError) as exc:
+        log.warning("MLflow: model logged without a signature (%s)", first_line(exc))
+        return {}
+    return {"signature": infer_signature(features, predicted), "input_example": features}
+
+
+def version_record(client: MlflowClient, version: MlflowModelVersion) -> dict[str, str]:
+    """A registry version's full record: its logged model's tags (lineage, metrics,
+    params, pickle hash, the champion decision's details) under the version's own tags.
+
+    Versions registered before the tags were trimmed carry everything themselves.
+    """
+    record: dict[str, str] = {}
+    model_id = version_model_id(version)
+    if model_id:
+        missing = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+        logged = _unless(missing, lambda: client.get_logged_model(str(model_id)))
+        if logged is not None:
+            record.update({str(k): str(v) for k, v in (logged.tags or {}).items()})
+    record.update(version.tags or {})
+    return record
+
+
 def _pickle_file_name(flavors: Mapping[str, Any]) -> str:
     sklearn_flavor = flavors.get("sklearn")
     name = sklearn_flavor.get("pickled_model") if isinstance(sklearn_flavor, Mapping) else None
@@ -920,7 +960,7 @@ def load_registered_model(
     version = _resolve_version(client, name, version_or_alias)
     number = str(version.version)
     label = f"{name} v{number}"
-    tags: Mapping[str, str] = version.tags or {}
+    tags = version_record(client, version)
     if expected_sha256 is not None and tags.get("model_sha256") != expected_sha256:
         raise ArtifactError(
             f"MLflow model {label}: model_sha256 tag {tags.get('model_sha256')!r} does not "

@@ -571,10 +571,13 @@ class _Replayer:
     def _copy_models(self, spool_id: str, server_id: str) -> None:
         from mlflow.entities import LoggedModelOutput
 
+        from housing.quirks.mlflow import version_model_id
+
         versions = self.spool.search_model_versions(f"run_id = '{spool_id}'")
         for version in sorted(versions, key=lambda v: int(v.version)):
             name = str(version.name)
-            logged = self.spool.get_logged_model(version.model_id) if version.model_id else None
+            model_id = version_model_id(version)  # None from a sqlite registry otherwise
+            logged = self.spool.get_logged_model(model_id) if model_id else None
             new = self.server.create_logged_model(
                 self.experiment_id,
                 name=logged.name if logged else name,
@@ -595,8 +598,9 @@ class _Replayer:
             self.server.log_outputs(server_id, [LoggedModelOutput(new.model_id, step=0)])
             self.server_tracker._ensure_registered_model(name)
             tags = dict(version.tags or {})
-            spooled = {k: v for k, v in tags.items() if k.startswith("champion.")}
-            kept = {k: v for k, v in tags.items() if not k.startswith("champion.")}
+            record = {**(dict(logged.tags) if logged else {}), **tags}  # the full record
+            spooled = {k: v for k, v in record.items() if k.split(".")[0] == "champion"}
+            kept = {k: v for k, v in tags.items() if k.split(".")[0] != "champion"}
             for key, value in spooled.items():
                 kept[f"spool.{key}"] = value
             created = self.server.create_model_version(
@@ -607,7 +611,7 @@ class _Replayer:
                 model_id=new.model_id,
             )
             if "champion.decision" in spooled:
-                self._gate(name, str(created.version), tags)
+                self._gate(name, str(created.version), record)
 
     def _gate(self, name: str, version: str, tags: Mapping[str, str]) -> None:
         """Re-decide the champion against the server's; record it like a stage would."""

@@ -373,7 +373,12 @@ def _created(session: OfflineSession) -> datetime:
 
 def read_events(session: OfflineSession, name: str) -> Iterator[dict[str, Any]]:
     """The events of the session's JSONL file ``name`` (each line an event or a batch)."""
-    raw = session.read_bytes(name) or b""
+    return jsonl_objects(session.read_bytes(name) or b"")
+
+
+def jsonl_objects(raw: bytes) -> Iterator[dict[str, Any]]:
+    """The JSON objects of JSONL text, a line holding one or a list of them; blank,
+    torn (a crash mid-write) or corrupt lines are skipped."""
     for line in raw.decode("utf-8", errors="replace").splitlines():
         try:
             batch = json.loads(line)
@@ -720,11 +725,7 @@ def _run_import_child(
     elif proc.returncode != 0:
         error = f"import process exited {proc.returncode}: {tail[-1] if tail else ''}".strip()
     logger.debug("clearml import output:\n%s", "\n".join(tail))
-    results = [
-        json.loads(line)
-        for line in results_path.read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    ]
+    results = list(jsonl_objects(results_path.read_bytes()))
     if error is not None:
         done = {r.get("session_id") for r in results}
         results.extend(

@@ -17,6 +17,7 @@ from operator import methodcaller
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from housing.errors import first_line
 from housing.stages.select_best import SELECTION_VALUE
 from housing.tracking.base import Figure, ModelVersion, StageRun, Tracker
 from housing.tracking.lineage import config_hash, decide_champion, git_commit, redact, utc_now
@@ -130,7 +131,7 @@ def tracked(settings: Settings, run: StageRun) -> Iterator[TrackerSet]:
         tset.each("log_config", lambda t: t.log_config(redact(dict(settings.resolved)), "config"))
         yield tset
     except BaseException as exc:
-        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        message = f"{type(exc).__name__}: {first_line(exc) if str(exc).strip() else ''}"
         killed = isinstance(exc, KeyboardInterrupt | SystemExit)
         tset.close("killed" if killed else "failed", str(redact(message)))
         raise
@@ -254,6 +255,17 @@ def _lineage(settings: Settings, sha256: str, data_md5: str | None) -> dict[str,
     }
 
 
+def _example_rows(settings: Settings, rows: int = 5) -> Any:
+    """The first ``rows`` of the train split (features and target), or None if unreadable."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(settings.paths.train, nrows=rows)
+    except (OSError, ValueError) as exc:
+        log.debug("no input example for the model (%s)", first_line(exc))
+        return None
+
+
 def _importance_figure(importances: Mapping[str, float], title: str) -> Figure:
     ranked = sorted(importances.items(), key=lambda kv: kv[1], reverse=True)
     x, y = [k for k, _ in ranked], [v for _, v in ranked]
@@ -309,6 +321,7 @@ def _record_train(tset: TrackerSet, settings: Settings, result: TrainResult) -> 
         params=result.params,
         metadata=_lineage(settings, result.model_sha256, rec.get("data_md5")),
         tags=("candidate", result.model_name),
+        example=_example_rows(settings),
     )
     tset.each("register_model", lambda t: t.register_model(version))
 
@@ -346,6 +359,7 @@ def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult
         params=dict(result.summary["best_params"]),
         metadata=_lineage(settings, result.best_sha256, result.summary.get("data_md5")),
         tags=("best", result.best_model),
+        example=_example_rows(settings),
     )
 
     def register_and_gate(t: Tracker) -> None:

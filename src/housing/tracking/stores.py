@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from housing.errors import ArtifactError
+from housing.errors import ArtifactError, first_line
 
 if TYPE_CHECKING:
     from housing.config import Settings
@@ -69,12 +69,11 @@ def check_clearml_store(offline_dir: Path) -> None:
 
 def sqlite_path(tracking_uri: str, root: Path) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative to ``root``), else None."""
+    from housing.tracking.mlflow import local_store_path
+
     if not tracking_uri.startswith("sqlite:///"):
         return None
-    path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
-    if not path or path == ":memory:":
-        return None
-    return Path(path) if path.startswith("/") else root / path
+    return local_store_path(tracking_uri, root)
 
 
 def mlflow_store_problem(tracking_uri: str, root: Path) -> str | None:
@@ -200,7 +199,7 @@ def _tables(db: Path) -> set[str]:
 def _why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return str(exc.strerror).lower()
-    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first_line(exc)
 
 
 def _refuse(db: Path, what: str, history: list[str] | None = None, moved_aside: bool = True) -> str:

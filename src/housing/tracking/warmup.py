@@ -20,7 +20,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Final
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,9 @@ def warm_matplotlib() -> None:
 def warm_mlflow_schema() -> None:
     """Work out MLflow's newest store schema revision once (every SQL store loads ~70
     alembic scripts for it, ~40 ms; it depends only on the installed MLflow)."""
-    from mlflow.store.db import utils
+    from housing.quirks.mlflow import cache_schema_revision
 
-    latest: Callable[[], str] = utils._get_latest_schema_revision
-    head = latest()
-    setattr(utils, "_get_latest_schema_revision", lambda: head)  # noqa: B010
+    cache_schema_revision()
 
 
 def warm_inspect() -> None:

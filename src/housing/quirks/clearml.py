@@ -1,0 +1,134 @@
+"""ClearML SDK quirks (locked: clearml 2.1.12)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+#: The SDK's logger for repository detection (``clearml.debugging.log.get_logger``).
+REPOSITORY_LOGGER = "clearml.Repository Detection"
+
+
+def load_config_now() -> None:
+    """Parse the SDK's configuration (HOCON, ~1 s) now, from the ``CLEARML_*`` variables
+    as they are.
+
+    clearml 2.1.12 parses it lazily on first use, with no public call to do it ahead:
+    the private class methods ``ConfigWrapper._init`` and ``ConfigSDKWrapper._init``
+    are what first use calls. A warm process calls this so forked stages skip it.
+    """
+    from clearml.config import ConfigSDKWrapper, ConfigWrapper
+
+    ConfigWrapper._init()
+    ConfigSDKWrapper._init()
+
+
+def forget_config() -> None:
+    """Drop a configuration :func:`load_config_now` parsed, so the next use re-reads it.
+
+    clearml 2.1.12 keeps the parsed config in the private class attribute
+    ``ConfigWrapper._config`` (None: not loaded) and has no public reset for it.
+    """
+    from clearml.config import ConfigSDKWrapper, ConfigWrapper
+
+    ConfigWrapper._config = None
+    ConfigSDKWrapper.clear_config_impl()
+
+
+def unlock_offline_model(output_model: Any) -> None:
+    """Let ``output_model.update_weights`` run on an offline task.
+
+    SDK bug (clearml 1.15 to 2.1.12): the placeholder that the private
+    ``OutputModel._get_base_model()`` returns offline has no ``locked`` attribute, so
+    ``update_weights`` raises AttributeError before it copies the weights.
+    """
+    base: Any = output_model._get_base_model()
+    if not hasattr(base, "locked"):
+        base.locked = False
+
+
+def offline_output_models(task: Any) -> list[dict[str, Any]]:
+    """The models registered so far in an offline ``task``'s session (mutable records).
+
+    clearml 2.1.12 has no public access to them: the private list
+    ``Task._offline_output_models`` is what it writes to the session's ``task.json``
+    (``offline_output_models``) when the task closes, so a tag added to a record here
+    reaches the model that ``Task.import_offline_session`` creates.
+    """
+    models: list[dict[str, Any]] = getattr(task, "_offline_output_models", [])
+    return models
+
+
+def quiet_console(verbose: bool = False) -> contextlib.AbstractContextManager[Any]:
+    """Around ``Task.init`` and ``Task.close``: keep the SDK's console chatter off the
+    console unless ``verbose``.
+
+    clearml 2.1.12 prints its "ClearML Task: created new task id=..." / results-page
+    banners and, offline, "ClearML Task: Offline session stored in <zip>" to stdout
+    (no option to stop it), and warns through the ``clearml.Repository Detection``
+    logger when the code is not in a git repository.
+    """
+    if verbose:
+        return contextlib.nullcontext()
+    logging.getLogger(REPOSITORY_LOGGER).setLevel(logging.ERROR)
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+#: The variables the SDK reads and writes.
+ENV_PREFIXES = ("CLEARML_", "TRAINS_")
+
+
+def set_sdk_env(values: Mapping[str, str], *, keep_set: bool = False) -> dict[str, str]:
+    """Put ``values`` into ``os.environ`` for the SDK (``keep_set``: only where unset);
+    returns every ``CLEARML_*``/``TRAINS_*`` variable as it was, for
+    :func:`restore_sdk_env`.
+
+    clearml 2.1.12 takes its cache folder, config file, server and keys only from the
+    environment (``CLEARML_CACHE_DIR``, ``CLEARML_CONFIG_FILE``, ``CLEARML_API_*``: no
+    ``Task.init`` argument) and sets some itself (``CLEARML_PROC_MASTER_ID``,
+    ``TRAINS_OFFLINE_MODE``), so they are set for a task's lifetime and put back after.
+    """
+    before = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+    for key, value in values.items():
+        if value and not (keep_set and os.environ.get(key)):
+            os.environ[key] = value
+    return before
+
+
+def restore_sdk_env(before: Mapping[str, str]) -> None:
+    """Put the ``CLEARML_*``/``TRAINS_*`` variables back as :func:`set_sdk_env` found them
+    (those the SDK or this process added since are removed)."""
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIXES)]:
+        if key not in before:
+            del os.environ[key]
+    os.environ.update(before)
+
+
+@contextlib.contextmanager
+def default_session(session: Any) -> Iterator[None]:
+    """Make ``session`` the SDK's default session for the block, then restore it.
+
+    clearml 2.1.12: ``Task.query_tasks``, ``Task.get_project_id`` and
+    ``Model.query_models`` take no session; they use the process-wide
+    ``InterfaceBase._default_session``, made once from the ``CLEARML_*`` variables and
+    never re-read. ``_set_default_session`` ("for debug and testing") is how a configured
+    host and keys reach them without writing ``os.environ``.
+    """
+    from clearml.backend_interface.base import InterfaceBase
+
+    before = InterfaceBase._default_session
+    InterfaceBase._set_default_session(session)
+    try:
+        yield
+    finally:
+        InterfaceBase._default_session = before
+
+
+def model_created(model: Any) -> Any:
+    """A ``clearml.Model``'s creation time: clearml 2.1.12 has no public property for it,
+    so it is read from the private data object (``_get_model_data().created``)."""
+    return getattr(model._get_model_data(), "created", None)
