@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from housing.cli import schedule_lines
 from housing.config import load_settings
 from housing.errors import ConfigError
 from housing.orchestration.scheduling import cron_command, schedule, scheduler_entries
-from housing.schedule import FileCrontab, parse_cron
+from housing.schedule import FileCrontab, next_runs, parse_cron
 from tests.conftest import CONF, PROJECT
 
 NOW = datetime(2026, 3, 2, 5, 30, tzinfo=UTC)  # a Monday
@@ -131,10 +132,15 @@ def test_script_entry_point(tmp_path: Path) -> None:
             [{"minute": 30, "hour": 6, "day": 1}, {"minute": 30, "hour": 18, "day": 1}],
         ),
         ("15 * * * *", [{"minute": 15, "hour": 1}]),
-        ("*/20 * * * *", [{"minute": 20}]),
-        ("0 8 * * 6,0", [{"minute": 0, "hour": 8, "day": 0, "weekdays": ["sunday", "saturday"]}]),
-        ("0 3 1 * *", [{"minute": 0, "hour": 3, "day": 1, "month": 1}]),
-        ("0 3 * * */7", [{"minute": 0, "hour": 3, "day": 0, "weekdays": ["sunday"]}]),
+        ("*/20 * * * *", [{"minute": m, "hour": 1} for m in (0, 20, 40)]),
+        (
+            "0 8 * * 6,0",
+            [
+                {"minute": 0, "hour": 8, "day": 1, "weekdays": ["sunday"]},
+                {"minute": 0, "hour": 8, "day": 1, "weekdays": ["saturday"]},
+            ],
+        ),
+        ("0 3 * * */7", [{"minute": 0, "hour": 3, "day": 1, "weekdays": ["sunday"]}]),
         ("0 3 * * 0-7", [{"minute": 0, "hour": 3, "day": 1}]),
         ("@hourly", [{"minute": 0, "hour": 1}]),
     ],
@@ -144,12 +150,54 @@ def test_cron_maps_to_taskscheduler_entries(expr: str, entries: list[dict[str, o
 
 
 @pytest.mark.parametrize(
-    "expr",
-    ["0 6 * 1 *", "0 6 1 * 1", "0 6 */2 * 1", "0 6 1-31 * 1", "5,10 * * * *", "0 * * * 1"],
+    "expr", ["0 6 * 1 *", "0 6 1 * 1", "0 3 1 * *", "@monthly", "*/5 6-18 * * *"]
 )
-def test_cron_a_taskscheduler_cannot_express_is_refused(expr: str) -> None:
-    with pytest.raises(ConfigError, match=r"^clearml\.pipeline\.schedule_cron: "):
+def test_cron_a_taskscheduler_cannot_run_on_its_clock_is_refused(expr: str) -> None:
+    with pytest.raises(ConfigError, match=r"^clearml\.pipeline\.schedule_cron: ") as caught:
         scheduler_entries(parse_cron(expr))
+    assert "\n" not in str(caught.value) and expr in str(caught.value)
+
+
+def _clearml_runs(entries: list[dict[str, Any]], start: datetime) -> list[datetime]:
+    """The first five launches ClearML's own ScheduleJob computes for ``entries``, each
+    launch 7 s late (as a real scheduler loop is)."""
+    from clearml.automation.scheduler import ScheduleJob
+
+    runs: list[datetime] = []
+    for entry in entries:
+        job = ScheduleJob(name="j", base_task_id="t", queue="q", starting_time=start, **entry)
+        job.verify()
+        for _ in range(5):
+            run = job.next()
+            assert run is not None
+            runs.append(run)
+            job._last_executed = run + timedelta(seconds=7)
+            job._schedule_counter += 1
+    return sorted(runs)[:5]
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "*/20 * * * *",
+        "*/7 * * * *",
+        "5,10 * * * *",
+        "0 8 * * 6,0",
+        "*/15 6 * * 1-5",
+        "0 * * * 1",
+        "30 6,18 * * *",
+        "@hourly",
+        "@weekly",
+        "0 0 * * 1",
+    ],
+)
+@pytest.mark.parametrize(
+    "start",
+    [NOW, datetime(2026, 3, 7, 7, 0, 13, tzinfo=UTC), datetime(2026, 3, 8, 8, 0, tzinfo=UTC)],
+)
+def test_clearml_runs_what_the_schedule_file_lists(expr: str, start: datetime) -> None:
+    cron = parse_cron(expr)
+    assert _clearml_runs(scheduler_entries(cron), start) == list(next_runs(cron, start))
 
 
 def test_missing_expression(tmp_path: Path) -> None:

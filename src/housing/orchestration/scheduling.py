@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 MARKER: Final = "housing-pipeline"
 PIPELINE_SCRIPT: Final = "scripts/clearml_pipeline.py"
 DEFAULT_CONTROLLER_QUEUE: Final = "services"
+MAX_ENTRIES: Final = 60  # TaskScheduler entries one expression may need
 _WEEKDAYS: Final = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
 
 
@@ -70,46 +71,37 @@ def cron_command(settings: Settings) -> str:
 
 
 def scheduler_entries(cron: sch.CronSchedule) -> list[dict[str, Any]]:
-    """``TaskScheduler.add_task`` timing arguments equivalent to a cron expression.
+    """``TaskScheduler.add_task`` timing arguments that fire on the cron expression's clock.
 
-    Supported: one minute with any hours (``M H,H2 ...``), every hour (``M * ...``) or
-    ``*/N`` minutes; day-of-month OR day-of-week restricted (not both); every month.
-    Anything else is a ConfigError naming ``clearml.pipeline.schedule_cron``.
+    ClearML counts a lone ``minute=N`` from the scheduler's start (not cron's ``*/N``) and
+    walks a weekday list from its first item, so each cron minute becomes its own entry:
+    hourly (``minute=M, hour=1``), daily (``minute, hour, day=1``) or weekly on one weekday
+    (``..., day=1, weekdays=[W]``), at most :data:`MAX_ENTRIES`. Day-of-month and month
+    restrictions are refused (ClearML can skip the first month and fails on a day a month
+    lacks): a ConfigError naming ``clearml.pipeline.schedule_cron``.
     """
 
     def unsupported(why: str) -> ConfigError:
         return ConfigError(
-            f"{sch.CRON_KEY}: '{cron.expr}' cannot be a ClearML TaskScheduler entry ({why}); "
-            "simplify it or schedule with cron (clearml.mode=offline)"
+            f"{sch.CRON_KEY}: '{cron.expr}' cannot run on cron's clock in a ClearML "
+            f"TaskScheduler ({why}); simplify it or schedule with cron (clearml.mode=offline)"
         )
 
-    every_dom, every_dow = len(cron.days) == 31, len(cron.weekdays) == 7
-    all_days = every_dom and every_dow
     if len(cron.months) != 12:
         raise unsupported("months must be '*'")
-    if cron.day_or or not (every_dom or every_dow):
-        raise unsupported("restrict day-of-month or day-of-week, not both")
-    every_hour = len(cron.hours) == 24
-    if len(cron.minutes) > 1:
-        step = cron.minutes[1] - cron.minutes[0]
-        regular = cron.minutes == tuple(range(0, 60, step)) and 60 % step == 0
-        if not (regular and every_hour and all_days):
-            raise unsupported("several minutes need '*/N * * * *'")
-        return [{"minute": step}]
-    minute = cron.minutes[0]
-    if every_hour:
-        if not all_days:
-            raise unsupported("an hourly schedule must run every day")
-        return [{"minute": minute, "hour": 1}]
-    entries: list[dict[str, Any]] = []
-    for hour in cron.hours:
-        if all_days:
-            entries.append({"minute": minute, "hour": hour, "day": 1})
-        elif not every_dow:
-            days = [_WEEKDAYS[d] for d in cron.weekdays]
-            entries.append({"minute": minute, "hour": hour, "day": 0, "weekdays": days})
-        else:
-            entries += [{"minute": minute, "hour": hour, "day": d, "month": 1} for d in cron.days]
+    if len(cron.days) != 31:
+        raise unsupported("day-of-month must be '*'")
+    every_hour, every_dow = len(cron.hours) == 24, len(cron.weekdays) == 7
+    weekdays = sorted({d % 7 for d in cron.weekdays})
+    if every_hour and every_dow:
+        times: list[dict[str, Any]] = [{"minute": m, "hour": 1} for m in cron.minutes]
+    else:
+        times = [{"minute": m, "hour": h, "day": 1} for h in cron.hours for m in cron.minutes]
+    entries = (
+        times if every_dow else [{**t, "weekdays": [_WEEKDAYS[d]]} for d in weekdays for t in times]
+    )
+    if len(entries) > MAX_ENTRIES:
+        raise unsupported(f"{len(entries)} entries, at most {MAX_ENTRIES}")
     return entries
 
 
