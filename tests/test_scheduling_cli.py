@@ -1,9 +1,15 @@
-"""Pipeline scheduling without a server: validation, next runs, idempotent crontab install."""
+"""Pipeline scheduling: validation, next runs, idempotent crontab install, the cron-to-ClearML
+mapping (checked with the SDK's own ScheduleJob) and the scheduler task re-run by an agent."""
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,9 +21,12 @@ from housing.config import load_settings
 from housing.errors import ConfigError
 from housing.orchestration.scheduling import cron_command, schedule, scheduler_entries
 from housing.schedule import FileCrontab, next_runs, parse_cron
+from tests import test_orchestration_server as orch
 from tests.conftest import CONF, PROJECT
+from tests.fakes.clearml_api import FakeClearMLServer
 
 NOW = datetime(2026, 3, 2, 5, 30, tzinfo=UTC)  # a Monday
+server, repo = orch.server, orch.repo  # the fake ClearML server and a scratch checkout
 
 
 @pytest.fixture(autouse=True)
@@ -204,3 +213,73 @@ def test_missing_expression(tmp_path: Path) -> None:
     settings = load_settings(["~clearml.pipeline.schedule_cron"], CONF, tmp_path)
     with pytest.raises(ConfigError, match="schedule_cron: not set"):
         schedule(settings, install=False, now=NOW)
+
+
+# --------------------------------------------------------------------------- on an agent
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_agent_rerun_of_the_scheduler_task_runs_its_loop(
+    server: FakeClearMLServer, repo: Path
+) -> None:
+    """What the services agent does with the registered scheduler task: run its recorded
+    entry point with ``CLEARML_TASK_ID`` and nothing else; it must load its jobs and wait
+    for the first run instead of exiting."""
+    server.handlers["tasks.enqueue"] = orch._enqueue("queued")
+    first = orch._run(
+        "clearml_schedule.py",
+        ["--install", "clearml.pipeline.schedule_cron=*/20 * * * *"],
+        repo,
+        server,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    (scheduler,) = orch._tasks(server, "housing:pipeline-scheduler")
+    entry = scheduler["script"]["entry_point"]
+    argv = scheduler["hyperparams"]["Args"]["argv"]["value"]
+    assert entry == "scripts/clearml_schedule.py"
+    assert shlex.split(argv) == [
+        "--install",
+        "clearml.pipeline.schedule_cron=*/20 * * * *",
+        "clearml.mode=online",
+    ]
+    server.reset_calls()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "HOUSING_"))}
+    env.update(server.env(), HOME=str(repo.parent), CLEARML_TASK_ID=scheduler["id"])
+    agent = subprocess.Popen(
+        [sys.executable, entry],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        table: dict[str, list[Any]] = {}
+        while not table and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            table = _schedule_table(server, scheduler["id"])
+        assert agent.poll() is None, f"the scheduler task exited: {agent.communicate()[0][-3000:]}"
+        assert table, "the scheduler loop reported no 'Schedule Tasks' table"
+        assert table["name"] == [f"housing:pipeline #{i} (*/20 * * * *)" for i in (1, 2, 3)]
+        # the SDK's table shows each value as text, 0 as empty
+        assert (table["minute"], table["hour"]) == (["", "20", "40"], ["1", "1", "1"])
+        assert set(table["queue"]) == {"default"}
+        assert server.calls_to("tasks.enqueue") == []  # the agent did not re-register
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+        agent.communicate(timeout=10)
+
+
+def _schedule_table(server: FakeClearMLServer, task_id: str) -> dict[str, list[Any]]:
+    """The TaskScheduler's own "Schedule Tasks" table plot (column -> values), once sent."""
+    for event in server.events(task_id):
+        if event.get("type") == "plot" and event.get("metric") == "Schedule Tasks":
+            (table,) = json.loads(event["plot_str"])["data"]
+            header, cells = table["header"]["values"], table["cells"]["values"]
+            return dict(zip(header, cells, strict=True))
+    return {}

@@ -8,7 +8,10 @@
   scheduler that clones it onto ``clearml.pipeline.execution_queue``, and sends the
   scheduler to ``clearml.pipeline.controller_queue`` (default ``services``): the SDK ENDS
   THE PROCESS (exit 0) then. A scheduler already queued or running with the same schedule
-  is kept; one with another schedule is stopped and replaced.
+  is kept; one with another schedule is stopped and replaced. The scheduler task records
+  the script's arguments (``Args/argv``, connected through the SDK): the agent re-runs
+  ``scripts/clearml_schedule.py`` with them (:func:`agent_arguments`) and the task then
+  runs the TaskScheduler loop.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 MARKER: Final = "housing-pipeline"
 PIPELINE_SCRIPT: Final = "scripts/clearml_pipeline.py"
 DEFAULT_CONTROLLER_QUEUE: Final = "services"
+ARGS_SECTION, ARGV_KEY = "Args", "argv"  # the scheduler task's recorded script arguments
 MAX_ENTRIES: Final = 60  # TaskScheduler entries one expression may need
 _WEEKDAYS: Final = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
 
@@ -105,6 +110,40 @@ def scheduler_entries(cron: sch.CronSchedule) -> list[dict[str, Any]]:
     return entries
 
 
+def agent_arguments() -> list[str] | None:
+    """The arguments the scheduler task recorded, when a ClearML agent runs it (the SDK
+    sees ``CLEARML_TASK_ID`` and runs remotely); ``None`` when run by hand."""
+    task_id = os.environ.get("CLEARML_TASK_ID")
+    if not task_id:
+        return None
+    try:
+        from clearml import Task
+
+        if Task.running_locally():
+            return None
+        argv: Any = Task.get_task(task_id=task_id).get_parameter(f"{ARGS_SECTION}/{ARGV_KEY}")
+    except Exception as exc:
+        raise sch.ScheduleError(
+            f"ClearML task {task_id}: cannot read its arguments: {exc}"
+        ) from exc
+    if not argv:
+        raise sch.ScheduleError(
+            f"ClearML task {task_id}: no {ARGS_SECTION}/{ARGV_KEY} recorded; "
+            "register the scheduler again with `housing schedule --install`"
+        )
+    return shlex.split(str(argv))
+
+
+def run_recorded(argv: Sequence[str]) -> ScheduleResult:
+    """On the agent: install with the recorded overrides, i.e. run the scheduler loop (never
+    returns). Not through click: once the SDK is imported on an agent it rebinds click's
+    parameters from the task's ``Args`` as if they were its own."""
+    from housing.config import load_settings
+
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    return schedule(load_settings(overrides), install=True, agent_args=argv)
+
+
 def schedule(
     settings: Settings,
     *,
@@ -112,12 +151,14 @@ def schedule(
     crontab: sch.CrontabIO | None = None,
     now: datetime | None = None,
     before_exit: Callable[[ScheduleResult], None] | None = None,
+    agent_args: Sequence[str] = ("--install",),
 ) -> ScheduleResult:
     """Validate, compute the next runs, write the schedule file, install it if asked.
 
     ``crontab`` defaults to the user's; ``now`` to the current time (local for cron, UTC for
     ClearML). Registering a ClearML scheduler ends the process: ``before_exit`` gets the
-    result just before."""
+    result just before. ``agent_args`` (``scripts/clearml_schedule.py`` arguments, with
+    ``--install``) are recorded on the scheduler task for the agent that runs it."""
     cml = settings.clearml
     expr = cml.pipeline.schedule_cron  # validated by housing.config
     if expr is None:
@@ -145,7 +186,7 @@ def schedule(
     if not install:
         return result
     if online:
-        return _register(settings, result, before_exit)
+        return _register(settings, result, before_exit, agent_args)
     changed = sch.install_schedule(crontab or sch.SystemCrontab(), result.crontab_line, MARKER)
     return replace(result, installed=True, changed=changed)
 
@@ -154,6 +195,7 @@ def _register(
     settings: Settings,
     result: ScheduleResult,
     before_exit: Callable[[ScheduleResult], None] | None,
+    agent_args: Sequence[str],
 ) -> ScheduleResult:
     """Create the template and the TaskScheduler; the SDK then ends the process."""
     from housing.orchestration.clearml_controller import (
@@ -215,6 +257,7 @@ def _register(
                     **entry,
                 )
             current: Any = Task.current_task()
+            current.connect({ARGV_KEY: shlex.join(agent_args)}, name=ARGS_SECTION)
             current.add_tags([MARKER, tag])
         except HousingError:
             raise
