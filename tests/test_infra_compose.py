@@ -35,6 +35,7 @@ REPORTED_SERVICES = {
     "apiserver",
     "webserver",
     "fileserver",
+    "async-delete",
     "clearml-agent",
 }
 DATABASES = {"mongo", "redis", "elasticsearch"}
@@ -152,6 +153,22 @@ def test_compose_config_default_services(stack_copy: Path) -> None:
     assert config["networks"]["backend"]["internal"] is True
     api_env = services["apiserver"]["environment"]
     assert api_env["CLEARML_WEB_LOGIN"] == _env_example()["CLEARML_WEB_LOGIN"]
+    for name in SERVER_IMAGE_USERS:
+        assert services[name]["image"] == "allegroai/clearml:2.0.0-613", name
+    # the async delete service removes files under the fileserver URL clients upload to
+    files_host = _env_example()["CLEARML_FILES_HOST"]
+    prefixes = f"[{files_host}]"
+    assert api_env["CLEARML__services__async_urls_delete__enabled"] == "true"
+    assert api_env["CLEARML__services__async_urls_delete__fileserver__url_prefixes"] == prefixes
+    delete = services["async-delete"]
+    assert delete["entrypoint"][:3] == ["python3", "-m", "jobs.async_urls_delete"]
+    assert delete["entrypoint"][3:] == ["--fileserver-host", "http://fileserver:8081"]
+    assert (
+        delete["environment"]["CLEARML__services__async_urls_delete__fileserver__url_prefixes"]
+        == prefixes
+    )
+    assert delete["environment"]["CLEARML_MONGODB_SERVICE_HOST"] == "mongo"
+    assert set(delete["networks"]) == {"backend"} and "ports" not in delete
 
 
 @pytest.mark.integration
@@ -230,11 +247,19 @@ def test_images_are_pinned() -> None:
             assert re.search(r"\d", tag), f"{name}: tag of {image!r} names no version"
 
 
+SERVER_IMAGE_USERS = ("apiserver", "webserver", "fileserver", "async-delete")
+# The official compose files pin <version>-<build> (2.0.0-613); clearml/server from 2.1.
+OFFICIAL_TAG = re.compile(r"(allegroai/clearml:\d+\.\d+\.\d+-\d+|clearml/server:\d+\.\d+\.\d+)")
+
+
 def test_server_image_matches_the_layout() -> None:
     services = _services()
-    images = {services[name]["image"] for name in ("apiserver", "webserver", "fileserver")}
-    assert len(images) == 1  # one image, three commands
-    assert _resolve(images.pop(), {}).startswith("allegroai/clearml:")
+    images = {services[name]["image"] for name in SERVER_IMAGE_USERS}
+    assert len(images) == 1  # one image, four commands
+    default = _resolve(images.pop(), {})
+    assert OFFICIAL_TAG.fullmatch(default), f"{default!r} is not an official server tag"
+    assert _env_example()["CLEARML_SERVER_IMAGE"] == default
+    assert "clearml/server:<version>" in _compose_text()  # how to move past 2.0
     for name in ("apiserver", "webserver", "fileserver"):
         assert services[name]["command"] == [name]
 

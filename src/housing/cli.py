@@ -300,8 +300,11 @@ def pipeline(
     default=None,
     help="A crontab file instead of `crontab`.",
 )
-@_configured
-def schedule(settings: Settings, install: bool, crontab_file: Path | None) -> int:
+@_overrides
+@_leaf
+def schedule(
+    options: Globals, overrides: tuple[str, ...], install: bool, crontab_file: Path | None
+) -> int:
     """Schedule the pipeline on clearml.pipeline.schedule_cron (cron or ClearML).
 
     Crontab line without a ClearML server, a ClearML TaskScheduler with one.
@@ -310,10 +313,11 @@ def schedule(settings: Settings, install: bool, crontab_file: Path | None) -> in
     from housing.schedule import FileCrontab
 
     result = make_schedule(
-        settings,
+        _settings(overrides, options.config_dir),
         install=install,
         crontab=FileCrontab(crontab_file) if crontab_file is not None else None,
         before_exit=_show_schedule,  # registering a ClearML scheduler ends the process
+        agent_args=("--install", *overrides),  # what the services agent re-runs it with
     )
     _show_schedule(result)
     return 0

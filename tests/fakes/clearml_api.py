@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
 
 API_VERSION = "2.30"
 SERVER_VERSION = "2.0.0"
@@ -705,7 +706,7 @@ def _make_request_handler(server: FakeClearMLServer) -> type[BaseHTTPRequestHand
                         server.uploads[key] = content
                 self._reply(200, b"{}")
                 return
-            stored = server.uploads.get(path)
+            stored = server.uploads.get(unquote(path))  # a file server serves the unquoted path
             if stored is None:
                 self._reply(404, b"")
             else:

@@ -14,6 +14,7 @@ import textwrap
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -527,3 +528,39 @@ def test_fake_pages_and_filters_tasks() -> None:
             post("models.get_all", {"tags": ["-champion"]})["models"][0]["name"] == "housing-ridge"
         )
         assert server.calls_to("tasks.get_all")[0] == {"page": 0, "page_size": 2}
+
+
+@pytest.mark.slow
+def test_sync_keeps_run_times_and_model_metadata(
+    settings: ClearMLSettings, model_file: Path
+) -> None:
+    """The server stamps an imported task with the import time; compare must still show
+    (and order by) when the offline run happened, and the model keeps its record."""
+    from housing.reporting.compare import _server_task_row, iso, parse_time
+
+    record_stages(settings, model_file)
+    sessions = {s.name: s for s in offline.list_sessions(settings.offline_dir)}
+    train = sessions["housing:train_ridge"]
+    started, completed = offline.run_times(train)
+    assert completed is not None and started <= completed
+    time.sleep(1.1)  # the import happens visibly later than the run
+    with FakeClearMLServer(access_key=ACCESS, secret_key=SECRET) as server:
+        report = offline.sync(at_server(settings, server), env=fake_env(server))
+        assert report.ok, report.failed
+        tasks = {t["name"]: t for t in server.tasks.values()}
+        props = tasks["housing:train_ridge"]["hyperparams"]["properties"]
+        assert props[offline.RUN_STARTED]["value"] == started.isoformat(timespec="milliseconds")
+        assert props[offline.RUN_COMPLETED]["value"] == completed.isoformat(timespec="milliseconds")
+        row = _server_task_row(tasks["housing:train_ridge"], "housing")
+        assert (row["started"], row["completed"]) == (iso(started), iso(completed))
+        # not the import's time (the server's created/started), which came over a second later
+        imported = parse_time(tasks["housing:train_ridge"]["created"])
+        assert imported is not None and imported - started > timedelta(seconds=1)
+        # compare orders by run time: the failed evaluate ran after train
+        rows = [_server_task_row(t, "housing") for t in tasks.values()]
+        when = {r["name"]: r["started"] for r in rows}
+        assert when["housing:train_ridge"] <= when["housing:evaluate"] < iso(imported)
+
+        (model,) = [m for m in server.models.values() if "version:1" in m["tags"]]
+        lineage = model["metadata"][offline.LINEAGE_METADATA]["value"]
+        assert json.loads(lineage)["metadata"]["model_sha256"] == sha256(model_file)

@@ -8,7 +8,10 @@
   scheduler that clones it onto ``clearml.pipeline.execution_queue``, and sends the
   scheduler to ``clearml.pipeline.controller_queue`` (default ``services``): the SDK ENDS
   THE PROCESS (exit 0) then. A scheduler already queued or running with the same schedule
-  is kept; one with another schedule is stopped and replaced.
+  is kept; one with another schedule is stopped and replaced. The scheduler task records
+  the script's arguments (``Args/argv``, connected through the SDK): the agent re-runs
+  ``scripts/clearml_schedule.py`` with them (:func:`agent_arguments`) and the task then
+  runs the TaskScheduler loop.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 MARKER: Final = "housing-pipeline"
 PIPELINE_SCRIPT: Final = "scripts/clearml_pipeline.py"
 DEFAULT_CONTROLLER_QUEUE: Final = "services"
+ARGS_SECTION, ARGV_KEY = "Args", "argv"  # the scheduler task's recorded script arguments
+MAX_ENTRIES: Final = 60  # TaskScheduler entries one expression may need
 _WEEKDAYS: Final = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
 
 
@@ -70,47 +76,72 @@ def cron_command(settings: Settings) -> str:
 
 
 def scheduler_entries(cron: sch.CronSchedule) -> list[dict[str, Any]]:
-    """``TaskScheduler.add_task`` timing arguments equivalent to a cron expression.
+    """``TaskScheduler.add_task`` timing arguments that fire on the cron expression's clock.
 
-    Supported: one minute with any hours (``M H,H2 ...``), every hour (``M * ...``) or
-    ``*/N`` minutes; day-of-month OR day-of-week restricted (not both); every month.
-    Anything else is a ConfigError naming ``clearml.pipeline.schedule_cron``.
+    ClearML counts a lone ``minute=N`` from the scheduler's start (not cron's ``*/N``) and
+    walks a weekday list from its first item, so each cron minute becomes its own entry:
+    hourly (``minute=M, hour=1``), daily (``minute, hour, day=1``) or weekly on one weekday
+    (``..., day=1, weekdays=[W]``), at most :data:`MAX_ENTRIES`. Day-of-month and month
+    restrictions are refused (ClearML can skip the first month and fails on a day a month
+    lacks): a ConfigError naming ``clearml.pipeline.schedule_cron``.
     """
 
     def unsupported(why: str) -> ConfigError:
         return ConfigError(
-            f"{sch.CRON_KEY}: '{cron.expr}' cannot be a ClearML TaskScheduler entry ({why}); "
-            "simplify it or schedule with cron (clearml.mode=offline)"
+            f"{sch.CRON_KEY}: '{cron.expr}' cannot run on cron's clock in a ClearML "
+            f"TaskScheduler ({why}); simplify it or schedule with cron (clearml.mode=offline)"
         )
 
-    every_dom, every_dow = len(cron.days) == 31, len(cron.weekdays) == 7
-    all_days = every_dom and every_dow
     if len(cron.months) != 12:
         raise unsupported("months must be '*'")
-    if cron.day_or or not (every_dom or every_dow):
-        raise unsupported("restrict day-of-month or day-of-week, not both")
-    every_hour = len(cron.hours) == 24
-    if len(cron.minutes) > 1:
-        step = cron.minutes[1] - cron.minutes[0]
-        regular = cron.minutes == tuple(range(0, 60, step)) and 60 % step == 0
-        if not (regular and every_hour and all_days):
-            raise unsupported("several minutes need '*/N * * * *'")
-        return [{"minute": step}]
-    minute = cron.minutes[0]
-    if every_hour:
-        if not all_days:
-            raise unsupported("an hourly schedule must run every day")
-        return [{"minute": minute, "hour": 1}]
-    entries: list[dict[str, Any]] = []
-    for hour in cron.hours:
-        if all_days:
-            entries.append({"minute": minute, "hour": hour, "day": 1})
-        elif not every_dow:
-            days = [_WEEKDAYS[d] for d in cron.weekdays]
-            entries.append({"minute": minute, "hour": hour, "day": 0, "weekdays": days})
-        else:
-            entries += [{"minute": minute, "hour": hour, "day": d, "month": 1} for d in cron.days]
+    if len(cron.days) != 31:
+        raise unsupported("day-of-month must be '*'")
+    every_hour, every_dow = len(cron.hours) == 24, len(cron.weekdays) == 7
+    weekdays = sorted({d % 7 for d in cron.weekdays})
+    if every_hour and every_dow:
+        times: list[dict[str, Any]] = [{"minute": m, "hour": 1} for m in cron.minutes]
+    else:
+        times = [{"minute": m, "hour": h, "day": 1} for h in cron.hours for m in cron.minutes]
+    entries = (
+        times if every_dow else [{**t, "weekdays": [_WEEKDAYS[d]]} for d in weekdays for t in times]
+    )
+    if len(entries) > MAX_ENTRIES:
+        raise unsupported(f"{len(entries)} entries, at most {MAX_ENTRIES}")
     return entries
+
+
+def agent_arguments() -> list[str] | None:
+    """The arguments the scheduler task recorded, when a ClearML agent runs it (the SDK
+    sees ``CLEARML_TASK_ID`` and runs remotely); ``None`` when run by hand."""
+    task_id = os.environ.get("CLEARML_TASK_ID")
+    if not task_id:
+        return None
+    try:
+        from clearml import Task
+
+        if Task.running_locally():
+            return None
+        argv: Any = Task.get_task(task_id=task_id).get_parameter(f"{ARGS_SECTION}/{ARGV_KEY}")
+    except Exception as exc:
+        raise sch.ScheduleError(
+            f"ClearML task {task_id}: cannot read its arguments: {exc}"
+        ) from exc
+    if not argv:
+        raise sch.ScheduleError(
+            f"ClearML task {task_id}: no {ARGS_SECTION}/{ARGV_KEY} recorded; "
+            "register the scheduler again with `housing schedule --install`"
+        )
+    return shlex.split(str(argv))
+
+
+def run_recorded(argv: Sequence[str]) -> ScheduleResult:
+    """On the agent: install with the recorded overrides, i.e. run the scheduler loop (never
+    returns). Not through click: once the SDK is imported on an agent it rebinds click's
+    parameters from the task's ``Args`` as if they were its own."""
+    from housing.config import load_settings
+
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    return schedule(load_settings(overrides), install=True, agent_args=argv)
 
 
 def schedule(
@@ -120,12 +151,14 @@ def schedule(
     crontab: sch.CrontabIO | None = None,
     now: datetime | None = None,
     before_exit: Callable[[ScheduleResult], None] | None = None,
+    agent_args: Sequence[str] = ("--install",),
 ) -> ScheduleResult:
     """Validate, compute the next runs, write the schedule file, install it if asked.
 
     ``crontab`` defaults to the user's; ``now`` to the current time (local for cron, UTC for
     ClearML). Registering a ClearML scheduler ends the process: ``before_exit`` gets the
-    result just before."""
+    result just before. ``agent_args`` (``scripts/clearml_schedule.py`` arguments, with
+    ``--install``) are recorded on the scheduler task for the agent that runs it."""
     cml = settings.clearml
     expr = cml.pipeline.schedule_cron  # validated by housing.config
     if expr is None:
@@ -153,7 +186,7 @@ def schedule(
     if not install:
         return result
     if online:
-        return _register(settings, result, before_exit)
+        return _register(settings, result, before_exit, agent_args)
     changed = sch.install_schedule(crontab or sch.SystemCrontab(), result.crontab_line, MARKER)
     return replace(result, installed=True, changed=changed)
 
@@ -162,6 +195,7 @@ def _register(
     settings: Settings,
     result: ScheduleResult,
     before_exit: Callable[[ScheduleResult], None] | None,
+    agent_args: Sequence[str],
 ) -> ScheduleResult:
     """Create the template and the TaskScheduler; the SDK then ends the process."""
     from housing.orchestration.clearml_controller import (
@@ -223,6 +257,7 @@ def _register(
                     **entry,
                 )
             current: Any = Task.current_task()
+            current.connect({ARGV_KEY: shlex.join(agent_args)}, name=ARGS_SECTION)
             current.add_tags([MARKER, tag])
         except HousingError:
             raise

@@ -515,13 +515,11 @@ def _ledger_events(offline_dir: Path, models: Sequence[Row]) -> list[ChampionEve
 
 
 def _offline_task_row(session: OfflineSession) -> Row:
-    from housing.tracking.offline import read_scalars
+    from housing.tracking.offline import read_scalars, run_times
 
     props = session.properties
     params = session.hyperparams
-    stamps = _event_times(session)
-    started = stamps[0] if stamps else session.created
-    completed = stamps[-1] if stamps and session.closed else None
+    started, completed = run_times(session)
     metrics = read_scalars(session, summary=True)
     metrics.update(read_scalars(session))
     return _task_row(
@@ -553,18 +551,6 @@ def _task_row(
         ),
         **{m: float(metrics[m]) for m in METRIC_COLUMNS if m in metrics},
     }
-
-
-def _event_times(session: OfflineSession) -> list[datetime]:
-    from housing.tracking.offline import read_events
-
-    stamps = []
-    for file_name in ("log.jsonl", "metrics.jsonl"):
-        for event in read_events(session, file_name):
-            parsed = parse_time(event.get("timestamp"))
-            if parsed is not None:
-                stamps.append(parsed)
-    return sorted(stamps)
 
 
 def _offline_model_row(
@@ -684,6 +670,8 @@ def _model_fields(model: Any) -> dict[str, Any]:
 
 
 def _server_task_row(task: Mapping[str, Any], project: str) -> Row:
+    from housing.tracking.offline import RUN_COMPLETED, RUN_STARTED
+
     params = _server_hyperparams(task.get("hyperparams"))
     props = params.get("properties", {})
     scalars: dict[str, float] = {}
@@ -699,8 +687,10 @@ def _server_task_row(task: Mapping[str, Any], project: str) -> Row:
             else:
                 scalars[f"{metric}/{variant}" if variant != metric else metric] = value
     metrics = {**summary, **scalars}
-    started = parse_time(task.get("started")) or parse_time(task.get("created"))
-    completed = parse_time(task.get("completed"))
+    # an imported offline run: its own times, not the import's
+    started = parse_time(props.get(RUN_STARTED)) or parse_time(task.get("started"))
+    started = started or parse_time(task.get("created"))
+    completed = parse_time(props.get(RUN_COMPLETED)) or parse_time(task.get("completed"))
     tags = tuple(str(t) for t in task.get("tags") or ())
     return _task_row(
         started,

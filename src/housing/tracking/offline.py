@@ -54,6 +54,12 @@ REGISTRY_FILE: Final = "registry.json"
 FAILED_TAG: Final = "status:failed"
 CHAMPION_TAG: Final = "champion"
 METADATA_ARTIFACT_PREFIX: Final = "model_metadata_"
+#: User properties a sync adds to an imported task: the offline run's own start and end
+#: (the server stamps ``started``/``completed`` at import and lets no client set them).
+RUN_STARTED: Final = "run_started"
+RUN_COMPLETED: Final = "run_completed"
+#: The model metadata entry holding the registration record (as the online tracker sets).
+LINEAGE_METADATA: Final = "lineage"
 #: A sync that takes longer than this logs a line per imported session.
 PROGRESS_AFTER_SEC: Final = 2.0
 SUMMARY_METRIC: Final = "Summary"
@@ -371,6 +377,21 @@ def _created(session: OfflineSession) -> datetime:
     return datetime.fromtimestamp(mtime, tz=UTC)
 
 
+def run_times(session: OfflineSession) -> tuple[datetime, datetime | None]:
+    """When the session ran: its first recorded event (else its creation) and, once
+    closed, its last one."""
+    stamps = sorted(
+        datetime.fromtimestamp(float(stamp) / 1000.0, tz=UTC)
+        for name in ("log.jsonl", "metrics.jsonl")
+        for event in read_events(session, name)
+        if isinstance(stamp := event.get("timestamp"), int | float)
+        and not isinstance(stamp, bool)
+        and stamp > 0
+    )
+    started = stamps[0] if stamps else session.created
+    return started, stamps[-1] if stamps and session.closed else None
+
+
 def read_events(session: OfflineSession, name: str) -> Iterator[dict[str, Any]]:
     """The events of the session's JSONL file ``name`` (each line an event or a batch)."""
     return jsonl_objects(session.read_bytes(name) or b"")
@@ -594,6 +615,11 @@ def _import(
                     "failed": session.failed,
                     "reason": session.properties.get("error", "") if session.failed else "",
                     "champions": sorted(champions),
+                    "models": [
+                        {"name": m.name, "version": m.version, "lineage": _record_line(m.comment)}
+                        for m in read_models(session)
+                        if _record_line(m.comment)
+                    ],
                 }
             )
         env["CLEARML_CACHE_DIR"] = str(work / "cache")
@@ -650,6 +676,11 @@ def _patched_copy(
         raise ValueError(f"{session.folder}: neither folder nor zip")
     task_file = target / "task.json"
     data = json.loads(task_file.read_text(encoding="utf-8"))
+    properties = data.setdefault("hyperparams", {}).setdefault("properties", {})
+    for key, when in zip((RUN_STARTED, RUN_COMPLETED), run_times(session), strict=True):
+        if when is not None:
+            value = when.isoformat(timespec="milliseconds")
+            properties[key] = {"section": "properties", "name": key, "value": value}
     for entry in data.get("offline_output_models") or []:
         init = entry.setdefault("init", {})
         if init.get("config_text") and init.get("config_dict"):
@@ -771,6 +802,8 @@ def import_sessions(manifest_path: Path, results_path: Path) -> int:
             task_id = Task.import_offline_session(item["path"])
             if not task_id:
                 raise RuntimeError("the SDK returned no task id")
+            if item.get("models"):
+                _set_model_metadata(str(task_id), item["models"])
             if item.get("champions"):
                 _move_champion_tags(str(task_id), item)
             if item.get("failed"):
@@ -786,6 +819,23 @@ def import_sessions(manifest_path: Path, results_path: Path) -> int:
         if result.get("fatal"):
             break
     return 0
+
+
+def _record_line(comment: str) -> str:
+    """The registration record (the JSON line of a model comment), or empty."""
+    return next((ln for ln in comment.splitlines() if ln.startswith("{")), "")
+
+
+def _set_model_metadata(task_id: str, models: Sequence[Mapping[str, Any]]) -> None:
+    """Child process: each imported model gets the ``lineage`` metadata entry the SDK
+    skips offline (matched by name and ``version:`` tag)."""
+    from clearml import Task
+
+    task: Any = Task.get_task(task_id=task_id)
+    for model in task.models["output"]:
+        for item in models:
+            if model.name == item["name"] and f"version:{item['version']}" in (model.tags or []):
+                model.set_metadata(LINEAGE_METADATA, item["lineage"])
 
 
 def _move_champion_tags(task_id: str, item: Mapping[str, Any]) -> None:
