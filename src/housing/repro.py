@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from housing.errors import HousingError, Terminated
+from housing.errors import HousingError, Terminated, first_line
 from housing.runner import STAGES, stop_requested, stop_signals
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def _run_call(job: StageJob, call: tuple[str, list[str]] | None, t0: float) -> S
         if stop_requested():  # a library turned the Ctrl-C / SIGTERM into another error
             return StageOutcome(job.name, False, time.monotonic() - t0, "interrupted", 130)
         log.exception("stage %s crashed", job.name)
-        error = f"{type(exc).__name__}: {exc}"
+        error = first_line(exc, typed=True)
         return StageOutcome(job.name, False, time.monotonic() - t0, error, 1)
     return StageOutcome(job.name, True, time.monotonic() - t0)
 
@@ -356,7 +356,7 @@ def reproduce(
             result.exit_code = Terminated.exit_code if terminated else 130
             result.killed = True
         elif result.error is None:
-            result.error, result.exit_code = f"{type(exc).__name__}: {exc}", 1
+            result.error, result.exit_code = first_line(exc, typed=True), 1
         raise
     finally:
         with stop_signals():  # a second Ctrl-C / SIGTERM does not cut the cleanup short
@@ -394,7 +394,7 @@ def _close_killed(run: _Run, job: StageJob) -> None:
     try:
         finish_pipeline(run.settings, job.context, "killed")
     except Exception as exc:  # the next run's orphan sweep closes it
-        log.warning("could not close the interrupted pipeline run: %s", _first_line(exc))
+        log.warning("could not close the interrupted pipeline run: %s", first_line(exc))
 
 
 def _reproduce(run: _Run, result: ReproResult) -> None:
@@ -456,7 +456,7 @@ def _reproduce(run: _Run, result: ReproResult) -> None:
                             result.exit_code = outcome.exit_code or 1
                         run.notify(stage.addressing, "failed")
     except DvcException as exc:
-        result.error = f"dvc: {_first_line(exc)}"
+        result.error = f"dvc: {first_line(exc)}"
         result.exit_code = 1
 
 
@@ -585,11 +585,6 @@ def _stop_helpers() -> None:
         if stop is not None:
             with contextlib.suppress(Exception):
                 stop()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _summarise(run: _Run, result: ReproResult) -> None:
