@@ -126,6 +126,21 @@ def test_helper_pids_and_stop_helpers_at_the_locked_python() -> None:
     assert out.stdout.splitlines() == ["None None", "True True", "None None", "True True"]
 
 
+def test_index_module_files_maps_the_loaded_modules_at_once() -> None:
+    # in a child: a fresh index, as in the fork server
+    code = (
+        "import inspect, json, os\n"
+        "from housing.quirks.inspect import index_module_files\n"
+        "before = os.path.realpath(json.__file__) in inspect.modulesbyfile\n"
+        "index_module_files()\n"
+        "print(before, inspect.modulesbyfile.get(os.path.realpath(json.__file__)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert out.stdout.split() == ["False", "json"]
+
+
 # --------------------------------------------------------------------------------- MLflow
 
 
