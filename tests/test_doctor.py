@@ -321,11 +321,11 @@ def test_rejected_credentials(tmp_path: Path, fake: FakeClearML) -> None:
     assert "Create new credentials" in credentials.next_step
     assert "clearml queues" not in by_name
     assert "clearml agents" not in by_name
-    # The tracker goes online when the keys are set and the server answers, so
-    # rejected keys mean failing runs, not an offline fallback.
+    # The tracker's decision (resolve_mode: auth.login refused) is offline, with a
+    # warning in every stage: a failure to fix, said as what will happen.
     mode = by_name["clearml mode"]
     assert mode.status == "fail"
-    assert mode.detail.startswith("auto -> online, but the credentials were rejected")
+    assert mode.detail.startswith("auto -> offline: the credentials were rejected")
     assert "/queues.get_all" not in fake.endpoints()
     _assert_no_secret(checks)
 

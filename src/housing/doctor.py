@@ -487,14 +487,20 @@ def _mode_check(env: Mapping[str, str], state: _ServerState, settings: ClearMLSe
             f"{mode} -> offline ({reason}): sessions are written locally;"
             " upload them later with `housing clearml sync`",
         )
-    if decided == "offline" and reason != "the credentials were rejected":
-        return check("ok", f"auto -> offline: {reason}; runs are recorded locally")
+    if decided == "offline":  # auto: keys unset or server unreachable is the normal case
+        if reason != "the credentials were rejected":
+            return check("ok", f"auto -> offline: {reason}; runs are recorded locally")
+        return check(
+            "fail",
+            f"auto -> offline: {reason}; every stage warns and records locally",
+            "fix the credentials (below), or use clearml.mode=offline",
+        )
     online = "auto -> online" if mode == "auto" else "online"
     if mode == "online" and state.offline_env:
         online += " (clearml.mode=online wins over CLEARML_OFFLINE_MODE)"
     if state.reachable and state.credentials_valid:
         return check("ok", f"{online}: server {shown} answers, credentials accepted")
-    # online requested, or auto with keys set: whatever blocks it is a failure.
+    # online: whatever blocks it is a failure.
     present = bool(state.access and state.secret)
     if state.reachable and present and state.credentials_valid is None:
         return check(
