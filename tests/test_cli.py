@@ -180,6 +180,14 @@ def test_first_line_of_an_error(value: object, limit: int | None, expected: str)
     assert first_line(value, limit) == expected
 
 
+def test_first_line_typed_or_whole_is_the_one_error_summary() -> None:
+    error = ValueError("missing\n   column 'price'")
+    assert first_line(error, typed=True) == "ValueError: missing"
+    assert first_line(error, typed=True, whole=True) == "ValueError: missing column 'price'"
+    assert first_line(KeyError(), typed=True, whole=True) == "KeyError"
+    assert first_line(OSError("x" * 600), 500, typed=True) == "OSError: " + "x" * 488 + "..."
+
+
 def test_ctrl_c_is_error_interrupted_130(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

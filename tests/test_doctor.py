@@ -321,11 +321,11 @@ def test_rejected_credentials(tmp_path: Path, fake: FakeClearML) -> None:
     assert "Create new credentials" in credentials.next_step
     assert "clearml queues" not in by_name
     assert "clearml agents" not in by_name
-    # The tracker goes online when the keys are set and the server answers, so
-    # rejected keys mean failing runs, not an offline fallback.
+    # The tracker's decision (resolve_mode: auth.login refused) is offline, with a
+    # warning in every stage: a failure to fix, said as what will happen.
     mode = by_name["clearml mode"]
     assert mode.status == "fail"
-    assert mode.detail.startswith("auto -> online, but the credentials were rejected")
+    assert mode.detail.startswith("auto -> offline: the credentials were rejected")
     assert "/queues.get_all" not in fake.endpoints()
     _assert_no_secret(checks)
 
@@ -477,8 +477,25 @@ def test_offline_mode_from_environment(tmp_path: Path) -> None:
     assert by_name["clearml server"].status == "warn"  # only `clearml sync` needs it
 
     online = _by_name(_run(env, f"http://127.0.0.1:{_free_port()}", mode="online"))
-    assert online["clearml mode"].status == "fail"
+    assert online["clearml mode"].status == "fail"  # online wins: no server there
     assert "CLEARML_OFFLINE_MODE" in online["clearml mode"].detail
+
+
+def test_online_mode_wins_over_offline_environment_as_the_tracker_decides(
+    tmp_path: Path, fake: FakeClearML
+) -> None:
+    """``clearml.mode=online`` with ``CLEARML_OFFLINE_MODE`` set: doctor reports the
+    tracker's own decision (``resolve_mode``: online), and the server it will use."""
+    from housing.config import ClearMLSettings
+    from housing.tracking.clearml import resolve_mode
+
+    env = _env(tmp_path, CLEARML_OFFLINE_MODE="1")
+    mode = _by_name(_run(env, fake.url, mode="online"))["clearml mode"]
+    settings = ClearMLSettings.model_validate({"mode": "online"}, context={"root": tmp_path})
+    assert resolve_mode(settings, env)[0] == "online"
+    assert mode.status == "ok", mode
+    assert mode.detail.startswith("online (clearml.mode=online wins over CLEARML_OFFLINE_MODE)")
+    assert "credentials accepted" in mode.detail
 
 
 def test_no_backends_is_a_warning(tmp_path: Path) -> None:

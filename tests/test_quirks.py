@@ -12,9 +12,11 @@ import io
 import json
 import multiprocessing
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import pytest
 
 from housing.quirks import clearml as clearml_quirks
 from housing.quirks import mlflow as mlflow_quirks
-from housing.quirks.multiprocessing import pool_processes
+from housing.quirks.multiprocessing import StoppablePool, pool_processes
 from housing.quirks.sklearn import validate_params
 
 # --------------------------------------------------------------------------- scikit-learn
@@ -72,7 +74,112 @@ def test_run_exit_finalizers_runs_the_atexit_finalizers_now() -> None:
     assert out.stdout.split() == ["finalized", "after"]  # run once, before exit
 
 
+def _until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_stoppable_pool_replaces_a_worker_only_until_stopping() -> None:
+    """CPython replaces a ``max_tasks_per_child`` worker through the private
+    ``_adjust_process_count`` that :class:`StoppablePool` overrides."""
+    ctx = multiprocessing.get_context("spawn")
+    pool = StoppablePool(max_workers=1, mp_context=ctx, max_tasks_per_child=1)
+    try:
+        first = pool.submit(os.getpid).result(timeout=30)
+        assert _until(lambda: [p.pid for p in pool_processes(pool)] not in ([], [first]))
+        (replacement,) = pool_processes(pool)
+        pool.stopping = True
+        assert pool.submit(os.getpid).result(timeout=30) == replacement.pid
+        assert _until(lambda: pool_processes(pool) == [])  # exited, not replaced
+        replacement.join(timeout=5)
+        assert not replacement.is_alive()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_helper_pids_and_stop_helpers_at_the_locked_python() -> None:
+    # in a child: this test process's own helpers stay as they are
+    code = (
+        "import os\n"
+        "from multiprocessing import forkserver, resource_tracker\n"
+        "from housing.quirks.multiprocessing import helper_pid, stop_helpers\n"
+        "names = ('forkserver', 'resource_tracker')\n"
+        "print(*[helper_pid(n) for n in names])\n"
+        "forkserver.ensure_running(); resource_tracker.ensure_running()\n"
+        "pids = [helper_pid(n) for n in names]\n"
+        "print(*[os.waitpid(p, os.WNOHANG)[0] == 0 for p in pids])\n"  # children, running
+        "stop_helpers()\n"
+        "print(*[helper_pid(n) for n in names])\n"
+        "gone = []\n"
+        "for p in pids:\n"
+        "    try: os.waitpid(p, os.WNOHANG); gone.append(False)\n"
+        "    except ChildProcessError: gone.append(True)\n"  # reaped by stop_helpers
+        "print(*gone)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert out.stdout.splitlines() == ["None None", "True True", "None None", "True True"]
+
+
+def test_index_module_files_maps_the_loaded_modules_at_once() -> None:
+    # in a child: a fresh index, as in the fork server
+    code = (
+        "import inspect, json, os\n"
+        "from housing.quirks.inspect import index_module_files\n"
+        "before = os.path.realpath(json.__file__) in inspect.modulesbyfile\n"
+        "index_module_files()\n"
+        "print(before, inspect.modulesbyfile.get(os.path.realpath(json.__file__)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert out.stdout.split() == ["False", "json"]
+
+
 # --------------------------------------------------------------------------------- MLflow
+
+
+def test_http_budget_variables_bound_every_rest_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow reads its HTTP budget from these variables at each call: with it, a dead
+    server costs about a second instead of minutes of retries with backoff."""
+    from mlflow import MlflowClient
+    from mlflow import environment_variables as variables
+
+    budget = mlflow_quirks.http_budget(1, 0)
+    for name in budget:
+        assert getattr(variables, name).name == name
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    client = MlflowClient(f"http://127.0.0.1:{port}")  # the budget is read per call
+    for name, value in budget.items():
+        monkeypatch.setenv(name, value)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match=r"127\.0\.0\.1"):
+        client.search_experiments()
+    assert time.monotonic() - t0 < 5
+
+
+def test_expected_mlflow_noise_still_comes_from_those_loggers() -> None:
+    import importlib
+    import inspect
+    import logging
+
+    import mlflow.sklearn
+    import mlflow.utils.environment
+
+    modules = (mlflow.sklearn, mlflow.utils.environment)
+    noise = dict(zip(modules, mlflow_quirks.EXPECTED_NOISE, strict=True))
+    for module, text in noise.items():
+        assert text in " ".join(inspect.getsource(module).split()), module.__name__
+        assert module.__name__ in mlflow_quirks.NOISY_LOGGERS
+    sql = importlib.import_module(mlflow_quirks.SQL_STORE_LOGGER)
+    assert sql._logger is logging.getLogger(mlflow_quirks.SQL_STORE_LOGGER)
 
 
 def test_fluent_tracking_uri_is_set_and_put_back(
@@ -287,6 +394,17 @@ def test_offline_model_registration_needs_both_clearml_quirks(
     assert "Offline session stored in" in printed.getvalue()  # why quiet_console
     written = json.loads((folder / "task.json").read_text(encoding="utf-8"))
     assert written["offline_output_models"][0]["init"]["tags"] == ["a", "champion"]
+
+
+def test_service_modules_are_the_api_version_the_sdk_speaks() -> None:
+    import importlib
+
+    from clearml.backend_api.session import Session
+
+    assert Session.api_version == "2.9"
+    for name in clearml_quirks.SERVICE_MODULES:
+        module = importlib.import_module(name)
+        assert module.__name__.startswith("clearml.backend_api.services.v2_9.")
 
 
 def test_default_session_and_model_created_hold_at_the_locked_sdk() -> None:

@@ -22,7 +22,13 @@ import pytest
 from housing import runs
 from housing.cli import main
 from housing.config import load_settings
-from housing.reporting.report import ReportResult, build_report, format_metric
+from housing.reporting.report import (
+    ACCENT,
+    CHAMPION,
+    ReportResult,
+    build_report,
+    format_metric,
+)
 from housing.runner import execute_stage
 from tests import browser
 from tests.test_compare import Tracked, tracked_project
@@ -113,6 +119,13 @@ def test_report_content(tracked: Tracked, report: ReportResult) -> None:
         assert f"(experiments_figures/{name}.svg)" in markdown
         assert figure.is_file() and figure.read_text().lstrip().startswith("<?xml")
     assert len(report.figure_paths) == len(FIGURES)
+    # The champion (star, tick label) wears the champion colours, not the error red.
+    folder = report.markdown_path.parent / "experiments_figures"
+    for name in ("model_comparison", "version_metrics"):
+        svg = (folder / f"{name}.svg").read_text().lower()
+        assert ACCENT.lower() not in svg, name
+        assert CHAMPION.lower() in svg, name
+    assert "#f5b400" in (folder / "version_metrics.svg").read_text().lower()
 
 
 def series_styles(svg: str, axis: int) -> dict[str, tuple[str, str, str]]:

@@ -461,38 +461,46 @@ def _check_agents(state: _ServerState, expected: Sequence[str], names: Mapping[s
     return check("ok", detail)
 
 
-def _mode_check(env: Mapping[str, str], state: _ServerState) -> Check:
-    """How the tracker resolves the mode (housing.tracking.clearml.resolve_mode).
+def _mode_check(env: Mapping[str, str], state: _ServerState, settings: ClearMLSettings) -> Check:
+    """The tracker's own decision (:func:`housing.tracking.clearml.resolve_mode`), with
+    this run's probe of the server as its answer for ``auto``; then, for online, what
+    blocks it. ``clearml.mode=online`` wins over ``CLEARML_OFFLINE_MODE``."""
+    from housing.tracking.clearml import resolve_mode
 
-    ``auto`` goes online when both key variables are set and the API server answers
-    ``debug.ping``; the keys themselves are only verified here (auth.login).
-    """
     check = partial(Check, "clearml mode")
     mode = state.mode
-    env_offline = _truthy(env.get("CLEARML_OFFLINE_MODE"))
-    if mode == "offline" or (env_offline and mode != "online"):
-        why = "clearml.mode=offline" if mode == "offline" else "CLEARML_OFFLINE_MODE is set"
-        return check(
-            "ok",
-            f"{mode} -> offline ({why}): sessions are written locally;"
-            " upload them later with `housing clearml sync`",
-        )
-    if mode == "online" and env_offline:
-        return check(
-            "fail",
-            "online requested but CLEARML_OFFLINE_MODE is set in the environment",
-            "unset CLEARML_OFFLINE_MODE, or use clearml.mode=offline",
-        )
     shown = display_url(state.api_host)
     unreachable = f"server {shown} unreachable ({state.unreachable_reason or 'no answer'})"
+
+    def problem() -> str | None:  # as server_problem, from this run's requests
+        unset = [name for name in state.key_names if not env.get(name)]
+        if unset:
+            return f"{' and '.join(unset)} not set"
+        if not state.reachable:
+            return unreachable
+        return "the credentials were rejected" if state.credentials_valid is False else None
+
+    decided, reason = resolve_mode(settings, env, problem=problem)
+    if decided == "offline" and (mode == "offline" or state.offline_env):
+        return check(
+            "ok",
+            f"{mode} -> offline ({reason}): sessions are written locally;"
+            " upload them later with `housing clearml sync`",
+        )
+    if decided == "offline":  # auto: keys unset or server unreachable is the normal case
+        if reason != "the credentials were rejected":
+            return check("ok", f"auto -> offline: {reason}; runs are recorded locally")
+        return check(
+            "fail",
+            f"auto -> offline: {reason}; every stage warns and records locally",
+            "fix the credentials (below), or use clearml.mode=offline",
+        )
     online = "auto -> online" if mode == "auto" else "online"
-    unset = [name for name in state.key_names if not env.get(name)]
-    if mode == "auto" and (unset or not state.reachable):
-        why = f"{' and '.join(unset)} not set" if unset else unreachable
-        return check("ok", f"auto -> offline: {why}; runs are recorded locally")
+    if mode == "online" and state.offline_env:
+        online += " (clearml.mode=online wins over CLEARML_OFFLINE_MODE)"
     if state.reachable and state.credentials_valid:
         return check("ok", f"{online}: server {shown} answers, credentials accepted")
-    # online requested, or auto that will go online: whatever blocks it is a failure.
+    # online: whatever blocks it is a failure.
     present = bool(state.access and state.secret)
     if state.reachable and present and state.credentials_valid is None:
         return check(
@@ -594,7 +602,7 @@ def diagnose(
         if state.token:
             queue_check, names = _check_queues(state, expected_queues)
             extra = [queue_check, _check_agents(state, expected_queues, names)]
-        checks.append(_mode_check(env, state))
+        checks.append(_mode_check(env, state, clearml))
         ledger_problem = clearml_store_problem(clearml.offline_dir)
         if ledger_problem is not None:
             checks.append(Check("clearml store", "fail", ledger_problem, "nothing was changed"))

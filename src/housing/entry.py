@@ -6,10 +6,9 @@ ClearML tasks of that process stop reporting. So nothing here (or in
 console script returns.
 
 MLflow's HTTP budget (``mlflow.timeout_sec``, ``mlflow.retries``): MLflow 3 has no
-per-client or per-call knob; its REST client reads ``MLFLOW_HTTP_REQUEST_TIMEOUT`` /
-``_MAX_RETRIES`` / ``_BACKOFF_FACTOR`` / ``_BACKOFF_JITTER`` from the environment at
-each call (defaults 120 s, 7 retries, exponential backoff: minutes per call against a
-dead server). So the budget is decided once per process, at its start-up, before its
+per-client or per-call knob; its REST client reads the variables of
+:func:`housing.quirks.mlflow.http_budget` at each call (defaults: minutes per call
+against a dead server). So the budget is decided once per process, at its start-up, before its
 first MLflow call, and children inherit it:
 
 - a command's process (each stage command, so also a stage server's child, which is
@@ -31,12 +30,7 @@ import sys
 from collections.abc import Mapping
 
 from housing.errors import HousingError, Terminated
-
-#: Library messages that are expected on every run and say nothing actionable.
-_EXPECTED_NOISE = (
-    "Saving scikit-learn models in the pickle or cloudpickle format",  # we pin + sha-check
-    "Failed to resolve installed pip version",  # uv venvs have no pip
-)
+from housing.quirks import mlflow as mlflow_quirks
 
 #: Exit code of a command stopped by Ctrl-C (128 + SIGINT).
 INTERRUPTED = 130
@@ -45,7 +39,7 @@ INTERRUPTED = 130
 class _DropExpected(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(text in message for text in _EXPECTED_NOISE)
+        return not any(text in message for text in mlflow_quirks.EXPECTED_NOISE)
 
 
 class NoDiskFullTraceback(logging.Filter):
@@ -73,14 +67,14 @@ def configure_logging(verbosity: int) -> None:
         for handler in logging.getLogger().handlers:
             handler.addFilter(NoDiskFullTraceback())
         # MLflow's own handler prints its SQL store errors with the traceback.
-        logging.getLogger("mlflow.store.db.utils").addFilter(NoDiskFullTraceback())
+        logging.getLogger(mlflow_quirks.SQL_STORE_LOGGER).addFilter(NoDiskFullTraceback())
     # MLflow configures its own loggers when imported (later, lazily): set them via env.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbosity > 0 else "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # MLflow prints "View run ... at: <url>" to stdout for each run ended on a server
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if verbosity <= 0:
-        for name in ("mlflow", "mlflow.sklearn", "mlflow.utils.environment"):
+        for name in mlflow_quirks.NOISY_LOGGERS:
             logging.getLogger(name).addFilter(_DropExpected())
         # urllib3 logs each retry at WARNING; the command reports the outcome itself
         logging.getLogger("urllib3").setLevel(logging.ERROR)
@@ -99,12 +93,7 @@ def mlflow_http_env(
     """The MLflow HTTP variables to set over ``environ`` for this budget (with the mark
     of which ones housing set): never a value the user set; without a budget (None), the
     defaults only where neither housing nor the user decided one yet."""
-    wanted = {
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_sec or 2),
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(1 if retries is None else retries),
-        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
-        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
-    }
+    wanted = mlflow_quirks.http_budget(timeout_sec or 2, 1 if retries is None else retries)
     decided = timeout_sec is not None or retries is not None
     ours = dict(
         item.split("=", 1) for item in environ.get(_BUDGET_MARK, "").split(",") if "=" in item

@@ -39,9 +39,20 @@ class Terminated(KeyboardInterrupt):
     exit_code = 143
 
 
-def first_line(value: object, limit: int | None = None) -> str:
-    """The first non-blank line of ``str(value)`` (an error), else the type's name; longer than
-    ``limit`` characters, it is cut to ``limit`` ending in ``...``."""
-    lines = [ln.strip() for ln in str(value).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(value).__name__
+def first_line(
+    value: object, limit: int | None = None, *, typed: bool = False, whole: bool = False
+) -> str:
+    """One line for ``value`` (an error): the first non-blank line of ``str(value)``, else
+    the type's name; longer than ``limit`` characters, it is cut to ``limit`` ending in
+    ``...``.
+
+    ``typed``: prefixed ``Type: `` (just the type's name for an empty message).
+    ``whole``: every line of the message joined by single spaces instead of only the first
+    (a record kept for later, such as the events log, loses nothing but the line breaks).
+    """
+    text = str(value)
+    lines = [" ".join(text.split())] if whole else [ln.strip() for ln in text.splitlines()]
+    message = next((ln for ln in lines if ln), "")
+    name = type(value).__name__
+    text = (f"{name}: {message}" if typed else message) if message else name
     return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

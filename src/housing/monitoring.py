@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TextIO, runtime_checkable
 
 from housing import http
-from housing.errors import ConfigError
+from housing.errors import ConfigError, first_line
 from housing.io import DiskFullError, disk_full, is_disk_full
 
 if TYPE_CHECKING:
@@ -90,15 +90,6 @@ class Progress:
 def new_run_id() -> str:
     """Return a lexicographically time-sortable id: ``YYYYmmddTHHMMSSffffffZ-<8 hex>``."""
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(4)}"
-
-
-def one_line_error(exc: BaseException) -> str:
-    """Render an exception as ``Type: message`` on one line, truncated to 500 chars."""
-    message = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    if len(text) > _MAX_ERROR_CHARS:
-        text = text[: _MAX_ERROR_CHARS - 3] + "..."
-    return text
 
 
 def _json_default(value: Any) -> Any:
@@ -281,7 +272,9 @@ def track_stage(
     except BaseException as exc:
         # Ctrl-C or SIGTERM (housing.errors.Terminated): killed, not failed
         killed = isinstance(exc, KeyboardInterrupt | SystemExit)
-        failed = final("killed" if killed else "failed", one_line_error(exc))
+        # the whole message (line breaks dropped): the record is read after the fact
+        message = first_line(exc, _MAX_ERROR_CHARS, typed=True, whole=True)
+        failed = final("killed" if killed else "failed", message)
         try:
             events.append(failed)
         except OSError as log_exc:  # keep the original exception as the one raised

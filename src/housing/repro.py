@@ -30,12 +30,12 @@ import os
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from housing.errors import HousingError, Terminated
+from housing.errors import HousingError, Terminated, first_line
+from housing.quirks import clearml as clearml_quirks
 from housing.runner import STAGES, stop_requested, stop_signals
 
 if TYPE_CHECKING:
@@ -80,10 +80,7 @@ PRELOAD_MODULES: Final = (
     "alembic.command",
     "alembic.config",
     "clearml.utilities.pigar.reqs",
-    "clearml.backend_api.services.v2_9.tasks",
-    "clearml.backend_api.services.v2_9.models",
-    "clearml.backend_api.services.v2_9.events",
-    "clearml.backend_api.services.v2_9.projects",
+    *clearml_quirks.SERVICE_MODULES,
     "PIL.PngImagePlugin",
     # last: first-use work (ClearML's config, fonts); see housing.tracking.warmup
     "housing.tracking.preload",
@@ -195,7 +192,7 @@ def _run_call(job: StageJob, call: tuple[str, list[str]] | None, t0: float) -> S
         if stop_requested():  # a library turned the Ctrl-C / SIGTERM into another error
             return StageOutcome(job.name, False, time.monotonic() - t0, "interrupted", 130)
         log.exception("stage %s crashed", job.name)
-        error = f"{type(exc).__name__}: {exc}"
+        error = first_line(exc, typed=True)
         return StageOutcome(job.name, False, time.monotonic() - t0, error, 1)
     return StageOutcome(job.name, True, time.monotonic() - t0)
 
@@ -250,26 +247,14 @@ def _make_pool(workers: int, env: Mapping[str, str]) -> Any:
     import multiprocessing
     from multiprocessing import forkserver
 
+    from housing.quirks.multiprocessing import StoppablePool
     from housing.tracking.warmup import scoped_env
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD_MODULES))
     with scoped_env(env):
         forkserver.ensure_running()
-    return _Pool(max_workers=workers, mp_context=ctx, max_tasks_per_child=1)
-
-
-class _Pool(ProcessPoolExecutor):
-    """A process pool that starts no replacement worker once stopping or shut down
-    (CPython 3.11 replaces a ``max_tasks_per_child`` worker even after
-    ``shutdown(wait=False)``, and fails in its manager thread)."""
-
-    stopping = False
-
-    def _adjust_process_count(self) -> None:
-        if self.stopping or self._processes is None:
-            return
-        super()._adjust_process_count()
+    return StoppablePool(max_workers=workers, mp_context=ctx, max_tasks_per_child=1)
 
 
 def _default_jobs() -> int:
@@ -356,7 +341,7 @@ def reproduce(
             result.exit_code = Terminated.exit_code if terminated else 130
             result.killed = True
         elif result.error is None:
-            result.error, result.exit_code = f"{type(exc).__name__}: {exc}", 1
+            result.error, result.exit_code = first_line(exc, typed=True), 1
         raise
     finally:
         with stop_signals():  # a second Ctrl-C / SIGTERM does not cut the cleanup short
@@ -394,7 +379,7 @@ def _close_killed(run: _Run, job: StageJob) -> None:
     try:
         finish_pipeline(run.settings, job.context, "killed")
     except Exception as exc:  # the next run's orphan sweep closes it
-        log.warning("could not close the interrupted pipeline run: %s", _first_line(exc))
+        log.warning("could not close the interrupted pipeline run: %s", first_line(exc))
 
 
 def _reproduce(run: _Run, result: ReproResult) -> None:
@@ -456,7 +441,7 @@ def _reproduce(run: _Run, result: ReproResult) -> None:
                             result.exit_code = outcome.exit_code or 1
                         run.notify(stage.addressing, "failed")
     except DvcException as exc:
-        result.error = f"dvc: {_first_line(exc)}"
+        result.error = f"dvc: {first_line(exc)}"
         result.exit_code = 1
 
 
@@ -560,36 +545,18 @@ def _shutdown(pool: Any, interrupted: bool, idle: bool) -> None:
     psutil.wait_procs(alive, timeout=1.0)
 
 
-def _helper_pid(module: str) -> int | None:
-    """The pid of multiprocessing's fork server or resource tracker, if running."""
-    import importlib
-
-    helper = getattr(importlib.import_module(f"multiprocessing.{module}"), f"_{module}", None)
-    pid = getattr(helper, "_forkserver_pid" if module == "forkserver" else "_pid", None)
-    return pid if isinstance(pid, int) else None
-
-
 def _stop_helpers() -> None:
     """Stop multiprocessing's fork server (killed: it may still be warming up) and
     resource tracker, else they outlive us briefly."""
-    import importlib
     import signal
 
-    pid = _helper_pid("forkserver")
+    from housing.quirks.multiprocessing import helper_pid, stop_helpers
+
+    pid = helper_pid("forkserver")
     if pid:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-    for module in ("forkserver", "resource_tracker"):
-        helper = getattr(importlib.import_module(f"multiprocessing.{module}"), f"_{module}", None)
-        stop = getattr(helper, "_stop", None)
-        if stop is not None:
-            with contextlib.suppress(Exception):
-                stop()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    stop_helpers()
 
 
 def _summarise(run: _Run, result: ReproResult) -> None:

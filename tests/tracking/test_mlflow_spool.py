@@ -386,6 +386,29 @@ def test_probe_counts_an_answer_but_not_a_missing_health_endpoint(
     assert (reason is None) is reachable, reason
 
 
+@pytest.mark.parametrize(
+    ("uri", "server"),
+    [("databricks", True), ("http://127.0.0.1:9", True), ("sqlite:///m.db", False)],
+)
+def test_the_spool_and_compare_agree_on_what_a_server_is(
+    uri: str, server: bool, tmp_path: Path
+) -> None:
+    """One answer (``is_server_uri``) for the spool and compare's ``source=``: a
+    ``databricks`` store is a server to both, and is not probed over HTTP."""
+    from housing.reporting.compare import collect_mlflow
+    from housing.tracking.mlflow import is_server_uri, probe
+
+    settings = load_settings([*BASE, f"mlflow.tracking_uri={uri}"], root=tmp_path)
+    assert is_server_uri(uri) is server
+    if uri != "databricks":  # its client waits minutes for a workspace
+        assert collect_mlflow(settings).source == ("server" if server else "local")
+    note = mlflow_spool.sync(settings).note or ""  # nothing spooled: nothing to replay
+    assert ("is a local store: nothing to sync" in note) is not server
+    assert mlflow_spool.pending(settings) == 0
+    if uri == "databricks":
+        assert probe(uri, 1) is None
+
+
 def _clauses(sql: str) -> tuple[str, ...]:
     """A CREATE statement's top-level clauses, sorted: MLflow's migrations write a
     table's constraints in an order that varies with the hash seed."""

@@ -12,6 +12,15 @@ from typing import Any
 #: The SDK's logger for repository detection (``clearml.debugging.log.get_logger``).
 REPOSITORY_LOGGER = "clearml.Repository Detection"
 
+#: The SDK's internal API service modules a stage's tasks use. clearml 2.1.12 imports
+#: ``clearml.backend_api.services.v2_9.*`` (``Session.api_version`` "2.9", the version it
+#: speaks offline and before a login) lazily, on a task's first request; they have no
+#: public name, so the ``housing repro`` fork server imports these ahead by path.
+SERVICE_MODULES = tuple(
+    f"clearml.backend_api.services.v2_9.{name}"
+    for name in ("tasks", "models", "events", "projects")
+)
+
 
 def load_config_now() -> None:
     """Parse the SDK's configuration (HOCON, ~1 s) now, from the ``CLEARML_*`` variables

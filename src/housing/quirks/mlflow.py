@@ -8,6 +8,39 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+#: mlflow 3.17's REST client has no per-client or per-call timeout/retry knob: it reads
+#: these variables (``mlflow.environment_variables``) at each call (defaults 120 s, 7
+#: retries, exponential backoff), so a process's HTTP budget is set through them.
+HTTP_TIMEOUT = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+HTTP_MAX_RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+HTTP_BACKOFF_FACTOR = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
+HTTP_BACKOFF_JITTER = "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"
+
+
+def http_budget(timeout_sec: int, retries: int) -> dict[str, str]:
+    """The variables that give mlflow's REST calls ``timeout_sec`` per request and
+    ``retries`` retries, without backoff (see :data:`HTTP_TIMEOUT`)."""
+    return {
+        HTTP_TIMEOUT: str(timeout_sec),
+        HTTP_MAX_RETRIES: str(retries),
+        HTTP_BACKOFF_FACTOR: "0",
+        HTTP_BACKOFF_JITTER: "0",
+    }
+
+
+#: mlflow 3.17 logs these on every run, with nothing to act on (no option stops them):
+#: ``mlflow.sklearn`` warns about pickle when saving (housing pins versions and checks
+#: the pickle's sha256), ``mlflow.utils.environment`` finds no pip in a uv venv.
+EXPECTED_NOISE = (
+    "Saving scikit-learn models in the pickle or cloudpickle format",
+    "Failed to resolve installed pip version",
+)
+#: The loggers :data:`EXPECTED_NOISE` comes through (their records propagate to ``mlflow``).
+NOISY_LOGGERS = ("mlflow", "mlflow.sklearn", "mlflow.utils.environment")
+#: mlflow 3.17's SQL store logs its errors (a full disk too) with the traceback through
+#: this module logger, on a handler of its own.
+SQL_STORE_LOGGER = "mlflow.store.db.utils"
+
 # Serialises the temporary change of mlflow's process-global tracking URI.
 _GLOBAL_URI_LOCK = threading.Lock()
 

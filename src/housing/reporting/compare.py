@@ -775,7 +775,7 @@ def collect_mlflow(
     last_n: int | None = None,
 ) -> Collected:
     """MLflow stage runs of the experiment and the registry versions they registered."""
-    from housing.tracking.mlflow import resolve_uri  # the tracker's: both read one store
+    from housing.tracking.mlflow import is_server_uri, resolve_uri  # the tracker's
 
     cfg = settings.mlflow
     uri = resolve_uri(cfg.tracking_uri, settings.root)
@@ -783,7 +783,7 @@ def collect_mlflow(
     registry_uri = resolve_uri(registry, settings.root) if registry else None
     name = project or cfg.experiment
     alias = settings.registry.champion_alias
-    source = "server" if uri.startswith(("http://", "https://", "databricks")) else "local"
+    source = "server" if is_server_uri(uri) else "local"
     got = Collected("mlflow", source, uri, name)
     filters = {"tags": tuple(tags), "stage": stage, "last_n": last_n}
     missing = _local_store_missing(uri)

@@ -47,7 +47,9 @@ TIMES: Final = "\u00d7"
 VAL_COLOR: Final = "#4C78A8"
 CV_COLOR: Final = "#F58518"
 TEST_COLOR: Final = "#54A24B"
-ACCENT: Final = "#E45756"
+ACCENT: Final = "#E45756"  # attention (residuals outside 2 RMSE), never the champion
+CHAMPION: Final = "#1E3A5F"  # the champion's text, as the page's headline (report.css)
+CHAMPION_STAR: Final = "#F5B400"  # its star marker, edged in CHAMPION
 MUTED: Final = "#9CA3AF"
 INK: Final = "#1F2937"
 LINE_COLORS: Final = ("#4C78A8", "#F58518", "#54A24B", "#B279A2", "#72B7B2", "#9D755D", "#EECA3B")
@@ -489,7 +491,7 @@ def _draw_comparison(fig: Figure, rows: list[dict[str, Any]], champion: str | No
     for tick, row in zip(ax.get_xticklabels(), rows, strict=True):
         if row["model"] == champion:
             tick.set_fontweight("bold")
-            tick.set_color(ACCENT)
+            tick.set_color(CHAMPION)
     ax.set(ylabel="RMSE (lower is better)", ylim=(0, top * 1.15 if top > 0 else 1))
     ax.grid(axis="x", visible=False)
     ax.legend(loc="upper left", ncols=3, bbox_to_anchor=(0, 1.12))
@@ -713,7 +715,17 @@ def _draw_versions(
             )
             for r, (x, y) in zip(rows, values, strict=True):
                 if r.get("champion") and y is not None:
-                    ax.plot([x + shift], [y], marker="*", ms=15, color=ACCENT, zorder=4, lw=0)
+                    ax.plot(
+                        [x + shift],
+                        [y],
+                        marker="*",
+                        ms=15,
+                        color=CHAMPION_STAR,
+                        mec=CHAMPION,
+                        mew=0.8,
+                        zorder=4,
+                        lw=0,
+                    )
         ax.set(title=key, xlabel="version")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.margins(x=0.08, y=0.15)

@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
@@ -117,18 +117,22 @@ def resolve_mode(
     settings: ClearMLSettings,
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
+    problem: Callable[[], str | None] | None = None,
 ) -> tuple[str, str]:
     """The one ClearML online/offline decision: ``("online" | "offline", reason)``; ``auto``
     is offline when ``CLEARML_OFFLINE_MODE`` is set, online only when
-    :func:`server_problem` finds none, else offline with the reason logged once per process."""
+    :func:`server_problem` (or ``problem``, a caller's own probe: ``housing doctor``)
+    finds none, else offline with the reason logged once per process."""
     if settings.mode in ("online", "offline"):
         return settings.mode, f"clearml.mode={settings.mode}"
     offline_env = (os.environ if env is None else env).get("CLEARML_OFFLINE_MODE", "")
     if offline_env.strip().lower() in ("1", "true", "yes", "on", "y", "t"):
         return "offline", "CLEARML_OFFLINE_MODE is set"  # as the SDK would (and doctor says)
-    reason = server_problem(settings, env, timeout)
+    reason = server_problem(settings, env, timeout) if problem is None else problem()
     if reason is None:
         return "online", f"server {settings.server.api_host} answered"
+    if problem is not None:  # the caller reports the reason itself
+        return "offline", reason
     if reason.endswith(_NOT_SET):  # no credentials: the normal offline-first case
         _log_once(
             f"ClearML offline ({reason}); sessions go to {settings.offline_dir}", logging.DEBUG

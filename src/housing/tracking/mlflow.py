@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from contextlib import suppress
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import unquote, urlparse
 
 from housing.errors import ArtifactError, ConfigError, first_line
@@ -176,6 +176,17 @@ def resolve_uri(uri: str, root: Path) -> str:
     return (local if local.is_absolute() else (root / local).resolve()).as_uri()
 
 
+#: Tracking URI prefixes of an MLflow server (anything else is a local store).
+SERVER_URI_PREFIXES: Final = ("http://", "https://", "databricks")
+
+
+def is_server_uri(uri: str) -> bool:
+    """Whether ``uri`` names an MLflow tracking server (``http(s)://``, ``databricks``,
+    ``databricks://profile``) rather than a local store: the one answer for the spool and
+    ``housing compare``."""
+    return uri.startswith(SERVER_URI_PREFIXES)
+
+
 def local_store_path(uri: str, root: Path) -> Path | None:
     """The database file (``sqlite:///``, query dropped) or folder (``file:``, a plain
     path) of a local store URI, absolute against ``root``; None for a server or
@@ -254,10 +265,13 @@ def unreachable(exc: BaseException) -> str | None:
 def probe(uri: str, timeout_sec: float) -> str | None:
     """None when ``uri`` (http/https) answers ``GET /health`` within ``timeout_sec``
     (any HTTP status below 500 but 404 counts: an MLflow server always has the
-    endpoint, an auth proxy may refuse it), else the reason it is unreachable."""
+    endpoint, an auth proxy may refuse it), else the reason it is unreachable. Another
+    server (``databricks``) is not probed: None."""
     import urllib.error
     import urllib.request
 
+    if not uri.startswith(("http://", "https://")):
+        return None  # databricks: no /health to ask; its client reports a failure itself
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_sec):
             return None

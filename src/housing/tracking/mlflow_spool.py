@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from housing.errors import HousingError
+from housing.errors import first_line
 from housing.io import atomic_path, file_lock, write_text
 from housing.tracking.base import ChampionDecision, RegisteredModel, StageRun
 from housing.tracking.lineage import decide_champion
@@ -36,6 +36,7 @@ from housing.tracking.mlflow import (
     TAG_RUN_TYPE,
     MLflowTracker,
     close_orphans,
+    is_server_uri,
     probe,
     unreachable,
 )
@@ -61,10 +62,6 @@ _SPOOL_ONLY = (TAG_SYNCED, TAG_PARTIAL, TAG_REASON, "housing.pid", TAG_PARENT)
 #: (uri, pid) -> why the server was unreachable ("" reachable): one probe per process.
 _OFFLINE: dict[tuple[str, int], str] = {}
 _ANNOUNCED: set[tuple[str, int]] = set()  # one warning line per server and process
-
-
-def _is_server(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
 
 
 def _offline_reason(uri: str, timeout_sec: float) -> str | None:
@@ -155,7 +152,7 @@ def open_tracker(settings: Settings) -> MLflowTracker:
 
     cfg, alias = settings.mlflow, settings.registry.champion_alias
     root = store_root(settings.root)
-    if not _is_server(cfg.tracking_uri):
+    if not is_server_uri(cfg.tracking_uri):
         return MLflowTracker(cfg.tracking_uri, cfg.experiment, cfg.registry_uri, alias, root=root)
     return SpoolingTracker(cfg, alias, root, spool_dir(settings))
 
@@ -370,10 +367,6 @@ class SyncResult:
         return text
 
 
-class SpoolError(HousingError):
-    """The spool could not be replayed; it is kept as it is."""
-
-
 def _spooled_runs(spool: MlflowClient, target: str) -> list[Run]:
     runs: list[Run] = []
     for experiment in spool.search_experiments():
@@ -390,7 +383,7 @@ def _spooled_runs(spool: MlflowClient, target: str) -> list[Run]:
 def pending(settings: Settings) -> int:
     """How many spooled stage runs wait for ``mlflow.tracking_uri`` (0 without a spool)."""
     cfg, folder = settings.mlflow, spool_dir(settings)
-    if not _is_server(cfg.tracking_uri) or not (folder / "mlflow.db").is_file():
+    if not is_server_uri(cfg.tracking_uri) or not (folder / "mlflow.db").is_file():
         return 0
     from mlflow import MlflowClient
 
@@ -414,7 +407,7 @@ def sync(settings: Settings) -> SyncResult:
     cfg = settings.mlflow
     target = cfg.tracking_uri.rstrip("/")
     result = SyncResult(target)
-    if not _is_server(target):
+    if not is_server_uri(target):
         result.note = f"mlflow.tracking_uri {target} is a local store: nothing to sync"
         return result
     folder = spool_dir(settings)
@@ -457,10 +450,9 @@ def sync(settings: Settings) -> SyncResult:
         except Exception as exc:
             why = unreachable(exc)
             result.left = len(stages) - len(result.replayed) - result.already
-            detail = f"unreachable ({why})" if why else f"{type(exc).__name__}: {exc}"
+            detail = f"unreachable ({why})" if why else first_line(exc, typed=True)
             result.error = (
-                f"{target} {detail.splitlines()[0][:300]}; {result.left} spooled run(s) kept "
-                f"in {folder}"
+                f"{target} {first_line(detail, 300)}; {result.left} spooled run(s) kept in {folder}"
             )
     return result
 

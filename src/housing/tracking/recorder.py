@@ -54,11 +54,10 @@ class TrackerSet:
                     raise disk_full(written_path(exc) or _store_of(tracker)) from None
                 # any other tracking failure must not fail the stage
                 log.warning(
-                    "tracking: %s %s failed (%s: %s); continuing without it for this stage",
+                    "tracking: %s %s failed (%s); continuing without it for this stage",
                     tracker.backend,
                     action,
-                    type(exc).__name__,
-                    str(exc).splitlines()[0][:300] if str(exc) else "",
+                    first_line(exc, 300, typed=True),
                 )
                 self.trackers.remove(tracker)
                 _close_quietly(tracker, "failed", f"tracking error during {action}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import json
 import logging
 import os
@@ -72,7 +71,9 @@ def warm_mlflow_schema() -> None:
 
 def warm_inspect() -> None:
     """Let :mod:`inspect` index the loaded modules' files now (once per process)."""
-    inspect.getmodule(None, _filename="<housing warm-up>")
+    from housing.quirks.inspect import index_module_files
+
+    index_module_files()
 
 
 def warm() -> None:
