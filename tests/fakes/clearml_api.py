@@ -286,12 +286,30 @@ class FakeClearMLServer:
         try:
             with self._lock:
                 return 200, handler(self, body)
-        except _NotFoundError as exc:
-            return 400, {"_error": str(exc)}
+        except ApiError as exc:
+            return exc.status, {"_error": str(exc), "_subcode": exc.subcode}
 
 
-class _NotFoundError(Exception):
-    pass
+class ApiError(Exception):
+    """An error answer: HTTP ``status``, the server's ``subcode`` and message."""
+
+    def __init__(self, message: str, status: int = 400, subcode: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.subcode = subcode
+
+
+# clearml-server 2.0.0 apierrors/errors.conf (bad_request: 400)
+INVALID_TASK_ID = 101
+INVALID_TASK_STATUS = 110
+INVALID_MODEL_ID = 201
+MODEL_IS_READY = 203
+INVALID_PROJECT_ID = 401
+VALIDATION_ERROR = 12
+
+
+def _not_found(kind: str, item_id: Any, subcode: int) -> ApiError:
+    return ApiError(f"Invalid {kind} id: {kind}={item_id}", 400, subcode)
 
 
 def _now() -> str:
@@ -372,10 +390,13 @@ def _page(items: list[dict[str, Any]], body: Mapping[str, Any]) -> list[dict[str
     for spec in (str(o) for o in reversed(order)):
         name = spec.lstrip("-+")
         items = sorted(items, key=_field_key(name), reverse=spec.startswith("-"))
-    if body.get("page") is not None or body.get("page_size"):
-        size = min(int(body.get("page_size") or MAX_PAGE_SIZE), MAX_PAGE_SIZE)
-        page = int(body.get("page") or 0)
-        items = items[page * size : (page + 1) * size]
+    # database/model/base.py validate_paging: page 0 and page_size 500 unless sent; capped
+    size = int(body.get("page_size") or MAX_PAGE_SIZE) if "page_size" in body else MAX_PAGE_SIZE
+    page = int(body.get("page") or 0)
+    if size < 1 or page < 0:
+        raise ApiError("page must be >=0 and page_size >0", 400, VALIDATION_ERROR)
+    size = min(size, MAX_PAGE_SIZE)
+    items = items[page * size : (page + 1) * size]
     fields = _as_list(body.get("only_fields"))
     return [_only(item, fields) for item in items] if fields else items
 
@@ -415,50 +436,185 @@ def _server_info(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str,
     return {"version": SERVER_VERSION, "api_version": API_VERSION, "build": "fake"}
 
 
+HIDDEN = "hidden"  # the system tag the server hides projects and tasks by
+
+
+def _visible(item: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
+    """services/{projects,tasks}.py ``_hidden_query``: hidden objects are left out unless
+    ``search_hidden`` is set or ids are asked for."""
+    if body.get("search_hidden") or body.get("id"):
+        return True
+    return HIDDEN not in (item.get("system_tags") or [])
+
+
 def _projects_get_all(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    items = [p for p in server.projects.values() if _matches(p, body)]
+    items = [p for p in server.projects.values() if _visible(p, body) and _matches(p, body)]
     return {"projects": _page(items, body)}
 
 
+_PROJECT_FIELDS = ("name", "description", "tags", "system_tags", "default_output_destination")
+
+
 def _projects_create(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    project = server.add_project(**{k: v for k, v in body.items() if k != "id"})
+    fields = {k: body[k] for k in _PROJECT_FIELDS if body.get(k) is not None}
+    project = server.add_project(**fields)
     return {"id": project["id"]}
 
 
+def _projects_update(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    """What ``PipelineController`` sends to mark its project ``[hidden, pipeline]``."""
+    project_id = body.get("project")
+    if project_id not in server.projects:
+        raise _not_found("project", project_id, INVALID_PROJECT_ID)
+    fields = {k: body[k] for k in _PROJECT_FIELDS if body.get(k) is not None}
+    server.projects[str(project_id)].update(fields, last_update=_now())
+    return {"updated": 1, "fields": fields}
+
+
+# clearml-server 2.0.0 services/tasks.py ``create_fields``: what tasks.create / tasks.edit
+# store; anything else in the body (``started``, ``completed``, ``created``...) is ignored.
+TASK_CREATE_FIELDS = frozenset(
+    [
+        "name",
+        "tags",
+        "system_tags",
+        "type",
+        "error",
+        "comment",
+        "parent",
+        "project",
+        "input",
+        "models",
+        "container",
+        "output_dest",
+        "execution",
+        "hyperparams",
+        "configuration",
+        "script",
+        "runtime",
+    ]
+)
+# database/model/task/task.py: editing only these does not touch ``last_update``
+_TASK_USER_SET = frozenset(
+    ["name", "comment", "project", "tags", "system_tags", "status_message", "created"]
+)
+
+# bll/task/utils.py ``state_machine``: allowed status changes (unless ``force``)
+TASK_TRANSITIONS: dict[str, frozenset[str]] = {
+    "created": frozenset({"queued", "in_progress"}),
+    "queued": frozenset({"created", "in_progress", "stopped"}),
+    "in_progress": frozenset({"stopped", "failed", "created", "completed"}),
+    "stopped": frozenset(
+        {"closed", "created", "failed", "queued", "in_progress", "published", "publishing"}
+        | {"completed"}
+    ),
+    "closed": frozenset({"created", "failed", "published", "publishing", "stopped"}),
+    "failed": frozenset({"created", "stopped", "published", "queued"}),
+    "publishing": frozenset({"published"}),
+    "published": frozenset(),
+    "completed": frozenset({"published", "in_progress", "created"}),
+}
+
+
+def _task_fields(body: Mapping[str, Any], allowed: Iterable[str]) -> dict[str, Any]:
+    """The body's fields the server stores (``output_dest`` -> ``output.destination``)."""
+    fields = {k: v for k, v in body.items() if k in allowed and v is not None}
+    if "output_dest" in fields:
+        fields["output"] = {"destination": fields.pop("output_dest")}
+    return fields
+
+
 def _tasks_create(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    task = server.add_task(**{k: v for k, v in body.items() if k != "id"})
+    now = _now()
+    fields = _task_fields(body, TASK_CREATE_FIELDS)
+    task = server.add_task(**fields, created=now, last_update=now, last_change=now)
     return {"id": task["id"]}
 
 
 def _task(server: FakeClearMLServer, body: Mapping[str, Any]) -> dict[str, Any]:
     task_id = body.get("task")
     if task_id not in server.tasks:
-        raise _NotFoundError(f"task {task_id} not found")
+        raise _not_found("task", task_id, INVALID_TASK_ID)
     return server.tasks[str(task_id)]
 
 
 def _tasks_edit(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    """As the server: only a ``created`` task unless ``force``; only ``create_fields`` + status."""
     task = _task(server, body)
-    fields = {k: v for k, v in body.items() if k not in ("task", "force")}
+    if not body.get("force") and task.get("status") != "created":
+        raise ApiError(
+            f"Invalid task status: expected=created, status={task.get('status')}",
+            400,
+            INVALID_TASK_STATUS,
+        )
+    fields = _task_fields(body, TASK_CREATE_FIELDS | {"status"})
     task.update(fields)
-    task["last_update"] = _now()
+    if fields:
+        now = _now()
+        task["last_change"] = now
+        if not set(fields) <= _TASK_USER_SET:
+            task["last_update"] = now
     return {"updated": 1, "fields": fields}
 
 
-def _status_setter(status: str) -> Handler:
+def set_task_status(
+    task: dict[str, Any], status: str, body: Mapping[str, Any], **stamps: str
+) -> dict[str, Any]:
+    """One status change as ``ChangeStatusRequest.execute`` does it: the state machine
+    (skipped with ``force``; the same status is allowed), then ``status_changed``,
+    ``last_update``, ``last_change`` and the given ``stamps`` set to now."""
+    current = str(task.get("status") or "created")
+    if not body.get("force") and status != current and status not in TASK_TRANSITIONS[current]:
+        raise ApiError(
+            f"Invalid status change: current_status={current}, new_status={status}",
+            400,
+            INVALID_TASK_STATUS,
+        )
+    now = _now()
+    fields: dict[str, Any] = {
+        "status": status,
+        "status_reason": body.get("status_reason") or "",
+        "status_message": body.get("status_message") or "",
+        "status_changed": now,
+        "last_update": now,
+        "last_change": now,
+        **stamps,
+    }
+    task.update(fields)
+    return fields
+
+
+def _status_setter(status: str, stamp: str | None = None) -> Handler:
+    """tasks.<status>: ``stamp`` (``completed``, ``published``) is set to now as well."""
+
     def handler(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
         task = _task(server, body)
-        task["status"] = status
-        for key in ("status_reason", "status_message"):
-            if body.get(key) is not None:
-                task[key] = body[key]
-        return {"updated": 1, "fields": {"status": status}}
+        stamps = {stamp: _now()} if stamp else {}
+        return {"updated": 1, "fields": set_task_status(task, status, body, **stamps)}
 
     return handler
 
 
+def _tasks_started(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    """``started`` is now, or kept when an earlier start is recorded (server's ``min__``)."""
+    task = _task(server, body)
+    now = _now()
+    started = min(str(task["started"]), now) if task.get("started") else now
+    fields = set_task_status(task, "in_progress", body, started=started)
+    return {"updated": 1, "started": 1, "fields": fields}
+
+
+def _tasks_completed(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    task = _task(server, body)
+    fields = set_task_status(task, "completed", body, completed=_now())
+    if not body.get("publish"):
+        return {"updated": 1, "fields": fields}
+    published = set_task_status(task, "published", body, published=_now())
+    return {"updated": 1, "published": 1, "fields": {**fields, **published}}
+
+
 def _tasks_get_all(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    items = [t for t in server.tasks.values() if _matches(t, body)]
+    items = [t for t in server.tasks.values() if _visible(t, body) and _matches(t, body)]
     return {"tasks": _page(items, body)}
 
 
@@ -512,13 +668,13 @@ def _tasks_set_requirements(server: FakeClearMLServer, body: dict[str, Any]) -> 
 def _projects_get_by_id(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
     project_id = body.get("project")
     if project_id not in server.projects:
-        raise _NotFoundError(f"project {project_id} not found")
+        raise _not_found("project", project_id, INVALID_PROJECT_ID)
     return {"project": server.projects[str(project_id)]}
 
 
 def _model(server: FakeClearMLServer, model_id: Any) -> dict[str, Any]:
     if model_id not in server.models:
-        raise _NotFoundError(f"model {model_id} not found")
+        raise _not_found("model", model_id, INVALID_MODEL_ID)
     return server.models[str(model_id)]
 
 
@@ -564,6 +720,8 @@ def _models_get_by_id(server: FakeClearMLServer, body: dict[str, Any]) -> dict[s
 
 def _models_publish(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
     model = _model(server, body.get("model"))
+    if model.get("ready"):
+        raise ApiError(f"Model is ready: model={model['id']}", 400, MODEL_IS_READY)
     model["ready"] = True
     return {"updated": 1, "published_task": {}}
 
@@ -579,14 +737,15 @@ _HANDLERS: dict[str, Handler] = {
     "projects.get_all": _projects_get_all,
     "projects.get_all_ex": _projects_get_all,
     "projects.create": _projects_create,
+    "projects.update": _projects_update,
     "tasks.create": _tasks_create,
     "tasks.edit": _tasks_edit,
-    "tasks.started": _status_setter("in_progress"),
-    "tasks.completed": _status_setter("completed"),
-    "tasks.stopped": _status_setter("stopped"),
+    "tasks.started": _tasks_started,
+    "tasks.completed": _tasks_completed,
+    "tasks.stopped": _status_setter("stopped", "completed"),
     "tasks.failed": _status_setter("failed"),
     "tasks.close": _status_setter("closed"),
-    "tasks.publish": _status_setter("published"),
+    "tasks.publish": _status_setter("published", "published"),
     "tasks.get_all": _tasks_get_all,
     "tasks.get_all_ex": _tasks_get_all,
     "tasks.get_by_id": _tasks_get_by_id,
@@ -673,7 +832,8 @@ def _make_request_handler(server: FakeClearMLServer) -> type[BaseHTTPRequestHand
             handler_body = body if isinstance(body, dict) else {"_events": body}
             status, data = server.handle(endpoint, handler_body)
             message = str(data.pop("_error", "OK"))
-            self._envelope(endpoint, status, data, message)
+            subcode = int(data.pop("_subcode", 0))
+            self._envelope(endpoint, status, data, message, subcode)
 
         def _authorized(self) -> bool:
             if server.access_key is None and server.secret_key is None:
@@ -682,13 +842,15 @@ def _make_request_handler(server: FakeClearMLServer) -> type[BaseHTTPRequestHand
             header = self.headers.get("Authorization", "")
             return header == "Basic " + base64.b64encode(expected).decode()
 
-        def _envelope(self, endpoint: str, status: int, data: dict[str, Any], msg: str) -> None:
+        def _envelope(
+            self, endpoint: str, status: int, data: dict[str, Any], msg: str, subcode: int = 0
+        ) -> None:
             meta = {
                 "id": uuid.uuid4().hex,
                 "trx": uuid.uuid4().hex,
                 "endpoint": {"name": endpoint, "requested_version": API_VERSION},
                 "result_code": status,
-                "result_subcode": 0,
+                "result_subcode": subcode,
                 "result_msg": msg,
                 "error_stack": None,
             }
