@@ -12,16 +12,27 @@ uses to import an offline session or query tasks/models, in the server's JSON en
 Requests arrive as ``/<service>.<action>`` or ``/v<version>/<service>.<action>`` (GET or
 POST with a JSON body; ``events.add_batch`` sends one JSON event per line, recorded as a
 list). Uploads to the file server (``files_host`` = ``<url>/files``) are multipart POSTs,
-recorded as ``files.upload`` and kept in ``uploads`` (path -> bytes). Unknown endpoints
-answer ``200`` with empty data and are still recorded, so a test can discover what the
-SDK calls (``server.endpoints()``). Tasks always carry ``"output": {}`` (the SDK needs it).
+recorded as ``files.upload`` and kept in ``uploads`` (path -> bytes). Tasks always carry
+``"output": {}`` (the SDK needs it).
 
-An offline-session import (clearml 2.1.12) calls: auth.login, projects.get_all,
-projects.create, tasks.create, tasks.get_by_id, tasks.edit, tasks.started, files.upload,
-models.create, models.get_by_id, models.edit, tasks.get_all, tasks.add_or_update_model,
-events.add_batch, tasks.completed. An online task adds tasks.set_requirements,
-tasks.edit_hyper_params, tasks.add_or_update_artifacts, projects.get_by_id,
-models.get_all, models.add_or_update_metadata, models.set_ready, tasks.failed.
+**Strict.** Every request is validated against the request schema of the SDK's own
+service classes at the version the SDK negotiates with this fake's token
+(:mod:`tests.fakes.clearml_schema`; ``server.schema_version``), and every answer against
+the SDK's response schema and class. An unknown endpoint, an endpoint the fake does not
+implement, or a schema violation is answered 400 (as the server would) and recorded in
+``server.violations``; ``stop()`` / leaving the ``with`` block then raises
+``AssertionError`` naming each endpoint and field, so the test fails even when the SDK
+swallows the error. ``strict=False`` only records.
+
+**Like clearml-server 2.0.0** (its sources named at each rule): task status changes follow
+the server's state machine (``force`` skips it) and stamp ``status_changed``,
+``last_update``, ``last_change`` and ``started`` / ``completed`` / ``published`` at the
+transition; a client cannot set those times (tasks.create / tasks.edit keep only the
+server's ``create_fields``; tasks.edit needs a ``created`` task unless ``force``);
+``models.set_ready`` on a ready model answers 400 ``model_is_ready``; objects with the
+``hidden`` system tag (``projects.update`` sets it) are left out of projects/tasks
+``get_all`` unless ``search_hidden`` or ids are given; ``get_all`` pages default to page 0
+of :data:`MAX_PAGE_SIZE` and are capped there; ``only_fields`` projects.
 
 ``FakeClearMLServer(access_key=..., secret_key=...)`` makes ``auth.login`` check HTTP basic
 auth; ``fail(endpoint, times, status)`` injects errors. Tasks, models and projects can be
@@ -29,9 +40,8 @@ preloaded (constructor or ``add_task`` / ``add_model`` / ``add_project``; ``proj
 becomes a project id) for compare-style tests; ``tasks.get_all`` / ``models.get_all``
 filter on ``id``, ``name`` (a regex, as the server does), ``project``, ``status``,
 ``task``, ``ready``, ``tags`` / ``system_tags`` (OR, ``__$all`` for AND, ``-tag`` to
-exclude), sort with ``order_by``, page with ``page`` / ``page_size`` (capped at
-:data:`MAX_PAGE_SIZE`, the server's default and limit) and project with ``only_fields``
-(the named fields only, dotted paths such as ``metadata.k`` included, plus ``id``).
+exclude), sort with ``order_by`` and project with ``only_fields`` (the named fields only,
+dotted paths such as ``metadata.k`` included, plus ``id``).
 """
 
 from __future__ import annotations
@@ -51,6 +61,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.fakes import clearml_schema
 
 API_VERSION = "2.30"
 SERVER_VERSION = "2.0.0"
@@ -95,6 +107,7 @@ class FakeClearMLServer:
         projects: Iterable[Mapping[str, Any]] = (),
         access_key: str | None = None,
         secret_key: str | None = None,
+        strict: bool = True,
     ) -> None:
         self.calls: list[Call] = []
         self.tasks: dict[str, dict[str, Any]] = {}
@@ -103,6 +116,9 @@ class FakeClearMLServer:
         self.uploads: dict[str, bytes] = {}
         self.handlers: dict[str, Handler] = dict(_HANDLERS)
         self._failures: dict[str, list[tuple[int, str]]] = {}
+        self.violations: list[str] = []
+        self.strict = strict
+        self.schema_version = clearml_schema.schema_version(API_VERSION)
         self.access_key = access_key
         self.secret_key = secret_key
         self._lock = threading.Lock()
@@ -130,17 +146,33 @@ class FakeClearMLServer:
         return self
 
     def stop(self) -> None:
-        """Stop listening."""
+        """Stop listening, then fail (``strict``) if any call broke the SDK's schema."""
+        self._shutdown()
+        self.assert_schema_clean()
+
+    def _shutdown(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
 
+    def assert_schema_clean(self) -> None:
+        """Raise ``AssertionError`` listing every schema violation (when ``strict``)."""
+        with self._lock:
+            problems = list(dict.fromkeys(self.violations))
+        if self.strict and problems:
+            raise AssertionError(
+                f"ClearML fake: {len(problems)} call(s) broke the SDK's API "
+                f"{self.schema_version} schema:\n  " + "\n  ".join(problems)
+            )
+
     def __enter__(self) -> FakeClearMLServer:
         return self.start()
 
-    def __exit__(self, *_: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self._shutdown()
+        if exc_type is None:  # a failing test keeps its own error
+            self.assert_schema_clean()
 
     @property
     def url(self) -> str:
@@ -273,21 +305,35 @@ class FakeClearMLServer:
 
     # ------------------------------------------------------------------ dispatch
 
-    def handle(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def handle(self, endpoint: str, body: Any) -> tuple[int, dict[str, Any]]:
+        """Answer one call: the request is checked against the SDK's schema (a violation is
+        recorded and answered 400, as the server would), then handled, then the answer is
+        checked against the SDK's response schema and class."""
+        problems = clearml_schema.request_problems(endpoint, body, self.schema_version)
+        handler = self.handlers.get(endpoint) or self.handlers.get(endpoint.split(".", 1)[0] + ".*")
+        if not problems and handler is None:
+            problems = [f"{endpoint}: not implemented by the fake (add a handler)"]
+        if problems:
+            with self._lock:
+                self.violations.extend(problems)
+            return 400, {"_error": problems[0], "_subcode": VALIDATION_ERROR}
         with self._lock:
             pending = self._failures.get(endpoint)
             if pending:
                 status, message = pending.pop(0)
                 return status, {"_error": message}
-        handler = self.handlers.get(endpoint)
-        if handler is None:
-            service = endpoint.split(".", 1)[0]
-            handler = self.handlers.get(f"{service}.*", _empty)
+        assert handler is not None
+        handler_body = body if isinstance(body, dict) else {"_events": body}
         try:
             with self._lock:
-                return 200, handler(self, body)
+                data = handler(self, handler_body)
         except ApiError as exc:
             return exc.status, {"_error": str(exc), "_subcode": exc.subcode}
+        problems = clearml_schema.response_problems(endpoint, data, self.schema_version)
+        if problems:
+            with self._lock:
+                self.violations.extend(problems)
+        return 200, data
 
 
 class ApiError(Exception):
@@ -613,6 +659,11 @@ def _tasks_completed(server: FakeClearMLServer, body: dict[str, Any]) -> dict[st
     return {"updated": 1, "published": 1, "fields": {**fields, **published}}
 
 
+def _tasks_ping(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    _task(server, body)["last_update"] = _now()  # a running task's keep-alive
+    return {}
+
+
 def _tasks_get_all(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
     items = [t for t in server.tasks.values() if _visible(t, body) and _matches(t, body)]
     return {"tasks": _page(items, body)}
@@ -746,6 +797,7 @@ _HANDLERS: dict[str, Handler] = {
     "tasks.failed": _status_setter("failed"),
     "tasks.close": _status_setter("closed"),
     "tasks.publish": _status_setter("published", "published"),
+    "tasks.ping": _tasks_ping,
     "tasks.get_all": _tasks_get_all,
     "tasks.get_all_ex": _tasks_get_all,
     "tasks.get_by_id": _tasks_get_by_id,
@@ -829,8 +881,7 @@ def _make_request_handler(server: FakeClearMLServer) -> type[BaseHTTPRequestHand
             if endpoint == "auth.login" and not self._authorized():
                 self._envelope(endpoint, 401, {}, "Unauthorized (invalid credentials)")
                 return
-            handler_body = body if isinstance(body, dict) else {"_events": body}
-            status, data = server.handle(endpoint, handler_body)
+            status, data = server.handle(endpoint, body)
             message = str(data.pop("_error", "OK"))
             subcode = int(data.pop("_subcode", 0))
             self._envelope(endpoint, status, data, message, subcode)
