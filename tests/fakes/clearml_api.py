@@ -242,7 +242,14 @@ class FakeClearMLServer:
         return f"{prefix}{next(self._counter):04d}{uuid.uuid4().hex[:24]}"
 
     def add_project(self, name: str, id: str | None = None, **extra: Any) -> dict[str, Any]:
-        project = {"id": id or self.new_id("p"), "name": name, "created": _now(), **extra}
+        project = {
+            "id": id or self.new_id("p"),
+            "name": name,
+            "tags": [],
+            "system_tags": [],
+            "created": _now(),
+            **extra,
+        }
         self.projects[project["id"]] = project
         return project
 
