@@ -105,6 +105,7 @@ class FakeClearMLServer:
         tasks: Iterable[Mapping[str, Any]] = (),
         models: Iterable[Mapping[str, Any]] = (),
         projects: Iterable[Mapping[str, Any]] = (),
+        queues: Iterable[str] = (),
         access_key: str | None = None,
         secret_key: str | None = None,
         strict: bool = True,
@@ -113,6 +114,7 @@ class FakeClearMLServer:
         self.tasks: dict[str, dict[str, Any]] = {}
         self.models: dict[str, dict[str, Any]] = {}
         self.projects: dict[str, dict[str, Any]] = {}
+        self.queues: dict[str, dict[str, Any]] = {}
         self.uploads: dict[str, bytes] = {}
         self.handlers: dict[str, Handler] = dict(_HANDLERS)
         self._failures: dict[str, list[tuple[int, str]]] = {}
@@ -127,6 +129,8 @@ class FakeClearMLServer:
         self._thread: threading.Thread | None = None
         for project in projects:
             self.add_project(**project)
+        for queue in queues:
+            self.add_queue(queue)
         for task in tasks:
             self.add_task(**task)
         for model in models:
@@ -253,6 +257,13 @@ class FakeClearMLServer:
         self.projects[project["id"]] = project
         return project
 
+    def add_queue(self, name: str) -> dict[str, Any]:
+        """A queue ``name`` (id ``q-<name>``) with no entries."""
+        queue: dict[str, Any] = {"id": f"q-{name}", "name": name, "entries": []}
+        queue["created"] = _now()
+        self.queues[f"q-{name}"] = queue
+        return queue
+
     def project_id(self, name: str) -> str:
         """The id of project ``name``, created if missing."""
         for project in self.projects.values():
@@ -358,6 +369,7 @@ INVALID_TASK_STATUS = 110
 INVALID_MODEL_ID = 201
 MODEL_IS_READY = 203
 INVALID_PROJECT_ID = 401
+INVALID_QUEUE_ID = 701
 VALIDATION_ERROR = 12
 
 
@@ -784,6 +796,34 @@ def _models_publish(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str
     return {"updated": 1, "published_task": {}}
 
 
+def _queues_get_all(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    items = [q for q in server.queues.values() if _matches(q, body)]
+    return {"queues": _page(items, body)}
+
+
+def _queues_get_by_id(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    queue_id = body.get("queue")
+    if queue_id not in server.queues:
+        raise ApiError(f"Invalid queue id: queue={queue_id}", 400, INVALID_QUEUE_ID)
+    return {"queue": server.queues[str(queue_id)]}
+
+
+def _tasks_enqueue(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    """Queue a task (``queue`` id, else ``queue_name``): status ``queued``, as the server."""
+    task = _task(server, body)
+    queue_id = body.get("queue") or f"q-{body.get('queue_name') or 'default'}"
+    if queue_id not in server.queues:
+        raise ApiError(f"Invalid queue id: queue={queue_id}", 400, INVALID_QUEUE_ID)
+    fields = set_task_status(task, "queued", body)
+    task.setdefault("execution", {})["queue"] = queue_id
+    server.queues[queue_id]["entries"].append({"task": task["id"], "added": _now()})
+    return {"queued": 1, "updated": 1, "fields": fields}
+
+
+def _workers_get_all(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
+    return {"workers": []}  # no agents: a fake runs nothing
+
+
 def _events_add_batch(_server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
     return {"added": len(body.get("_events", [])), "errors": 0}
 
@@ -824,6 +864,10 @@ _HANDLERS: dict[str, Handler] = {
     "models.get_by_id": _models_get_by_id,
     "models.set_ready": _models_publish,
     "events.add_batch": _events_add_batch,
+    "queues.get_all": _queues_get_all,
+    "queues.get_by_id": _queues_get_by_id,
+    "tasks.enqueue": _tasks_enqueue,
+    "workers.get_all": _workers_get_all,
 }
 
 
