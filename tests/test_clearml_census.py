@@ -58,7 +58,7 @@ CENSUS: dict[str, frozenset[str]] = {
     "scheduler install": frozenset(["debug.ping", *_IMPORT, _FILES, "queues.get_all"])
     | {"queues.get_by_id", "tasks.enqueue"},
     "controller (agent)": frozenset(["debug.ping", *_IMPORT, _FILES, "projects.update"])
-    | {"queues.get_all", "queues.get_by_id", "tasks.enqueue"},
+    | {"queues.get_all", "queues.get_by_id", "tasks.enqueue", "events.get_task_events"},
     "compare": frozenset(["debug.ping", "auth.login", "projects.get_all", "tasks.get_all"])
     | {"models.get_all", "models.get_by_id", "tasks.get_by_id"},
 }

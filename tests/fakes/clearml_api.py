@@ -796,6 +796,13 @@ def _models_publish(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str
     return {"updated": 1, "published_task": {}}
 
 
+def _events_get_task_events(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    """The events of one task (``PipelineController`` reads a failed step's log)."""
+    task_id = body.get("task")
+    found = [e for e in server.events() if e.get("task") == task_id]
+    return {"events": found, "returned": len(found), "total": len(found)}
+
+
 def _queues_get_all(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
     items = [q for q in server.queues.values() if _matches(q, body)]
     return {"queues": _page(items, body)}
@@ -864,6 +871,7 @@ _HANDLERS: dict[str, Handler] = {
     "models.get_by_id": _models_get_by_id,
     "models.set_ready": _models_publish,
     "events.add_batch": _events_add_batch,
+    "events.get_task_events": _events_get_task_events,
     "queues.get_all": _queues_get_all,
     "queues.get_by_id": _queues_get_by_id,
     "tasks.enqueue": _tasks_enqueue,
