@@ -22,24 +22,13 @@ import pytest
 
 from tests.fakes.clearml_api import FakeClearMLServer
 from tests.scratch import make_scratch_repo
+from tests.test_clearml_census import check_census
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 ORIGIN = "https://git.example.invalid/team/housing.git"
 QUEUES = ("default", "services")
 Handler = Callable[[FakeClearMLServer, dict[str, Any]], dict[str, Any]]
-
-
-def _queues_get_all(_server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    queues = [{"id": f"q-{name}", "name": name} for name in QUEUES]
-    if body.get("name"):
-        queues = [q for q in queues if re.search(str(body["name"]), q["name"])]
-    return {"queues": queues}
-
-
-def _queues_get_by_id(_server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    queue = str(body.get("queue"))
-    return {"queue": {"id": queue, "name": queue.removeprefix("q-")}}
 
 
 def _enqueue(status: str) -> Handler:
@@ -80,9 +69,7 @@ def _field_filter(original: Handler) -> Handler:
 
 @pytest.fixture
 def server() -> Iterator[FakeClearMLServer]:
-    fake = FakeClearMLServer()
-    fake.handlers["queues.get_all"] = _queues_get_all
-    fake.handlers["queues.get_by_id"] = _queues_get_by_id
+    fake = FakeClearMLServer(queues=QUEUES)
     fake.handlers["tasks.enqueue"] = _enqueue("completed")
     fake.handlers["tasks.get_all"] = _field_filter(fake.handlers["tasks.get_all"])
     with fake:
@@ -98,12 +85,19 @@ def repo(tmp_path: Path) -> Path:
 
 
 def _run(
-    script: str, args: list[str], root: Path, server: FakeClearMLServer, timeout: float = 150
+    script: str,
+    args: list[str],
+    root: Path,
+    server: FakeClearMLServer,
+    *,
+    timeout: float = 150,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_", "HOUSING_"))
     }
     env.update(server.env())
+    env.update(extra_env or {})
     env["HOME"] = str(root.parent)  # no ~/clearml.conf of the developer
     return subprocess.run(
         [sys.executable, f"scripts/{script}", *args, "clearml.mode=online"],
@@ -252,3 +246,43 @@ def test_scheduler_is_registered_once(server: FakeClearMLServer, repo: Path) -> 
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already runs this schedule" in again.stdout
     assert len(server.calls_to("tasks.create")) == created
+
+
+def test_a_scheduled_run_leaves_the_project_visible(server: FakeClearMLServer, repo: Path) -> None:
+    """An agent runs a clone of the scheduler's template: ``PipelineController`` marks the
+    project of the task it runs in ``[hidden, pipeline]``; the user's project must stay
+    visible, or ``housing compare`` and model queries by project name find nothing."""
+    server.handlers["tasks.enqueue"] = _enqueue("queued")
+    install = _run("clearml_schedule.py", ["--install"], repo, server)
+    assert install.returncode == 0, install.stderr[-3000:]
+    check_census("scheduler install", server.endpoints())
+    (template,) = _tasks(server, "housing:pipeline")
+    fields = {k: v for k, v in template.items() if k not in ("id", "status")}
+    clone = server.add_task(**fields, status="queued")  # what the scheduler's Task.clone makes
+    server.handlers["tasks.enqueue"] = _enqueue("completed")
+    server.reset_calls()
+    args = [CANDIDATES, "clearml.pipeline.run_locally=false"]
+    args += ["++clearml.pipeline.controller_queue=null", "++clearml.pipeline.poll_sec=0.2"]
+    agent = _run(
+        "clearml_pipeline.py", args, repo, server, extra_env={"CLEARML_TASK_ID": clone["id"]}
+    )
+    assert "Launching step: evaluate" in agent.stdout, agent.stderr[-3000:]
+    check_census("controller (agent)", server.endpoints())
+    server.reset_calls()
+
+    server.add_model(name="housing-ridge", project_name="housing", ready=True)
+    hosts = [f"clearml.server.{k}_host={getattr(server, k + '_host')}" for k in ("api", "web")]
+    compare = _run(
+        "clearml_compare.py",
+        [*hosts, f"clearml.server.files_host={server.files_host}"],
+        repo,
+        server,
+    )
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    assert "no project" not in compare.stdout + compare.stderr
+    check_census("compare", server.endpoints())
+    models = (repo / "metrics" / "clearml_models.csv").read_text()
+    assert "housing-ridge" in models
+    # the pipeline's own project is hidden, as ClearML hides pipelines; the user's is not
+    hidden = {p["name"] for p in server.projects.values() if "hidden" in p["system_tags"]}
+    assert hidden == {"housing/.pipelines", "housing/.pipelines/housing:pipeline"}

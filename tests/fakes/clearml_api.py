@@ -12,16 +12,27 @@ uses to import an offline session or query tasks/models, in the server's JSON en
 Requests arrive as ``/<service>.<action>`` or ``/v<version>/<service>.<action>`` (GET or
 POST with a JSON body; ``events.add_batch`` sends one JSON event per line, recorded as a
 list). Uploads to the file server (``files_host`` = ``<url>/files``) are multipart POSTs,
-recorded as ``files.upload`` and kept in ``uploads`` (path -> bytes). Unknown endpoints
-answer ``200`` with empty data and are still recorded, so a test can discover what the
-SDK calls (``server.endpoints()``). Tasks always carry ``"output": {}`` (the SDK needs it).
+recorded as ``files.upload`` and kept in ``uploads`` (path -> bytes). Tasks always carry
+``"output": {}`` (the SDK needs it).
 
-An offline-session import (clearml 2.1.12) calls: auth.login, projects.get_all,
-projects.create, tasks.create, tasks.get_by_id, tasks.edit, tasks.started, files.upload,
-models.create, models.get_by_id, models.edit, tasks.get_all, tasks.add_or_update_model,
-events.add_batch, tasks.completed. An online task adds tasks.set_requirements,
-tasks.edit_hyper_params, tasks.add_or_update_artifacts, projects.get_by_id,
-models.get_all, models.add_or_update_metadata, models.set_ready, tasks.failed.
+**Strict.** Every request is validated against the request schema of the SDK's own
+service classes at the version the SDK negotiates with this fake's token
+(:mod:`tests.fakes.clearml_schema`; ``server.schema_version``), and every answer against
+the SDK's response schema and class. An unknown endpoint, an endpoint the fake does not
+implement, or a schema violation is answered 400 (as the server would) and recorded in
+``server.violations``; ``stop()`` / leaving the ``with`` block then raises
+``AssertionError`` naming each endpoint and field, so the test fails even when the SDK
+swallows the error. ``strict=False`` only records.
+
+**Like clearml-server 2.0.0** (its sources named at each rule): task status changes follow
+the server's state machine (``force`` skips it) and stamp ``status_changed``,
+``last_update``, ``last_change`` and ``started`` / ``completed`` / ``published`` at the
+transition; a client cannot set those times (tasks.create / tasks.edit keep only the
+server's ``create_fields``; tasks.edit needs a ``created`` task unless ``force``);
+``models.set_ready`` on a ready model answers 400 ``model_is_ready``; objects with the
+``hidden`` system tag (``projects.update`` sets it) are left out of projects/tasks
+``get_all`` unless ``search_hidden`` or ids are given; ``get_all`` pages default to page 0
+of :data:`MAX_PAGE_SIZE` and are capped there; ``only_fields`` projects.
 
 ``FakeClearMLServer(access_key=..., secret_key=...)`` makes ``auth.login`` check HTTP basic
 auth; ``fail(endpoint, times, status)`` injects errors. Tasks, models and projects can be
@@ -29,9 +40,8 @@ preloaded (constructor or ``add_task`` / ``add_model`` / ``add_project``; ``proj
 becomes a project id) for compare-style tests; ``tasks.get_all`` / ``models.get_all``
 filter on ``id``, ``name`` (a regex, as the server does), ``project``, ``status``,
 ``task``, ``ready``, ``tags`` / ``system_tags`` (OR, ``__$all`` for AND, ``-tag`` to
-exclude), sort with ``order_by``, page with ``page`` / ``page_size`` (capped at
-:data:`MAX_PAGE_SIZE`, the server's default and limit) and project with ``only_fields``
-(the named fields only, dotted paths such as ``metadata.k`` included, plus ``id``).
+exclude), sort with ``order_by`` and project with ``only_fields`` (the named fields only,
+dotted paths such as ``metadata.k`` included, plus ``id``).
 """
 
 from __future__ import annotations
@@ -52,6 +62,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
+
+from tests.fakes import clearml_schema
 
 API_VERSION = "2.30"
 SERVER_VERSION = "2.0.0"
@@ -94,16 +106,22 @@ class FakeClearMLServer:
         tasks: Iterable[Mapping[str, Any]] = (),
         models: Iterable[Mapping[str, Any]] = (),
         projects: Iterable[Mapping[str, Any]] = (),
+        queues: Iterable[str] = (),
         access_key: str | None = None,
         secret_key: str | None = None,
+        strict: bool = True,
     ) -> None:
         self.calls: list[Call] = []
         self.tasks: dict[str, dict[str, Any]] = {}
         self.models: dict[str, dict[str, Any]] = {}
         self.projects: dict[str, dict[str, Any]] = {}
+        self.queues: dict[str, dict[str, Any]] = {}
         self.uploads: dict[str, bytes] = {}
         self.handlers: dict[str, Handler] = dict(_HANDLERS)
         self._failures: dict[str, list[tuple[int, str]]] = {}
+        self.violations: list[str] = []
+        self.strict = strict
+        self.schema_version = clearml_schema.schema_version(API_VERSION)
         self.access_key = access_key
         self.secret_key = secret_key
         self._lock = threading.Lock()
@@ -112,6 +130,8 @@ class FakeClearMLServer:
         self._thread: threading.Thread | None = None
         for project in projects:
             self.add_project(**project)
+        for queue in queues:
+            self.add_queue(queue)
         for task in tasks:
             self.add_task(**task)
         for model in models:
@@ -131,17 +151,33 @@ class FakeClearMLServer:
         return self
 
     def stop(self) -> None:
-        """Stop listening."""
+        """Stop listening, then fail (``strict``) if any call broke the SDK's schema."""
+        self._shutdown()
+        self.assert_schema_clean()
+
+    def _shutdown(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
 
+    def assert_schema_clean(self) -> None:
+        """Raise ``AssertionError`` listing every schema violation (when ``strict``)."""
+        with self._lock:
+            problems = list(dict.fromkeys(self.violations))
+        if self.strict and problems:
+            raise AssertionError(
+                f"ClearML fake: {len(problems)} call(s) broke the SDK's API "
+                f"{self.schema_version} schema:\n  " + "\n  ".join(problems)
+            )
+
     def __enter__(self) -> FakeClearMLServer:
         return self.start()
 
-    def __exit__(self, *_: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self._shutdown()
+        if exc_type is None:  # a failing test keeps its own error
+            self.assert_schema_clean()
 
     @property
     def url(self) -> str:
@@ -211,9 +247,23 @@ class FakeClearMLServer:
         return f"{prefix}{next(self._counter):04d}{uuid.uuid4().hex[:24]}"
 
     def add_project(self, name: str, id: str | None = None, **extra: Any) -> dict[str, Any]:
-        project = {"id": id or self.new_id("p"), "name": name, "created": _now(), **extra}
+        project = {
+            "id": id or self.new_id("p"),
+            "name": name,
+            "tags": [],
+            "system_tags": [],
+            "created": _now(),
+            **extra,
+        }
         self.projects[project["id"]] = project
         return project
+
+    def add_queue(self, name: str) -> dict[str, Any]:
+        """A queue ``name`` (id ``q-<name>``) with no entries."""
+        queue: dict[str, Any] = {"id": f"q-{name}", "name": name, "entries": []}
+        queue["created"] = _now()
+        self.queues[f"q-{name}"] = queue
+        return queue
 
     def project_id(self, name: str) -> str:
         """The id of project ``name``, created if missing."""
@@ -274,25 +324,58 @@ class FakeClearMLServer:
 
     # ------------------------------------------------------------------ dispatch
 
-    def handle(self, endpoint: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def handle(self, endpoint: str, body: Any) -> tuple[int, dict[str, Any]]:
+        """Answer one call: the request is checked against the SDK's schema (a violation is
+        recorded and answered 400, as the server would), then handled, then the answer is
+        checked against the SDK's response schema and class."""
+        problems = clearml_schema.request_problems(endpoint, body, self.schema_version)
+        handler = self.handlers.get(endpoint) or self.handlers.get(endpoint.split(".", 1)[0] + ".*")
+        if not problems and handler is None:
+            problems = [f"{endpoint}: not implemented by the fake (add a handler)"]
+        if problems:
+            with self._lock:
+                self.violations.extend(problems)
+            return 400, {"_error": problems[0], "_subcode": VALIDATION_ERROR}
         with self._lock:
             pending = self._failures.get(endpoint)
             if pending:
                 status, message = pending.pop(0)
                 return status, {"_error": message}
-        handler = self.handlers.get(endpoint)
-        if handler is None:
-            service = endpoint.split(".", 1)[0]
-            handler = self.handlers.get(f"{service}.*", _empty)
+        assert handler is not None
+        handler_body = body if isinstance(body, dict) else {"_events": body}
         try:
             with self._lock:
-                return 200, handler(self, body)
-        except _NotFoundError as exc:
-            return 400, {"_error": str(exc)}
+                data = handler(self, handler_body)
+        except ApiError as exc:
+            return exc.status, {"_error": str(exc), "_subcode": exc.subcode}
+        problems = clearml_schema.response_problems(endpoint, data, self.schema_version)
+        if problems:
+            with self._lock:
+                self.violations.extend(problems)
+        return 200, data
 
 
-class _NotFoundError(Exception):
-    pass
+class ApiError(Exception):
+    """An error answer: HTTP ``status``, the server's ``subcode`` and message."""
+
+    def __init__(self, message: str, status: int = 400, subcode: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+        self.subcode = subcode
+
+
+# clearml-server 2.0.0 apierrors/errors.conf (bad_request: 400)
+INVALID_TASK_ID = 101
+INVALID_TASK_STATUS = 110
+INVALID_MODEL_ID = 201
+MODEL_IS_READY = 203
+INVALID_PROJECT_ID = 401
+INVALID_QUEUE_ID = 701
+VALIDATION_ERROR = 12
+
+
+def _not_found(kind: str, item_id: Any, subcode: int) -> ApiError:
+    return ApiError(f"Invalid {kind} id: {kind}={item_id}", 400, subcode)
 
 
 def _now() -> str:
@@ -373,10 +456,13 @@ def _page(items: list[dict[str, Any]], body: Mapping[str, Any]) -> list[dict[str
     for spec in (str(o) for o in reversed(order)):
         name = spec.lstrip("-+")
         items = sorted(items, key=_field_key(name), reverse=spec.startswith("-"))
-    if body.get("page") is not None or body.get("page_size"):
-        size = min(int(body.get("page_size") or MAX_PAGE_SIZE), MAX_PAGE_SIZE)
-        page = int(body.get("page") or 0)
-        items = items[page * size : (page + 1) * size]
+    # database/model/base.py validate_paging: page 0 and page_size 500 unless sent; capped
+    size = int(body.get("page_size") or MAX_PAGE_SIZE) if "page_size" in body else MAX_PAGE_SIZE
+    page = int(body.get("page") or 0)
+    if size < 1 or page < 0:
+        raise ApiError("page must be >=0 and page_size >0", 400, VALIDATION_ERROR)
+    size = min(size, MAX_PAGE_SIZE)
+    items = items[page * size : (page + 1) * size]
     fields = _as_list(body.get("only_fields"))
     return [_only(item, fields) for item in items] if fields else items
 
@@ -416,50 +502,190 @@ def _server_info(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str,
     return {"version": SERVER_VERSION, "api_version": API_VERSION, "build": "fake"}
 
 
+HIDDEN = "hidden"  # the system tag the server hides projects and tasks by
+
+
+def _visible(item: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
+    """services/{projects,tasks}.py ``_hidden_query``: hidden objects are left out unless
+    ``search_hidden`` is set or ids are asked for."""
+    if body.get("search_hidden") or body.get("id"):
+        return True
+    return HIDDEN not in (item.get("system_tags") or [])
+
+
 def _projects_get_all(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    items = [p for p in server.projects.values() if _matches(p, body)]
+    items = [p for p in server.projects.values() if _visible(p, body) and _matches(p, body)]
     return {"projects": _page(items, body)}
 
 
+_PROJECT_FIELDS = ("name", "description", "tags", "system_tags", "default_output_destination")
+
+
 def _projects_create(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    project = server.add_project(**{k: v for k, v in body.items() if k != "id"})
+    fields = {k: body[k] for k in _PROJECT_FIELDS if body.get(k) is not None}
+    project = server.add_project(**fields)
     return {"id": project["id"]}
 
 
+def _projects_update(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    """What ``PipelineController`` sends to mark its project ``[hidden, pipeline]``."""
+    project_id = body.get("project")
+    if project_id not in server.projects:
+        raise _not_found("project", project_id, INVALID_PROJECT_ID)
+    fields = {k: body[k] for k in _PROJECT_FIELDS if body.get(k) is not None}
+    server.projects[str(project_id)].update(fields, last_update=_now())
+    return {"updated": 1, "fields": fields}
+
+
+# clearml-server 2.0.0 services/tasks.py ``create_fields``: what tasks.create / tasks.edit
+# store; anything else in the body (``started``, ``completed``, ``created``...) is ignored.
+TASK_CREATE_FIELDS = frozenset(
+    [
+        "name",
+        "tags",
+        "system_tags",
+        "type",
+        "error",
+        "comment",
+        "parent",
+        "project",
+        "input",
+        "models",
+        "container",
+        "output_dest",
+        "execution",
+        "hyperparams",
+        "configuration",
+        "script",
+        "runtime",
+    ]
+)
+# database/model/task/task.py: editing only these does not touch ``last_update``
+_TASK_USER_SET = frozenset(
+    ["name", "comment", "project", "tags", "system_tags", "status_message", "created"]
+)
+
+# bll/task/utils.py ``state_machine``: allowed status changes (unless ``force``)
+TASK_TRANSITIONS: dict[str, frozenset[str]] = {
+    "created": frozenset({"queued", "in_progress"}),
+    "queued": frozenset({"created", "in_progress", "stopped"}),
+    "in_progress": frozenset({"stopped", "failed", "created", "completed"}),
+    "stopped": frozenset(
+        {"closed", "created", "failed", "queued", "in_progress", "published", "publishing"}
+        | {"completed"}
+    ),
+    "closed": frozenset({"created", "failed", "published", "publishing", "stopped"}),
+    "failed": frozenset({"created", "stopped", "published", "queued"}),
+    "publishing": frozenset({"published"}),
+    "published": frozenset(),
+    "completed": frozenset({"published", "in_progress", "created"}),
+}
+
+
+def _task_fields(body: Mapping[str, Any], allowed: Iterable[str]) -> dict[str, Any]:
+    """The body's fields the server stores (``output_dest`` -> ``output.destination``)."""
+    fields = {k: v for k, v in body.items() if k in allowed and v is not None}
+    if "output_dest" in fields:
+        fields["output"] = {"destination": fields.pop("output_dest")}
+    return fields
+
+
 def _tasks_create(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    task = server.add_task(**{k: v for k, v in body.items() if k != "id"})
+    now = _now()
+    fields = _task_fields(body, TASK_CREATE_FIELDS)
+    task = server.add_task(**fields, created=now, last_update=now, last_change=now)
     return {"id": task["id"]}
 
 
 def _task(server: FakeClearMLServer, body: Mapping[str, Any]) -> dict[str, Any]:
     task_id = body.get("task")
     if task_id not in server.tasks:
-        raise _NotFoundError(f"task {task_id} not found")
+        raise _not_found("task", task_id, INVALID_TASK_ID)
     return server.tasks[str(task_id)]
 
 
 def _tasks_edit(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    """As the server: only a ``created`` task unless ``force``; only ``create_fields`` + status."""
     task = _task(server, body)
-    fields = {k: v for k, v in body.items() if k not in ("task", "force")}
+    if not body.get("force") and task.get("status") != "created":
+        raise ApiError(
+            f"Invalid task status: expected=created, status={task.get('status')}",
+            400,
+            INVALID_TASK_STATUS,
+        )
+    fields = _task_fields(body, TASK_CREATE_FIELDS | {"status"})
     task.update(fields)
-    task["last_update"] = _now()
+    if fields:
+        now = _now()
+        task["last_change"] = now
+        if not set(fields) <= _TASK_USER_SET:
+            task["last_update"] = now
     return {"updated": 1, "fields": fields}
 
 
-def _status_setter(status: str) -> Handler:
+def set_task_status(
+    task: dict[str, Any], status: str, body: Mapping[str, Any], **stamps: str
+) -> dict[str, Any]:
+    """One status change as ``ChangeStatusRequest.execute`` does it: the state machine
+    (skipped with ``force``; the same status is allowed), then ``status_changed``,
+    ``last_update``, ``last_change`` and the given ``stamps`` set to now."""
+    current = str(task.get("status") or "created")
+    if not body.get("force") and status != current and status not in TASK_TRANSITIONS[current]:
+        raise ApiError(
+            f"Invalid status change: current_status={current}, new_status={status}",
+            400,
+            INVALID_TASK_STATUS,
+        )
+    now = _now()
+    fields: dict[str, Any] = {
+        "status": status,
+        "status_reason": body.get("status_reason") or "",
+        "status_message": body.get("status_message") or "",
+        "status_changed": now,
+        "last_update": now,
+        "last_change": now,
+        **stamps,
+    }
+    task.update(fields)
+    return fields
+
+
+def _status_setter(status: str, stamp: str | None = None) -> Handler:
+    """tasks.<status>: ``stamp`` (``completed``, ``published``) is set to now as well."""
+
     def handler(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
         task = _task(server, body)
-        task["status"] = status
-        for key in ("status_reason", "status_message"):
-            if body.get(key) is not None:
-                task[key] = body[key]
-        return {"updated": 1, "fields": {"status": status}}
+        stamps = {stamp: _now()} if stamp else {}
+        return {"updated": 1, "fields": set_task_status(task, status, body, **stamps)}
 
     return handler
 
 
+def _tasks_started(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    """``started`` is now, or kept when an earlier start is recorded (server's ``min__``)."""
+    task = _task(server, body)
+    now = _now()
+    started = min(str(task["started"]), now) if task.get("started") else now
+    fields = set_task_status(task, "in_progress", body, started=started)
+    return {"updated": 1, "started": 1, "fields": fields}
+
+
+def _tasks_completed(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    task = _task(server, body)
+    fields = set_task_status(task, "completed", body, completed=_now())
+    if not body.get("publish"):
+        return {"updated": 1, "fields": fields}
+    published = set_task_status(task, "published", body, published=_now())
+    return {"updated": 1, "published": 1, "fields": {**fields, **published}}
+
+
+def _tasks_ping(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    _task(server, body)["last_update"] = _now()  # a running task's keep-alive
+    return {}
+
+
 def _tasks_get_all(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    items = [t for t in server.tasks.values() if _matches(t, body)]
+    items = [t for t in server.tasks.values() if _visible(t, body) and _matches(t, body)]
     return {"tasks": _page(items, body)}
 
 
@@ -513,13 +739,13 @@ def _tasks_set_requirements(server: FakeClearMLServer, body: dict[str, Any]) -> 
 def _projects_get_by_id(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
     project_id = body.get("project")
     if project_id not in server.projects:
-        raise _NotFoundError(f"project {project_id} not found")
+        raise _not_found("project", project_id, INVALID_PROJECT_ID)
     return {"project": server.projects[str(project_id)]}
 
 
 def _model(server: FakeClearMLServer, model_id: Any) -> dict[str, Any]:
     if model_id not in server.models:
-        raise _NotFoundError(f"model {model_id} not found")
+        raise _not_found("model", model_id, INVALID_MODEL_ID)
     return server.models[str(model_id)]
 
 
@@ -565,8 +791,45 @@ def _models_get_by_id(server: FakeClearMLServer, body: dict[str, Any]) -> dict[s
 
 def _models_publish(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
     model = _model(server, body.get("model"))
+    if model.get("ready"):
+        raise ApiError(f"Model is ready: model={model['id']}", 400, MODEL_IS_READY)
     model["ready"] = True
     return {"updated": 1, "published_task": {}}
+
+
+def _events_get_task_events(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    """The events of one task (``PipelineController`` reads a failed step's log)."""
+    task_id = body.get("task")
+    found = [e for e in server.events() if e.get("task") == task_id]
+    return {"events": found, "returned": len(found), "total": len(found)}
+
+
+def _queues_get_all(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    items = [q for q in server.queues.values() if _matches(q, body)]
+    return {"queues": _page(items, body)}
+
+
+def _queues_get_by_id(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    queue_id = body.get("queue")
+    if queue_id not in server.queues:
+        raise ApiError(f"Invalid queue id: queue={queue_id}", 400, INVALID_QUEUE_ID)
+    return {"queue": server.queues[str(queue_id)]}
+
+
+def _tasks_enqueue(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    """Queue a task (``queue`` id, else ``queue_name``): status ``queued``, as the server."""
+    task = _task(server, body)
+    queue_id = body.get("queue") or f"q-{body.get('queue_name') or 'default'}"
+    if queue_id not in server.queues:
+        raise ApiError(f"Invalid queue id: queue={queue_id}", 400, INVALID_QUEUE_ID)
+    fields = set_task_status(task, "queued", body)
+    task.setdefault("execution", {})["queue"] = queue_id
+    server.queues[queue_id]["entries"].append({"task": task["id"], "added": _now()})
+    return {"queued": 1, "updated": 1, "fields": fields}
+
+
+def _workers_get_all(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
+    return {"workers": []}  # no agents: a fake runs nothing
 
 
 def _events_add_batch(_server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
@@ -580,14 +843,16 @@ _HANDLERS: dict[str, Handler] = {
     "projects.get_all": _projects_get_all,
     "projects.get_all_ex": _projects_get_all,
     "projects.create": _projects_create,
+    "projects.update": _projects_update,
     "tasks.create": _tasks_create,
     "tasks.edit": _tasks_edit,
-    "tasks.started": _status_setter("in_progress"),
-    "tasks.completed": _status_setter("completed"),
-    "tasks.stopped": _status_setter("stopped"),
+    "tasks.started": _tasks_started,
+    "tasks.completed": _tasks_completed,
+    "tasks.stopped": _status_setter("stopped", "completed"),
     "tasks.failed": _status_setter("failed"),
     "tasks.close": _status_setter("closed"),
-    "tasks.publish": _status_setter("published"),
+    "tasks.publish": _status_setter("published", "published"),
+    "tasks.ping": _tasks_ping,
     "tasks.get_all": _tasks_get_all,
     "tasks.get_all_ex": _tasks_get_all,
     "tasks.get_by_id": _tasks_get_by_id,
@@ -607,6 +872,11 @@ _HANDLERS: dict[str, Handler] = {
     "models.get_by_id": _models_get_by_id,
     "models.set_ready": _models_publish,
     "events.add_batch": _events_add_batch,
+    "events.get_task_events": _events_get_task_events,
+    "queues.get_all": _queues_get_all,
+    "queues.get_by_id": _queues_get_by_id,
+    "tasks.enqueue": _tasks_enqueue,
+    "workers.get_all": _workers_get_all,
 }
 
 
@@ -671,10 +941,10 @@ def _make_request_handler(server: FakeClearMLServer) -> type[BaseHTTPRequestHand
             if endpoint == "auth.login" and not self._authorized():
                 self._envelope(endpoint, 401, {}, "Unauthorized (invalid credentials)")
                 return
-            handler_body = body if isinstance(body, dict) else {"_events": body}
-            status, data = server.handle(endpoint, handler_body)
+            status, data = server.handle(endpoint, body)
             message = str(data.pop("_error", "OK"))
-            self._envelope(endpoint, status, data, message)
+            subcode = int(data.pop("_subcode", 0))
+            self._envelope(endpoint, status, data, message, subcode)
 
         def _authorized(self) -> bool:
             if server.access_key is None and server.secret_key is None:
@@ -683,13 +953,15 @@ def _make_request_handler(server: FakeClearMLServer) -> type[BaseHTTPRequestHand
             header = self.headers.get("Authorization", "")
             return header == "Basic " + base64.b64encode(expected).decode()
 
-        def _envelope(self, endpoint: str, status: int, data: dict[str, Any], msg: str) -> None:
+        def _envelope(
+            self, endpoint: str, status: int, data: dict[str, Any], msg: str, subcode: int = 0
+        ) -> None:
             meta = {
                 "id": uuid.uuid4().hex,
                 "trx": uuid.uuid4().hex,
                 "endpoint": {"name": endpoint, "requested_version": API_VERSION},
                 "result_code": status,
-                "result_subcode": 0,
+                "result_subcode": subcode,
                 "result_msg": msg,
                 "error_stack": None,
             }

@@ -243,6 +243,21 @@ def _materialize(rel: str, sha: str, artifact: Any, root: Path) -> None:
 # --------------------------------------------------------------------------- controller
 
 
+def pipeline_name(cml: ClearMLSettings) -> str:
+    """The controller task's name, ``<task_prefix>:pipeline``."""
+    return f"{cml.task_prefix}:pipeline"
+
+
+def pipeline_project(cml: ClearMLSettings) -> str:
+    """Where ClearML keeps a pipeline's controller tasks: ``<project>/.pipelines/<name>``.
+
+    ``PipelineController`` marks the project of the task it runs in ``[hidden, pipeline]``
+    (by that task's project id), so a controller task cloned from a template in the user's
+    project would hide the user's project; a template here hides only this one, as ClearML's
+    own ``PipelineController.create`` does."""
+    return f"{cml.project_name}/.pipelines/{pipeline_name(cml)}"
+
+
 def build_controller(settings: Settings, overrides: Sequence[str], config_dir: Path) -> Any:
     """A ``PipelineController`` with one function step per DAG node (needs a server)."""
     from importlib import metadata
@@ -258,7 +273,7 @@ def build_controller(settings: Settings, overrides: Sequence[str], config_dir: P
     except metadata.PackageNotFoundError:  # pragma: no cover - always installed
         version = "0.0.0"
     controller: Any = PipelineController(
-        name=f"{cml.task_prefix}:pipeline",
+        name=pipeline_name(cml),
         project=cml.project_name,
         version=version,
         pool_frequency=options.poll_sec / 60.0,

@@ -202,6 +202,7 @@ def _register(
         clearml_environment,
         git_origin,
         locked_requirements,
+        pipeline_project,
     )
 
     cml = settings.clearml
@@ -233,7 +234,7 @@ def _register(
                 old.mark_stopped(force=True)
             repo, branch, commit = git_origin(settings.root)
             template: Any = Task.create(
-                project_name=cml.project_name,
+                project_name=pipeline_project(cml),  # not the user's: the controller hides it
                 task_name=f"{cml.task_prefix}:pipeline",
                 task_type="controller",
                 repo=repo,
