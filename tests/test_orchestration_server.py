@@ -9,11 +9,14 @@ cached steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +87,18 @@ def repo(tmp_path: Path) -> Path:
     return root
 
 
+def _env(
+    root: Path, server: FakeClearMLServer, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_", "HOUSING_"))
+    }
+    env.update(server.env())
+    env.update(extra or {})
+    env["HOME"] = str(root.parent)  # no ~/clearml.conf of the developer
+    return env
+
+
 def _run(
     script: str,
     args: list[str],
@@ -93,16 +108,10 @@ def _run(
     timeout: float = 150,
     extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_", "HOUSING_"))
-    }
-    env.update(server.env())
-    env.update(extra_env or {})
-    env["HOME"] = str(root.parent)  # no ~/clearml.conf of the developer
     return subprocess.run(
         [sys.executable, f"scripts/{script}", *args, "clearml.mode=online"],
         cwd=root,
-        env=env,
+        env=_env(root, server, extra_env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -263,10 +272,31 @@ def test_a_scheduled_run_leaves_the_project_visible(server: FakeClearMLServer, r
     server.reset_calls()
     args = [CANDIDATES, "clearml.pipeline.run_locally=false"]
     args += ["++clearml.pipeline.controller_queue=null", "++clearml.pipeline.poll_sec=0.2"]
-    agent = _run(
-        "clearml_pipeline.py", args, repo, server, extra_env={"CLEARML_TASK_ID": clone["id"]}
-    )
-    assert "Launching step: evaluate" in agent.stdout, agent.stderr[-3000:]
+    # The controller as an agent starts it; once it has hidden its project and launched a
+    # step, what this test checks has happened: stop it (its whole group) there.
+    log = repo.parent / "agent.log"
+    with log.open("w") as out:
+        agent = subprocess.Popen(
+            [sys.executable, "scripts/clearml_pipeline.py", *args, "clearml.mode=online"],
+            cwd=repo,
+            env=_env(repo, server, {"CLEARML_TASK_ID": clone["id"]}),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not (
+                "Launching step" in log.read_text()
+                and any("hidden" in p["system_tags"] for p in server.projects.values())
+            ):
+                assert agent.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait(timeout=30)
     check_census("controller (agent)", server.endpoints())
     server.reset_calls()
 
