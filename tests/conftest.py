@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +104,24 @@ def metrics_records(folder: Path) -> dict[str, dict[str, Any]]:
             record["best_value"] = scores["selection/best_value"]
         records[path.name] = record
     return records
+
+
+#: The trackers' variables: a test's process is the parent of later tests' subprocesses.
+_TRACKER_ENV = ("CLEARML_", "TRAINS_", "MLFLOW_")
+
+
+@pytest.fixture(autouse=True)
+def _restore_tracker_env() -> Iterator[None]:
+    """Put the ``CLEARML_*``/``MLFLOW_*`` variables back after each test.
+
+    An in-process ClearML task sets ``CLEARML_PROC_MASTER_ID`` to this process; inherited
+    by a later test's ``housing`` subprocess, it makes that process's tasks sub-process
+    stubs of a task it does not own. ``main()`` entry points called in-process set
+    MLflow's HTTP budget variables.
+    """
+    before = {k: v for k, v in os.environ.items() if k.startswith(_TRACKER_ENV)}
+    yield
+    for key in [k for k in os.environ if k.startswith(_TRACKER_ENV)]:
+        if key not in before:
+            del os.environ[key]
+    os.environ.update(before)

@@ -262,7 +262,8 @@ def test_sync_and_doctor_commands_against_a_silent_server(tmp_path: Path) -> Non
         elapsed = time.monotonic() - started
     # Two commands, each: the interpreter's start-up (2-4 s on a loaded 2-core box) + ~1 s.
     assert elapsed < 15
-    assert sync.returncode == 5 and doctor.returncode == 1
+    assert sync.returncode == 5, sync.stderr
+    assert doctor.returncode == 1, doctor.stdout
     (line,) = sync.stderr.strip().splitlines()
     assert line.startswith(f"error: ClearML server unavailable: {api_host}/debug.ping")
     assert "[FAIL] clearml server" in doctor.stdout

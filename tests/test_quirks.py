@@ -362,7 +362,9 @@ def offline_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ob
     finally:
         task.close()
         for key in [k for k in os.environ if k.startswith(("CLEARML_", "TRAINS_"))]:
-            monkeypatch.delenv(key)  # the SDK sets some itself
+            # the SDK sets some itself (CLEARML_PROC_MASTER_ID): drop them for good, not
+            # with monkeypatch, which would put them back at teardown
+            os.environ.pop(key)
         clearml_quirks.forget_config()
 
 

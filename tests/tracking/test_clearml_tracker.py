@@ -354,6 +354,24 @@ def test_failure_inside_with_marks_the_task_failed(tmp_path: Path) -> None:
     assert session.zip_path is not None  # closed all the same
 
 
+def test_a_task_inherited_from_another_process_is_not_taken_over(
+    tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started from a process with a ClearML task open (its ``CLEARML_PROC_MASTER_ID``,
+    a live pid), a stage is still its own task and registers its model."""
+    inherited = f"{os.getppid()}:0123456789abcdef"
+    monkeypatch.setenv("CLEARML_PROC_MASTER_ID", inherited)
+    settings = make_settings(tmp_path)
+    with ClearMLTracker(settings, run=StageRun("train", "train_a", "run-4")) as tracker:
+        registered = tracker.register_model(model_version(model_file))
+    assert registered.version == "1"
+    assert os.environ["CLEARML_PROC_MASTER_ID"] == inherited  # put back as it was
+    monkeypatch.delenv("CLEARML_PROC_MASTER_ID")
+    assert [m.name for m in offline.read_models(only_session(settings))] == [
+        "housing-linear_regression"
+    ]
+
+
 def test_sequential_stages_in_one_process(tmp_path: Path, model_file: Path) -> None:
     settings = make_settings(tmp_path)
     versions = []

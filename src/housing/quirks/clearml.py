@@ -108,6 +108,26 @@ def set_sdk_env(values: Mapping[str, str], *, keep_set: bool = False) -> dict[st
     return before
 
 
+#: "<pid>:<task id>", set by the SDK in the process that opens a task.
+MASTER_ID_VARIABLES = ("CLEARML_PROC_MASTER_ID", "TRAINS_PROC_MASTER_ID")
+
+
+def drop_inherited_master_id() -> None:
+    """Forget a task opened by another process (a parent, or whatever started this one).
+
+    clearml 2.1.12 keeps "which process owns the task" only in ``CLEARML_PROC_MASTER_ID``;
+    a process that inherits it with another pid (started from a notebook or script with a
+    task open) is taken for a sub-process of that task: ``Task.init`` hands back a stub
+    that is not a ``Task``, and registering a model fails. A stage is its own task, so the
+    inherited value is removed for the task's lifetime (:func:`restore_sdk_env` puts it
+    back).
+    """
+    for key in MASTER_ID_VARIABLES:
+        pid = os.environ.get(key, "").partition(":")[0]
+        if pid and pid != str(os.getpid()):
+            del os.environ[key]
+
+
 def restore_sdk_env(before: Mapping[str, str]) -> None:
     """Put the ``CLEARML_*``/``TRAINS_*`` variables back as :func:`set_sdk_env` found them
     (those the SDK or this process added since are removed)."""

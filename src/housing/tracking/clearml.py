@@ -38,6 +38,7 @@ from typing import Any, Final
 from housing.config import ClearMLSettings
 from housing.errors import ArtifactError, ConfigError, first_line
 from housing.quirks.clearml import (
+    drop_inherited_master_id,
     offline_output_models,
     quiet_console,
     restore_sdk_env,
@@ -382,6 +383,7 @@ class ClearMLTracker:
         from clearml import Task
 
         self._env_before = set_sdk_env(client_env(self.settings))
+        drop_inherited_master_id()
         _drop_stale_sdk_config()
         if self._env_before.get("CLEARML_CONFIG_FILE"):
             _warn_slow_user_config()
