@@ -8,6 +8,8 @@ failing (or silently slowing down) later.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import io
 import json
 import multiprocessing
@@ -231,17 +233,24 @@ def test_check_prompts_once_asks_once_per_name(
 
 
 def test_no_requirement_scan_replaces_the_check_log_model_calls() -> None:
+    from mlflow.models.utils import _validate_serving_input
+
+    pyfunc = importlib.import_module("mlflow.pyfunc")  # what load_model's globals are
     from mlflow.utils import environment
 
     name = "warn_dependency_requirement_mismatches"
-    original = getattr(environment, name)
-    # log_model reaches it through the module's globals, so replacing it there works
+    originals = [getattr(environment, name), getattr(pyfunc, name)]
+    # log_model reaches it through each module's globals (pyfunc: loading the model back
+    # to validate the input example), so replacing it there works
     assert name in environment._process_pip_requirements.__code__.co_names
+    assert name in inspect.unwrap(pyfunc.load_model).__code__.co_names
+    assert "load_model" in _validate_serving_input.__code__.co_names
     with mlflow_quirks.no_requirement_scan():
-        replaced = getattr(environment, name)
-        assert replaced is not original
-        assert replaced(["scikit-learn==0.0.1"]) is None
-    assert getattr(environment, name) is original
+        for module, original in zip((environment, pyfunc), originals, strict=True):
+            replaced = getattr(module, name)
+            assert replaced is not original
+            assert replaced(["scikit-learn==0.0.1"]) is None
+    assert [getattr(environment, name), getattr(pyfunc, name)] == originals
 
 
 def test_cache_schema_revision_answers_without_alembic(monkeypatch: pytest.MonkeyPatch) -> None:

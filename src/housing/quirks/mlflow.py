@@ -98,23 +98,29 @@ def check_prompts_once(client: Any) -> None:
 def no_requirement_scan() -> Iterator[None]:
     """Skip mlflow's check of a model's pip requirements against the environment.
 
-    mlflow 3.17's ``log_model`` calls ``mlflow.utils.environment.
-    warn_dependency_requirement_mismatches`` (~2 s per model, no option to skip it);
-    the pins are the installed versions, so it cannot find anything. If it is renamed
-    or moved, the check simply runs.
+    mlflow 3.17's ``log_model`` calls ``warn_dependency_requirement_mismatches`` twice
+    over (no option to skip it): from ``mlflow.utils.environment`` while writing the
+    requirements, and, with an input example, from ``mlflow.pyfunc`` (its own imported
+    name) while loading the model back to validate the example; the first call in a
+    process builds a map of every installed distribution (~1 s). The pins are the
+    installed versions, so it cannot find anything. A module that no longer has the name
+    is left alone (the check simply runs).
     """
+    import importlib
+
     from mlflow.utils import environment
 
+    pyfunc = importlib.import_module("mlflow.pyfunc")  # the module, not mlflow's lazy proxy
     name = "warn_dependency_requirement_mismatches"
-    original = getattr(environment, name, None)
-    if original is None:
-        yield
-        return
-    setattr(environment, name, lambda *args, **kwargs: None)
+    modules = [m for m in (environment, pyfunc) if getattr(m, name, None) is not None]
+    originals = [getattr(m, name) for m in modules]
+    for module in modules:
+        setattr(module, name, lambda *args, **kwargs: None)
     try:
         yield
     finally:
-        setattr(environment, name, original)
+        for module, original in zip(modules, originals, strict=True):
+            setattr(module, name, original)
 
 
 def cache_schema_revision() -> str:
