@@ -7,11 +7,14 @@ functions and trackers, one pipeline run, no DVC.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,22 @@ from housing.runner import execute_stage
 from housing.schedule import CrontabIO, install_line, install_schedule
 from housing.tracking.clearml import ClearMLTracker
 from housing.tracking.offline import OfflineSession, read_events
+
+
+@contextlib.contextmanager
+def serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve ``handler`` on a free loopback port in a thread; yields its ``http://`` URL.
+    A handler blocked in a request does not hold up the shutdown (daemon threads)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02})
+    thread.daemon = True
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def run_all(overrides: Sequence[str] = (), config_dir: Path | None = None) -> dict[str, Any]:

@@ -13,14 +13,15 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "conf" / "clearml" / "clearml.conf.example"
@@ -149,14 +150,8 @@ def login_recorder() -> Iterator[tuple[str, list[str]]]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-    )
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
-    server.server_close()
+    with serve(Handler) as url:
+        yield url, seen
 
 
 _SESSION = textwrap.dedent(

@@ -33,7 +33,7 @@ from housing.runner import execute_stage
 from housing.tracking import mlflow_spool, offline
 from housing.tracking.base import StageRun
 from housing.tracking.clearml import ClearMLTracker
-from tests.helpers import run_tool
+from tests.helpers import run_tool, serve
 from tests.scratch import make_scratch_repo
 
 KEYS = {"CLEARML_API_ACCESS_KEY": "fault-access", "CLEARML_API_SECRET_KEY": "fault-SECRET-9c1"}
@@ -81,16 +81,11 @@ def ping_only_server() -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        with serve(Handler) as url:
+            yield url
     finally:
         release.set()
-        server.shutdown()
-        server.server_close()
 
 
 @contextlib.contextmanager
@@ -120,15 +115,8 @@ def health_only_server() -> Iterator[tuple[str, list[float]]]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", attempts
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve(Handler) as url:
+        yield url, attempts
 
 
 BLACK_HOLES = {"silent": silent_server, "refused": refusing_server, "ping-only": ping_only_server}

@@ -29,7 +29,7 @@ from housing.tracking.mlflow import MLflowTracker, load_registered_model, versio
 from housing.tracking.mlflow_spool import TAG_PARTIAL, TAG_SOURCE, TAG_SYNCED, TAG_TARGET
 
 from ..conftest import CONF
-from ..helpers import WarningLines
+from ..helpers import WarningLines, serve
 from .conftest import free_port, start_server, stop, wait_healthy
 
 #: Added time per stage allowed with a dead or silent server (the issue's figure).
@@ -365,7 +365,6 @@ def test_probe_counts_an_answer_but_not_a_missing_health_endpoint(
 ) -> None:
     """A refusing auth proxy is a server; a 404 on /health is no MLflow server."""
     import http.server
-    import threading
 
     from housing.tracking.mlflow import probe
 
@@ -377,12 +376,8 @@ def test_probe_counts_an_answer_but_not_a_missing_health_endpoint(
         def log_message(self, *_: Any) -> None:
             return
 
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            reason = probe(f"http://127.0.0.1:{server.server_address[1]}", 2)
-        finally:
-            server.shutdown()
+    with serve(Handler) as url:
+        reason = probe(url, 2)
     assert (reason is None) is reachable, reason
 
 
