@@ -58,6 +58,7 @@ __all__ = [
     "load_registered_model",
     "local_store_path",
     "probe",
+    "registered_version",
     "resolve_uri",
     "unreachable",
     "version_record",
@@ -1020,3 +1021,26 @@ def _resolve_version(client: MlflowClient, name: str, version_or_alias: str) -> 
     if version is None:
         raise ArtifactError(f"MLflow model {name} has no alias {version_or_alias!r}")
     return version
+
+
+def registered_version(
+    client_or_tracker: MLflowTracker | MlflowClient, name: str, version_or_alias: str
+) -> tuple[str, dict[str, str]]:
+    """A registry version's number and full record (:func:`version_record`).
+
+    ``version_or_alias``: a number, an alias, or ``latest`` (the highest number). None
+    such raises a one-line :class:`ArtifactError`.
+    """
+    given = client_or_tracker
+    client = given.client if isinstance(given, MLflowTracker) else given
+    if version_or_alias == "latest":
+        missing = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+        found: list[MlflowModelVersion] = (
+            _unless(missing, lambda: client.search_model_versions(f"name = '{name}'")) or []
+        )
+        if not found:
+            raise ArtifactError(f"MLflow model {name} has no versions")
+        version = max(found, key=lambda v: int(v.version))
+    else:
+        version = _resolve_version(client, name, version_or_alias)
+    return str(version.version), version_record(client, version)
