@@ -267,10 +267,17 @@ def test_bad_input_refused_in_one_line(
             "missing column(s) the model was trained with: rm, lstat",
         ),
         "infinite.csv": (
-            rows.assign(tax=rows["tax"].where(rows.index != 3, np.inf)),
-            "column 'tax': 1 row(s) not finite (inf)",
+            rows.assign(
+                tax=rows["tax"].where(rows.index >= 10, np.inf),  # rows 0-9
+                dis=rows["dis"].where(rows.index >= 5, np.inf),  # rows 0-4
+            ),
+            "column 'dis': 5 row(s) not finite (inf)",  # the first such column, its count
         ),
         "chas.csv": (rows.assign(chas=5), "column 'chas': 40 rows not one of [0, 1]"),
+        "twice.csv": (
+            pd.concat([rows, rows[["rm"]]], axis=1),  # pandas would read it as rm, rm.1
+            "duplicated column header(s): rm",
+        ),
         "text.csv": (
             rows.assign(rm=rows["rm"].astype(object).where(rows.index != 0, "abc")),
             "column 'rm': 1 row not numeric (e.g. 'abc')",

@@ -316,9 +316,11 @@ def checked_chunks(
             frame = chunk[list(features)].astype("float64")
             infinite = ~np.isfinite(frame.to_numpy()) & frame.notna().to_numpy()
             if infinite.any():
-                column = features[int(infinite.any(axis=0).argmax())]
-                rows = int(infinite.any(axis=1).sum())
-                raise DataError(f"{where}: column {column!r}: {rows} row(s) not finite (inf)")
+                first = int(infinite.any(axis=0).argmax())
+                rows = int(infinite[:, first].sum())
+                raise DataError(
+                    f"{where}: column {features[first]!r}: {rows} row(s) not finite (inf)"
+                )
             yield frame
             start = end
     except (ValueError, pd.errors.ParserError) as exc:
