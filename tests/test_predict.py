@@ -144,6 +144,9 @@ def test_champion_matches_mlflow_pyfunc_and_sidecar(
     assert sidecar["ignored_columns"] == ["note", "medv"]
     assert sidecar["features"] == list(rows.columns)
     assert 0 < sidecar["seconds"] < 60
+    # the schema is the one the model was trained with (data=synthetic), not the composed
+    # config's (data=boston by default)
+    assert (sidecar["schema"], sidecar["schema_from"]) == ("synthetic", "model run config")
 
     runs = client.search_runs(
         [client.get_experiment_by_name("housing").experiment_id],

@@ -26,7 +26,7 @@ from housing.errors import ArtifactError, ConfigError, DataError, HousingError, 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from housing.config import Settings
+    from housing.config import DataSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class ModelChoice:
     data_md5: str | None
     git_commit: str | None
     estimator: Any = field(repr=False)
+    data: DataSettings | None = None  # the dataset section the model was trained with
 
     @property
     def label(self) -> str:
@@ -130,6 +131,7 @@ def _from_mlflow(settings: Settings, spec: str, champion: bool) -> ModelChoice:
         load_registered_model,
         local_store_path,
         registered_version,
+        run_config,
         unreachable,
     )
 
@@ -152,6 +154,7 @@ def _from_mlflow(settings: Settings, spec: str, champion: bool) -> ModelChoice:
         number, record = registered_version(client, name, which)
         sha = record.get("model_sha256", "")
         estimator = load_registered_model(client, name, number, expected_sha256=sha or None)
+        config = run_config(client, record["run_id"]) if record.get("run_id") else {}
     except HousingError:
         raise
     except Exception as exc:  # a store or server error: one line naming the URI
@@ -166,7 +169,22 @@ def _from_mlflow(settings: Settings, spec: str, champion: bool) -> ModelChoice:
         data_md5=record.get("data_md5"),
         git_commit=record.get("git_commit"),
         estimator=estimator,
+        data=_trained_data(settings, config.get("data")),
     )
+
+
+def _trained_data(settings: Settings, section: Any) -> DataSettings | None:
+    """The ``data`` section a model's run recorded, validated; None when absent or no
+    longer valid (the composed config's ``data`` applies then)."""
+    from housing.config import DataSettings
+
+    if not isinstance(section, dict):
+        return None
+    try:
+        return DataSettings.model_validate(section, context={"root": settings.root})
+    except (ValueError, HousingError) as exc:  # pydantic's ValidationError is a ValueError
+        log.debug("the model's recorded data section is not usable (%s)", first_line(exc))
+        return None
 
 
 def _from_clearml_offline(settings: Settings, spec: str, champion: bool) -> ModelChoice:
@@ -289,7 +307,7 @@ def check_columns(path: Path, columns: Sequence[str], features: Sequence[str]) -
 
 
 def checked_chunks(
-    path: Path, settings: Settings, features: Sequence[str], chunk_rows: int
+    path: Path, data: DataSettings, features: Sequence[str], chunk_rows: int
 ) -> Iterator[pd.DataFrame]:
     """The input's feature columns, ``chunk_rows`` rows at a time, as float64 frames
     checked against ``data.schema`` (types, ranges, missing values) and for infinities."""
@@ -298,7 +316,6 @@ def checked_chunks(
 
     from housing.data.schema import find_violations
 
-    data = settings.data
     target = data.target
     rules = {c: r for c, r in data.schema.columns.items() if c in features}
     schema = data.schema.model_copy(update={"columns": rules, "min_rows": 1})
@@ -374,7 +391,9 @@ def predict_file(
         with tmp.open("w", encoding="utf-8", newline="") as fh:
             fh.write(f"{PREDICTION_COLUMN}\n")
             size = chunk_rows or settings.predict.chunk_rows
-            for frame in checked_chunks(input_path, settings, features, size):
+            data = model.data or settings.data  # the input's separator is the composed one
+            data = data.model_copy(update={"sep": settings.data.sep})
+            for frame in checked_chunks(input_path, data, features, size):
                 _write_predictions(fh, model.estimator.predict(frame))
                 rows += len(frame)
         seconds = time.perf_counter() - started
@@ -429,7 +448,8 @@ def _sidecar(
         "data_md5": model.data_md5,
         "git_commit": model.git_commit,
         "features": model.features,
-        "schema": settings.data.name,
+        "schema": (model.data or settings.data).name,
+        "schema_from": "model run config" if model.data else "composed config",
         "input": io.project_path(input_path, settings.root),
         "input_sha256": input_sha,
         "ignored_columns": list(ignored),

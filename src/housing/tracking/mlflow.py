@@ -60,6 +60,7 @@ __all__ = [
     "probe",
     "registered_version",
     "resolve_uri",
+    "run_config",
     "unreachable",
     "version_record",
 ]
@@ -1043,4 +1044,28 @@ def registered_version(
         version = max(found, key=lambda v: int(v.version))
     else:
         version = _resolve_version(client, name, version_or_alias)
-    return str(version.version), version_record(client, version)
+    return str(version.version), {**version_record(client, version), "run_id": version.run_id or ""}
+
+
+def run_config(client_or_tracker: MLflowTracker | MlflowClient, run_id: str) -> dict[str, Any]:
+    """The resolved config a stage run logged (``config/config.yaml``), or ``{}``."""
+    import mlflow.artifacts
+    import yaml
+
+    given = client_or_tracker
+    client = given.client if isinstance(given, MLflowTracker) else given
+    with tempfile.TemporaryDirectory(prefix="housing-mlflow-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id,
+                artifact_path="config/config.yaml",
+                dst_path=tmp,
+                tracking_uri=client.tracking_uri,
+            )
+            data = yaml.safe_load(Path(local).read_text(encoding="utf-8"))
+        except Exception as exc:  # no such artifact (an older run), or unreadable
+            if unreachable(exc):
+                raise
+            log.debug("MLflow run %s: no readable config/config.yaml (%s)", run_id, exc)
+            return {}
+    return data if isinstance(data, dict) else {}
