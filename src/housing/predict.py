@@ -5,9 +5,10 @@ The model is the champion by default (MLflow: the registry alias of
 tracking: the model ``select_best`` chose), or a registered version number, or a
 candidate's name. Its file is checked against the recorded sha256 before it is
 unpickled. The input is read ``predict.chunk_rows`` rows at a time, each chunk checked
-against the model's features and the dataset schema (``data.schema``) before it is
-scored; predictions stream into a temporary file renamed onto the output at the end,
-then a ``.meta.json`` sidecar records model, version, lineage, input hash, rows, time.
+against the model's features and the schema of the dataset it was trained with (the
+``data`` section its MLflow run recorded, else the composed one) before it is scored;
+predictions stream into a temporary file renamed onto the output once every row is
+scored, beside a ``.meta.json`` sidecar (model, version, lineage, input hash, rows, time).
 """
 
 from __future__ import annotations
