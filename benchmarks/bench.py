@@ -4,6 +4,7 @@ Prints measured figures and each target's verdict; exits 0 either way (a benchma
 reports, it does not gate). Environment knobs:
   BENCH_ROWS   comma-separated synthetic row counts (default 100000,1000000; "" skips)
   BENCH_DEFAULT_ROWS  rows for the default config as it is (default 1000000; "" skips)
+  BENCH_PREDICT_ROWS  rows `housing predict` scores with the champion (default 1000000; "" skips)
   BENCH_KEEP   keep the scratch repositories (prints where)
 """
 
@@ -201,6 +202,30 @@ def bench_default_large(workdir: Path, n_rows: int) -> None:
           f"test/rmse {test['test/rmse']:.3f}")  # fmt: skip
 
 
+def bench_predict(workdir: Path, n_rows: int) -> None:
+    """`housing predict` of n_rows synthetic Boston-shaped rows with the default pipeline's
+    champion (MLflow registry alias, tracking on): targets < 60 s and < 1 GB peak RSS."""
+    print(f"\n== housing predict, {n_rows:,} synthetic rows, champion from the MLflow registry")
+    repo = workdir / "engine"  # bench_pipeline's project, when it ran
+    if not (repo / "mlflow.db").is_file():
+        repo = make_scratch_repo(workdir / "predict", defaults={"tracking": "both"})
+        run([str(BIN / "housing"), "repro"], repo)
+    from housing.data.sources import make_synthetic
+    from housing.io import write_csv
+
+    rows = make_synthetic(n_rows, noise=0.05, random_state=7).frame.drop(columns="medv")
+    source = write_csv(repo / "incoming" / "houses.csv", rows)
+    mb = source.stat().st_size / 2**20
+    del rows
+    timed = run([str(BIN / "housing"), "predict", "--input", str(source)], repo)
+    meta = json.loads((repo / "predictions/houses.predictions.meta.json").read_text())
+    print(f"  {timed.stdout.strip()}")
+    print(f"{n_rows:,} rows ({mb:.0f} MB CSV) with {meta['model']} v{meta['version']}: "
+          f"{timed.seconds:.1f} s end to end (target < 60 s): {verdict(timed.seconds < 60)}; "
+          f"peak RSS {timed.max_rss_mb:.0f} MB (target < 1024 MB): "
+          f"{verdict(timed.max_rss_mb < 1024)}")  # fmt: skip
+
+
 def speed_probe() -> float:
     """Seconds for a fixed pure-Python loop: this host's speed varies (shared VMs), so
     figures from two runs compare only with their probes side by side."""
@@ -228,6 +253,9 @@ def main() -> None:
         default_rows = os.environ.get("BENCH_DEFAULT_ROWS", "1000000").strip()
         if default_rows:
             bench_default_large(tmp, int(default_rows))
+        predict_rows = os.environ.get("BENCH_PREDICT_ROWS", "1000000").strip()
+        if predict_rows:
+            bench_predict(tmp, int(predict_rows))
     finally:
         if not keep:
             subprocess.run(["rm", "-rf", str(tmp)], check=False)

@@ -67,6 +67,7 @@ COMMANDS = [
     "train",
     "select_best",
     "evaluate",
+    "predict",
     "repro",
     "run",
     "pipeline",
@@ -94,6 +95,7 @@ SHIMS = {
     "clearml_sync": ["clearml", "sync"],
     "mlflow_sync": ["mlflow", "sync"],
     "report": ["report"],
+    "predict": ["predict"],
 }
 
 

@@ -213,6 +213,38 @@ _alias(_select_best, "select-best", "Alias of select_best.", hidden=True)
 _stage_command("evaluate", "Score the best model on the test split.")
 
 
+@cli.command("predict", short_help="Score a CSV file with the champion (or --model).")
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CSV file with the model's feature columns (others are ignored).",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Predictions CSV (default: predict.output_dir/<input stem>.predictions.csv).",
+)
+@click.option(
+    "--model",
+    "model_spec",
+    default="champion",
+    show_default=True,
+    help="champion, a registered version number, or a candidate name (e.g. ridge).",
+)
+@_configured
+def predict(settings: Settings, input_path: Path, output: Path | None, model_spec: str) -> int:
+    """Predict every row of --input with the champion; write the predictions and a
+    .meta.json sidecar (model, version, lineage, input sha256) atomically.
+    """
+    from housing.predict import run, summary_line
+
+    _echo(summary_line(run(settings, input_path, output, model_spec)))
+    return 0
+
+
 # --------------------------------------------------------------------------- pipelines
 
 

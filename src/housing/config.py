@@ -297,6 +297,13 @@ class RegistrySettings(_Section):
     min_improvement: Annotated[Number, Field(ge=0)] = 0.0
 
 
+class PredictSettings(_Section):
+    """``housing predict``: rows read per chunk, where predictions go by default."""
+
+    chunk_rows: Annotated[StrictInt, Field(ge=1)] = 100_000
+    output_dir: ProjectPath = Path("predictions")
+
+
 # --------------------------------------------------------------------------- tracking
 
 
@@ -431,6 +438,7 @@ class Settings(_Section):
     mlflow: MLflowSettings = MLflowSettings()
     clearml: ClearMLSettings = ClearMLSettings()
     registry: RegistrySettings = RegistrySettings()
+    predict: PredictSettings = PredictSettings()
     notifications: NotificationSettings = NotificationSettings()
 
     @property

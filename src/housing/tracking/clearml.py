@@ -91,6 +91,7 @@ _TASK_TYPES: Final = {
     "train": "training",
     "select_best": "qc",
     "evaluate": "testing",
+    "predict": "inference",
 }
 _NOT_SET: Final = " not set"
 _logged_reasons: set[str] = set()

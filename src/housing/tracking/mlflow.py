@@ -58,7 +58,9 @@ __all__ = [
     "load_registered_model",
     "local_store_path",
     "probe",
+    "registered_version",
     "resolve_uri",
+    "run_config",
     "unreachable",
     "version_record",
 ]
@@ -1020,3 +1022,50 @@ def _resolve_version(client: MlflowClient, name: str, version_or_alias: str) -> 
     if version is None:
         raise ArtifactError(f"MLflow model {name} has no alias {version_or_alias!r}")
     return version
+
+
+def registered_version(
+    client_or_tracker: MLflowTracker | MlflowClient, name: str, version_or_alias: str
+) -> tuple[str, dict[str, str]]:
+    """A registry version's number and full record (:func:`version_record`).
+
+    ``version_or_alias``: a number, an alias, or ``latest`` (the highest number). None
+    such raises a one-line :class:`ArtifactError`.
+    """
+    given = client_or_tracker
+    client = given.client if isinstance(given, MLflowTracker) else given
+    if version_or_alias == "latest":
+        missing = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+        found: list[MlflowModelVersion] = (
+            _unless(missing, lambda: client.search_model_versions(f"name = '{name}'")) or []
+        )
+        if not found:
+            raise ArtifactError(f"MLflow model {name} has no versions")
+        version = max(found, key=lambda v: int(v.version))
+    else:
+        version = _resolve_version(client, name, version_or_alias)
+    return str(version.version), {**version_record(client, version), "run_id": version.run_id or ""}
+
+
+def run_config(client_or_tracker: MLflowTracker | MlflowClient, run_id: str) -> dict[str, Any]:
+    """The resolved config a stage run logged (``config/config.yaml``), or ``{}``."""
+    import mlflow.artifacts
+    import yaml
+
+    given = client_or_tracker
+    client = given.client if isinstance(given, MLflowTracker) else given
+    with tempfile.TemporaryDirectory(prefix="housing-mlflow-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id,
+                artifact_path="config/config.yaml",
+                dst_path=tmp,
+                tracking_uri=client.tracking_uri,
+            )
+            data = yaml.safe_load(Path(local).read_text(encoding="utf-8"))
+        except Exception as exc:  # no such artifact (an older run), or unreadable
+            if unreachable(exc):
+                raise
+            log.debug("MLflow run %s: no readable config/config.yaml (%s)", run_id, exc)
+            return {}
+    return data if isinstance(data, dict) else {}

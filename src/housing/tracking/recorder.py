@@ -24,6 +24,7 @@ from housing.tracking.lineage import config_hash, decide_champion, git_commit, r
 
 if TYPE_CHECKING:
     from housing.config import Settings
+    from housing.predict import PredictResult
     from housing.runs import RunContext
     from housing.stages.evaluate import EvaluationResult
     from housing.stages.prepare import PrepareResult
@@ -420,6 +421,20 @@ def _record_evaluate(tset: TrackerSet, settings: Settings, result: EvaluationRes
     )
 
 
+def _record_predict(tset: TrackerSet, settings: Settings, result: PredictResult) -> None:
+    model = result.model
+    params = {
+        "model": model.registry_name,
+        "version": model.version or "",
+        "source": model.source,
+        "model_sha256": model.sha256,
+        "input": result.record["input"],
+        "input_sha256": result.input_sha256,
+    }
+    text = f"predict: {result.rows} rows with {model.label} in {result.seconds:.2f} s"
+    _report(tset, "predict", params, result.metrics, {result.meta_path: None}, text=text)
+
+
 def _model_name(settings: Settings) -> str:
     return settings.clearml.model_name
 
@@ -429,4 +444,5 @@ _RECORDERS: dict[str, Callable[[TrackerSet, Any, Any], None]] = {
     "train": _record_train,
     "select_best": _record_select,
     "evaluate": _record_evaluate,
+    "predict": _record_predict,
 }
