@@ -906,8 +906,9 @@ def _signature(estimator: Any, example: Any) -> dict[str, Any]:
     """``signature`` and ``input_example`` for ``log_model`` from a few train rows (the
     columns the fitted pipeline takes), or nothing when there are none.
 
-    Features are typed double: the pipeline imputes and scales floats, and MLflow's
-    schema check accepts integers for a double column but not floats for a long one.
+    Features are typed double: the pipeline imputes and scales floats. MLflow's schema
+    check refuses int64 for a double column ("Can not safely convert"), so a caller of
+    ``pyfunc.predict`` passes floats (``housing predict`` does).
     """
     names = getattr(estimator, "feature_names_in_", None)
     if example is None or names is None or len(example) == 0:
