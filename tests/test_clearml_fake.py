@@ -175,3 +175,29 @@ def test_set_ready_on_a_ready_model_is_refused() -> None:
         assert _call(server, "models.set_ready", {"model": model["id"]})[0] == 200
         status, reply = _call(server, "models.set_ready", {"model": model["id"]})
         assert (status, reply["meta"]["result_subcode"]) == (400, MODEL_IS_READY)
+
+
+def _post_lines(server: FakeClearMLServer, lines: list[str]) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"{server.url}/v{server.schema_version}/events.add_batch",
+        data="\n".join(lines).encode(),
+        headers={"Content-Type": "application/json-lines", "Authorization": _KEYS},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_event_batches_split_on_line_ends_only_and_a_bad_line_is_a_400() -> None:
+    server = FakeClearMLServer().start()
+    event = {"task": "t1", "type": "log", "timestamp": 1, "msg": "a\u2028b\x85c"}
+    status, reply = _post_lines(server, [json.dumps(event, ensure_ascii=False)] * 2)
+    assert (status, reply["data"]["added"]) == (200, 2)
+    assert server.events("t1")[0]["msg"] == "a\u2028b\x85c"
+    status, reply = _post_lines(server, [json.dumps(event), "{not json"])
+    assert status == 400 and "batch item #1" in reply["meta"]["result_msg"]
+    with pytest.raises(AssertionError, match=r"events.add_batch: batch item #1 is not JSON"):
+        server.stop()

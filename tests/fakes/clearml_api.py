@@ -444,6 +444,11 @@ class FakeClearMLServer:
                 data = handler(self, handler_body)
         except ApiError as exc:
             return exc.status, {"_error": str(exc), "_subcode": exc.subcode}
+        except Exception as exc:  # a fake's bug: answered 500, as the server would, and failed
+            problem = f"{endpoint}: the fake's handler raised {type(exc).__name__}: {exc}"
+            with self._lock:
+                self.violations.append(problem)
+            return 500, {"_error": problem}
         problems = clearml_schema.response_problems(endpoint, data, schema_version)
         if problems:
             with self._lock:
@@ -1018,11 +1023,21 @@ _HANDLERS: dict[str, Handler] = {
 
 
 def _parse_body(raw: bytes, endpoint: str) -> Any:
+    """The JSON body; ``events.add_batch`` sends JSON lines, split on the bytes' line ends as
+    the server splits them (``str.splitlines`` would also split inside a string holding
+    U+0085 or U+2028). Raises ``ValueError`` naming what is not JSON."""
     if not raw.strip():
         return {}
-    text = raw.decode("utf-8", errors="replace")
     if endpoint == "events.add_batch":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        items = []
+        for index, line in enumerate(raw.splitlines()):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except ValueError as exc:
+                    raise ValueError(f"{endpoint}: batch item #{index} is not JSON: {exc}") from exc
+        return items
+    text = raw.decode("utf-8", errors="replace")
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -1072,7 +1087,13 @@ def _make_request_handler(server: FakeClearMLServer) -> type[BaseHTTPRequestHand
                 self._reply(404, b'{"meta": {"result_code": 404, "result_msg": "not found"}}')
                 return
             endpoint = match["endpoint"]
-            body = _parse_body(raw, endpoint)
+            try:
+                body = _parse_body(raw, endpoint)
+            except ValueError as exc:  # the server answers 400 (request_handlers.py)
+                with server._lock:
+                    server.violations.append(str(exc))
+                self._envelope(endpoint, 400, {}, str(exc), VALIDATION_ERROR)
+                return
             with server._lock:
                 server.calls.append(
                     Call(endpoint, body, self.command, match["version"], dict(self.headers))
