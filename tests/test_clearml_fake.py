@@ -164,8 +164,8 @@ def test_task_status_machine_and_timestamps() -> None:
         assert task["status"] == "completed" and task["completed"] >= started
         assert _call(server, "tasks.started", {"task": task_id})[0] == 200  # completed -> run
         assert task["started"] == started  # an earlier start is kept
-        forced = {"task": task_id, "force": True}
-        assert _call(server, "tasks.publish", forced)[0] == 200 and task["published"]
+        published = {"task": task_id, "force": True, "publish": True}
+        assert _call(server, "tasks.completed", published)[0] == 200 and task["published"]
         assert _call(server, "tasks.started", {"task": task_id})[0] == 400  # published is final
 
 

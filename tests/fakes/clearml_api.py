@@ -490,18 +490,6 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000+00:00", time.gmtime())
 
 
-def _empty(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
-    return {}
-
-
-def _merge(target: dict[str, Any], update: Mapping[str, Any]) -> None:
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
-            _merge(target[key], value)
-        else:
-            target[key] = value
-
-
 def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
@@ -626,10 +614,6 @@ def _login(server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
 
 def _ping(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
     return {"msg": "ClearML server (fake)"}
-
-
-def _server_info(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
-    return {"version": SERVER_VERSION, "api_version": API_VERSION, "build": "fake"}
 
 
 HIDDEN = "hidden"  # the system tag the server hides projects and tasks by
@@ -833,14 +817,6 @@ def _tasks_edit_hyper_params(server: FakeClearMLServer, body: dict[str, Any]) ->
     return {"updated": 1}
 
 
-def _tasks_edit_configuration(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    task = _task(server, body)
-    config = task.setdefault("configuration", {})
-    for item in _as_list(body.get("configuration")):
-        config[item.get("name", "")] = item
-    return {"updated": 1}
-
-
 def _tasks_add_or_update_artifacts(
     server: FakeClearMLServer, body: dict[str, Any]
 ) -> dict[str, Any]:
@@ -884,17 +860,6 @@ def _models_create(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str,
     return {"id": model["id"], "created": True}
 
 
-def _models_update_for_task(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    model_id = body.get("override_model_id")
-    if model_id in server.models:
-        model = server.models[model_id]
-        _merge(model, {k: v for k, v in body.items() if k not in ("task", "override_model_id")})
-        return {"id": model_id, "created": False, "updated": 1}
-    fields = {k: v for k, v in body.items() if k not in ("override_model_id",)}
-    model = server.add_model(**fields)
-    return {"id": model["id"], "created": True, "updated": 0}
-
-
 def _models_edit(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
     model = _model(server, body.get("model"))
     fields = {k: v for k, v in body.items() if k != "model"}
@@ -925,13 +890,6 @@ def _models_publish(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str
         raise ApiError(f"Model is ready: model={model['id']}", 400, MODEL_IS_READY)
     model["ready"] = True
     return {"updated": 1, "published_task": {}}
-
-
-def _events_get_task_events(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    """The events of one task (``PipelineController`` reads a failed step's log)."""
-    task_id = body.get("task")
-    found = [e for e in server.events() if e.get("task") == task_id]
-    return {"events": found, "returned": len(found), "total": len(found)}
 
 
 def _queues_get_all(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
@@ -981,9 +939,7 @@ def _events_add_batch(_server: FakeClearMLServer, body: dict[str, Any]) -> dict[
 _HANDLERS: dict[str, Handler] = {
     "auth.login": _login,
     "debug.ping": _ping,
-    "server.info": _server_info,
     "projects.get_all": _projects_get_all,
-    "projects.get_all_ex": _projects_get_all,
     "projects.create": _projects_create,
     "projects.update": _projects_update,
     "tasks.create": _tasks_create,
@@ -992,29 +948,21 @@ _HANDLERS: dict[str, Handler] = {
     "tasks.completed": _tasks_completed,
     "tasks.stopped": _status_setter("stopped", "completed"),
     "tasks.failed": _status_setter("failed"),
-    "tasks.close": _status_setter("closed"),
-    "tasks.publish": _status_setter("published", "published"),
     "tasks.ping": _tasks_ping,
     "tasks.get_all": _tasks_get_all,
-    "tasks.get_all_ex": _tasks_get_all,
     "tasks.get_by_id": _tasks_get_by_id,
     "tasks.edit_hyper_params": _tasks_edit_hyper_params,
-    "tasks.edit_configuration": _tasks_edit_configuration,
     "tasks.add_or_update_artifacts": _tasks_add_or_update_artifacts,
     "tasks.add_or_update_model": _tasks_add_or_update_model,
     "tasks.set_requirements": _tasks_set_requirements,
     "projects.get_by_id": _projects_get_by_id,
     "models.create": _models_create,
-    "models.update_for_task": _models_update_for_task,
     "models.edit": _models_edit,
-    "models.update": _models_edit,
     "models.add_or_update_metadata": _models_metadata,
     "models.get_all": _models_get_all,
-    "models.get_all_ex": _models_get_all,
     "models.get_by_id": _models_get_by_id,
     "models.set_ready": _models_publish,
     "events.add_batch": _events_add_batch,
-    "events.get_task_events": _events_get_task_events,
     "queues.get_all": _queues_get_all,
     "queues.get_by_id": _queues_get_by_id,
     "tasks.enqueue": _tasks_enqueue,
