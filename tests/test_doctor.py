@@ -1,4 +1,5 @@
-"""housing.doctor against a closed port, a silent port and a small fake ClearML API."""
+"""housing.doctor against a closed port, a silent port, the strict ClearML fake and a real
+``mlflow server``."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,122 +18,25 @@ import pytest
 
 from housing.config import ClearMLSettings
 from housing.doctor import Check, diagnose, display_url, mask_key, render
+from tests.fakes.clearml_api import FakeClearMLServer, token_is_valid
 
 ACCESS = "ABCDACCESSSENTINEL0001"
 SECRET = "SECRET-SENTINEL-9f8e7d6c5b4a"
-TOKEN = "TOKEN-SENTINEL-0123456789"
 
 
 # --------------------------------------------------------------------------- fakes
 
 
-@dataclass
-class FakeClearML:
-    """A ClearML API server stand-in: the four endpoints housing.doctor calls."""
-
-    access: str = ACCESS
-    secret: str = SECRET
-    queues: list[dict[str, Any]] = field(default_factory=list)
-    workers: list[dict[str, Any]] = field(default_factory=list)
-    calls: list[tuple[str, str, str]] = field(default_factory=list)
-    echo_credentials: bool = False  # a misbehaving server that repeats what it got
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def endpoints(self) -> list[str]:
-        return [path for _, path, _ in self.calls]
-
-    def answer(self, method: str, path: str, auth: str) -> tuple[int, dict[str, Any] | str]:
-        self.calls.append((method, path, auth))
-        endpoint = path.split("?", 1)[0].strip("/")
-        if endpoint == "health":  # MLflow's health endpoint, for the MLflow check
-            return 200, "OK"
-        if endpoint == "debug.ping":
-            return 200, _envelope(endpoint, {"msg": "ClearML server"})
-        if endpoint == "auth.login":
-            expected = base64.b64encode(f"{self.access}:{self.secret}".encode()).decode()
-            if auth != f"Basic {expected}":
-                message = "Unauthorized (invalid credentials)"
-                if self.echo_credentials:
-                    received = base64.b64decode(auth.partition(" ")[2]).decode()
-                    message += f": got {received} ({auth})"
-                return 401, _envelope(endpoint, {}, 401, message)
-            return 200, _envelope(endpoint, {"token": TOKEN})
-        if auth != f"Bearer {TOKEN}":
-            return 401, _envelope(endpoint, {}, 401, "Unauthorized (missing token)")
-        if endpoint == "queues.get_all":
-            return 200, _envelope(endpoint, {"queues": self.queues})
-        if endpoint == "workers.get_all":
-            return 200, _envelope(endpoint, {"workers": self.workers})
-        return 404, _envelope(endpoint, {}, 404, "Unknown endpoint")
-
-
-def _envelope(
-    endpoint: str, data: dict[str, Any], code: int = 200, message: str = "OK"
-) -> dict[str, Any]:
-    return {
-        "meta": {
-            "id": "0123abcd",
-            "trx": "0123abcd",
-            "endpoint": {"name": endpoint, "requested_version": "2.31", "actual_version": "1.0"},
-            "result_code": code,
-            "result_subcode": 0,
-            "result_msg": message,
-            "error_stack": "",
-        },
-        "data": data,
-    }
-
-
-def _serve(fake: FakeClearML) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def _handle(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
-            status, body = fake.answer(
-                self.command, self.path, self.headers.get("Authorization", "")
-            )
-            raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-        do_GET = _handle  # noqa: N815 (http.server naming)
-        do_POST = _handle  # noqa: N815
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    fake.port = server.server_address[1]
-    threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-    ).start()
-    return server
-
-
 @pytest.fixture
-def fake() -> Iterator[FakeClearML]:
-    fake = FakeClearML(
-        queues=[
-            {"id": "q1", "name": "default", "entries": [{"task": "t1"}, {"task": "t2"}]},
-            {"id": "q2", "name": "services", "entries": []},
-        ],
-        workers=[
-            {"id": "housing-agent:cpu:0", "queues": [{"id": "q1", "name": "default"}]},
-            {"id": "housing-services:0", "queues": ["q2"]},
-        ],
-    )
-    server = _serve(fake)
-    yield fake
-    server.shutdown()
-    server.server_close()
+def fake() -> Iterator[FakeClearMLServer]:
+    """The strict ClearML fake with these keys, two queues (two tasks pending on default)
+    and an agent on each."""
+    with FakeClearMLServer(access_key=ACCESS, secret_key=SECRET) as server:
+        server.add_queue("default", pending=["t1", "t2"])
+        server.add_queue("services")
+        server.add_worker("housing-agent:cpu:0", ["default"])
+        server.add_worker("housing-services:0", ["services"])
+        yield server
 
 
 def _free_port() -> int:
@@ -178,11 +80,15 @@ def _by_name(checks: list[Check]) -> dict[str, Check]:
     return {check.name: check for check in checks}
 
 
-def _assert_no_secret(checks: list[Check]) -> str:
+def _assert_no_secret(checks: list[Check], fake: FakeClearMLServer | None = None) -> str:
+    """Neither key nor anything sent in an ``Authorization`` header (basic keys, the
+    session token) appears in the diagnosis."""
     text = render(checks) + repr(checks)
     assert SECRET not in text
-    assert TOKEN not in text
     assert ACCESS not in text  # only the masked form may appear
+    for call in fake.calls if fake else []:
+        credential = call.headers.get("Authorization", "").partition(" ")[2]
+        assert not credential or credential not in text
     return text
 
 
@@ -274,7 +180,7 @@ def test_black_hole_host_is_bounded_by_timeout(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- reachable
 
 
-def test_reachable_server_valid_credentials(tmp_path: Path, fake: FakeClearML) -> None:
+def test_reachable_server_valid_credentials(tmp_path: Path, fake: FakeClearMLServer) -> None:
     checks = _run(_env(tmp_path), fake.url, pipeline=_queue("default"))
     by_name = _by_name(checks)
 
@@ -293,23 +199,19 @@ def test_reachable_server_valid_credentials(tmp_path: Path, fake: FakeClearML) -
     assert "housing-services:0 (services)" in agents.detail  # queue id mapped to its name
     assert by_name["clearml mode"].detail.startswith("auto -> online")
 
-    assert fake.endpoints() == [
-        "/debug.ping",
-        "/auth.login",
-        "/queues.get_all",
-        "/workers.get_all",
-    ]
+    assert fake.endpoints() == ["debug.ping", "auth.login", "queues.get_all", "workers.get_all"]
     login = fake.calls[1]
-    assert login[0] == "POST"
-    scheme, _, encoded = login[2].partition(" ")
+    assert login.method == "POST"
+    scheme, _, encoded = login.headers["Authorization"].partition(" ")
     assert scheme == "Basic"
     assert base64.b64decode(encoded).decode() == f"{ACCESS}:{SECRET}"
-    assert fake.calls[2][2] == f"Bearer {TOKEN}"
-    _assert_no_secret(checks)
+    scheme, _, token = fake.calls[2].headers["Authorization"].partition(" ")
+    assert scheme == "Bearer" and token_is_valid(token)  # the session token auth.login gave
+    _assert_no_secret(checks, fake)
 
 
-def test_rejected_credentials(tmp_path: Path, fake: FakeClearML) -> None:
-    fake.secret = "another-secret-entirely"
+def test_rejected_credentials(tmp_path: Path, fake: FakeClearMLServer) -> None:
+    fake.secret_key = "another-secret-entirely"  # the server knows other keys
     checks = _run(_env(tmp_path), fake.url)
     by_name = _by_name(checks)
 
@@ -326,22 +228,23 @@ def test_rejected_credentials(tmp_path: Path, fake: FakeClearML) -> None:
     mode = by_name["clearml mode"]
     assert mode.status == "fail"
     assert mode.detail.startswith("auto -> offline: the credentials were rejected")
-    assert "/queues.get_all" not in fake.endpoints()
-    _assert_no_secret(checks)
+    assert "queues.get_all" not in fake.endpoints()
+    _assert_no_secret(checks, fake)
 
 
-def test_secret_echoed_by_server_is_hidden(tmp_path: Path, fake: FakeClearML) -> None:
-    fake.access = "someone-else"  # so that the keys we send are rejected
-    fake.echo_credentials = True
+def test_secret_echoed_by_server_is_hidden(tmp_path: Path, fake: FakeClearMLServer) -> None:
+    # a misbehaving server (or proxy) that rejects the keys and repeats what it got
+    basic = base64.b64encode(f"{ACCESS}:{SECRET}".encode()).decode()
+    echo = f"Unauthorized (invalid credentials): got {ACCESS}:{SECRET} (Basic {basic})"
+    fake.fail("auth.login", status=401, message=echo)
     checks = _run(_env(tmp_path), fake.url)
     detail = _by_name(checks)["clearml credentials"].detail
     assert "got ***:*** (Basic ***)" in detail  # the message is kept, the keys are not
-    basic = base64.b64encode(f"{ACCESS}:{SECRET}".encode()).decode()
     assert basic not in render(checks)
-    _assert_no_secret(checks)
+    _assert_no_secret(checks, fake)
 
 
-def test_missing_credentials(tmp_path: Path, fake: FakeClearML) -> None:
+def test_missing_credentials(tmp_path: Path, fake: FakeClearMLServer) -> None:
     env = {"HOME": str(tmp_path)}
     checks = _run(env, fake.url)
     by_name = _by_name(checks)
@@ -353,14 +256,14 @@ def test_missing_credentials(tmp_path: Path, fake: FakeClearML) -> None:
         "auto -> offline: CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY not set"
         in by_name["clearml mode"].detail
     )
-    assert "/auth.login" not in fake.endpoints()
+    assert "auth.login" not in fake.endpoints()
 
     online = _by_name(_run(env, fake.url, mode="online"))
     assert online["clearml credentials"].status == "fail"
     assert online["clearml mode"].status == "fail"
 
 
-def test_key_variable_names_are_configurable(tmp_path: Path, fake: FakeClearML) -> None:
+def test_key_variable_names_are_configurable(tmp_path: Path, fake: FakeClearMLServer) -> None:
     env = {"HOME": str(tmp_path), "TEAM_CLEARML_KEY": ACCESS, "TEAM_CLEARML_SECRET": SECRET}
     checks = _run(
         env,
@@ -373,14 +276,14 @@ def test_key_variable_names_are_configurable(tmp_path: Path, fake: FakeClearML) 
     assert "CLEARML_API_ACCESS_KEY" in missing.detail
 
 
-def test_missing_queue_and_idle_queue(tmp_path: Path, fake: FakeClearML) -> None:
+def test_missing_queue_and_idle_queue(tmp_path: Path, fake: FakeClearMLServer) -> None:
     missing = _by_name(_run(_env(tmp_path), fake.url, pipeline=_queue("gpu")))
     assert missing["clearml queues"].status == "warn"
     assert "missing: gpu" in missing["clearml queues"].detail
     assert missing["clearml agents"].status == "warn"
     assert "no agent listens on: gpu" in missing["clearml agents"].detail
 
-    fake.workers = [fake.workers[0]]  # nobody listens on "services" any more
+    del fake.workers["housing-services:0"]  # nobody listens on "services" any more
     idle = _by_name(_run(_env(tmp_path), fake.url, pipeline=_queue("services")))
     assert idle["clearml queues"].status == "ok"
     assert idle["clearml agents"].status == "warn"
@@ -388,9 +291,9 @@ def test_missing_queue_and_idle_queue(tmp_path: Path, fake: FakeClearML) -> None
     assert "--profile agent" in idle["clearml agents"].next_step
 
 
-def test_no_queues_and_no_agents(tmp_path: Path, fake: FakeClearML) -> None:
-    fake.queues = []
-    fake.workers = []
+def test_no_queues_and_no_agents(tmp_path: Path, fake: FakeClearMLServer) -> None:
+    fake.queues.clear()
+    fake.workers.clear()
     by_name = _by_name(_run(_env(tmp_path), fake.url))
     assert by_name["clearml queues"].status == "warn"
     assert by_name["clearml queues"].detail == "no queues on the server"
@@ -398,13 +301,13 @@ def test_no_queues_and_no_agents(tmp_path: Path, fake: FakeClearML) -> None:
     assert by_name["clearml agents"].detail == "no agent is listening"
 
 
-def test_proxy_variables_do_not_capture_loopback(tmp_path: Path, fake: FakeClearML) -> None:
+def test_proxy_variables_do_not_capture_loopback(tmp_path: Path, fake: FakeClearMLServer) -> None:
     env = _env(tmp_path, http_proxy=f"http://127.0.0.1:{_free_port()}")
     by_name = _by_name(_run(env, fake.url))
     assert by_name["clearml server"].status == "ok"
 
 
-def test_credentials_from_config_file(tmp_path: Path, fake: FakeClearML) -> None:
+def test_credentials_from_config_file(tmp_path: Path, fake: FakeClearMLServer) -> None:
     # The layout `clearml-init` writes: quoted keys, `=` and unquoted URLs.
     conf = tmp_path / "clearml.conf"
     conf.write_text(
@@ -433,7 +336,7 @@ def test_credentials_from_config_file(tmp_path: Path, fake: FakeClearML) -> None
     _assert_no_secret(checks)
 
 
-def test_host_user_info_is_dropped(tmp_path: Path, fake: FakeClearML) -> None:
+def test_host_user_info_is_dropped(tmp_path: Path, fake: FakeClearMLServer) -> None:
     api = fake.url.replace("://", "://someone:hunter22@") + "/"
     by_name = _by_name(_run(_env(tmp_path, CLEARML_API_HOST="http://127.0.0.1:1"), api))
     assert by_name["clearml server"].status == "ok"
@@ -460,7 +363,7 @@ def test_no_config_file_at_all_is_a_warning(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- modes
 
 
-def test_clearml_disabled_makes_no_request(tmp_path: Path, fake: FakeClearML) -> None:
+def test_clearml_disabled_makes_no_request(tmp_path: Path, fake: FakeClearMLServer) -> None:
     checks = _run(_env(tmp_path), fake.url, tracking_backends=["mlflow"])
     assert [check.name for check in checks] == ["tracking backends", "clearml mode", "mlflow"]
     assert "disabled" in checks[1].detail
@@ -482,7 +385,7 @@ def test_offline_mode_from_environment(tmp_path: Path) -> None:
 
 
 def test_online_mode_wins_over_offline_environment_as_the_tracker_decides(
-    tmp_path: Path, fake: FakeClearML
+    tmp_path: Path, fake: FakeClearMLServer
 ) -> None:
     """``clearml.mode=online`` with ``CLEARML_OFFLINE_MODE`` set: doctor reports the
     tracker's own decision (``resolve_mode``: online), and the server it will use."""
@@ -507,11 +410,26 @@ def test_no_backends_is_a_warning(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- MLflow
 
 
-def test_mlflow_tracking_server_probe(tmp_path: Path, fake: FakeClearML) -> None:
-    ok = _by_name(_run(_env(tmp_path), None, tracking_backends=["mlflow"], mlflow_uri=fake.url))
+@pytest.mark.slow  # imports MLflow's server app (~5 s)
+def test_mlflow_tracking_server_probe(tmp_path: Path) -> None:
+    # MLflow's own server app (what ``mlflow server`` serves) on a real socket; a
+    # ``mlflow server`` process takes 10-30 s to start on a loaded 2-core machine.
+    from mlflow.server import app
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_port}"
+        ok = _by_name(_run(_env(tmp_path), None, tracking_backends=["mlflow"], mlflow_uri=uri))
+    finally:
+        server.shutdown()
+        server.server_close()
     assert ok["mlflow"].status == "ok"
     assert "answers /health" in ok["mlflow"].detail
 
+
+def test_mlflow_tracking_server_down(tmp_path: Path) -> None:
     down = f"http://127.0.0.1:{_free_port()}"
     bad = _by_name(_run(_env(tmp_path), None, tracking_backends=["mlflow"], mlflow_uri=down))
     assert bad["mlflow"].status == "warn"
@@ -519,7 +437,7 @@ def test_mlflow_tracking_server_probe(tmp_path: Path, fake: FakeClearML) -> None
 
 
 def test_mlflow_file_store_needs_opt_in(tmp_path: Path) -> None:
-    common = {"tracking_backends": ["mlflow"], "mlflow_uri": "./mlruns"}
+    common: dict[str, Any] = {"tracking_backends": ["mlflow"], "mlflow_uri": "./mlruns"}
     plain = _by_name(_run(_env(tmp_path), None, **common))["mlflow"]
     assert plain.status == "warn"
     assert "MLFLOW_ALLOW_FILE_STORE" in plain.detail

@@ -1,10 +1,9 @@
 """The ClearML server paths (PipelineController, TaskScheduler) against the recording fake.
 
 The SDK keeps process-global state, so each run happens in a subprocess pointed at the
-fake with CLEARML_API_HOST/WEB/FILES and keys. The fake gets a few generic handlers
-here: queues by name, ``tasks.enqueue`` (a simulated agent: the task is marked
-``completed`` or left ``queued``) and the ``_all_`` field filter the SDK uses to find
-cached steps.
+fake with CLEARML_API_HOST/WEB/FILES and keys. The fake's stand-in agent completes enqueued
+tasks at once (``agent_completes``), or, switched off, leaves them queued as a server with
+no agent does.
 """
 
 from __future__ import annotations
@@ -12,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,51 +28,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 ORIGIN = "https://git.example.invalid/team/housing.git"
 QUEUES = ("default", "services")
-Handler = Callable[[FakeClearMLServer, dict[str, Any]], dict[str, Any]]
-
-
-def _enqueue(status: str) -> Handler:
-    def handler(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-        task = server.tasks[body["task"]]
-        task["status"] = status
-        task.setdefault("execution", {})["queue"] = body.get("queue")
-        return {"queued": 1, "updated": 1, "fields": {"status": "queued"}}
-
-    return handler
-
-
-def _field_filter(original: Handler) -> Handler:
-    """``tasks.get_all`` with ``_all_: {fields, pattern}`` (how the SDK finds cached steps)."""
-
-    def value(item: Any, dotted: str) -> Any:
-        for part in dotted.split("."):
-            item = item.get(part) if isinstance(item, dict) else None
-        return item
-
-    def handler(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-        query = body.get("_all_")
-        out = original(server, {k: v for k, v in body.items() if k != "_all_"})
-        if query:
-            pattern = re.compile(str(query["pattern"]))
-            out["tasks"] = [
-                t
-                for t in out["tasks"]
-                if all(
-                    pattern.search(str(value(server.tasks[t["id"]], f) or ""))
-                    for f in query["fields"]
-                )
-            ]
-        return out
-
-    return handler
 
 
 @pytest.fixture
 def server() -> Iterator[FakeClearMLServer]:
-    fake = FakeClearMLServer(queues=QUEUES)
-    fake.handlers["tasks.enqueue"] = _enqueue("completed")
-    fake.handlers["tasks.get_all"] = _field_filter(fake.handlers["tasks.get_all"])
-    with fake:
+    """The strict fake with an agent that runs every enqueued task to completion at once."""
+    with FakeClearMLServer(queues=QUEUES, agent_completes=True) as fake:
         yield fake
 
 
@@ -229,7 +187,7 @@ def test_steps_run_locally_as_clearml_tasks(server: FakeClearMLServer, repo: Pat
 
 
 def test_scheduler_is_registered_once(server: FakeClearMLServer, repo: Path) -> None:
-    server.handlers["tasks.enqueue"] = _enqueue("queued")
+    server.agent_completes = False  # no services agent: the scheduler stays queued
     dry = _run("clearml_schedule.py", [], repo, server)
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "add_task(minute=0, hour=6, day=1)" in dry.stdout
@@ -261,19 +219,19 @@ def test_a_scheduled_run_leaves_the_project_visible(server: FakeClearMLServer, r
     """An agent runs a clone of the scheduler's template: ``PipelineController`` marks the
     project of the task it runs in ``[hidden, pipeline]``; the user's project must stay
     visible, or ``housing compare`` and model queries by project name find nothing."""
-    server.handlers["tasks.enqueue"] = _enqueue("queued")
+    server.agent_completes = False  # no services agent: the scheduler stays queued
     install = _run("clearml_schedule.py", ["--install"], repo, server)
     assert install.returncode == 0, install.stderr[-3000:]
     check_census("scheduler install", server.endpoints())
     (template,) = _tasks(server, "housing:pipeline")
     fields = {k: v for k, v in template.items() if k not in ("id", "status")}
     clone = server.add_task(**fields, status="queued")  # what the scheduler's Task.clone makes
-    server.handlers["tasks.enqueue"] = _enqueue("completed")
+    server.agent_completes = True  # the steps' agent
     server.reset_calls()
     args = [CANDIDATES, "clearml.pipeline.run_locally=false"]
     args += ["++clearml.pipeline.controller_queue=null", "++clearml.pipeline.poll_sec=0.2"]
-    # The controller as an agent starts it; once it has hidden its project and launched a
-    # step, what this test checks has happened: stop it (its whole group) there.
+    # The controller as an agent starts it: it runs the pipeline to its end (the fake's
+    # agent completes each step) and exits 0, leaving its task for the agent to complete.
     log = repo.parent / "agent.log"
     with log.open("w") as out:
         agent = subprocess.Popen(
@@ -285,18 +243,16 @@ def test_a_scheduled_run_leaves_the_project_visible(server: FakeClearMLServer, r
             start_new_session=True,
         )
         try:
-            deadline = time.monotonic() + 120
-            while not (
-                "Launching step" in log.read_text()
-                and any("hidden" in p["system_tags"] for p in server.projects.values())
-            ):
-                assert agent.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.2)
+            returncode = agent.wait(timeout=120)
         finally:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(agent.pid, signal.SIGKILL)
+                os.killpg(agent.pid, signal.SIGKILL)  # its whole group, whatever happened
             agent.wait(timeout=30)
+    output = log.read_text()
+    assert returncode == 0, output[-3000:]
+    assert "succeeded" in output and "clearml-queue" in output, output[-3000:]
+    assert all(t["status"] == "completed" for n in STEPS for t in _tasks(server, f"housing:{n}"))
+    assert server.tasks[clone["id"]]["status"] == "in_progress"  # the agent completes it
     check_census("controller (agent)", server.endpoints())
     server.reset_calls()
 

@@ -226,7 +226,7 @@ def test_agent_rerun_of_the_scheduler_task_runs_its_loop(
     """What the services agent does with the registered scheduler task: run its recorded
     entry point with ``CLEARML_TASK_ID`` and nothing else; it must load its jobs and wait
     for the first run instead of exiting."""
-    server.handlers["tasks.enqueue"] = orch._enqueue("queued")
+    server.agent_completes = False  # no services agent: the scheduler stays queued
     first = orch._run(
         "clearml_schedule.py",
         ["--install", "clearml.pipeline.schedule_cron=*/20 * * * *"],

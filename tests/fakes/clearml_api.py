@@ -9,20 +9,27 @@ uses to import an offline session or query tasks/models, in the server's JSON en
         ...                                                # run the SDK against it
         assert server.calls_to("tasks.create")[0]["name"] == "housing:train_ridge"
 
-Requests arrive as ``/<service>.<action>`` or ``/v<version>/<service>.<action>`` (GET or
+Requests arrive as ``/<service>.<action>`` or ``/v<major.minor>/<service>.<action>`` (GET or
 POST with a JSON body; ``events.add_batch`` sends one JSON event per line, recorded as a
 list). Uploads to the file server (``files_host`` = ``<url>/files``) are multipart POSTs,
 recorded as ``files.upload`` and kept in ``uploads`` (path -> bytes). Tasks always carry
 ``"output": {}`` (the SDK needs it).
 
-**Strict.** Every request is validated against the request schema of the SDK's own
-service classes at the version the SDK negotiates with this fake's token
-(:mod:`tests.fakes.clearml_schema`; ``server.schema_version``), and every answer against
-the SDK's response schema and class. An unknown endpoint, an endpoint the fake does not
-implement, or a schema violation is answered 400 (as the server would) and recorded in
-``server.violations``; ``stop()`` / leaving the ``with`` block then raises
+**Strict, with no switch to loosen it.** A call is checked against the schema of the version
+in its path, as the server resolves it (:meth:`FakeClearMLServer.resolve_version`): the
+SDK's services module of the newest version not above it, or the fake's negotiated version
+(``server.schema_version``) when the path has none. The request must fit the SDK's request
+schema, and every answer its response schema and class (:mod:`tests.fakes.clearml_schema`).
+An unknown endpoint, one missing at the version asked for (404, as the server answers), an
+endpoint the fake does not implement, a path that is no API path, or a schema violation is
+recorded in ``server.violations``; ``stop()`` / leaving the ``with`` block then raises
 ``AssertionError`` naming each endpoint and field, so the test fails even when the SDK
-swallows the error. ``strict=False`` only records.
+swallows the error.
+
+**Credentials as the server checks them.** Every endpoint but ``debug.ping``,
+``server.info`` and ``auth.fixed_users_mode`` answers 401 without credentials (subcode 20),
+with HTTP basic keys other than ``access_key``/``secret_key`` when those are given (22,
+"invalid credentials"), or with a bearer token this fake did not issue (30).
 
 **Like clearml-server 2.0.0** (its sources named at each rule): task status changes follow
 the server's state machine (``force`` skips it) and stamp ``status_changed``,
@@ -34,14 +41,21 @@ server's ``create_fields``; tasks.edit needs a ``created`` task unless ``force``
 ``get_all`` unless ``search_hidden`` or ids are given; ``get_all`` pages default to page 0
 of :data:`MAX_PAGE_SIZE` and are capped there; ``only_fields`` projects.
 
-``FakeClearMLServer(access_key=..., secret_key=...)`` makes ``auth.login`` check HTTP basic
-auth; ``fail(endpoint, times, status)`` injects errors. Tasks, models and projects can be
-preloaded (constructor or ``add_task`` / ``add_model`` / ``add_project``; ``project_name=``
-becomes a project id) for compare-style tests; ``tasks.get_all`` / ``models.get_all``
+``fail(endpoint, times, status, message)`` injects error answers (a server fault, or a
+server that echoes what it got; not a loosening: the call is still validated first).
+``workers={"agent-id": ["queue"]}`` / ``add_worker`` register agents for
+``workers.get_all``; ``add_queue(name, pending=[task ids])`` fills a queue. The server only
+queues an enqueued task; ``agent_completes=True`` (or the attribute) stands in for an agent
+that takes it at once and runs it to ``completed`` through the state machine, with its
+``started`` / ``completed`` times. Tasks, models and projects can be preloaded
+(constructor or ``add_task`` / ``add_model`` / ``add_project``; ``project_name=`` becomes a
+project id) for compare-style tests; ``tasks.get_all`` / ``models.get_all``
 filter on ``id``, ``name`` (a regex, as the server does), ``project``, ``status``,
 ``task``, ``ready``, ``tags`` / ``system_tags`` (OR, ``__$all`` for AND, ``-tag`` to
-exclude), sort with ``order_by`` and project with ``only_fields`` (the named fields only,
-dotted paths such as ``metadata.k`` included, plus ``id``).
+exclude), ``_all_`` / ``_any_`` (``{fields, pattern}``: a regex in all / any of the dotted
+fields, how ``PipelineController`` finds cached steps), sort with ``order_by`` and project
+with ``only_fields`` (the named fields only, dotted paths such as ``metadata.k`` included,
+plus ``id``).
 """
 
 from __future__ import annotations
@@ -60,6 +74,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import unquote
 
@@ -69,7 +84,8 @@ API_VERSION = "2.30"
 SERVER_VERSION = "2.0.0"
 MAX_PAGE_SIZE = 500  # clearml-server 2.0.0: get_all pages default to and are capped at 500
 
-_ENDPOINT = re.compile(r"^/(?:v(?P<version>[\d.]+)/)?(?P<endpoint>[a-z_]+\.[a-z_]+)$")
+# service_repo.py ``_endpoint_exp``: an optional ``v<major>.<minor>/`` and a trailing slash
+_ENDPOINT = re.compile(r"^/(?:v(?P<version>\d+\.\d+)/)?(?P<endpoint>[a-z_]+\.[a-z_]+)/?$")
 
 Handler = Callable[["FakeClearMLServer", dict[str, Any]], dict[str, Any]]
 
@@ -89,12 +105,29 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def make_token(payload: Mapping[str, Any], key: bytes = b"fake-clearml") -> str:
+_TOKEN_KEY = b"fake-clearml"
+
+
+def make_token(payload: Mapping[str, Any], key: bytes = _TOKEN_KEY) -> str:
     """An HS256 JWT the SDK can decode (it reads ``api_version`` and ``exp`` unverified)."""
     header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
     body = _b64(json.dumps(dict(payload)).encode())
     signature = hmac.new(key, f"{header}.{body}".encode(), hashlib.sha256).digest()
     return f"{header}.{body}.{_b64(signature)}"
+
+
+def token_is_valid(token: str) -> bool:
+    """A token :func:`make_token` signed with this fake's key, not expired."""
+    header, _, rest = token.partition(".")
+    body, _, signature = rest.partition(".")
+    expected = hmac.new(_TOKEN_KEY, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(_b64(expected), signature):
+        return False
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and float(payload.get("exp") or 0) > time.time()
 
 
 class FakeClearMLServer:
@@ -107,20 +140,22 @@ class FakeClearMLServer:
         models: Iterable[Mapping[str, Any]] = (),
         projects: Iterable[Mapping[str, Any]] = (),
         queues: Iterable[str] = (),
+        workers: Mapping[str, Iterable[str]] | None = None,
         access_key: str | None = None,
         secret_key: str | None = None,
-        strict: bool = True,
+        agent_completes: bool = False,
     ) -> None:
         self.calls: list[Call] = []
         self.tasks: dict[str, dict[str, Any]] = {}
         self.models: dict[str, dict[str, Any]] = {}
         self.projects: dict[str, dict[str, Any]] = {}
         self.queues: dict[str, dict[str, Any]] = {}
+        self.workers: dict[str, list[str]] = {}
+        self.agent_completes = agent_completes
         self.uploads: dict[str, bytes] = {}
-        self.handlers: dict[str, Handler] = dict(_HANDLERS)
+        self.handlers: Mapping[str, Handler] = MappingProxyType(_HANDLERS)  # not patchable
         self._failures: dict[str, list[tuple[int, str]]] = {}
         self.violations: list[str] = []
-        self.strict = strict
         self.schema_version = clearml_schema.schema_version(API_VERSION)
         self.access_key = access_key
         self.secret_key = secret_key
@@ -132,6 +167,8 @@ class FakeClearMLServer:
             self.add_project(**project)
         for queue in queues:
             self.add_queue(queue)
+        for worker, listens_on in (workers or {}).items():
+            self.add_worker(worker, listens_on)
         for task in tasks:
             self.add_task(**task)
         for model in models:
@@ -151,7 +188,7 @@ class FakeClearMLServer:
         return self
 
     def stop(self) -> None:
-        """Stop listening, then fail (``strict``) if any call broke the SDK's schema."""
+        """Stop listening, then fail if any call broke the SDK's schema."""
         self._shutdown()
         self.assert_schema_clean()
 
@@ -162,10 +199,10 @@ class FakeClearMLServer:
             self._server = None
 
     def assert_schema_clean(self) -> None:
-        """Raise ``AssertionError`` listing every schema violation (when ``strict``)."""
+        """Raise ``AssertionError`` listing every schema violation."""
         with self._lock:
             problems = list(dict.fromkeys(self.violations))
-        if self.strict and problems:
+        if problems:
             raise AssertionError(
                 f"ClearML fake: {len(problems)} call(s) broke the SDK's API "
                 f"{self.schema_version} schema:\n  " + "\n  ".join(problems)
@@ -258,12 +295,20 @@ class FakeClearMLServer:
         self.projects[project["id"]] = project
         return project
 
-    def add_queue(self, name: str) -> dict[str, Any]:
-        """A queue ``name`` (id ``q-<name>``) with no entries."""
-        queue: dict[str, Any] = {"id": f"q-{name}", "name": name, "entries": []}
+    def add_queue(self, name: str, pending: Iterable[str] = ()) -> dict[str, Any]:
+        """A queue ``name`` (id ``q-<name>``) holding the task ids ``pending``."""
+        entries = [{"task": task_id, "added": _now()} for task_id in pending]
+        queue: dict[str, Any] = {"id": f"q-{name}", "name": name, "entries": entries}
         queue["created"] = _now()
         self.queues[f"q-{name}"] = queue
         return queue
+
+    def add_worker(self, worker_id: str, queues: Iterable[str] = ()) -> None:
+        """An agent ``worker_id`` listening on the queues named ``queues`` (added if missing)."""
+        for name in queues:
+            if f"q-{name}" not in self.queues:
+                self.add_queue(name)
+        self.workers[worker_id] = [f"q-{name}" for name in queues]
 
     def project_id(self, name: str) -> str:
         """The id of project ``name``, created if missing."""
@@ -324,18 +369,69 @@ class FakeClearMLServer:
 
     # ------------------------------------------------------------------ dispatch
 
-    def handle(self, endpoint: str, body: Any) -> tuple[int, dict[str, Any]]:
-        """Answer one call: the request is checked against the SDK's schema (a violation is
-        recorded and answered 400, as the server would), then handled, then the answer is
-        checked against the SDK's response schema and class."""
-        problems = clearml_schema.request_problems(endpoint, body, self.schema_version)
-        handler = self.handlers.get(endpoint) or self.handlers.get(endpoint.split(".", 1)[0] + ".*")
+    def resolve_version(self, endpoint: str, version: str | None) -> tuple[str, list[str]]:
+        """The SDK schema version a call to ``/v<version>/<endpoint>`` is checked against, or
+        why the server has no such endpoint (answered 404, as it does).
+
+        The server serves the newest version of an endpoint not above the one asked for (its
+        newest when the path has none; a version above its own is allowed:
+        ``check_max_version`` is off by default); the SDK ships one services module per API
+        version, so the newest module not above ``version`` is the schema of that call."""
+        if version is None or endpoint in clearml_schema.SERVER_ONLY:
+            return self.schema_version, []
+        try:
+            chosen = clearml_schema.schema_version(version)
+        except ValueError:
+            chosen = ""
+        known = clearml_schema.classes(endpoint, self.schema_version) is not None
+        if known and (not chosen or clearml_schema.classes(endpoint, chosen) is None):
+            return chosen, [f"{endpoint}: no endpoint for name {endpoint} and version {version}"]
+        return chosen or self.schema_version, []
+
+    def refusal(self, endpoint: str, authorization: str) -> tuple[int, str] | None:
+        """Why the server answers 401 (subcode, message), or None: every endpoint but
+        ``debug.ping``, ``server.info`` and ``auth.fixed_users_mode`` needs HTTP basic
+        credentials (checked against ``access_key``/``secret_key`` when given) or a bearer
+        token this fake issued (service_repo/validators.py ``validate_auth``)."""
+        if endpoint in OPEN_ENDPOINTS:
+            return None
+        scheme, _, data = authorization.partition(" ")
+        if not authorization:
+            return NO_CREDENTIALS, "Unauthorized (missing credentials)"
+        if scheme == "Basic":
+            if self.access_key is None and self.secret_key is None:
+                return None
+            expected = base64.b64encode(f"{self.access_key}:{self.secret_key}".encode())
+            if data == expected.decode():
+                return None
+            message = "Unauthorized (invalid credentials) (failed to locate provided credentials)"
+            return INVALID_CREDENTIALS, message
+        if scheme == "Bearer":
+            return None if token_is_valid(data) else (INVALID_TOKEN, "Invalid token")
+        return BAD_AUTH_TYPE, "Unauthorized (bad authentication header type)"
+
+    def handle(
+        self, endpoint: str, body: Any, version: str | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """Answer one call: the request is checked against the SDK's schema of the version
+        asked for (a violation is recorded and answered 400, an endpoint missing at that
+        version 404, as the server would), then handled, then the answer is checked against
+        the SDK's response schema and class."""
+        schema_version, missing = self.resolve_version(endpoint, version)
+        if missing:
+            with self._lock:
+                self.violations.extend(missing)
+            return 404, {"_error": missing[0]}
+        problems = clearml_schema.request_problems(endpoint, body, schema_version)
+        handler = self.handlers.get(endpoint)
         if not problems and handler is None:
             problems = [f"{endpoint}: not implemented by the fake (add a handler)"]
         if problems:
             with self._lock:
                 self.violations.extend(problems)
-            return 400, {"_error": problems[0], "_subcode": VALIDATION_ERROR}
+            unknown = clearml_schema.classes(endpoint, schema_version) is None
+            status = 404 if unknown and endpoint not in clearml_schema.SERVER_ONLY else 400
+            return status, {"_error": problems[0], "_subcode": VALIDATION_ERROR}
         with self._lock:
             pending = self._failures.get(endpoint)
             if pending:
@@ -348,7 +444,12 @@ class FakeClearMLServer:
                 data = handler(self, handler_body)
         except ApiError as exc:
             return exc.status, {"_error": str(exc), "_subcode": exc.subcode}
-        problems = clearml_schema.response_problems(endpoint, data, self.schema_version)
+        except Exception as exc:  # a fake's bug: answered 500, as the server would, and failed
+            problem = f"{endpoint}: the fake's handler raised {type(exc).__name__}: {exc}"
+            with self._lock:
+                self.violations.append(problem)
+            return 500, {"_error": problem}
+        problems = clearml_schema.response_problems(endpoint, data, schema_version)
         if problems:
             with self._lock:
                 self.violations.extend(problems)
@@ -372,6 +473,13 @@ MODEL_IS_READY = 203
 INVALID_PROJECT_ID = 401
 INVALID_QUEUE_ID = 701
 VALIDATION_ERROR = 12
+# 401 subcodes
+BAD_AUTH_TYPE = 10
+NO_CREDENTIALS = 20
+INVALID_CREDENTIALS = 22
+INVALID_TOKEN = 30
+# schema/services/*.conf ``authorize: false``: the endpoints that need no credentials
+OPEN_ENDPOINTS = frozenset({"debug.ping", "server.info", "auth.fixed_users_mode"})
 
 
 def _not_found(kind: str, item_id: Any, subcode: int) -> ApiError:
@@ -380,18 +488,6 @@ def _not_found(kind: str, item_id: Any, subcode: int) -> ApiError:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S.000+00:00", time.gmtime())
-
-
-def _empty(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
-    return {}
-
-
-def _merge(target: dict[str, Any], update: Mapping[str, Any]) -> None:
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
-            _merge(target[key], value)
-        else:
-            target[key] = value
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -439,9 +535,31 @@ def _matches(item: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
             return False
     if body.get("ready") is not None and bool(item.get("ready")) != bool(body["ready"]):
         return False
+    if not _field_pattern(item, body.get("_all_"), all) or not _field_pattern(
+        item, body.get("_any_"), any
+    ):
+        return False
     if not _tags_match(item.get("tags") or [], body.get("tags")):
         return False
     return _tags_match(item.get("system_tags") or [], body.get("system_tags"))
+
+
+def _field_pattern(
+    item: Mapping[str, Any], query: Any, combine: Callable[[Iterable[bool]], bool]
+) -> bool:
+    """The server's ``_all_`` / ``_any_`` filter: ``{fields, pattern}``, the pattern a regex
+    searched in every (``all``) or some (``any``) of the dotted fields."""
+    if not isinstance(query, Mapping):
+        return True
+    pattern = re.compile(str(query.get("pattern") or ""))
+
+    def value(dotted: str) -> str:
+        found: Any = item
+        for part in dotted.split("."):
+            found = found.get(part) if isinstance(found, Mapping) else None
+        return "" if found is None else str(found)
+
+    return combine(pattern.search(value(str(f))) is not None for f in _as_list(query.get("fields")))
 
 
 def _field_key(name: str) -> Callable[[Mapping[str, Any]], str]:
@@ -496,10 +614,6 @@ def _login(server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
 
 def _ping(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
     return {"msg": "ClearML server (fake)"}
-
-
-def _server_info(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
-    return {"version": SERVER_VERSION, "api_version": API_VERSION, "build": "fake"}
 
 
 HIDDEN = "hidden"  # the system tag the server hides projects and tasks by
@@ -703,14 +817,6 @@ def _tasks_edit_hyper_params(server: FakeClearMLServer, body: dict[str, Any]) ->
     return {"updated": 1}
 
 
-def _tasks_edit_configuration(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    task = _task(server, body)
-    config = task.setdefault("configuration", {})
-    for item in _as_list(body.get("configuration")):
-        config[item.get("name", "")] = item
-    return {"updated": 1}
-
-
 def _tasks_add_or_update_artifacts(
     server: FakeClearMLServer, body: dict[str, Any]
 ) -> dict[str, Any]:
@@ -754,17 +860,6 @@ def _models_create(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str,
     return {"id": model["id"], "created": True}
 
 
-def _models_update_for_task(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    model_id = body.get("override_model_id")
-    if model_id in server.models:
-        model = server.models[model_id]
-        _merge(model, {k: v for k, v in body.items() if k not in ("task", "override_model_id")})
-        return {"id": model_id, "created": False, "updated": 1}
-    fields = {k: v for k, v in body.items() if k not in ("override_model_id",)}
-    model = server.add_model(**fields)
-    return {"id": model["id"], "created": True, "updated": 0}
-
-
 def _models_edit(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
     model = _model(server, body.get("model"))
     fields = {k: v for k, v in body.items() if k != "model"}
@@ -797,13 +892,6 @@ def _models_publish(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str
     return {"updated": 1, "published_task": {}}
 
 
-def _events_get_task_events(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
-    """The events of one task (``PipelineController`` reads a failed step's log)."""
-    task_id = body.get("task")
-    found = [e for e in server.events() if e.get("task") == task_id]
-    return {"events": found, "returned": len(found), "total": len(found)}
-
-
 def _queues_get_all(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
     items = [q for q in server.queues.values() if _matches(q, body)]
     return {"queues": _page(items, body)}
@@ -824,12 +912,24 @@ def _tasks_enqueue(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str,
         raise ApiError(f"Invalid queue id: queue={queue_id}", 400, INVALID_QUEUE_ID)
     fields = set_task_status(task, "queued", body)
     task.setdefault("execution", {})["queue"] = queue_id
-    server.queues[queue_id]["entries"].append({"task": task["id"], "added": _now()})
+    if server.agent_completes:  # an agent takes it at once and completes it
+        set_task_status(task, "in_progress", {}, started=_now())
+        set_task_status(task, "completed", {}, completed=_now())
+    else:
+        server.queues[queue_id]["entries"].append({"task": task["id"], "added": _now()})
     return {"queued": 1, "updated": 1, "fields": fields}
 
 
-def _workers_get_all(_server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
-    return {"workers": []}  # no agents: a fake runs nothing
+def _workers_get_all(server: FakeClearMLServer, _body: dict[str, Any]) -> dict[str, Any]:
+    """The registered agents, each queue as ``{id, name}`` (bll/workers ``get_all``)."""
+    workers = [
+        {
+            "id": worker_id,
+            "queues": [{"id": q, "name": server.queues[q]["name"]} for q in queue_ids],
+        }
+        for worker_id, queue_ids in server.workers.items()
+    ]
+    return {"workers": workers}
 
 
 def _events_add_batch(_server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
@@ -839,9 +939,7 @@ def _events_add_batch(_server: FakeClearMLServer, body: dict[str, Any]) -> dict[
 _HANDLERS: dict[str, Handler] = {
     "auth.login": _login,
     "debug.ping": _ping,
-    "server.info": _server_info,
     "projects.get_all": _projects_get_all,
-    "projects.get_all_ex": _projects_get_all,
     "projects.create": _projects_create,
     "projects.update": _projects_update,
     "tasks.create": _tasks_create,
@@ -850,29 +948,21 @@ _HANDLERS: dict[str, Handler] = {
     "tasks.completed": _tasks_completed,
     "tasks.stopped": _status_setter("stopped", "completed"),
     "tasks.failed": _status_setter("failed"),
-    "tasks.close": _status_setter("closed"),
-    "tasks.publish": _status_setter("published", "published"),
     "tasks.ping": _tasks_ping,
     "tasks.get_all": _tasks_get_all,
-    "tasks.get_all_ex": _tasks_get_all,
     "tasks.get_by_id": _tasks_get_by_id,
     "tasks.edit_hyper_params": _tasks_edit_hyper_params,
-    "tasks.edit_configuration": _tasks_edit_configuration,
     "tasks.add_or_update_artifacts": _tasks_add_or_update_artifacts,
     "tasks.add_or_update_model": _tasks_add_or_update_model,
     "tasks.set_requirements": _tasks_set_requirements,
     "projects.get_by_id": _projects_get_by_id,
     "models.create": _models_create,
-    "models.update_for_task": _models_update_for_task,
     "models.edit": _models_edit,
-    "models.update": _models_edit,
     "models.add_or_update_metadata": _models_metadata,
     "models.get_all": _models_get_all,
-    "models.get_all_ex": _models_get_all,
     "models.get_by_id": _models_get_by_id,
     "models.set_ready": _models_publish,
     "events.add_batch": _events_add_batch,
-    "events.get_task_events": _events_get_task_events,
     "queues.get_all": _queues_get_all,
     "queues.get_by_id": _queues_get_by_id,
     "tasks.enqueue": _tasks_enqueue,
@@ -881,11 +971,21 @@ _HANDLERS: dict[str, Handler] = {
 
 
 def _parse_body(raw: bytes, endpoint: str) -> Any:
+    """The JSON body; ``events.add_batch`` sends JSON lines, split on the bytes' line ends as
+    the server splits them (``str.splitlines`` would also split inside a string holding
+    U+0085 or U+2028). Raises ``ValueError`` naming what is not JSON."""
     if not raw.strip():
         return {}
-    text = raw.decode("utf-8", errors="replace")
     if endpoint == "events.add_batch":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        items = []
+        for index, line in enumerate(raw.splitlines()):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except ValueError as exc:
+                    raise ValueError(f"{endpoint}: batch item #{index} is not JSON: {exc}") from exc
+        return items
+    text = raw.decode("utf-8", errors="replace")
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -930,36 +1030,45 @@ def _make_request_handler(server: FakeClearMLServer) -> type[BaseHTTPRequestHand
                 return
             match = _ENDPOINT.match(path)
             if not match:
+                with server._lock:
+                    server.violations.append(f"{self.command} {path}: not an API path")
                 self._reply(404, b'{"meta": {"result_code": 404, "result_msg": "not found"}}')
                 return
             endpoint = match["endpoint"]
-            body = _parse_body(raw, endpoint)
+            try:
+                body = _parse_body(raw, endpoint)
+            except ValueError as exc:  # the server answers 400 (request_handlers.py)
+                with server._lock:
+                    server.violations.append(str(exc))
+                self._envelope(endpoint, 400, {}, str(exc), VALIDATION_ERROR)
+                return
             with server._lock:
                 server.calls.append(
                     Call(endpoint, body, self.command, match["version"], dict(self.headers))
                 )
-            if endpoint == "auth.login" and not self._authorized():
-                self._envelope(endpoint, 401, {}, "Unauthorized (invalid credentials)")
+            refused = server.refusal(endpoint, self.headers.get("Authorization", ""))
+            if refused is not None:
+                self._envelope(endpoint, 401, {}, refused[1], refused[0])
                 return
-            status, data = server.handle(endpoint, body)
+            status, data = server.handle(endpoint, body, match["version"])
             message = str(data.pop("_error", "OK"))
             subcode = int(data.pop("_subcode", 0))
-            self._envelope(endpoint, status, data, message, subcode)
-
-        def _authorized(self) -> bool:
-            if server.access_key is None and server.secret_key is None:
-                return True
-            expected = f"{server.access_key}:{server.secret_key}".encode()
-            header = self.headers.get("Authorization", "")
-            return header == "Basic " + base64.b64encode(expected).decode()
+            self._envelope(endpoint, status, data, message, subcode, version=match["version"])
 
         def _envelope(
-            self, endpoint: str, status: int, data: dict[str, Any], msg: str, subcode: int = 0
+            self,
+            endpoint: str,
+            status: int,
+            data: dict[str, Any],
+            msg: str,
+            subcode: int = 0,
+            *,
+            version: str | None = None,
         ) -> None:
             meta = {
                 "id": uuid.uuid4().hex,
                 "trx": uuid.uuid4().hex,
-                "endpoint": {"name": endpoint, "requested_version": API_VERSION},
+                "endpoint": {"name": endpoint, "requested_version": version or API_VERSION},
                 "result_code": status,
                 "result_subcode": subcode,
                 "result_msg": msg,

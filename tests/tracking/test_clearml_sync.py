@@ -510,7 +510,7 @@ def test_fake_pages_and_filters_tasks() -> None:
             request = urllib.request.Request(
                 f"{server.api_host}/v2.23/{endpoint}",
                 data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json", "Authorization": "Basic azpz"},
                 method="POST",
             )
             with urllib.request.urlopen(request, timeout=5) as response:

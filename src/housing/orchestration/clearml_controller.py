@@ -336,6 +336,19 @@ def git_origin(root: Path) -> tuple[str | None, str | None, str | None]:
     return url, None if branch == "HEAD" else branch, git("rev-parse", "HEAD")
 
 
+def controller_succeeded(controller: Any) -> bool:
+    """Whether the controller itself ended well (its steps are judged apart).
+
+    Run by an agent, the SDK leaves its own task ``in_progress`` when the pipeline ends
+    (the agent marks it completed once this process exits 0) and marks it ``failed`` when
+    a step failed: there a task still in progress at the end is a success, where
+    ``is_successful`` says no. Run here, the task is ``completed`` by then."""
+    if controller.is_successful(fail_on_step_fail=False):
+        return True
+    task = controller.task
+    return not task.running_locally() and str(task.status) == "in_progress"
+
+
 def run_controller(
     settings: Settings, overrides: Sequence[str], config_dir: Path
 ) -> PipelineResult:
@@ -376,7 +389,7 @@ def run_controller(
             steps[name] = StepResult(name, _STATUS.get(status, "skipped"), status == "cached")
         evaluated = "evaluate" in steps and steps["evaluate"].status == "succeeded"
         best, rmse = final_metrics(settings) if evaluated else (None, None)
-        ok = bool(controller.is_successful(fail_on_step_fail=False)) and evaluated
+        ok = controller_succeeded(controller) and evaluated
         failed = next((s.name for s in steps.values() if s.status == "failed"), None)
         error = None if ok else f"step {failed or '?'} failed (see ClearML task logs)"
         duration = time.monotonic() - t0
