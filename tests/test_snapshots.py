@@ -156,3 +156,25 @@ def test_a_new_snapshot_reruns_dvc_repro_and_versions_models_on_its_data(
     assert "Traceback" not in third.stdout + third.stderr
     assert {p: io.file_md5(p) for p in outputs} == kept
     assert _versions(repo, "housing-best") == {1: new_md5}
+
+
+def test_dvc_exp_run_set_param_names_a_snapshot_hydra_reads(tmp_path: Path) -> None:
+    """``dvc exp run -S conf/pipeline.yaml:data.path=FILE`` rewrites the file with DVC's own
+    writer (it drops the quotes around ``"on"``); the config still loads, with the path."""
+    import shutil
+
+    from dvc.utils.hydra import apply_overrides
+
+    from housing.config import load_settings
+
+    from .conftest import CONF
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    apply_overrides(conf / "pipeline.yaml", [f"data.path={SNAPSHOT}"])
+    settings = load_settings(["tracking=none"], conf, tmp_path)
+    assert settings.data.path == Path(SNAPSHOT)
+    assert settings.notifications.on == ("failed", "pipeline")
+    assert settings.resolved["notifications"]["on"] == ["failed", "pipeline"]
+    apply_overrides(conf / "pipeline.yaml", ["data.path=conf/data"])
+    assert load_settings(["tracking=none"], conf, tmp_path).data.path is None

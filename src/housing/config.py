@@ -509,6 +509,13 @@ def compose(overrides: Sequence[str] = (), config_dir: Path | None = None) -> di
         raise _override_error(exc, overrides) from None
     if not isinstance(container, dict):  # pragma: no cover - pipeline.yaml is a mapping
         raise ConfigError(f"{cdir}/{CONFIG_NAME}.yaml must be a mapping")
+    notifications = container.get("notifications")
+    if isinstance(notifications, dict) and True in notifications:
+        # `dvc exp run -S conf/pipeline.yaml:...` rewrites the file without the quotes
+        # around "on", which Hydra's YAML 1.1 loader then reads as the key true.
+        container["notifications"] = {
+            "on" if key is True else key: item for key, item in notifications.items()
+        }
     return {str(k): v for k, v in container.items()}
 
 
