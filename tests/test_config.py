@@ -110,7 +110,7 @@ def test_model_configs_are_named_after_their_file() -> None:
         (["selection.metric=accuracy"], "selection.metric"),
         (["selection.candidates=[ridge,lasso]"], "selection.candidates"),
         (["selection.candidates=[]"], "selection.candidates"),
-        (["data=csv"], "data.path"),
+        (["data=csv", "data.target=price"], "data.path"),
         (["data=csv", "data.path=x.csv"], "data.target"),
         (["data.drop_columns=[medv]"], "data.drop_columns"),
         (["data.sep=;"], "data.sep=;"),

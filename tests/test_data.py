@@ -5,18 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from housing.config import ColumnRule, Schema
+from housing.config import ColumnRule, Schema, Settings, compose
 from housing.data import schema, sources
 from housing.data.split import split_frame, split_indices
 from housing.errors import DataError
 from housing.stages import prepare
 
-from .conftest import SettingsFactory, csv_overrides
+from .conftest import CONF, SettingsFactory, csv_overrides
 
 
 def test_boston_loads_from_the_installed_mlxtend_wheel() -> None:
@@ -226,3 +227,204 @@ def test_fingerprint_records_the_source_without_absolute_paths(
     for record in (inside, outside, boston):
         assert str(tmp_path) not in json.dumps(record)
         assert "site-packages" not in json.dumps(record)
+
+
+# --- a new snapshot of a dataset's table (data=boston data.path=FILE) -----------
+
+
+@pytest.fixture
+def snapshot() -> pd.DataFrame:
+    """The Boston rows resampled with a fixed seed: a new snapshot of the same table."""
+    boston = sources.load_boston().frame
+    rows = np.random.default_rng(7).integers(0, len(boston), len(boston))
+    return boston.iloc[rows].reset_index(drop=True)
+
+
+def _write(path: Path, frame: pd.DataFrame) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)  # a user's snapshot: a header row of column names
+    return path
+
+
+def test_a_boston_snapshot_is_read_instead_of_the_bundled_table(
+    tmp_path: Path, make_settings: SettingsFactory, snapshot: pd.DataFrame
+) -> None:
+    shuffled = snapshot[[*reversed(snapshot.columns)]]  # any column order
+    path = _write(tmp_path / "input" / "boston-2026.csv", shuffled.iloc[:300])
+    settings = make_settings(["data=boston", f"data.path={path}"])
+    result = prepare.run(settings)
+    assert result.fingerprint["source"] == "boston"
+    assert result.fingerprint["origin"] == "input/boston-2026.csv"
+    assert result.fingerprint["raw"]["rows"] == 300
+    raw = pd.read_csv(settings.paths.raw)
+    assert list(raw.columns) == list(sources.BOSTON_COLUMNS)  # the schema's order
+    pd.testing.assert_frame_equal(raw.astype("float64"), snapshot.iloc[:300].astype("float64"))
+
+
+def test_the_default_data_path_means_the_datasets_own_source(
+    make_settings: SettingsFactory,
+) -> None:
+    """conf/pipeline.yaml's data.path is conf/data (prepare's DVC dependency): no snapshot."""
+    assert compose(["tracking=none"], CONF)["data"]["path"] == "conf/data"
+    assert make_settings().data.path is None
+    assert make_settings(["data.path=./conf/data/"]).data.path is None
+
+
+def _refused(settings: Settings, path: Path) -> str:
+    """prepare refuses ``path`` with one line naming it; nothing written, nothing changed."""
+    before = {p: p.read_bytes() for p in settings.paths.raw.parents[1].rglob("*") if p.is_file()}
+    fp = settings.paths.fingerprint
+    kept = fp.read_bytes() if fp.is_file() else None
+    with pytest.raises(DataError) as err:
+        prepare.run(settings)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    after = {p: p.read_bytes() for p in settings.paths.raw.parents[1].rglob("*") if p.is_file()}
+    assert after == before
+    assert (fp.read_bytes() if fp.is_file() else None) == kept
+    return message
+
+
+@pytest.fixture
+def prepared(make_settings: SettingsFactory) -> Settings:
+    """A root where prepare already ran on the bundled table (outputs to keep intact)."""
+    settings = make_settings()
+    prepare.run(settings)
+    return settings
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        pytest.param(
+            lambda f: f.assign(rm=f["rm"].where(f.index % 100 != 3, np.inf)),
+            "column 'rm': 6 rows not finite (inf or -inf)",
+            id="inf",
+        ),
+        pytest.param(
+            lambda f: f.assign(nox=f["nox"].where(f.index != 9, -np.inf)),
+            "column 'nox': 1 row not finite (inf or -inf)",
+            id="minus-inf",
+        ),
+        pytest.param(
+            lambda f: f.assign(crim=f["crim"].where(f.index >= 4)),
+            "column 'crim': 4 rows missing (empty or NaN)",
+            id="nan-with-allow-missing-false",
+        ),
+        pytest.param(
+            lambda f: f.drop(columns=["rm"]),
+            "column 'rm': 506 rows missing: required column not in the table",
+            id="missing-column",
+        ),
+        pytest.param(
+            lambda f: f.assign(medv=f["medv"].where(f.index >= 3, 150.0)),
+            "column 'medv': 3 rows above max 100",
+            id="target-above-range",
+        ),
+        pytest.param(
+            lambda f: f.assign(medv=f["medv"].where(f.index != 0, -1.0)),
+            "column 'medv': 1 row below min 0",
+            id="target-below-range",
+        ),
+        pytest.param(
+            lambda f: f.assign(chas=f["chas"].where(f.index >= 2, 5)),
+            "column 'chas': 2 rows not one of [0, 1]",
+            id="chas-5",
+        ),
+        pytest.param(
+            lambda f: f.assign(lot=1.0),
+            "column 'lot': not in data=boston's schema (506 rows); remove it or add it to "
+            "data.drop_columns",
+            id="extra-column",
+        ),
+    ],
+)
+def test_a_bad_boston_snapshot_is_refused_in_one_line(
+    prepared: Settings,
+    make_settings: SettingsFactory,
+    snapshot: pd.DataFrame,
+    change: Any,
+    expected: str,
+) -> None:
+    path = _write(prepared.root / "snapshot.csv", change(snapshot))
+    message = _refused(make_settings([f"data.path={path}"]), path)
+    assert expected in message
+
+
+def test_a_repeated_header_is_refused_not_renamed(
+    tmp_path: Path, prepared: Settings, make_settings: SettingsFactory, snapshot: pd.DataFrame
+) -> None:
+    """pandas would read a second 'rm' as 'rm.1'; the header as written is checked."""
+    path = tmp_path / "dup.csv"
+    frame = snapshot.copy()
+    frame.insert(len(frame.columns), "rm", snapshot["rm"], allow_duplicates=True)
+    _write(path, frame)
+    message = _refused(make_settings([f"data.path={path}"]), path)
+    assert "column 'rm': header names it 2 times (columns 6 and 15; 506 rows)" in message
+    csv = _refused(make_settings(csv_overrides(path, "data.target=medv")), path)
+    assert "column 'rm': header names it 2 times" in csv  # data=csv too
+
+
+def test_nan_in_a_snapshot_follows_allow_missing(
+    tmp_path: Path, make_settings: SettingsFactory, snapshot: pd.DataFrame
+) -> None:
+    path = _write(tmp_path / "gaps.csv", snapshot.assign(crim=snapshot["crim"].where(
+        snapshot.index >= 4)))  # fmt: skip
+    allowed = ["data.schema.allow_missing=true", f"data.path={path}"]
+    assert prepare.run(make_settings(allowed)).fingerprint["raw"]["rows"] == 506
+    target_gap = _write(tmp_path / "no-price.csv", snapshot.assign(medv=snapshot["medv"].where(
+        snapshot.index >= 1)))  # fmt: skip
+    with pytest.raises(DataError, match="column 'medv': 1 row missing"):
+        prepare.run(make_settings(["data.schema.allow_missing=true", f"data.path={target_gap}"]))
+
+
+def test_inf_in_a_schemaless_csv_is_refused(
+    tmp_path: Path, make_settings: SettingsFactory, small_table: pd.DataFrame
+) -> None:
+    path = _write(tmp_path / "inf.csv", small_table.assign(b=small_table["b"].where(
+        small_table.index != 5, np.inf)))  # fmt: skip
+    assert "column 'b': 1 row not finite" in _refused(make_settings(csv_overrides(path)), path)
+
+
+def test_a_snapshot_without_a_header_row_says_so(
+    tmp_path: Path, make_settings: SettingsFactory, snapshot: pd.DataFrame
+) -> None:
+    path = tmp_path / "bare.csv"
+    snapshot.to_csv(path, index=False, header=False)  # the bundled file's layout
+    message = _refused(make_settings([f"data.path={path}"]), path)
+    assert "no column of data=boston's schema in its first line" in message
+    assert "first line names its columns (crim, zn, indus, ...)" in message
+
+
+def test_a_snapshot_column_can_be_dropped_by_config(
+    tmp_path: Path, make_settings: SettingsFactory, snapshot: pd.DataFrame
+) -> None:
+    path = _write(tmp_path / "ids.csv", snapshot.assign(id=range(len(snapshot))))
+    result = prepare.run(make_settings([f"data.path={path}", "data.drop_columns=[id,b]"]))
+    assert result.fingerprint["features"] == [c for c in sources.BOSTON_COLUMNS[:-1] if c != "b"]
+
+
+def test_synthetic_data_takes_no_snapshot(make_settings: SettingsFactory) -> None:
+    from housing.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^data\.path: data=synthetic generates its table"):
+        make_settings(["data=synthetic", "data.path=x.csv"])
+
+
+def test_cli_refuses_a_bad_snapshot_with_one_line_and_exit_3(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    snapshot: pd.DataFrame,
+) -> None:
+    from housing.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    chas = snapshot["chas"].where(snapshot.index != 0, 5)
+    _write(tmp_path / "new.csv", snapshot.assign(chas=chas))
+    args = ["--config-dir", str(CONF), "prepare", "tracking=none", "data=boston",
+            "data.path=new.csv"]  # fmt: skip
+    assert main(args) == DataError.exit_code
+    captured = capsys.readouterr()
+    assert captured.err == "error: new.csv: column 'chas': 1 row not one of [0, 1]\n"
+    assert not (tmp_path / "data").exists()

@@ -108,8 +108,17 @@ class Schema(_Section):
     _no_columns = field_validator("columns", mode="before")(_or_empty)
 
 
+#: ``data.path`` when no snapshot is set (conf/pipeline.yaml): the dataset's own source.
+#: It names an existing folder because the path is also prepare's DVC dependency.
+OWN_SOURCE = Path("conf/data")
+
+
 class DataSettings(_Section):
-    """Where the raw table comes from and what it must look like."""
+    """Where the raw table comes from and what it must look like.
+
+    ``path``: a CSV read instead of the dataset's own source (a new snapshot of the
+    table, or any table for ``source: csv``); None: the source itself.
+    """
 
     name: Text
     source: Literal["boston", "california", "csv", "synthetic"]
@@ -127,10 +136,20 @@ class DataSettings(_Section):
     def schema(self) -> Schema:  # type: ignore[override]  # BaseModel.schema is deprecated
         return self.schema_
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _own_source(cls, value: Any) -> Any:
+        return None if isinstance(value, str | Path) and Path(value) == OWN_SOURCE else value
+
     @model_validator(mode="after")
     def _per_source(self) -> DataSettings:
         if self.source == "csv" and self.path is None:
             raise ConfigError("data.path: required for data=csv (data.path=<file.csv>)")
+        if self.source == "synthetic" and self.path is not None:
+            raise ConfigError(
+                f"data.path: data=synthetic generates its table; read {self.path} with "
+                "data=boston (a Boston snapshot) or data=csv"
+            )
         if self.source == "synthetic" and self.n_rows is None:
             raise ConfigError("data.n_rows: required for data=synthetic")
         if self.target in self.drop_columns:
@@ -498,6 +517,13 @@ def compose(overrides: Sequence[str] = (), config_dir: Path | None = None) -> di
         raise _override_error(exc, overrides) from None
     if not isinstance(container, dict):  # pragma: no cover - pipeline.yaml is a mapping
         raise ConfigError(f"{cdir}/{CONFIG_NAME}.yaml must be a mapping")
+    notifications = container.get("notifications")
+    if isinstance(notifications, dict) and True in notifications:
+        # `dvc exp run -S conf/pipeline.yaml:...` rewrites the file without the quotes
+        # around "on", which Hydra's YAML 1.1 loader then reads as the key true.
+        container["notifications"] = {
+            "on" if key is True else key: item for key, item in notifications.items()
+        }
     return {str(k): v for k, v in container.items()}
 
 

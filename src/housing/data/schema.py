@@ -1,4 +1,5 @@
-"""Schema validation: required columns, numeric types, ranges, missing values, rows.
+"""Schema validation: required columns, numeric types, finite values, ranges, missing
+values, rows.
 
 A violation raises one :class:`DataError` line naming the file, the column and how
 many rows fail, before anything is written.
@@ -6,6 +7,7 @@ many rows fail, before anything is written.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,7 @@ class Violation:
 
 def find_violations(frame: pd.DataFrame, schema: Schema, target: str) -> list[Violation]:
     """Every schema violation of ``frame`` (an empty list when it is valid)."""
+    import numpy as np
     import pandas as pd
 
     found: list[Violation] = []
@@ -47,6 +50,10 @@ def find_violations(frame: pd.DataFrame, schema: Schema, target: str) -> list[Vi
         if bad_type:
             example = raw[values.isna() & raw.notna()].iloc[0]
             found.append(Violation(str(col), bad_type, f"not numeric (e.g. {example!r})"))
+        infinite = np.isinf(values)
+        if n_inf := int(infinite.sum()):
+            found.append(Violation(str(col), n_inf, "not finite (inf or -inf)"))
+            values = values.mask(infinite)  # counted once, not again as out of range
         rule = schema.columns.get(str(col))
         nullable = schema.allow_missing if rule is None or rule.nullable is None else rule.nullable
         if col == target:
@@ -76,12 +83,27 @@ def validate(frame: pd.DataFrame, schema: Schema, target: str, origin: str) -> p
     """
     import pandas as pd
 
-    violations = find_violations(frame, schema, target)
-    if violations:
-        first, rest = violations[0], violations[1:]
-        more = f" (+{len(rest)} more: {', '.join(v.column for v in rest[:5])})" if rest else ""
-        raise DataError(f"{origin}: {first.describe()}{more}")
+    _refuse(find_violations(frame, schema, target), origin)
     features = [c for c in frame.columns if c != target]
     out: pd.DataFrame = frame[[*features, target]].apply(pd.to_numeric).astype("float64")
     out.columns = [str(c) for c in out.columns]
     return out
+
+
+def check_split(
+    frame: pd.DataFrame, features: Sequence[str], target: str, origin: str, fix: str
+) -> None:
+    """Refuse a processed split a later stage cannot use, in one DataError line ending in
+    ``fix``: a needed column (``features``, the target) absent, a value not numeric or not
+    finite, a missing target. Missing feature values pass (the model imputes them)."""
+    from housing.config import ColumnRule, Schema
+
+    rules = Schema(allow_missing=True, columns={str(f): ColumnRule() for f in features})
+    _refuse(find_violations(frame, rules, target), origin, f"; {fix}")
+
+
+def _refuse(violations: list[Violation], origin: str, fix: str = "") -> None:
+    if violations:
+        first, rest = violations[0], violations[1:]
+        more = f" (+{len(rest)} more: {', '.join(v.column for v in rest[:5])})" if rest else ""
+        raise DataError(f"{origin}: {first.describe()}{more}{fix}")

