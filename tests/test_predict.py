@@ -274,7 +274,7 @@ def test_bad_input_refused_in_one_line(
                 tax=rows["tax"].where(rows.index >= 10, np.inf),  # rows 0-9
                 dis=rows["dis"].where(rows.index >= 5, np.inf),  # rows 0-4
             ),
-            "column 'dis': 5 row(s) not finite (inf)",  # the first such column, its count
+            "column 'dis': 5 rows not finite (inf or -inf) (+1 more)",  # the first one named
         ),
         "chas.csv": (rows.assign(chas=5), "column 'chas': 40 rows not one of [0, 1]"),
         "twice.csv": (
@@ -320,7 +320,7 @@ def test_failed_batch_keeps_the_previous_output(
         "predict.chunk_rows=16",
     )  # fmt: skip
     assert code == 3
-    assert err.strip() == f"error: {bad} (rows 33-40): column 'tax': 1 row(s) not finite (inf)"
+    assert err.strip() == f"error: {bad} (rows 33-40): column 'tax': 1 row not finite (inf or -inf)"
     after = {p.name: p.read_bytes() for p in output.parent.iterdir()}
     assert after == before  # no partial file, no temporary left, the old pair intact
     assert (
