@@ -378,6 +378,11 @@ def test_offline_mode_from_environment(tmp_path: Path) -> None:
     assert "offline" in mode.detail
     assert "CLEARML_OFFLINE_MODE" in mode.detail
     assert by_name["clearml server"].status == "warn"  # only `clearml sync` needs it
+    # the SDK's older name turns it offline too, so doctor reads it as well
+    alias = _by_name(
+        _run(_env(tmp_path, TRAINS_OFFLINE_MODE="1"), f"http://127.0.0.1:{_free_port()}")
+    )
+    assert (alias["clearml mode"].status, alias["clearml server"].status) == ("ok", "warn")
 
     online = _by_name(_run(env, f"http://127.0.0.1:{_free_port()}", mode="online"))
     assert online["clearml mode"].status == "fail"  # online wins: no server there

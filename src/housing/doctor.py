@@ -555,6 +555,8 @@ def diagnose(
     for ``housing sync`` (:meth:`~housing.tracking.recorder.PendingSync.summary`), a
     warning.
     """
+    from housing.tracking.clearml import offline_env_set
+
     root = Path.cwd() if root is None else root
     pipeline = clearml.pipeline
     expected_queues = [] if pipeline.run_locally else [pipeline.execution_queue]
@@ -590,7 +592,7 @@ def diagnose(
             key_names=key_names,
             access=env.get(key_names[0], ""),
             secret=env.get(key_names[1], ""),
-            offline_env=_truthy(env.get("CLEARML_OFFLINE_MODE")),
+            offline_env=offline_env_set(env),
         )
         cred_source = "environment" if state.access and state.secret else ""
         if not cred_source and literals.get("access_key") and literals.get("secret_key"):

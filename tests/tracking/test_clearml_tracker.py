@@ -195,6 +195,8 @@ def test_resolve_mode(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         assert resolve_mode(alive, env={})[0] == "offline"  # no credentials: never online
         offline_env = {**keys, "CLEARML_OFFLINE_MODE": "1"}  # as doctor and the SDK read it
         assert resolve_mode(alive, env=offline_env) == ("offline", "CLEARML_OFFLINE_MODE is set")
+        alias = {**keys, "TRAINS_OFFLINE_MODE": "true"}  # the SDK's older name, as it reads it
+        assert resolve_mode(alive, env=alias) == ("offline", "CLEARML_OFFLINE_MODE is set")
         assert server.endpoints() == ["debug.ping", "auth.login"]  # the keys are checked too
 
 

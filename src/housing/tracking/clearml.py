@@ -127,8 +127,7 @@ def resolve_mode(
     finds none, else offline with the reason logged once per process."""
     if settings.mode in ("online", "offline"):
         return settings.mode, f"clearml.mode={settings.mode}"
-    offline_env = (os.environ if env is None else env).get("CLEARML_OFFLINE_MODE", "")
-    if offline_env.strip().lower() in ("1", "true", "yes", "on", "y", "t"):
+    if offline_env_set(os.environ if env is None else env):
         return "offline", "CLEARML_OFFLINE_MODE is set"  # as the SDK would (and doctor says)
     reason = server_problem(settings, env, timeout) if problem is None else problem()
     if reason is None:
@@ -142,6 +141,16 @@ def resolve_mode(
     else:  # credentials set: a server is meant to be used, say once it is not
         _log_once(offline_line(reason), logging.WARNING)
     return "offline", reason
+
+
+#: The SDK's offline switch and its older alias (clearml 2.1.12 ``ENV_OFFLINE_MODE``).
+OFFLINE_ENV: Final = ("CLEARML_OFFLINE_MODE", "TRAINS_OFFLINE_MODE")
+
+
+def offline_env_set(env: Mapping[str, str]) -> bool:
+    """Whether ``env`` turns the SDK offline, read as the SDK reads it (either name)."""
+    truthy = ("1", "true", "yes", "on", "y", "t")
+    return any(env.get(name, "").strip().lower() in truthy for name in OFFLINE_ENV)
 
 
 def offline_line(reason: str) -> str:
