@@ -277,6 +277,7 @@ def test_bad_input_refused_in_one_line(
             "column 'dis': 5 rows not finite (inf or -inf) (+1 more)",  # the first one named
         ),
         "chas.csv": (rows.assign(chas=5), "column 'chas': 40 rows not one of [0, 1]"),
+        "header.csv": (rows.iloc[0:0], "no rows to predict (only a header)"),
         "twice.csv": (
             pd.concat([rows, rows[["rm"]]], axis=1),  # pandas would read it as rm, rm.1
             "duplicated column header(s): rm",

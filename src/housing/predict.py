@@ -326,6 +326,8 @@ def checked_chunks(
             end = start + len(chunk)
             chunked = start or len(chunk) == chunk_rows
             where = f"{path} (rows {start + 1}-{end})" if chunked else str(path)
+            if chunk.empty:
+                raise DataError(f"{path}: no rows to predict (only a header)")
             found = [v for v in find_violations(chunk, schema, target) if v.column != target]
             if found:
                 more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
