@@ -55,8 +55,26 @@ def _env(repo: Path) -> dict[str, str]:
     return env
 
 
+#: Commands started by the running test: pid -> (process, start time in ms).
+_STARTED: dict[int, tuple[subprocess.Popen[str], int]] = {}
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftovers() -> Iterator[None]:
+    """A test that fails midway must not leave its command running into the next test
+    (which would find that command's RUNNING stage and signal the wrong process)."""
+    yield
+    for proc, _ in _STARTED.values():
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    _STARTED.clear()
+
+
 def _start(repo: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    started_ms = int(time.time() * 1000)
+    proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "housing"), *args],
         cwd=repo,
         env=_env(repo),
@@ -65,6 +83,8 @@ def _start(repo: Path, *args: str) -> subprocess.Popen[str]:
         text=True,
         start_new_session=True,  # its own process group, as a terminal gives a command
     )
+    _STARTED[proc.pid] = (proc, started_ms)
+    return proc
 
 
 def _client(repo: Path) -> Any:
@@ -88,14 +108,16 @@ def _wait_for_running_stage(repo: Path, proc: subprocess.Popen[str], name: str) 
     """
     import sqlite3
 
-    query = "SELECT run_uuid FROM runs WHERE name = ? AND status = 'RUNNING'"
+    # this command's run: one an earlier command left RUNNING is not it
+    query = "SELECT run_uuid FROM runs WHERE name = ? AND status = 'RUNNING' AND start_time >= ?"
+    since = _STARTED[proc.pid][1] - 1000  # the clocks agree; a second of slack
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"ended early: {proc.communicate()[1][-2000:]}"
         try:
             uri = f"file:{repo / 'mlflow.db'}?mode=ro"  # never creates the store
             with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
-                found = db.execute(query, (name,)).fetchall()
+                found = db.execute(query, (name, since)).fetchall()
         except sqlite3.Error:
             found = []
         if found:
