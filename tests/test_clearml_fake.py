@@ -43,11 +43,7 @@ def _call(
         headers={"Content-Type": "application/json"} | ({"Authorization": auth} if auth else {}),
         method="POST",
     )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return _reply(request)
 
 
 def test_schema_version_is_the_one_the_sdk_negotiates() -> None:
@@ -177,6 +173,15 @@ def test_set_ready_on_a_ready_model_is_refused() -> None:
         assert (status, reply["meta"]["result_subcode"]) == (400, MODEL_IS_READY)
 
 
+def _reply(request: urllib.request.Request) -> tuple[int, Any]:
+    """Send ``request`` to the fake; (HTTP status, the JSON it answered), errors included."""
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def _post_lines(server: FakeClearMLServer, lines: list[str]) -> tuple[int, Any]:
     request = urllib.request.Request(
         f"{server.url}/v{server.schema_version}/events.add_batch",
@@ -184,11 +189,7 @@ def _post_lines(server: FakeClearMLServer, lines: list[str]) -> tuple[int, Any]:
         headers={"Content-Type": "application/json-lines", "Authorization": _KEYS},
         method="POST",
     )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return _reply(request)
 
 
 def test_event_batches_split_on_line_ends_only_and_a_bad_line_is_a_400() -> None:
