@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from housing.cli import main
-from housing.config import Settings, available_choices, compose, load_settings
+from housing.config import (
+    FROM_COMMAND_LINE,
+    FROM_CONF,
+    STANDARD_ENV,
+    Settings,
+    available_choices,
+    compose,
+    load_settings,
+)
 from housing.errors import ConfigError
 
 from .conftest import CONF
@@ -160,3 +169,94 @@ def test_cli_config_prints_resolved_yaml(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "alpha: 1.0" in out
     assert "test_size: 0.2" in out
+
+
+# --------------------------------------------------------------------------- precedence
+
+
+def _at(values: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        values = values[part]
+    return values
+
+
+@pytest.mark.parametrize(("key", "variable"), sorted(STANDARD_ENV.items()))
+def test_a_standard_variable_beats_conf_and_the_command_line_beats_it(
+    key: str, variable: str, tmp_path: Path
+) -> None:
+    from_env, from_cli = ("http://127.0.0.1:9", "http://127.0.0.1:7")
+    if key == "mlflow.experiment":
+        from_env, from_cli = ("from-env", "from-cli")
+    env = {variable: from_env}
+    conf = load_settings(config_dir=CONF, root=tmp_path, env={})
+    assert conf.source(key) == FROM_CONF
+    assert _at(conf.resolved, key) not in (from_env, from_cli)
+
+    settings = load_settings(config_dir=CONF, root=tmp_path, env=env)
+    assert _at(settings.resolved, key) == from_env
+    assert _at(settings.model_dump(), key) == from_env  # the typed settings, not only the dump
+    assert settings.source(key) == variable
+
+    settings = load_settings([f"{key}={from_cli}"], config_dir=CONF, root=tmp_path, env=env)
+    assert _at(settings.model_dump(), key) == from_cli
+    assert settings.source(key) == FROM_COMMAND_LINE
+
+
+def test_clearml_config_file_hosts_sit_between_the_variables_and_conf(tmp_path: Path) -> None:
+    conf_file = tmp_path / "clearml.conf"
+    conf_file.write_text(
+        "api {\n"
+        '    api_server: "http://file-api:8008"\n'
+        "    api_server: ${?CLEARML_API_HOST}\n"
+        "    web_server: http://file-web:8080\n"
+        "}\n"
+    )
+    env = {"CLEARML_CONFIG_FILE": str(conf_file)}
+    settings = load_settings(config_dir=CONF, root=tmp_path, env=env)
+    server = settings.clearml.server
+    assert (server.api_host, server.web_host) == ("http://file-api:8008", "http://file-web:8080")
+    assert server.files_host == "http://127.0.0.1:8081"  # not in the file: conf/
+    assert settings.source("clearml.server.api_host") == f"CLEARML_CONFIG_FILE ({conf_file})"
+    assert settings.source("clearml.server.files_host") == FROM_CONF
+
+    env["CLEARML_API_HOST"] = "http://env-api:8008"
+    settings = load_settings(config_dir=CONF, root=tmp_path, env=env)
+    assert settings.clearml.server.api_host == "http://env-api:8008"
+    assert settings.clearml.server.web_host == "http://file-web:8080"
+
+    missing = {"CLEARML_CONFIG_FILE": str(tmp_path / "nope.conf")}
+    settings = load_settings(config_dir=CONF, root=tmp_path, env=missing)
+    assert settings.clearml.server.api_host == "http://127.0.0.1:8008"
+
+
+def test_cli_config_shows_where_values_came_from_and_hides_url_credentials(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://bob:s3cr3t-token@mlflow.example:5000")
+    assert main(["--config-dir", str(CONF), "config", "model=ridge"]) == 0
+    out = capsys.readouterr().out
+    assert "tracking_uri: https://***@mlflow.example:5000" in out
+    assert "s3cr3t" not in out
+    assert "#   mlflow.tracking_uri: MLFLOW_TRACKING_URI" in out
+    assert "#   model: command line" in out
+    assert "clearml.server.api_host" not in out  # from conf/: not listed
+
+
+def test_the_sdk_gets_the_command_line_host_over_an_exported_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import os
+
+    from housing.quirks.clearml import restore_sdk_env
+    from housing.tracking.clearml import set_server_env
+
+    monkeypatch.setenv("CLEARML_API_HOST", "http://exported:8008")
+    overrides = ["clearml.server.api_host=http://given:8008"]
+    settings = load_settings(overrides, config_dir=CONF, root=tmp_path)
+    before = {k: v for k, v in os.environ.items() if k.startswith("CLEARML_")}
+    try:
+        set_server_env(settings.clearml)
+        assert os.environ["CLEARML_API_HOST"] == "http://given:8008"
+    finally:
+        restore_sdk_env(before)
+    assert os.environ["CLEARML_API_HOST"] == "http://exported:8008"

@@ -325,7 +325,7 @@ def test_credentials_from_config_file(tmp_path: Path, fake: FakeClearMLServer) -
     by_name = _by_name(checks)
     assert by_name["clearml config"].status == "ok"
     assert "from CLEARML_CONFIG_FILE" in by_name["clearml config"].detail
-    assert f"API {fake.url} (from given setting)" in by_name["clearml server"].detail
+    assert f"API {fake.url} (from conf/)" in by_name["clearml server"].detail
     assert by_name["clearml credentials"].status == "ok"
     assert "(from config file)" in by_name["clearml credentials"].detail
     # auto mode looks only at the key variables, as the tracker does
@@ -340,7 +340,7 @@ def test_host_user_info_is_dropped(tmp_path: Path, fake: FakeClearMLServer) -> N
     api = fake.url.replace("://", "://someone:hunter22@") + "/"
     by_name = _by_name(_run(_env(tmp_path, CLEARML_API_HOST="http://127.0.0.1:1"), api))
     assert by_name["clearml server"].status == "ok"
-    assert f"API {fake.url} (from given setting)" in by_name["clearml server"].detail
+    assert f"API {fake.url} (from conf/)" in by_name["clearml server"].detail
     assert "hunter22" not in render(list(by_name.values()))
 
 
@@ -556,3 +556,22 @@ def test_status_and_doctor_count_what_waits_for_a_sync(
     shutil.rmtree(tmp_path / ".clearml" / "offline")
     assert main(["doctor", *overrides]) == 0
     assert "pending sync" not in capsys.readouterr().out  # nothing waits: no line
+
+
+def test_doctor_checks_the_exported_api_host_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from housing.cli import main
+
+    from .conftest import CONF
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CLEARML_API_HOST", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    monkeypatch.chdir(tmp_path)
+    code = main(["--config-dir", str(CONF), "doctor", "clearml.mode=online"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "http://127.0.0.1:9 (from CLEARML_API_HOST) unreachable" in out
+    assert "8008" not in out.split("clearml server", 1)[1].splitlines()[0]
+    assert "other.db (from MLFLOW_TRACKING_URI)" in out

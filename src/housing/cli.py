@@ -560,6 +560,7 @@ def doctor(settings: Settings) -> int:
         config_file=os.environ.get("CLEARML_CONFIG_FILE"),
         root=settings.root,
         pending=pending_sync(settings).summary(),
+        sources=settings.sources,
     )
     _show([render(checks)], lambda console: _print_checks(console, checks))
     return 1 if any(c.status == "fail" for c in checks) else 0
@@ -582,13 +583,26 @@ def _print_checks(console: Console, checks: Sequence[Check]) -> None:
     console.print(tally(checks), markup=False)
 
 
-@cli.command("config")
+@cli.command("config", short_help="Print the validated config and where values came from.")
 @_configured
 def config(settings: Settings) -> int:
-    """Print the composed, validated config."""
+    """Print the composed, validated config, then (as YAML comments) the keys whose value
+    came from the command line or an environment variable; the rest came from conf/.
+
+    Precedence: a command-line override, then the trackers' standard variables
+    (CLEARML_API_HOST, CLEARML_WEB_HOST, CLEARML_FILES_HOST, the api section of
+    CLEARML_CONFIG_FILE, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, MLFLOW_REGISTRY_URI),
+    then conf/.
+    """
     import yaml
 
-    sys.stdout.write(yaml.safe_dump(dict(settings.resolved), sort_keys=False))
+    from housing.tracking.lineage import redact
+
+    sys.stdout.write(yaml.safe_dump(redact(dict(settings.resolved)), sort_keys=False))
+    if settings.sources:
+        sys.stdout.write("# from the command line or the environment (the rest from conf/):\n")
+        for key, source in sorted(settings.sources.items()):
+            sys.stdout.write(f"#   {key}: {source}\n")
     return 0
 
 

@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Final, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -43,6 +43,26 @@ TRAIN_METRICS = (
     "cv/rmse_std",
 )
 SELECTION_METRICS = tuple(m for m in TRAIN_METRICS if m != "cv/rmse_std")
+
+#: Keys the trackers' own environment variables set. One rule: a command-line override
+#: beats the variable, which beats ``conf/``; ``CLEARML_CONFIG_FILE``'s ``api`` section
+#: (the hosts) sits between the variables and ``conf/``, as in the ClearML SDK.
+STANDARD_ENV: Final = {
+    "clearml.server.api_host": "CLEARML_API_HOST",
+    "clearml.server.web_host": "CLEARML_WEB_HOST",
+    "clearml.server.files_host": "CLEARML_FILES_HOST",
+    "mlflow.tracking_uri": "MLFLOW_TRACKING_URI",
+    "mlflow.experiment": "MLFLOW_EXPERIMENT_NAME",
+    "mlflow.registry_uri": "MLFLOW_REGISTRY_URI",
+}
+_CONFIG_FILE_KEYS: Final = {
+    "clearml.server.api_host": "api_server",
+    "clearml.server.web_host": "web_server",
+    "clearml.server.files_host": "files_server",
+}
+#: Where a value came from when neither the command line nor the environment set it.
+FROM_CONF: Final = "conf/"
+FROM_COMMAND_LINE: Final = "command line"
 
 
 def greater_is_better(metric: str) -> bool:
@@ -447,6 +467,8 @@ class Settings(_Section):
     root: Path
     config_dir: Path
     resolved: dict[str, Any]  # the whole composed config, plain values
+    # Dotted key -> where its value came from, for keys not from conf/ (see source()).
+    sources: dict[str, str] = {}
     data: DataSettings
     model: ModelSettings
     paths: Paths
@@ -459,6 +481,11 @@ class Settings(_Section):
     registry: RegistrySettings = RegistrySettings()
     predict: PredictSettings = PredictSettings()
     notifications: NotificationSettings = NotificationSettings()
+
+    def source(self, key: str) -> str:
+        """Where ``key``'s value came from: the command line, an environment variable
+        (its name), ``CLEARML_CONFIG_FILE (<path>)`` or ``conf/``."""
+        return self.sources.get(key, FROM_CONF)
 
     @property
     def tracking(self) -> tuple[str, ...]:
@@ -554,20 +581,88 @@ def _check_group_choices(config_dir: Path, overrides: Sequence[str]) -> None:
 
 
 def load_settings(
-    overrides: Sequence[str] = (), config_dir: Path | None = None, root: Path | None = None
+    overrides: Sequence[str] = (),
+    config_dir: Path | None = None,
+    root: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Compose and validate the config; the one call every entry point makes."""
+    """Compose and validate the config; the one call every entry point makes.
+
+    ``env`` (default ``os.environ``) supplies the trackers' standard variables
+    (:data:`STANDARD_ENV`) for the keys no override sets."""
     cdir = (config_dir or default_config_dir()).resolve()
     cfg = compose(overrides, cdir)
     root = (root or Path.cwd()).resolve()
-    extra = sorted(set(cfg) & {"root", "config_dir", "resolved"})
+    extra = sorted(set(cfg) & {"root", "config_dir", "resolved", "sources"})
     if extra:
         raise ConfigError(f"{extra[0]}: unknown key")
-    values = {**cfg, "root": root, "config_dir": cdir, "resolved": dict(cfg)}
+    sources = apply_environment(cfg, overrides, os.environ if env is None else env)
+    values = {**cfg, "root": root, "config_dir": cdir, "resolved": dict(cfg), "sources": sources}
     try:
         return Settings.model_validate(values, context={"root": root, "config_dir": cdir})
     except ValidationError as exc:
         raise ConfigError(_error_line(exc.errors()[0])) from None
+
+
+def apply_environment(
+    cfg: dict[str, Any], overrides: Sequence[str], env: Mapping[str, str]
+) -> dict[str, str]:
+    """Set the :data:`STANDARD_ENV` keys no override names from ``env`` (in place); return
+    where each non-``conf/`` value came from."""
+    named = [o.partition("=")[0].lstrip("+~") for o in overrides if "=" in o or o.startswith("~")]
+    sources: dict[str, str] = {}
+    file_values: dict[str, str] | None = None
+    conf_file = env.get("CLEARML_CONFIG_FILE", "")
+    for key, variable in STANDARD_ENV.items():
+        if any(key == n or key.startswith(n + ".") for n in named):
+            sources[key] = FROM_COMMAND_LINE
+            continue
+        value, source = env.get(variable, ""), variable
+        if not value and key in _CONFIG_FILE_KEYS and conf_file:
+            if file_values is None:
+                file_values = read_clearml_conf(Path(conf_file).expanduser())
+            value = file_values.get(_CONFIG_FILE_KEYS[key], "")
+            source = f"CLEARML_CONFIG_FILE ({conf_file})"
+        if not value:
+            continue
+        section, *middle, leaf = key.split(".")
+        node = cfg.get(section)
+        for part in middle:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node[leaf] = value
+            sources[key] = source
+    for name in named:  # other keys the command line set, for `housing config`
+        sources.setdefault(name, FROM_COMMAND_LINE)
+    return sources
+
+
+_CONF_VALUE: Final = re.compile(
+    r"""^\s*(?:api\s*\.\s*|credentials\s*\.\s*|api\.credentials\s*\.\s*)?
+        "?(?P<key>access_key|secret_key|api_server|web_server|files_server)"?
+        \s*[:=]\s*(?P<value>"[^"\n]*"|[^\s"#,}{]+)""",
+    re.VERBOSE,
+)
+
+
+def read_clearml_conf(path: Path) -> dict[str, str]:
+    """Best-effort read of the literal hosts and API keys of a ClearML HOCON file.
+
+    Only plain ``key: value`` lines are understood (parsing HOCON properly means
+    importing the SDK, about 1 s, in every command); substitutions (``${?VAR}``) are
+    skipped (the variables are consulted first anyway). Later lines win, as in HOCON. An
+    unreadable file gives nothing.
+    """
+    found: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return found
+    for match in filter(None, map(_CONF_VALUE.match, text.splitlines())):
+        value = match.group("value").strip('"').strip()
+        if value and not value.startswith("$"):
+            found[match.group("key")] = value
+    return found
 
 
 _EXPECTED = {

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from housing import http
+from housing.config import FROM_CONF, read_clearml_conf
 from housing.tracking.stores import clearml_store_problem, mlflow_store_problem
 
 if TYPE_CHECKING:
@@ -174,32 +175,6 @@ def _reason(exc: BaseException, timeout: float) -> str:
 
 
 _URI_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://")
-_CONF_VALUE = re.compile(
-    r"""^\s*(?:api\s*\.\s*|credentials\s*\.\s*|api\.credentials\s*\.\s*)?
-        "?(?P<key>access_key|secret_key)"?
-        \s*[:=]\s*(?P<value>"[^"\n]*"|[^\s"#,}{]+)""",
-    re.VERBOSE,
-)
-
-
-def _read_config_literals(path: Path) -> dict[str, str]:
-    """Best-effort read of the literal API keys from a ClearML HOCON file.
-
-    Only plain ``key: value`` lines are understood; substitutions (``${?VAR}``) are
-    skipped (the environment is consulted first anyway). Later lines win, as in HOCON.
-    """
-    found: dict[str, str] = {}
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return found
-    for match in filter(None, map(_CONF_VALUE.match, text.splitlines())):
-        value = match.group("value").strip('"').strip()
-        if value and not value.startswith("$"):
-            found[match.group("key")] = value
-    return found
-
-
 # --------------------------------------------------------------------------- checks
 
 
@@ -247,6 +222,7 @@ class _ServerState:
     api_host: str
     web_host: str
     key_names: tuple[str, str]
+    api_source: str = FROM_CONF  # where api_host came from (housing.config.Settings.source)
     access: str = ""
     secret: str = ""
     offline_env: bool = False  # CLEARML_OFFLINE_MODE is set
@@ -265,15 +241,21 @@ class _ServerState:
 
 
 def _check_mlflow(
-    env: Mapping[str, str], uri: str, enabled: bool, client: _Client, root: Path
+    env: Mapping[str, str],
+    uri: str,
+    enabled: bool,
+    client: _Client,
+    root: Path,
+    *,
+    uri_source: str = FROM_CONF,
 ) -> Check:
     check = partial(Check, "mlflow")
     if not enabled:
         return check("ok", "MLflow disabled (not among the tracking backends)")
     env_uri = env.get("MLFLOW_TRACKING_URI", "")
-    note = ""
+    note = f" (from {uri_source})"
     if env_uri and env_uri != uri:
-        note = f"; note: MLFLOW_TRACKING_URI={display_url(env_uri)} is also set"
+        note += f"; MLFLOW_TRACKING_URI={display_url(env_uri)} is overridden"
     if not uri:
         return check(
             "warn",
@@ -328,7 +310,7 @@ def _check_server(state: _ServerState, files_host: str) -> Check:
         state.unreachable_reason = "not an http(s) URL"
         return check(
             "fail",
-            f"API host {shown!r} (from given setting) is not an http(s) URL",
+            f"API host {shown!r} (from {state.api_source}) is not an http(s) URL",
             "set CLEARML_API_HOST=http://127.0.0.1:8008 (or api.api_server in the config file)",
         )
     reply = state.client.request(f"{state.api_host}/debug.ping")
@@ -336,21 +318,21 @@ def _check_server(state: _ServerState, files_host: str) -> Check:
         state.reachable = True
         return check(
             "ok",
-            f"API {shown} (from given setting) answers debug.ping; web UI"
+            f"API {shown} (from {state.api_source}) answers debug.ping; web UI"
             f" {display_url(state.web_host)}, files {display_url(files_host)}",
         )
     if reply.status is not None:
         state.unreachable_reason = f"HTTP {reply.status} on debug.ping"
         return check(
             severity,
-            f"{shown} (from given setting) answered debug.ping with HTTP {reply.status}:"
+            f"{shown} (from {state.api_source}) answered debug.ping with HTTP {reply.status}:"
             " not a ClearML API server?",
             "check the API URL: the API server listens on port 8008 (web UI 8080, files 8081)",
         )
     state.unreachable_reason = reply.error
     return check(
         severity,
-        f"API {shown} (from given setting) unreachable: {reply.error}",
+        f"API {shown} (from {state.api_source}) unreachable: {reply.error}",
         f"{_START_SERVER}; or run offline with clearml.mode=offline",
     )
 
@@ -542,6 +524,7 @@ def diagnose(
     config_file: str | None = None,
     root: Path | None = None,
     pending: str | None = None,
+    sources: Mapping[str, str] | None = None,
 ) -> list[Check]:
     """Check the tracking setup and return one :class:`Check` per aspect.
 
@@ -558,6 +541,11 @@ def diagnose(
     from housing.tracking.clearml import offline_env_set
 
     root = Path.cwd() if root is None else root
+    given = sources or {}
+
+    def source(key: str) -> str:
+        return given.get(key, FROM_CONF)
+
     pipeline = clearml.pipeline
     expected_queues = [] if pipeline.run_locally else [pipeline.execution_queue]
     client = _Client(env, clearml.connect_timeout_sec)
@@ -578,11 +566,20 @@ def diagnose(
             checks.append(
                 Check("clearml mode", "ok", "ClearML disabled (not among the tracking backends)")
             )
-            checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, client, root))
+            checks.append(
+                _check_mlflow(
+                    env,
+                    mlflow_uri,
+                    "mlflow" in backends,
+                    client,
+                    root,
+                    uri_source=source("mlflow.tracking_uri"),
+                )
+            )
             return [*checks, *pending_check(pending)]
 
         config_check, config_path = _config_file_check(env, config_file)
-        literals = _read_config_literals(config_path) if config_path else {}
+        literals = read_clearml_conf(config_path) if config_path else {}
         key_names = (clearml.auth.access_key_env, clearml.auth.secret_key_env)
         state = _ServerState(
             client=client,
@@ -590,6 +587,7 @@ def diagnose(
             api_host=_clean_host(clearml.server.api_host),
             web_host=_clean_host(clearml.server.web_host),
             key_names=key_names,
+            api_source=source("clearml.server.api_host"),
             access=env.get(key_names[0], ""),
             secret=env.get(key_names[1], ""),
             offline_env=offline_env_set(env),
@@ -608,7 +606,15 @@ def diagnose(
         ledger_problem = clearml_store_problem(clearml.offline_dir)
         if ledger_problem is not None:
             checks.append(Check("clearml store", "fail", ledger_problem, "nothing was changed"))
-        checks.append(_check_mlflow(env, mlflow_uri, "mlflow" in backends, client, root))
+        mlflow_check = _check_mlflow(
+            env,
+            mlflow_uri,
+            "mlflow" in backends,
+            client,
+            root,
+            uri_source=source("mlflow.tracking_uri"),
+        )
+        checks.append(mlflow_check)
     checks.extend([config_check, server_check, cred_check, *extra, *pending_check(pending)])
     basic = _basic(state) if state.secret else ""
     access = state.access if len(state.access) > 4 else ""

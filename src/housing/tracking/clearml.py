@@ -102,17 +102,22 @@ _active: list[ClearMLTracker] = []  # the tracker whose task is open in this pro
 
 
 def set_server_env(settings: ClearMLSettings) -> None:
-    """Point the SDK at the configured server: hosts and keys (read from the variables
-    named in ``clearml.auth``) go to the ``CLEARML_*`` variables it reads, unless set."""
+    """Point the SDK at the configured server: the hosts (already the winners of command
+    line > ``CLEARML_*_HOST`` > config file > conf/, see housing.config) and the keys
+    (read from the variables named in ``clearml.auth``, unless the SDK's own are set) go
+    to the ``CLEARML_*`` variables it reads."""
     server, auth = settings.server, settings.auth
-    values = {
+    hosts = {
         "CLEARML_API_HOST": server.api_host,
         "CLEARML_WEB_HOST": server.web_host,
         "CLEARML_FILES_HOST": server.files_host,
+    }
+    keys = {
         "CLEARML_API_ACCESS_KEY": os.environ.get(auth.access_key_env, ""),
         "CLEARML_API_SECRET_KEY": os.environ.get(auth.secret_key_env, ""),
     }
-    set_sdk_env(values, keep_set=True)
+    set_sdk_env(hosts)
+    set_sdk_env(keys, keep_set=True)
 
 
 def resolve_mode(

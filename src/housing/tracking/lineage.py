@@ -17,6 +17,8 @@ from housing.tracking.base import ChampionDecision
 
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|api_key|webhook_url)", re.IGNORECASE)
 REDACTED = "***"
+# user:password@ (or token@) in a URL such as an MLFLOW_TRACKING_URI taken from the env.
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 def utc_now() -> str:
@@ -47,7 +49,8 @@ def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
 
 
 def redact(value: Any, secrets: list[str] | None = None) -> Any:
-    """A copy of ``value`` with secret-looking keys and known secret values replaced.
+    """A copy of ``value`` with secret-looking keys, known secret values and the user
+    info of URLs (``https://user:token@host``) replaced.
 
     Keys ending in ``_env`` hold variable *names*, not secrets, and are kept.
     """
@@ -66,6 +69,7 @@ def redact(value: Any, secrets: list[str] | None = None) -> Any:
     if isinstance(value, str):
         for secret in known:
             value = value.replace(secret, REDACTED)
+        value = _URL_USERINFO.sub(f"{REDACTED}@", value)
     return value
 
 
