@@ -542,10 +542,6 @@ def diagnose(
 
     root = Path.cwd() if root is None else root
     given = sources or {}
-
-    def source(key: str) -> str:
-        return given.get(key, FROM_CONF)
-
     pipeline = clearml.pipeline
     expected_queues = [] if pipeline.run_locally else [pipeline.execution_queue]
     client = _Client(env, clearml.connect_timeout_sec)
@@ -562,20 +558,17 @@ def diagnose(
             )
         ]
     with client.session:
+        mlflow_check = _check_mlflow(
+            env,
+            mlflow_uri,
+            "mlflow" in backends,
+            client,
+            root,
+            uri_source=given.get("mlflow.tracking_uri", FROM_CONF),
+        )
         if "clearml" not in backends:
-            checks.append(
-                Check("clearml mode", "ok", "ClearML disabled (not among the tracking backends)")
-            )
-            checks.append(
-                _check_mlflow(
-                    env,
-                    mlflow_uri,
-                    "mlflow" in backends,
-                    client,
-                    root,
-                    uri_source=source("mlflow.tracking_uri"),
-                )
-            )
+            disabled = "ClearML disabled (not among the tracking backends)"
+            checks += [Check("clearml mode", "ok", disabled), mlflow_check]
             return [*checks, *pending_check(pending)]
 
         config_check, config_path = _config_file_check(env, config_file)
@@ -587,7 +580,7 @@ def diagnose(
             api_host=_clean_host(clearml.server.api_host),
             web_host=_clean_host(clearml.server.web_host),
             key_names=key_names,
-            api_source=source("clearml.server.api_host"),
+            api_source=given.get("clearml.server.api_host", FROM_CONF),
             access=env.get(key_names[0], ""),
             secret=env.get(key_names[1], ""),
             offline_env=offline_env_set(env),
@@ -606,14 +599,6 @@ def diagnose(
         ledger_problem = clearml_store_problem(clearml.offline_dir)
         if ledger_problem is not None:
             checks.append(Check("clearml store", "fail", ledger_problem, "nothing was changed"))
-        mlflow_check = _check_mlflow(
-            env,
-            mlflow_uri,
-            "mlflow" in backends,
-            client,
-            root,
-            uri_source=source("mlflow.tracking_uri"),
-        )
         checks.append(mlflow_check)
     checks.extend([config_check, server_check, cred_check, *extra, *pending_check(pending)])
     basic = _basic(state) if state.secret else ""
