@@ -184,7 +184,7 @@ def test_expected_mlflow_noise_still_comes_from_those_loggers() -> None:
     assert sql._logger is logging.getLogger(mlflow_quirks.SQL_STORE_LOGGER)
 
 
-def test_fluent_tracking_uri_is_set_and_put_back(
+def test_fluent_tracking_uri_is_set_and_put_back_without_touching_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mlflow
@@ -195,15 +195,14 @@ def test_fluent_tracking_uri_is_set_and_put_back(
     uri = f"sqlite:///{tmp_path / 'a.db'}"
     with mlflow_quirks.fluent_tracking_uri(uri):
         assert mlflow.get_tracking_uri() == uri
-        # why the variable is put back: mlflow's set_tracking_uri writes it
-        assert os.environ["MLFLOW_TRACKING_URI"] == uri
+        assert "MLFLOW_TRACKING_URI" not in os.environ  # mlflow's set_tracking_uri writes it
     assert tracking_utils._tracking_uri is None
-    assert "MLFLOW_TRACKING_URI" not in os.environ
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     with mlflow_quirks.fluent_tracking_uri(uri):
         assert mlflow.get_tracking_uri() == uri
-    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:1"
+        assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:1"
+    assert mlflow.get_tracking_uri() == "http://127.0.0.1:1"
 
 
 def test_check_prompts_once_asks_once_per_name(

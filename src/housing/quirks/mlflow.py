@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,26 +51,20 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
     mlflow 3.17: ``mlflow.sklearn.log_model`` and a local registry's
     ``create_model_version`` take no client or URI, only the global one. Its current
     value is the private ``mlflow.tracking._tracking_service.utils._tracking_uri``
-    (``get_tracking_uri()`` falls back to a default, which must not be pinned), and
-    ``set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ``, so
-    the variable is put back as it was.
+    (``get_tracking_uri()`` falls back to a default, which must not be pinned). It is
+    assigned directly: ``set_tracking_uri`` would also write ``MLFLOW_TRACKING_URI`` into
+    ``os.environ``, which other threads may be reading (setenv is not thread-safe in
+    glibc), and reset the tracing provider, which this project does not use.
     """
-    import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     with _GLOBAL_URI_LOCK:
-        env_before = os.environ.get("MLFLOW_TRACKING_URI")
         global_before = getattr(tracking_utils, "_tracking_uri", None)
-        set_uri: Any = mlflow.set_tracking_uri
-        set_uri(uri)
+        tracking_utils._tracking_uri = uri
         try:
             yield
         finally:
-            set_uri(global_before)
-            if env_before is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = env_before
+            tracking_utils._tracking_uri = global_before
 
 
 def check_prompts_once(client: Any) -> None:
