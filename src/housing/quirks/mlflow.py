@@ -56,8 +56,9 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
     ``os.environ``, which other threads may be reading (setenv is not thread-safe in
     glibc), and reset the tracing provider, which this project does not use.
     """
-    from mlflow.tracking._tracking_service import utils as tracking_utils
+    from mlflow.tracking._tracking_service import utils
 
+    tracking_utils: Any = utils  # mypy sees _tracking_uri typed as None
     with _GLOBAL_URI_LOCK:
         global_before = getattr(tracking_utils, "_tracking_uri", None)
         tracking_utils._tracking_uri = uri
