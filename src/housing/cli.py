@@ -676,6 +676,45 @@ def sync_all(settings: Settings) -> int:
     return 1 if failed or not result.ok else 0
 
 
+@cli.command("gc", short_help="Prune old MLflow runs, synced ClearML sessions, the DVC cache.")
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Pipeline runs and versions per model to keep (gc.keep).",
+)
+@click.option(
+    "--older-than",
+    default=None,
+    help="Only what is older than this age: 30d, 12h, 1d6h (gc.older_than).",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be freed; delete nothing.")
+@_locked
+@_overrides
+@_leaf
+def gc(
+    options: Globals,
+    keep: int | None,
+    older_than: str | None,
+    dry_run: bool,
+    overrides: tuple[str, ...],
+) -> int:
+    """Prune MLflow runs and their artifacts, ClearML offline sessions already synced, and
+    the DVC cache (dvc gc --workspace); one line per store: what it freed (files, MB).
+
+    Kept: the newest pipeline runs, the champion and the last versions of each registered
+    model with the runs they come from, and anything not yet synced.
+    """
+    from housing.gc import collect
+
+    given = [f"gc.keep={keep}"] if keep is not None else []
+    given += [f"gc.older_than={older_than}"] if older_than is not None else []
+    result = collect(_settings([*overrides, *given], options.config_dir), dry_run=dry_run)
+    for line in result.lines():
+        _echo(line)
+    return 0
+
+
 @clearml.command("import-sessions", hidden=True)
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("results", type=click.Path(dir_okay=False, path_type=Path))

@@ -120,6 +120,13 @@ def run_lock(
         if holder is not None and holder.token == inherited and holder.alive():
             yield None
             return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        raise RunLockError(f"{folder}: cannot write the run lock here; run in a writable checkout")
     me = Holder.this_process(command)
     deadline = time.monotonic() + RECORD_GRACE_SECONDS
     announced = False
