@@ -80,6 +80,7 @@ COMMANDS = [
     "clearml",
     "mlflow",
     "sync",
+    "gc",
 ]
 #: Every invocable command path (aliases and the clearml sub-group included).
 COMMAND_PATHS = [*([c] for c in COMMANDS), ["select-best"], ["clearml", "sync"], ["mlflow", "sync"]]

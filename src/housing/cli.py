@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import click
 
-from housing.entry import bound_mlflow_http, configure_logging, report_error
+from housing.entry import bound_mlflow_http, configure_logging, hold_run_lock, report_error
 from housing.errors import HousingError, first_line
 from housing.runner import execute_stage
 
@@ -51,6 +51,7 @@ class Globals:
 
     verbosity: int = 0
     config_dir: Path | None = None
+    argv: tuple[str, ...] = ()  # the command line (main's arguments), for the run lock
 
 
 class _OrderedGroup(click.Group):
@@ -102,6 +103,29 @@ def _leaf(function: Callable[Concatenate[Globals, P], int]) -> Callable[P, int]:
         return function(options, *args, **kwargs)
 
     return _global_options(command)
+
+
+def _locked(function: Callable[P, int]) -> Callable[P, int]:
+    """A command that writes pipeline outputs or tracker stores: it holds the checkout's
+    run lock while it runs (refused at once while another holds it; ``--wait`` waits)."""
+
+    @click.option(
+        "--wait",
+        "wait_for_lock",
+        is_flag=True,
+        envvar="HOUSING_WAIT",
+        help="Wait for a command running in this checkout instead of refusing.",
+    )
+    @functools.wraps(function)
+    def command(*args: Any, wait_for_lock: bool, **kwargs: Any) -> int:
+        ctx = click.get_current_context()
+        argv = ctx.ensure_object(Globals).argv
+        line = " ".join([PROG, *argv]) if argv else ctx.command_path
+        say = functools.partial(_echo, err=True)
+        with hold_run_lock(Path.cwd(), line, wait=wait_for_lock, say=say):
+            return function(*args, **kwargs)
+
+    return command  # type: ignore[return-value]
 
 
 def _overrides(function: F) -> F:
@@ -181,6 +205,7 @@ def cli(ctx: click.Context) -> None:
 
 
 def _stage_command(stage: str, text: str) -> click.Command:
+    @_locked
     @_overrides
     @_leaf
     def command(options: Globals, overrides: tuple[str, ...]) -> int:
@@ -234,6 +259,7 @@ _stage_command("evaluate", "Score the best model on the test split.")
     show_default=True,
     help="champion, a registered version number, or a candidate name (e.g. ridge).",
 )
+@_locked
 @_configured
 def predict(settings: Settings, input_path: Path, output: Path | None, model_spec: str) -> int:
     """Predict every row of --input with the champion; write the predictions and a
@@ -257,6 +283,7 @@ def predict(settings: Settings, input_path: Path, output: Path | None, model_spe
     help="Stages at a time (default: CPU count).",
 )
 @click.option("-f", "--force", is_flag=True, help="Rerun every stage (dvc repro --force).")
+@_locked
 @_overrides
 @_leaf
 def repro(options: Globals, jobs: int | None, force: bool, overrides: tuple[str, ...]) -> int:
@@ -302,6 +329,7 @@ _alias(repro, "run", "Alias of repro.")
 @cli.command("pipeline", short_help="Run the pipeline DAG (housing repro, or ClearML).")
 @click.option("--no-cache", is_flag=True, help="Rerun every step (dvc repro --force).")
 @click.option("--max-workers", type=click.IntRange(min=1), default=None, help="Parallel steps.")
+@_locked
 @_overrides
 @_leaf
 def pipeline(
@@ -662,6 +690,45 @@ def sync_all(settings: Settings) -> int:
     return 1 if failed or not result.ok else 0
 
 
+@cli.command("gc", short_help="Prune old MLflow runs, synced ClearML sessions, the DVC cache.")
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Pipeline runs and versions per model to keep (gc.keep).",
+)
+@click.option(
+    "--older-than",
+    default=None,
+    help="Only what is older than this age: 30d, 12h, 1d6h (gc.older_than).",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be freed; delete nothing.")
+@_locked
+@_overrides
+@_leaf
+def gc(
+    options: Globals,
+    keep: int | None,
+    older_than: str | None,
+    dry_run: bool,
+    overrides: tuple[str, ...],
+) -> int:
+    """Prune MLflow runs and their artifacts, ClearML offline sessions already synced, and
+    the DVC cache (dvc gc --workspace); one line per store: what it freed (files, MB).
+
+    Kept: the newest pipeline runs, the champion and the last versions of each registered
+    model with the runs they come from, and anything not yet synced.
+    """
+    from housing.gc import collect
+
+    given = [f"gc.keep={keep}"] if keep is not None else []
+    given += [f"gc.older_than={older_than}"] if older_than is not None else []
+    result = collect(_settings([*overrides, *given], options.config_dir), dry_run=dry_run)
+    for line in result.lines():
+        _echo(line)
+    return 0
+
+
 @clearml.command("import-sessions", hidden=True)
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
@@ -677,7 +744,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``housing`` and ``scripts/*.py``; returns the process exit code."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        result = cli.main(arguments, prog_name=PROG, standalone_mode=False)
+        result = cli.main(
+            arguments, prog_name=PROG, standalone_mode=False, obj=Globals(argv=tuple(arguments))
+        )
     except click.exceptions.Abort as exc:  # click's form of Ctrl-C (or SIGTERM)
         cause = exc.__cause__
         return report_error(cause if isinstance(cause, KeyboardInterrupt) else KeyboardInterrupt())

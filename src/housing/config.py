@@ -12,12 +12,14 @@ import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, get_args
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -343,6 +345,27 @@ class PredictSettings(_Section):
     output_dir: ProjectPath = Path("predictions")
 
 
+_AGE = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+def _age(value: Any) -> timedelta | None:
+    """An age such as ``30d``, ``12h``, ``1d6h``, ``90m`` (None: no age limit)."""
+    if value is None or isinstance(value, timedelta):
+        return value
+    match = _AGE.fullmatch(str(value).strip())
+    if not str(value).strip() or match is None:
+        raise ValueError(f"not an age like 30d, 12h or 1d6h, got {value!r}")
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+class GcSettings(_Section):
+    """``housing gc``: what retention keeps (``older_than`` None: any age may go)."""
+
+    keep: Annotated[StrictInt, Field(ge=1)] = 5
+    older_than: Annotated[timedelta | None, BeforeValidator(_age)] = None
+
+
 # --------------------------------------------------------------------------- tracking
 
 
@@ -480,6 +503,7 @@ class Settings(_Section):
     clearml: ClearMLSettings = ClearMLSettings()
     registry: RegistrySettings = RegistrySettings()
     predict: PredictSettings = PredictSettings()
+    gc: GcSettings = GcSettings()
     notifications: NotificationSettings = NotificationSettings()
 
     def source(self, key: str) -> str:

@@ -24,10 +24,12 @@ A variable the user set is never replaced.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 from housing.errors import HousingError, Terminated
 from housing.quirks import mlflow as mlflow_quirks
@@ -113,6 +115,30 @@ def bound_mlflow_http(timeout_sec: int | None = None, retries: int | None = None
     ``mlflow.timeout_sec`` / ``mlflow.retries``, without backoff (see the module
     docstring); None: the defaults, unless a budget was decided already."""
     os.environ.update(mlflow_http_env(timeout_sec, retries, os.environ))
+
+
+@contextlib.contextmanager
+def hold_run_lock(
+    root: Path, command: str, *, wait: bool, say: Callable[[str], None]
+) -> Iterator[None]:
+    """Hold ``root``'s run lock (:mod:`housing.runlock`) while a command runs; the
+    holder's identity is exported at once, before any work, for the processes it starts
+    (its stages), and removed when the command ends."""
+    from housing.runlock import HOLDER_ENV, run_lock
+
+    with run_lock(root, command, wait=wait, environ=os.environ, say=say) as holder:
+        if holder is None:  # a child of the holder: runs under its lock
+            yield
+            return
+        previous = os.environ.get(HOLDER_ENV)
+        os.environ[HOLDER_ENV] = holder.token
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(HOLDER_ENV, None)
+            else:
+                os.environ[HOLDER_ENV] = previous
 
 
 def error_line(message: str) -> None:

@@ -440,8 +440,8 @@ def _reproduce(run: _Run, result: ReproResult) -> None:
                             result.error = f"stage {stage.addressing} failed: {outcome.error}"
                             result.exit_code = outcome.exit_code or 1
                         run.notify(stage.addressing, "failed")
-    except DvcException as exc:
-        result.error = f"dvc: {first_line(exc)}"
+    except DvcException as exc:  # whole: a lock message names the blocking process below
+        result.error = f"dvc: {first_line(exc, whole=True)}"
         result.exit_code = 1
 
 
