@@ -323,6 +323,16 @@ class PredictSettings(_Section):
     output_dir: ProjectPath = Path("predictions")
 
 
+class DriftSettings(_Section):
+    """``housing drift`` and the drift checks of train, predict and prepare."""
+
+    psi_threshold: Annotated[Number, Field(gt=0)] = 0.2
+    p_value: Annotated[Number, Field(gt=0, lt=1)] = 0.01
+    notify: StrictBool = True
+    bins: Annotated[StrictInt, Field(ge=2, le=100)] = 10
+    sample_size: Annotated[StrictInt, Field(ge=10, le=100_000)] = 1000
+
+
 # --------------------------------------------------------------------------- tracking
 
 
@@ -363,6 +373,9 @@ class ClearMLPipeline(_Section):
     schedule_cron: Text | None = None
     cache: StrictBool = True
     poll_sec: Annotated[Number, Field(gt=0)] = 5.0
+    # on_change: skip the run ("skipped: no change") when the data's md5 is the
+    # champion's and nothing drifts (housing.drift.retrain_decision)
+    retrain: Literal["always", "on_change"] = "always"
 
     @field_validator("schedule_cron")
     @classmethod
@@ -458,6 +471,7 @@ class Settings(_Section):
     clearml: ClearMLSettings = ClearMLSettings()
     registry: RegistrySettings = RegistrySettings()
     predict: PredictSettings = PredictSettings()
+    drift: DriftSettings = DriftSettings()
     notifications: NotificationSettings = NotificationSettings()
 
     @property

@@ -88,15 +88,18 @@ class PipelineResult:
     """The outcome of one pipeline run."""
 
     run_id: str
-    status: Literal["succeeded", "failed"]
-    executor: str  # local | clearml-local | clearml-queue
+    status: Literal["succeeded", "failed", "skipped"]
+    executor: str  # local | clearml-local | clearml-queue | none (skipped)
     steps: Mapping[str, StepResult]
     duration_sec: float
     best_model: str | None = None
     test_rmse: float | None = None
+    reason: str | None = None  # why a run was skipped
 
     def summary_line(self) -> str:
         """One human line: status, duration, steps run/cached/skipped, best model, test rmse."""
+        if self.status == "skipped":
+            return f"pipeline {self.run_id}: {self.reason or 'skipped'}"
         kinds = [
             "skipped" if r.status == "skipped" else "cached" if r.cached else "run"
             for r in self.steps.values()
