@@ -167,6 +167,29 @@ def test_missing_feature_refused_in_one_line(
     assert {p: p.read_bytes() for p in (here / "metrics").glob("drift*.json")} == before
 
 
+def test_damaged_profile_refused_in_one_line(
+    here: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(here, copy)
+    monkeypatch.chdir(copy)
+    (copy / "models/ridge.profile.json").write_text('{"format": 1, "features": [')
+    (copy / "metrics/drift.json").unlink(missing_ok=True)
+    code, out, err = housing(capsys, "drift", "--input", "shifted.csv", *BASE)
+    assert code == 4 and out == ""
+    assert err.strip().splitlines() == [
+        "error: housing-best (local): no reference profile of its training data "
+        f"({copy / 'models/ridge.profile.json'}: not valid JSON (Expecting value at line 1)); "
+        "retrain it (housing repro)"
+    ]
+    assert not (copy / "metrics/drift.json").exists()
+    code, _, err = housing(capsys, "predict", "--input", "shifted.csv", *BASE)
+    assert code == 0, err  # predict still scores, without drift
+    assert "predict: drift not computed (housing-best (local): no reference profile" in err
+    sidecar = json.loads((copy / "predictions/shifted.predictions.meta.json").read_text())
+    assert sidecar["drift"] is None
+
+
 def test_predict_sidecar_carries_drift(
     here: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -341,7 +341,9 @@ def pipeline(
     """Run the pipeline DAG: ClearML's PipelineController with a server, else the
     local engine (housing repro, each stage a ClearML offline session).
 
-    Without a server only tracking overrides apply (tracking=, clearml.*, ...).
+    Without a server only tracking overrides apply (tracking=, clearml.*, ...). With
+    clearml.pipeline.retrain=on_change, a run whose data is the champion's and does not
+    drift trains nothing ("skipped: no change").
     """
     from housing.orchestration.pipeline import run_pipeline
 

@@ -425,17 +425,19 @@ def reference_for(settings: Settings, model: ModelChoice) -> tuple[ReferenceProf
                 raise ArtifactError(f"{where}: not valid JSON; retrain the model") from None
             if reference.model_sha256 == model.sha256:
                 return reference, f"mlflow:{where}"
+    unreadable: list[str] = []
     for path in sorted(settings.paths.models_dir.glob(f"*{PROFILE_SUFFIX}")):
         try:
             reference = read_profile(path)
         except HousingError as exc:
-            log.debug("skipping %s (%s)", path, first_line(exc))
+            unreadable.append(first_line(exc))
             continue
         if model.sha256 and reference.model_sha256 == model.sha256:
             return reference, io.project_path(path, settings.root)
+    why = unreadable[0] if unreadable else "trained before drift profiles existed, or gone"
     raise ArtifactError(
-        f"{model.label}: no reference profile recorded for it (trained before drift "
-        "profiles existed, or its models/*.profile.json is gone); retrain it (housing repro)"
+        f"{model.label}: no reference profile of its training data ({why}); "
+        "retrain it (housing repro)"
     )
 
 

@@ -53,9 +53,11 @@ def step_files(stage: str, settings: Settings) -> tuple[list[Path], list[Path]]:
     other steps' outputs, or the CSV ``prepare`` reads (``data.path``)."""
     paths, data = settings.paths, settings.data
 
+    from housing.drift import profile_path
+
     def trained(name: str) -> list[Path]:
-        metrics = paths.train_metrics(name)
-        return [paths.model(name), metrics, paths.meta(metrics)]
+        metrics, model = paths.train_metrics(name), paths.model(name)
+        return [model, profile_path(model), metrics, paths.meta(metrics)]
 
     csv = [data.path.resolve()] if data.path is not None else []
     summary, tested = paths.train_summary, paths.test_metrics

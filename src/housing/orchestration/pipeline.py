@@ -113,8 +113,7 @@ def retrain_decision(settings: Settings) -> RetrainDecision:
         return RetrainDecision(True, result.line(), md5, result.max_psi)
     return RetrainDecision(
         False,
-        f"skipped: no change (data md5 {md5[:12]} is {model.label}'s, "
-        f"max PSI {result.max_psi:.3f} < {result.psi_threshold:g})",
+        f"skipped: no change (data md5 {md5[:12]} is {model.label}'s; {result.line()})",
         md5,
         result.max_psi,
     )
