@@ -995,6 +995,9 @@ def _runs_section(runs: list[dict[str, Any]], metric: str) -> Section:
 # --------------------------------------------------------------------------- drift
 
 
+_DRIFT_ORIGINS: Final = {"drift": "housing drift", "predict": "housing predict"}
+
+
 def _drift_section(meta: dict[str, Any] | None) -> Section:
     section = Section(
         "drift",
@@ -1012,7 +1015,8 @@ def _drift_section(meta: dict[str, Any] | None) -> Section:
     verdict = f"drifting: {', '.join(drifting)}" if drifting else "no feature drifts"
     section.add(
         Note(
-            f"{meta.get('input')} ({meta.get('rows')} rows, from {meta.get('origin')}) against "
+            f"{meta.get('input')} ({meta.get('rows')} rows, checked by "
+            f"{_DRIFT_ORIGINS.get(str(meta.get('origin')), meta.get('origin'))}) against "
             f"{model}'s reference ({meta.get('n_reference')} rows): {verdict} "
             f"(PSI ≥ {meta.get('psi_threshold')} and KS p < {meta.get('p_value')}); "
             f"{_time(meta.get('created_at'))}."
