@@ -51,9 +51,9 @@ def build_dag(settings: Settings) -> list[Step]:
 def step_files(stage: str, settings: Settings) -> tuple[list[Path], list[Path]]:
     """(inputs, outputs) of a stage, absolute, as that step's settings name them: inputs are
     other steps' outputs, or the CSV ``prepare`` reads (``data.path``)."""
-    paths, data = settings.paths, settings.data
-
     from housing.drift import profile_path
+
+    paths, data = settings.paths, settings.data
 
     def trained(name: str) -> list[Path]:
         metrics, model = paths.train_metrics(name), paths.model(name)
