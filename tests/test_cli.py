@@ -68,6 +68,7 @@ COMMANDS = [
     "select_best",
     "evaluate",
     "predict",
+    "drift",
     "repro",
     "run",
     "pipeline",
@@ -97,6 +98,7 @@ SHIMS = {
     "mlflow_sync": ["mlflow", "sync"],
     "report": ["report"],
     "predict": ["predict"],
+    "drift": ["drift"],
 }
 
 

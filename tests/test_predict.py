@@ -147,6 +147,9 @@ def test_champion_matches_mlflow_pyfunc_and_sidecar(
     # the schema is the one the model was trained with (data=synthetic), not the composed
     # config's (data=boston by default)
     assert (sidecar["schema"], sidecar["schema_from"]) == ("synthetic", "model run config")
+    # drift against the champion's reference profile, read from its MLflow run
+    assert sidecar["drift"]["reference"].startswith(f"mlflow:run {version.run_id}/")
+    assert sidecar["drift"]["rows"] == 40 and sidecar["drift"]["drifting"] == []
 
     runs = client.search_runs(
         [client.get_experiment_by_name("housing").experiment_id],

@@ -271,6 +271,38 @@ def predict(settings: Settings, input_path: Path, output: Path | None, model_spe
     return 0
 
 
+@cli.command("drift", short_help="Compare a CSV file with the champion's training data.")
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CSV file with the model's feature columns (others are ignored).",
+)
+@click.option(
+    "--model",
+    "model_spec",
+    default="champion",
+    show_default=True,
+    help="champion, a registered version number, or a candidate name (e.g. ridge).",
+)
+@click.option("--fail-on-drift", is_flag=True, help="Exit 1 when a feature drifts.")
+@_locked
+@_configured
+def drift(settings: Settings, input_path: Path, model_spec: str, fail_on_drift: bool) -> int:
+    """Per-feature drift (PSI, two-sample KS) of --input against the reference profile of
+    the data the model was trained on; writes metrics/drift.json, its .meta.json and a
+    plot per drifting feature (plots/drift/). A drifting feature is a warning (exit 0)
+    unless --fail-on-drift.
+    """
+    from housing.drift_check import run as check
+
+    report = check(settings, input_path, model_spec)
+    drifting = bool(report.result.drifting)
+    _echo(f"{'warning: ' if drifting else ''}{report.line()}")
+    return 1 if drifting and fail_on_drift else 0
+
+
 # --------------------------------------------------------------------------- pipelines
 
 
@@ -338,7 +370,9 @@ def pipeline(
     """Run the pipeline DAG: ClearML's PipelineController with a server, else the
     local engine (housing repro, each stage a ClearML offline session).
 
-    Without a server only tracking overrides apply (tracking=, clearml.*, ...).
+    Without a server only tracking overrides apply (tracking=, clearml.*, ...). With
+    clearml.pipeline.retrain=on_change, a run whose data is the champion's and does not
+    drift trains nothing ("skipped: no change").
     """
     from housing.orchestration.pipeline import run_pipeline
 

@@ -366,6 +366,16 @@ class GcSettings(_Section):
     older_than: Annotated[timedelta | None, BeforeValidator(_age)] = None
 
 
+class DriftSettings(_Section):
+    """``housing drift`` and the drift checks of train, predict and prepare."""
+
+    psi_threshold: Annotated[Number, Field(gt=0)] = 0.2
+    p_value: Annotated[Number, Field(gt=0, lt=1)] = 0.01
+    notify: StrictBool = True
+    bins: Annotated[StrictInt, Field(ge=2, le=100)] = 10
+    sample_size: Annotated[StrictInt, Field(ge=10, le=100_000)] = 1000
+
+
 # --------------------------------------------------------------------------- tracking
 
 
@@ -406,6 +416,9 @@ class ClearMLPipeline(_Section):
     schedule_cron: Text | None = None
     cache: StrictBool = True
     poll_sec: Annotated[Number, Field(gt=0)] = 5.0
+    # on_change: skip the run ("skipped: no change") when the data's md5 is the
+    # champion's and nothing drifts (housing.drift.retrain_decision)
+    retrain: Literal["always", "on_change"] = "always"
 
     @field_validator("schedule_cron")
     @classmethod
@@ -504,6 +517,7 @@ class Settings(_Section):
     registry: RegistrySettings = RegistrySettings()
     predict: PredictSettings = PredictSettings()
     gc: GcSettings = GcSettings()
+    drift: DriftSettings = DriftSettings()
     notifications: NotificationSettings = NotificationSettings()
 
     def source(self, key: str) -> str:

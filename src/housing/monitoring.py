@@ -289,7 +289,7 @@ def track_stage(
 def record_pipeline_summary(
     events: EventLog,
     run_id: str,
-    status: Literal["succeeded", "failed", "killed"],
+    status: Literal["succeeded", "failed", "killed", "skipped"],
     duration_sec: float,
     *,
     notifier: Notifier | None = None,
@@ -469,7 +469,7 @@ def format_event(event: Mapping[str, Any]) -> str:
     rmse = event.get("test_rmse")
     if pipeline and isinstance(rmse, int | float):
         parts.append(f"test_rmse={rmse:.4f}")
-    parts += [f"{key}={event[key]}" for key in ("host", "error") if event.get(key)]
+    parts += [f"{key}={event[key]}" for key in ("host", "drifting", "error") if event.get(key)]
     return " ".join(" ".join(parts).split())
 
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from housing.config import DataSettings, Settings
+    from housing.drift import Accumulator, DriftResult
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class ModelChoice:
     git_commit: str | None
     estimator: Any = field(repr=False)
     data: DataSettings | None = None  # the dataset section the model was trained with
+    run_id: str | None = None  # the MLflow run that registered it (its artifacts)
 
     @property
     def label(self) -> str:
@@ -79,11 +81,17 @@ class PredictResult:
     input_sha256: str
     ignored_columns: tuple[str, ...]
     record: dict[str, Any]  # the sidecar's content
+    drift: DriftResult | None = None  # the input against the model's reference profile
 
     @property
     def metrics(self) -> dict[str, float]:
         """What the trackers get as metrics."""
-        return {"predict/rows": float(self.rows), "predict/seconds": self.seconds}
+        drift = self.drift.metrics if self.drift is not None else {}
+        return {
+            "predict/rows": float(self.rows),
+            "predict/seconds": self.seconds,
+            **{k: v for k, v in drift.items() if k.startswith("drift/")},
+        }
 
 
 # --------------------------------------------------------------------------- models
@@ -171,6 +179,7 @@ def _from_mlflow(settings: Settings, spec: str, champion: bool) -> ModelChoice:
         git_commit=record.get("git_commit"),
         estimator=estimator,
         data=_trained_data(settings, config.get("data")),
+        run_id=record.get("run_id") or None,
     )
 
 
@@ -381,6 +390,7 @@ def predict_file(
     input_sha = io.file_sha256(input_path)
     meta_path = settings.paths.meta(output)
     rows = 0
+    drift, reference = _drift_accumulator(settings, model)
     with io.atomic_path(output) as tmp:
         with tmp.open("w", encoding="utf-8", newline="") as fh:
             fh.write(f"{PREDICTION_COLUMN}\n")
@@ -390,6 +400,9 @@ def predict_file(
             for frame in checked_chunks(input_path, data, features, size):
                 _write_predictions(fh, model.estimator.predict(frame))
                 rows += len(frame)
+                if drift is not None:
+                    drift.add(frame)
+        drifted = _drift_result(settings, drift)
         seconds = time.perf_counter() - started
         record = _sidecar(
             settings,
@@ -400,6 +413,9 @@ def predict_file(
             rows=rows,
             seconds=seconds,
             ignored=ignored,
+        )
+        record["drift"] = (
+            {**drifted.summary(), "reference": reference} if drifted is not None else None
         )
         io.write_json(meta_path, record)  # written before the predictions are renamed in
     log.debug("predict: %d rows with %s -> %s (%.2f s)", rows, model.label, output, seconds)
@@ -412,7 +428,29 @@ def predict_file(
         input_sha256=input_sha,
         ignored_columns=tuple(ignored),
         record=record,
+        drift=drifted,
     )
+
+
+def _drift_accumulator(
+    settings: Settings, model: ModelChoice
+) -> tuple[Accumulator | None, str | None]:
+    """An accumulator on the model's reference profile and where that was found; (None,
+    None) with one warning when the model has none."""
+    from housing.drift import Accumulator, reference_for
+
+    try:
+        reference, where = reference_for(settings, model)
+    except HousingError as exc:
+        log.warning("predict: drift not computed (%s)", first_line(exc))
+        return None, None
+    return Accumulator(reference, settings.drift.sample_size, reference.seed), where
+
+
+def _drift_result(settings: Settings, drift: Accumulator | None) -> DriftResult | None:
+    from housing.drift import compare
+
+    return None if drift is None else compare(drift.reference, drift.current(), settings.drift)
 
 
 def _write_predictions(fh: Any, values: Any) -> None:
@@ -473,9 +511,24 @@ def run(
     )
     target = output if output is not None else default_output(settings, Path(input_path))
     preflight(settings, Path(input_path), target, model_spec)  # a typo opens no tracked run
+    started = time.perf_counter()
     with stop_signals(), tracked(settings, stage) as tset:
         result = predict_file(settings, input_path, output, model_spec)
         record(tset, STAGE, settings, result)
+    if result.drift is not None:
+        from housing.drift import announce
+
+        if result.drift.drifting:
+            log.warning("predict: %s: %s", Path(input_path).name, result.drift.line())
+
+        announce(
+            settings,
+            result.drift,
+            origin=STAGE,
+            input_path=Path(input_path),
+            model=result.model,
+            started=started,
+        )
     return result
 
 

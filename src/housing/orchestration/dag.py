@@ -51,11 +51,13 @@ def build_dag(settings: Settings) -> list[Step]:
 def step_files(stage: str, settings: Settings) -> tuple[list[Path], list[Path]]:
     """(inputs, outputs) of a stage, absolute, as that step's settings name them: inputs are
     other steps' outputs, or the CSV ``prepare`` reads (``data.path``)."""
+    from housing.drift import profile_path
+
     paths, data = settings.paths, settings.data
 
     def trained(name: str) -> list[Path]:
-        metrics = paths.train_metrics(name)
-        return [paths.model(name), metrics, paths.meta(metrics)]
+        metrics, model = paths.train_metrics(name), paths.model(name)
+        return [model, profile_path(model), metrics, paths.meta(metrics)]
 
     csv = [data.path.resolve()] if data.path is not None else []
     summary, tested = paths.train_summary, paths.test_metrics
@@ -88,15 +90,18 @@ class PipelineResult:
     """The outcome of one pipeline run."""
 
     run_id: str
-    status: Literal["succeeded", "failed"]
-    executor: str  # local | clearml-local | clearml-queue
+    status: Literal["succeeded", "failed", "skipped"]
+    executor: str  # local | clearml-local | clearml-queue | none (skipped)
     steps: Mapping[str, StepResult]
     duration_sec: float
     best_model: str | None = None
     test_rmse: float | None = None
+    reason: str | None = None  # why a run was skipped
 
     def summary_line(self) -> str:
         """One human line: status, duration, steps run/cached/skipped, best model, test rmse."""
+        if self.status == "skipped":
+            return f"pipeline {self.run_id}: {self.reason or 'skipped'}"
         kinds = [
             "skipped" if r.status == "skipped" else "cached" if r.cached else "run"
             for r in self.steps.values()

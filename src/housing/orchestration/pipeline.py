@@ -12,13 +12,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from housing.errors import ConfigError
+from housing.errors import ConfigError, HousingError, first_line
 from housing.orchestration.dag import PipelineError, PipelineResult, StepResult, final_metrics
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from housing.config import Settings
     from housing.orchestration.dag import StepStatus
 
@@ -45,11 +48,102 @@ def run_pipeline(
     cdir = (config_dir or default_config_dir()).resolve()
     root = (root or Path.cwd()).resolve()
     settings = load_settings(overrides, config_dir=cdir, root=root)
+    if settings.clearml.pipeline.retrain == "on_change" and use_cache is not False:
+        skipped = skip_unchanged(settings)
+        if skipped is not None:
+            return skipped
     if clearml_mode(settings) == "online":
         from housing.orchestration.clearml_controller import run_controller
 
         return run_controller(settings, overrides, cdir)
     return run_local(settings, overrides, max_workers=max_workers, use_cache=use_cache)
+
+
+@dataclass(frozen=True)
+class RetrainDecision:
+    """Whether a scheduled run should train, and why (one line)."""
+
+    retrain: bool
+    reason: str
+    data_md5: str | None = None
+    max_psi: float | None = None
+
+
+def prepared_md5(settings: Settings) -> tuple[str, pd.DataFrame]:
+    """The md5 ``data/raw/housing.csv`` would have after prepare (the lineage's
+    ``data_md5``), and that table; computed in a temporary folder, writing nothing."""
+    import tempfile
+
+    from housing import io
+    from housing.data import sources
+    from housing.stages.prepare import prepare_frames
+
+    raw, _, _ = prepare_frames(sources.load(settings.data), settings.data, settings.prepare)
+    with tempfile.TemporaryDirectory(prefix="housing-drift-") as tmp:
+        written = io.write_csv(Path(tmp) / "raw.csv", raw)
+        return io.file_md5(written), raw
+
+
+def retrain_decision(settings: Settings) -> RetrainDecision:
+    """``clearml.pipeline.retrain: on_change``: skip only when a champion exists, the input
+    data's md5 equals its recorded ``data_md5`` and nothing drifts against its reference."""
+    from housing.drift import compare, current_of, reference_for
+    from housing.drift_check import champion_or_none
+
+    model = champion_or_none(settings)
+    if model is None:
+        return RetrainDecision(True, "no champion yet")
+    try:
+        md5, raw = prepared_md5(settings)
+    except HousingError as exc:  # prepare will say it in its own words
+        return RetrainDecision(True, f"data not readable here ({first_line(exc, 200)})")
+    if md5 != model.data_md5:
+        return RetrainDecision(
+            True,
+            f"new data: md5 {md5[:12]}, {model.label} was trained on "
+            f"{(model.data_md5 or 'unknown')[:12]}",
+            md5,
+        )
+    try:
+        reference, _ = reference_for(settings, model)
+    except HousingError as exc:
+        return RetrainDecision(True, first_line(exc), md5)
+    result = compare(reference, current_of(reference, [raw]), settings.drift)
+    if result.drifting:
+        return RetrainDecision(True, result.line(), md5, result.max_psi)
+    return RetrainDecision(
+        False,
+        f"skipped: no change (data md5 {md5[:12]} is {model.label}'s; {result.line()})",
+        md5,
+        result.max_psi,
+    )
+
+
+def skip_unchanged(settings: Settings) -> PipelineResult | None:
+    """``clearml.pipeline.retrain: on_change``: a run whose data is the champion's and does
+    not drift trains nothing; it records a ``skipped`` pipeline event (notified as any run
+    summary) and returns its result. None: the run goes ahead (the reason is logged)."""
+    import time
+
+    from housing import runs
+    from housing.monitoring import EventLog, build_notifiers, record_pipeline_summary
+
+    started = time.perf_counter()
+    decision = retrain_decision(settings)
+    if decision.retrain:
+        log.info("pipeline: retraining (clearml.pipeline.retrain: on_change): %s", decision.reason)
+        return None
+    run_id = runs.current().run_id
+    seconds = time.perf_counter() - started
+    record_pipeline_summary(
+        EventLog(settings.paths.metrics_dir / "pipeline_events.jsonl"),
+        run_id,
+        "skipped",
+        seconds,
+        notifier=build_notifiers(settings.notifications),
+        extra={"reason": decision.reason, "data_md5": decision.data_md5},
+    )
+    return PipelineResult(run_id, "skipped", "none", {}, seconds, reason=decision.reason)
 
 
 def clearml_mode(settings: Settings) -> str:

@@ -171,6 +171,7 @@ class Inputs:
     comparison: pd.DataFrame | None = None
     predictions: pd.DataFrame | None = None
     importances: pd.DataFrame | None = None
+    drift: dict[str, Any] | None = None  # metrics/drift.meta.json (housing drift)
     trackers: list[Collected] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -220,6 +221,8 @@ def _read_inputs(settings: Settings, project: str | None, env: Mapping[str, str]
     got.comparison = csv(paths.comparison)
     got.predictions = csv(paths.predictions)
     got.importances = csv(paths.importances)
+    drift_meta = paths.meta(paths.metrics_dir / "drift.json")
+    got.drift = json_file(drift_meta, "") if drift_meta.is_file() else None
     got.trackers = _trackers(settings, project, env, got.notes)
     return got
 
@@ -344,6 +347,7 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
         _versions_section(models, metric, last_versions),
         _history_section(events, models),
         _runs_section(runs, metric),
+        _drift_section(inputs.drift),
     ]
     sources = [_source_line(t) for t in inputs.trackers]
     return Page(
@@ -986,6 +990,98 @@ def _runs_section(runs: list[dict[str, Any]], metric: str) -> Section:
             caption,
         )
     )
+
+
+# --------------------------------------------------------------------------- drift
+
+
+_DRIFT_ORIGINS: Final = {"drift": "housing drift", "predict": "housing predict"}
+
+
+def _drift_section(meta: dict[str, Any] | None) -> Section:
+    section = Section(
+        "drift",
+        "Drift",
+        "The last drift check (metrics/drift.json): each feature of the checked data "
+        "against the reference profile of the data the model was trained on. PSI compares "
+        "the shares of rows in the reference's quantile bins; a feature drifts when its PSI "
+        "reaches the threshold and a two-sample KS test says the shift is not noise.",
+    )
+    if not meta or not isinstance(meta.get("features"), dict) or not meta["features"]:
+        return section.add(Note("No drift check yet: run `housing drift --input FILE`."))
+    features: dict[str, dict[str, Any]] = meta["features"]
+    model = f"{meta.get('model') or DASH} v{meta.get('version') or DASH}"
+    drifting = [str(n) for n in meta.get("drifting") or []]
+    verdict = f"drifting: {', '.join(drifting)}" if drifting else "no feature drifts"
+    section.add(
+        Note(
+            f"{meta.get('input')} ({meta.get('rows')} rows, checked by "
+            f"{_DRIFT_ORIGINS.get(str(meta.get('origin')), meta.get('origin'))}) against "
+            f"{model}'s reference ({meta.get('n_reference')} rows): {verdict} "
+            f"(PSI ≥ {meta.get('psi_threshold')} and KS p < {meta.get('p_value')}); "
+            f"{_time(meta.get('created_at'))}."
+        )
+    )
+    ranked = sorted(features.items(), key=lambda kv: -(as_float(kv[1].get("psi")) or 0.0))
+
+    def flag(item: tuple[str, dict[str, Any]]) -> Cell:
+        return Cell("drifting", "bad") if item[1].get("drifting") else Cell("stable", "muted")
+
+    columns: list[tuple[str, Callable[[Any], Cell | str]]] = [
+        ("feature", lambda kv: kv[0]),
+        ("PSI", lambda kv: format_metric(kv[1].get("psi"))),
+        ("KS p-value", lambda kv: f"{as_float(kv[1].get('ks_pvalue')) or 0.0:.3g}"),
+        ("", flag),
+    ]
+    section.add(_table(ranked, columns, {1, 2}))
+    charts = [
+        drift_chart(
+            name,
+            [str(b) for b in item.get("bins") or []],
+            [float(v) for v in item.get("reference") or []],
+            [float(v) for v in item.get("current") or []],
+            as_float(item.get("psi")) or 0.0,
+        )
+        for name, item in ranked
+        if item.get("drifting")
+    ]
+    for start in range(0, len(charts), 2):
+        section.add(ChartRow(tuple(charts[start : start + 2])))
+    return section
+
+
+def drift_chart(
+    feature: str,
+    bins: Sequence[str],
+    reference: Sequence[float],
+    current: Sequence[float],
+    psi: float,
+) -> Chart:
+    """One feature's share of rows per reference bin, reference against current data
+    (``housing drift`` writes it to ``plots/drift/``; the report's Drift section shows it)."""
+    from housing.drift import plot_stem
+
+    return _render(
+        f"drift-{plot_stem(feature)}",
+        f"Drift: {feature}",
+        f"{feature}: share of rows per reference quantile bin, training data against the "
+        f"checked data (PSI {psi:.3f}).",
+        (5.2, 3.6),
+        lambda fig: _draw_drift(fig, bins, reference, current),
+    )
+
+
+def _draw_drift(
+    fig: Figure, bins: Sequence[str], reference: Sequence[float], current: Sequence[float]
+) -> None:
+    ax = fig.add_subplot()
+    positions = list(range(len(bins)))
+    width = 0.4
+    ax.bar([p - width / 2 for p in positions], reference, width, label="reference", color=VAL_COLOR)
+    ax.bar([p + width / 2 for p in positions], current, width, label="current", color=CV_COLOR)
+    ax.set_xticks(positions, bins, rotation=45, ha="right", fontsize=7)
+    ax.set(ylabel="share of rows")
+    ax.legend(loc="upper left", fontsize=8)
 
 
 # --------------------------------------------------------------------------- rendering figures

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from housing import io
+from housing import drift_check, io
 from housing.data import schema, sources, split
 from housing.errors import ConfigError
 
@@ -25,6 +25,7 @@ class PrepareResult:
 
     fingerprint_path: Path
     fingerprint: dict[str, Any]
+    drift: dict[str, float] = field(default_factory=dict)  # a new snapshot vs the champion
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -34,6 +35,7 @@ class PrepareResult:
             "data/train_rows": float(fp["train"]["rows"]),
             "data/test_rows": float(fp["test"]["rows"]),
             "data/features": float(len(fp["features"])),
+            **self.drift,
         }
 
 
@@ -95,4 +97,17 @@ def run(settings: Settings) -> PrepareResult:
         len(test),
         fingerprint["raw"]["md5"],
     )
+    snapshot = settings.data.path
+    checked = None
+    if snapshot is not None:  # a new snapshot: drift against the champion, if any
+        checked = drift_check.check_snapshot(settings, raw, snapshot)
+    if checked is not None and snapshot is not None:
+        log.log(
+            logging.WARNING if checked.result.drifting else logging.INFO,
+            "prepare: %s: %s",
+            snapshot.name,
+            checked.result.line(),
+        )
+        scores = {k: v for k, v in checked.result.metrics.items() if k.startswith("drift/")}
+        return PrepareResult(paths.fingerprint, fingerprint, scores)
     return PrepareResult(paths.fingerprint, fingerprint)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from housing import io
+from housing import drift, io
 from housing.data import schema
 from housing.data.split import split_frame
 from housing.errors import DataError, first_line
@@ -171,6 +171,18 @@ def run(settings: Settings) -> TrainResult:
     model_path = paths.model(model.name)
     sha = io.save_model(model_path, outcome.pipeline)
     fingerprint = _read_fingerprint(paths.fingerprint)
+    data_md5 = fingerprint.get("raw", {}).get("md5")
+    reference = drift.profile(
+        train,
+        outcome.features,
+        bins=settings.drift.bins,
+        sample_size=settings.drift.sample_size,
+        seed=settings.train.random_state,
+        model_sha256=sha,
+        data_md5=data_md5,
+    )
+    profile_path = drift.profile_path(model_path)
+    profile_sha = drift.write_profile(profile_path, reference)
     counts = {
         "large_table": int(large),
         "cv_folds": outcome.cv_folds,
@@ -189,8 +201,10 @@ def run(settings: Settings) -> TrainResult:
         "feature_importances": outcome.importances,
         "model_path": io.project_path(model_path, settings.root),
         "model_sha256": sha,
-        "data_md5": fingerprint.get("raw", {}).get("md5"),
+        "data_md5": data_md5,
         "train_md5": io.file_md5(paths.train),
+        "reference_profile": io.project_path(profile_path, settings.root),
+        "reference_profile_sha256": profile_sha,
     }
     metrics_path = paths.train_metrics(model.name)
     io.write_scores(metrics_path, {**outcome.metrics, **counts})

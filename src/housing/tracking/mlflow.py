@@ -1050,23 +1050,35 @@ def registered_version(
 
 def run_config(client_or_tracker: MLflowTracker | MlflowClient, run_id: str) -> dict[str, Any]:
     """The resolved config a stage run logged (``config/config.yaml``), or ``{}``."""
-    import mlflow.artifacts
     import yaml
 
     given = client_or_tracker
     client = given.client if isinstance(given, MLflowTracker) else given
+    text = run_artifact_text(client.tracking_uri, run_id, "config/config.yaml")
+    try:
+        data = yaml.safe_load(text) if text is not None else None
+    except yaml.YAMLError as exc:
+        log.debug("MLflow run %s: config/config.yaml unreadable (%s)", run_id, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def run_artifact_text(
+    tracking_uri: str, run_id: str, artifact_path: str, root: Path | None = None
+) -> str | None:
+    """A text artifact of a run (``root`` resolves a relative local store URI), or None
+    when the run has no such artifact; an unreachable server raises."""
+    import mlflow.artifacts
+
+    uri = resolve_uri(tracking_uri, root or Path.cwd())
     with tempfile.TemporaryDirectory(prefix="housing-mlflow-") as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(
-                run_id=run_id,
-                artifact_path="config/config.yaml",
-                dst_path=tmp,
-                tracking_uri=client.tracking_uri,
+                run_id=run_id, artifact_path=artifact_path, dst_path=tmp, tracking_uri=uri
             )
-            data = yaml.safe_load(Path(local).read_text(encoding="utf-8"))
+            return Path(local).read_text(encoding="utf-8")
         except Exception as exc:  # no such artifact (an older run), or unreadable
             if unreachable(exc):
                 raise
-            log.debug("MLflow run %s: no readable config/config.yaml (%s)", run_id, exc)
-            return {}
-    return data if isinstance(data, dict) else {}
+            log.debug("MLflow run %s: no readable %s (%s)", run_id, artifact_path, exc)
+            return None

@@ -312,6 +312,7 @@ def _record_train(tset: TrackerSet, settings: Settings, result: TrainResult) -> 
     title = f"{result.model_name} importances"
     figures = [_importance_figure(importances, title)] if importances else []
     artifacts = dict.fromkeys((result.metrics_path, result.meta_path))
+    artifacts |= _profile_artifact(settings, rec)
     _report(tset, "train_params", params, result.metrics, artifacts, figures=figures)
     version = ModelVersion(
         registry_name=f"{_model_name(settings)}-{result.model_name}",
@@ -341,12 +342,14 @@ def _record_select(tset: TrackerSet, settings: Settings, result: SelectionResult
     figure = Figure(
         "candidates", title, "bar", list(scores), list(scores.values()), "model", result.metric
     )
+    artifacts = dict.fromkeys((result.summary_path, result.meta_path))
+    artifacts |= _profile_artifact(settings, result.candidates.get(result.best_model, {}))
     _report(
         tset,
         "selection",
         params,
         metrics,
-        dict.fromkeys((result.summary_path, result.meta_path)),
+        artifacts,
         figures=[figure],
         text=f"select_best: {result.best_model} wins",
     )
@@ -433,6 +436,15 @@ def _record_predict(tset: TrackerSet, settings: Settings, result: PredictResult)
     }
     text = f"predict: {result.rows} rows with {model.label} in {result.seconds:.2f} s"
     _report(tset, "predict", params, result.metrics, {result.meta_path: None}, text=text)
+
+
+def _profile_artifact(settings: Settings, record: Mapping[str, Any]) -> dict[Path, str | None]:
+    """A candidate's reference profile (housing.drift) as ``reference_profile.json``."""
+    from housing.drift import PROFILE_ARTIFACT
+
+    name = record.get("reference_profile")
+    path = settings.root / str(name) if name else None
+    return {path: PROFILE_ARTIFACT} if path is not None and path.is_file() else {}
 
 
 def _model_name(settings: Settings) -> str:
