@@ -68,6 +68,7 @@ COMMANDS = [
     "select_best",
     "evaluate",
     "predict",
+    "tune",
     "repro",
     "run",
     "pipeline",
@@ -96,6 +97,7 @@ SHIMS = {
     "mlflow_sync": ["mlflow", "sync"],
     "report": ["report"],
     "predict": ["predict"],
+    "tune": ["tune"],
 }
 
 
