@@ -207,3 +207,19 @@ def test_trials_tracked_once_in_mlflow_and_clearml_offline(
     complete = [t.number for t in study.trials[:3] if t.state.name == "COMPLETE"]
     assert sorted(per_trial) == complete
 
+
+def test_report_has_a_tuning_section(project: Path) -> None:
+    from housing.reporting.report import build_report
+
+    assert main(["-q", "tune", "model=ridge", *TINY, "tune.n_trials=3"]) == 0
+    settings = load_settings(TINY, root=project)
+    result = build_report(settings)
+    markdown = result.markdown_path.read_text()
+    section = markdown.split("## Hyperparameter tuning", 1)[1].split("\n## ", 1)[0]
+    study = _study(project, "ridge")
+    row = next(line for line in section.splitlines() if line.startswith("| ridge |"))
+    assert f"| 3 / 3 | {study.best_value:.3f} |" in row, row
+    assert f"alpha={study.best_params['alpha']:.4g}" in row, row
+    names = {p.name for p in result.figure_paths}
+    assert {"tuning_history_ridge.svg", "tuning_importances_ridge.svg"} <= names, names
+    assert 'id="tuning"' in result.html_path.read_text()
