@@ -89,6 +89,13 @@ def test_apply_writes_params_that_train_composes(
     assert "4 in all" in capsys.readouterr().out
 
 
+def test_every_model_has_a_tuned_params_file() -> None:
+    """Any model can be a candidate: its train stage's DVC params file exists."""
+    for model in sorted((CONF / "model").glob("*.yaml")):
+        tuned = yaml.safe_load((CONF / "tuned" / model.name).read_text())
+        assert isinstance(tuned["params"], dict), model.name
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -104,6 +111,11 @@ def test_apply_writes_params_that_train_composes(
         ),
         (["model=ridge", "tune.n_trials=0"], "tune.n_trials: must be >= 1, got 0"),
         (["model=ridge", "train.cv_folds=0"], "train.cv_folds: tune needs CV"),
+        (["model=ridge", "tune.n_trials=null"], "tune.n_trials: null needs a tune.timeout"),
+        (
+            ["model=ridge", "tune.space.alpha.type=categorical"],
+            "tune.space.alpha: categorical needs choices",
+        ),
     ],
 )
 def test_bad_config_is_one_line(
@@ -113,6 +125,14 @@ def test_bad_config_is_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: {message}"), err
     assert not (project / ".optuna").exists()
+
+
+def test_timeout_alone_bounds_a_run(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    budget = ["tune.n_trials=null", "tune.timeout=1.5"]
+    assert main(["tune", "model=ridge", *TINY, *budget]) == 0
+    trials = _study(project, "ridge").trials
+    assert len(trials) >= 1 and all(t.state.name == "COMPLETE" for t in trials)
+    assert f"{len(trials)} new trial(s)" in capsys.readouterr().out
 
 
 def test_parallel_trials_run_in_worker_processes(project: Path) -> None:
