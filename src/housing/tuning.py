@@ -220,18 +220,36 @@ def study_name(settings: Settings, train_md5: str, folds: int) -> str:
     return f"{model.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def storage(path: Path) -> optuna.storages.BaseStorage:
-    """The Optuna journal storage in ``path`` (folder created; safe across processes)."""
+def storage(path: Path, *, check: bool = True) -> optuna.storages.BaseStorage:
+    """The Optuna journal storage in ``path`` (folder created; safe across processes).
+
+    ``check``: refuse a journal whose last record was cut short (a writer killed mid-line);
+    off where another process may be writing (workers, the report).
+    """
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if check and _torn(path):  # Optuna would glue its next record onto the cut one
+            raise ValueError(
+                "its last line is incomplete (a process was killed while writing); "
+                "delete that line or move the file aside"
+            )
         return JournalStorage(JournalFileBackend(str(path)))
     except (OSError, ValueError) as exc:
         raise HousingError(
             f"{path}: cannot open the Optuna journal (tune.storage): {first_line(exc)}"
         ) from None
+
+
+def _torn(path: Path) -> bool:
+    """Whether the journal ``path`` ends in the middle of a record."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as file:
+        file.seek(-1, os.SEEK_END)
+        return file.read(1) != b"\n"
 
 
 def _sampler(seed: int) -> optuna.samplers.BaseSampler:
@@ -292,7 +310,10 @@ def _optimize(objective: _Objective, run: _Run) -> None:
     import optuna
 
     study = optuna.load_study(
-        study_name=run.name, storage=storage(run.path), sampler=_sampler(run.seed), pruner=_pruner()
+        study_name=run.name,
+        storage=storage(run.path, check=False),  # the parent checked it; workers write now
+        sampler=_sampler(run.seed),
+        pruner=_pruner(),
     )
     study.optimize(objective, n_trials=run.n_trials, timeout=run.timeout, gc_after_trial=True)
 
@@ -409,7 +430,7 @@ def tune(settings: Settings) -> TuneResult:
             _optimize(objective, run)
         else:
             _run_parallel(objective, run, cfg.n_jobs)
-        study = optuna.load_study(study_name=name, storage=storage(cfg.storage))
+        study = optuna.load_study(study_name=name, storage=storage(cfg.storage, check=False))
         default = study.user_attrs.get("default_cv_rmse")
         if not isinstance(default, float):
             default = objective.default_value()
@@ -468,7 +489,9 @@ def run(settings: Settings, *, apply_best: bool = False) -> TuneResult:
     if finished:
         import optuna
 
-        study = optuna.load_study(study_name=result.study_name, storage=storage(result.storage))
+        study = optuna.load_study(
+            study_name=result.study_name, storage=storage(result.storage, check=False)
+        )
         study.set_user_attr(TRACKED_ATTR, max(finished) + 1)
     return result
 
@@ -548,7 +571,7 @@ def load_studies(path: Path) -> list[StudySummary]:
 
     if not path.is_file():
         return []
-    store = storage(path)
+    store = storage(path, check=False)  # a running study may be mid-write
     out = []
     for summary in optuna.get_all_study_summaries(store, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=store)
