@@ -151,9 +151,9 @@ def test_timeout_alone_bounds_a_run(project: Path, capsys: pytest.CaptureFixture
 
 
 def test_parallel_trials_run_in_worker_processes(project: Path) -> None:
-    overrides = ["tune.n_jobs=2", "tune.n_trials=4", *FEW_TREES]
-    assert main(["-q", "tune", "model=gradient_boosting", *TINY, *overrides]) == 0
-    trials = _study(project, "gradient_boosting").trials
+    overrides = ["tune.n_jobs=2", "tune.n_trials=4"]
+    assert main(["-q", "tune", "model=ridge", *TINY, *overrides]) == 0
+    trials = _study(project, "ridge").trials
     assert len(trials) == 4
     pids = {t.user_attrs.get("pid") for t in trials if t.state.name == "COMPLETE"}
     assert len(pids) == 2 and os.getpid() not in pids, pids
@@ -176,7 +176,7 @@ def test_ctrl_c_keeps_finished_trials(project: Path) -> None:
     journal = project / ".optuna" / "journal.log"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if journal.is_file() and len(_finished(project)) >= 3:
+        if journal.is_file() and len(_finished(project)) >= 2:
             break
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGINT)
@@ -185,7 +185,7 @@ def test_ctrl_c_keeps_finished_trials(project: Path) -> None:
     assert err.strip().splitlines()[-1] == "error: interrupted", err
     assert "Traceback" not in err, err
     finished = _finished(project)
-    assert len(finished) >= 3
+    assert len(finished) >= 2
     states = {t.state.name for t in _study(project, "gradient_boosting").trials}
     assert "RUNNING" not in states, states
 
