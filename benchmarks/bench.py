@@ -5,6 +5,8 @@ reports, it does not gate). Environment knobs:
   BENCH_ROWS   comma-separated synthetic row counts (default 100000,1000000; "" skips)
   BENCH_DEFAULT_ROWS  rows for the default config as it is (default 1000000; "" skips)
   BENCH_PREDICT_ROWS  rows `housing predict` scores with the champion (default 1000000; "" skips)
+  BENCH_TUNE_TRIALS  trials of `housing tune model=gradient_boosting` on Boston (default 50;
+               "" skips), then the champion's test RMSE after applying them
   BENCH_KEEP   keep the scratch repositories (prints where)
 """
 
@@ -226,6 +228,32 @@ def bench_predict(workdir: Path, n_rows: int) -> None:
           f"{verdict(timed.max_rss_mb < 1024)}")  # fmt: skip
 
 
+def bench_tune(workdir: Path, n_trials: int) -> None:
+    """`housing tune model=gradient_boosting` (n_trials, 2 processes) on Boston: target
+    < 180 s; then `--apply` and `housing repro`: the champion selected by CV only, and its
+    test RMSE (target <= 2.50; the defaults' champion is printed beside it)."""
+    print(f"\n== housing tune model=gradient_boosting, {n_trials} trials, 2 processes (Boston)")
+    repo = make_scratch_repo(workdir / "tune", defaults={"tracking": "none"})
+    run([str(BIN / "housing"), "repro"], repo)
+    before = json.loads((repo / "metrics/test_metrics.json").read_text())
+    before_model = json.loads((repo / "metrics/test_metrics.meta.json").read_text())["model"]
+    args = ["model=gradient_boosting", f"tune.n_trials={n_trials}", "tune.n_jobs=2", "--apply"]
+    timed = run([str(BIN / "housing"), "tune", *args], repo)
+    print("\n".join(f"  {line}" for line in timed.stdout.strip().splitlines()))
+    run([str(BIN / "housing"), "repro"], repo)
+    after = json.loads((repo / "metrics/test_metrics.json").read_text())
+    after_model = json.loads((repo / "metrics/test_metrics.meta.json").read_text())["model"]
+    print(
+        f"{n_trials} trials: {timed.seconds:.1f} s (target < 180 s): "
+        f"{verdict(timed.seconds < 180)}; "
+        f"peak RSS of the largest process {timed.max_rss_mb:.0f} MB "
+        f"(target < 2048 MB): {verdict(timed.max_rss_mb < 2048)}"
+    )
+    print(f"champion by CV: defaults {before_model} test/rmse {before['test/rmse']:.3f}; "
+          f"tuned {after_model} test/rmse {after['test/rmse']:.3f} (target <= 2.50): "
+          f"{verdict(after['test/rmse'] <= 2.50)}")  # fmt: skip
+
+
 def speed_probe() -> float:
     """Seconds for a fixed pure-Python loop: this host's speed varies (shared VMs), so
     figures from two runs compare only with their probes side by side."""
@@ -256,6 +284,9 @@ def main() -> None:
         predict_rows = os.environ.get("BENCH_PREDICT_ROWS", "1000000").strip()
         if predict_rows:
             bench_predict(tmp, int(predict_rows))
+        tune_trials = os.environ.get("BENCH_TUNE_TRIALS", "50").strip()
+        if tune_trials:
+            bench_tune(tmp, int(tune_trials))
     finally:
         if not keep:
             subprocess.run(["rm", "-rf", str(tmp)], check=False)

@@ -69,6 +69,7 @@ COMMANDS = [
     "evaluate",
     "predict",
     "drift",
+    "tune",
     "repro",
     "run",
     "pipeline",
@@ -99,6 +100,7 @@ SHIMS = {
     "report": ["report"],
     "predict": ["predict"],
     "drift": ["drift"],
+    "tune": ["tune"],
 }
 
 

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from housing.monitoring import RunStatus
     from housing.orchestration.scheduling import ScheduleResult
     from housing.reporting.compare import CompareResult
+    from housing.tuning import TuneResult
 
 P = ParamSpec("P")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -301,6 +302,85 @@ def drift(settings: Settings, input_path: Path, model_spec: str, fail_on_drift: 
     drifting = bool(report.result.drifting)
     _echo(f"{'warning: ' if drifting else ''}{report.line()}")
     return 1 if drifting and fail_on_drift else 0
+
+
+@cli.command("tune", short_help="Search a model's hyperparameters (Optuna; --apply).")
+@click.option(
+    "--apply",
+    "apply_best",
+    is_flag=True,
+    help="Write the best params to conf/tuned/<model>.yaml (train reads them).",
+)
+@_locked
+@_overrides
+@_leaf
+def tune(options: Globals, apply_best: bool, overrides: tuple[str, ...]) -> int:
+    """Run tune.n_trials Optuna trials of model=NAME's search space (conf/tune/NAME.yaml),
+    scored by the train stage's CV RMSE on the train split; a rerun continues the study.
+    Without --apply it only reports the best params against the defaults.
+    """
+    from housing import tuning
+
+    _route_optuna_logs()
+    settings = _settings([*overrides, tuning.WITHOUT_TUNED], options.config_dir)
+    result = tuning.run(settings, apply_best=apply_best)
+    for line in tune_lines(result, settings.root):
+        _echo(line)
+    return 0
+
+
+def _route_optuna_logs() -> None:
+    """Optuna's records through the command's handlers, one line each (no traceback of a
+    trial stopped by Ctrl-C)."""
+    import logging
+
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(max(logging.INFO, logging.getLogger().getEffectiveLevel()))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_optuna_without_traceback)
+
+
+def _optuna_without_traceback(record: Any) -> bool:
+    if record.name.startswith("optuna"):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+def tune_lines(result: TuneResult, root: Path) -> list[str]:
+    """What ``housing tune`` shows for ``result``."""
+    from housing.io import relpath
+
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(result.counts.items()))
+    best = result.best
+    params = ", ".join(f"{k}={_short(v)}" for k, v in sorted(best.params.items()))
+    defaults = ", ".join(f"{k}={_short(v)}" for k, v in sorted(result.default_params.items()))
+    if len(result.default_params) < len(best.params):
+        defaults = f"{defaults}, others: estimator defaults".lstrip(", ")
+    lines = [
+        f"study {result.study_name} ({relpath(result.storage, root)}): "
+        f"{result.new_trials} new trial(s) in {result.seconds:.1f}s; {len(result.trials)} in "
+        f"all ({counts})",
+        f"best: trial {best.number}  cv/rmse_mean {best.value:.4f}  ({params})",
+        f"default: cv/rmse_mean {result.default_value:.4f}  ({defaults}); "
+        f"improvement {result.improvement:+.4f}",
+    ]
+    if result.importances:
+        top = ", ".join(f"{k} {v:.2f}" for k, v in list(result.importances.items())[:5])
+        lines.append(f"importances: {top}")
+    if result.applied is not None:
+        lines.append(
+            f"applied: {relpath(result.applied, root)} (dvc repro retrains {result.model})"
+        )
+    else:
+        lines.append(f"dry run: add --apply to write conf/tuned/{result.model}.yaml")
+    return lines
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 # --------------------------------------------------------------------------- pipelines

@@ -376,6 +376,60 @@ class DriftSettings(_Section):
     sample_size: Annotated[StrictInt, Field(ge=10, le=100_000)] = 1000
 
 
+class ParamRange(_Section):
+    """One searched parameter (``tune.space.<param>``): a ``float``/``int`` range from
+    ``low`` to ``high`` (``log``: sampled on a log scale; ``step``: a grid), or
+    ``categorical`` ``choices``."""
+
+    type: Literal["float", "int", "categorical"]
+    low: Number | None = None
+    high: Number | None = None
+    log: StrictBool = False
+    step: Annotated[Number, Field(gt=0)] | None = None
+    choices: Annotated[tuple[Any, ...], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParamRange:
+        if self.type == "categorical":
+            if self.choices is None or self.low is not None or self.high is not None:
+                raise ValueError("categorical needs choices: [...] and no low/high")
+            bad = [c for c in self.choices if not isinstance(c, str | int | float | None)]
+            if bad:
+                raise ValueError(f"choices must be numbers, strings or null, got {bad[0]!r}")
+            return self
+        if self.low is None or self.high is None or self.choices is not None:
+            raise ValueError(f"{self.type} needs low and high (and no choices)")
+        if self.low >= self.high:
+            raise ValueError(f"low {self.low:g} must be < high {self.high:g}")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log scale needs low > 0 and no step")
+        if self.type == "int" and not all(
+            float(v).is_integer() for v in (self.low, self.high, self.step or 1)
+        ):
+            raise ValueError("int needs whole low, high and step")
+        return self
+
+
+class TuneSettings(_Section):
+    """``housing tune``: budget, parallel processes, sampler seed, where the study lives,
+    and the search space of the chosen model (``conf/tune/<model>.yaml``)."""
+
+    n_trials: Annotated[StrictInt, Field(ge=1)] | None = 50
+    timeout: Annotated[Number, Field(gt=0)] | None = None  # seconds; None: no limit
+    n_jobs: Annotated[StrictInt, Field(ge=1)] = 1
+    seed: Seed = 42
+    storage: ProjectPath = Path(".optuna/journal.log")
+    space: dict[str, ParamRange] = Field(default_factory=dict)
+
+    _no_space = field_validator("space", mode="before")(_or_empty)
+
+    @model_validator(mode="after")
+    def _budget(self) -> TuneSettings:
+        if self.n_trials is None and self.timeout is None:
+            raise ConfigError("tune.n_trials: null needs a tune.timeout (else no end)")
+        return self
+
+
 # --------------------------------------------------------------------------- tracking
 
 
@@ -518,6 +572,7 @@ class Settings(_Section):
     predict: PredictSettings = PredictSettings()
     gc: GcSettings = GcSettings()
     drift: DriftSettings = DriftSettings()
+    tune: TuneSettings = TuneSettings()
     notifications: NotificationSettings = NotificationSettings()
 
     def source(self, key: str) -> str:

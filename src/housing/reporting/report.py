@@ -11,6 +11,7 @@ figures in ``reports/experiments_figures/``. A missing input leaves a note inste
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 import logging
@@ -348,6 +349,7 @@ def _page(settings: Settings, inputs: Inputs, last_versions: int) -> Page:
         _history_section(events, models),
         _runs_section(runs, metric),
         _drift_section(inputs.drift),
+        _tuning_section(settings),
     ]
     sources = [_source_line(t) for t in inputs.trackers]
     return Page(
@@ -1085,6 +1087,95 @@ def _draw_drift(
 
 
 # --------------------------------------------------------------------------- rendering figures
+
+
+def _tuning_section(settings: Settings) -> Section:
+    """The latest study of each model in the Optuna journal: best vs default CV RMSE, the
+    optimization history and the parameter importances."""
+    from housing.io import relpath
+    from housing.tuning import load_studies
+
+    journal = settings.tune.storage
+    section = Section(
+        "tuning",
+        "Hyperparameter tuning",
+        "Optuna studies (`housing tune`), scored by the same CV RMSE as selection on the "
+        f"train split; the latest study per model from {relpath(journal, settings.root)}.",
+    )
+    latest = {s.model: s for s in load_studies(journal)}  # oldest first: the last one wins
+    studies = [s for s in latest.values() if s.best is not None]
+    if not studies:
+        return section.add(Note("No tuning studies yet: run `housing tune model=NAME`."))
+
+    def value(v: float | None) -> str:
+        return format_metric(v) if v is not None else DASH
+
+    def params(s: Any) -> Cell:
+        best = s.best.params if s.best else {}
+        text = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.items()
+        )
+        return Cell(text, "wrap")
+
+    def gain(s: Any) -> str:
+        best = s.best.value if s.best else None
+        return (
+            signed(s.default_value - best)
+            if s.default_value is not None and best is not None
+            else DASH
+        )
+
+    columns: list[tuple[str, Callable[[Any], Cell | str]]] = [
+        ("model", lambda s: s.model),
+        ("trials", lambda s: f"{sum(t.value is not None for t in s.trials)} / {len(s.trials)}"),
+        ("best cv/rmse_mean", lambda s: value(s.best.value if s.best else None)),
+        ("default", lambda s: value(s.default_value)),
+        ("improvement", gain),
+        ("best params", params),
+        ("study", lambda s: Cell(s.name, "id")),
+    ]
+    caption = "trials: complete / all (pruned and failed ones have no value)."
+    section.add(_table(studies, columns, {1, 2, 3, 4}, caption))
+    for study in studies:
+        charts = [
+            _render(
+                f"tuning_history_{study.model}",
+                f"{study.model}: optimization history",
+                "CV RMSE per complete trial and the best so far; dashed: the defaults.",
+                (6.0, 3.2),
+                functools.partial(_draw_tuning_history, study=study),
+            )
+        ]
+        if study.importances:
+            pairs = list(study.importances.items())[:10]
+            charts.append(
+                _render(
+                    f"tuning_importances_{study.model}",
+                    f"{study.model}: parameter importances",
+                    "Optuna's fANOVA importances of the searched parameters.",
+                    (6.0, 0.9 + 0.27 * len(pairs)),
+                    functools.partial(_draw_importances, pairs=pairs),
+                )
+            )
+        section.add(ChartRow(tuple(charts)))
+    return section
+
+
+def _draw_tuning_history(fig: Figure, study: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax = fig.add_subplot()
+    done = [t for t in study.trials if t.value is not None]
+    numbers = [t.number for t in done]
+    values = [float(t.value) for t in done]
+    best = [min(values[: i + 1]) for i in range(len(values))]
+    ax.scatter(numbers, values, s=16, color="#A7BCD6", label="trial")
+    ax.step(numbers, best, where="post", color=VAL_COLOR, label="best so far")
+    if study.default_value is not None:
+        ax.axhline(study.default_value, color=ACCENT, ls="--", lw=1, label="defaults")
+    ax.set(xlabel="trial", ylabel="cv/rmse_mean")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="upper right", fontsize=8)
 
 
 def _render(

@@ -86,6 +86,16 @@ class ChampionDecision:
     decided_at: str
 
 
+@dataclass(frozen=True)
+class TrialRun:
+    """One trial of a hyperparameter study (``housing tune``) as the trackers record it."""
+
+    number: int
+    state: str  # COMPLETE | PRUNED | FAIL
+    params: Mapping[str, Any]
+    metrics: Mapping[str, float]
+
+
 @runtime_checkable
 class Tracker(Protocol):
     """One experiment-tracking backend, open for one stage run."""
@@ -112,6 +122,10 @@ class Tracker(Protocol):
 
     def log_text(self, text: str) -> None:
         """Record a log line."""
+
+    def log_trials(self, study: str, trials: Sequence[TrialRun], best: int) -> None:
+        """Record a study's trials under this run (MLflow: one nested run per trial;
+        ClearML: a table and scalars per trial) and mark trial ``best``."""
 
     def register_model(self, model: ModelVersion) -> RegisteredModel:
         """Add a new version of ``model.registry_name`` with its metadata."""

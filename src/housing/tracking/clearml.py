@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
@@ -51,6 +51,7 @@ from housing.tracking.base import (
     ModelVersion,
     RegisteredModel,
     StageRun,
+    TrialRun,
 )
 from housing.tracking.lineage import utc_now
 from housing.tracking.offline import (
@@ -504,6 +505,26 @@ class ClearMLTracker:
     def log_text(self, text: str) -> None:
         """A line in the task's console log."""
         self._require().get_logger().report_text(str(text), print_console=False)
+
+    def log_trials(self, study: str, trials: Sequence[TrialRun], best: int) -> None:
+        """The trials as one table (``report_table``: number, state, params, metrics), each
+        metric as a scalar per trial (iteration = trial number), the best as a single value."""
+        import pandas as pd
+
+        reporter = self._require().get_logger()
+        rows = [
+            {"trial": t.number, "state": t.state, **dict(t.metrics), **_plain(dict(t.params))}
+            for t in trials
+        ]
+        table = pd.DataFrame(rows).set_index("trial")
+        reporter.report_table(title="tune trials", series=study, iteration=0, table_plot=table)
+        for trial in trials:
+            for name, raw in trial.metrics.items():
+                if _finite(raw):
+                    reporter.report_scalar(
+                        title="tune", series=name, value=float(raw), iteration=trial.number
+                    )
+        reporter.report_single_value(name="tune/best_trial", value=float(best))
 
     # ---------------------------------------------------------------- registry
 

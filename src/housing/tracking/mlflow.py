@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -45,6 +45,7 @@ from housing.tracking.base import (
     ModelVersion,
     RegisteredModel,
     StageRun,
+    TrialRun,
 )
 
 if TYPE_CHECKING:
@@ -82,6 +83,15 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 TAG_PICKLE_SHA = "mlflow_pickle_sha256"
 TAG_PID = "housing.pid"  # the process that runs a stage run
+# `housing tune`: the study (tune run and trial runs), a trial's number and Optuna state,
+# the best trial's number and run id (on the tune run)
+TAG_STUDY = "housing.tune.study"
+TAG_TRIAL = "housing.tune.trial"
+TAG_TRIAL_STATE = "housing.tune.state"
+TAG_BEST_TRIAL = "housing.tune.best_trial"
+TAG_BEST_RUN = "housing.tune.best_run_id"
+#: Optuna trial state -> MLflow run status of its child run.
+_TRIAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 #: A registry version's own tags: what a person filters versions by in the registry UI
 #: (plus ``champion``: promoted|rejected, once decided). The full record (lineage,
 #: metrics, params, pickle hash, the decision's details) is on the version's logged
@@ -615,6 +625,42 @@ class MLflowTracker:
     def log_text(self, text: str) -> None:
         """Buffer a log line; the buffer is written to ``logs/stage.log`` at close."""
         self._log_lines.append(text.rstrip("\n"))
+
+    def log_trials(self, study: str, trials: Sequence[TrialRun], best: int) -> None:
+        """One finished child run per trial (params, metrics, state) nested under this
+        run, which gets the study's name and its best trial (number and run id) as tags."""
+        from mlflow.entities import Metric, Param
+
+        parent = self._require_run()
+        timestamp = int(time.time() * 1000)
+        for trial in trials:
+            tags = {
+                TAG_PARENT: parent,
+                TAG_RUN_NAME: f"trial_{trial.number}",
+                TAG_RUN_TYPE: "trial",
+                TAG_STUDY: study,
+                TAG_TRIAL: str(trial.number),
+                TAG_TRIAL_STATE: trial.state,
+            }
+            child = self.client.create_run(
+                str(self.experiment_id), run_name=tags[TAG_RUN_NAME], tags=tags
+            )
+            child_id = child.info.run_id
+            params = [
+                Param(_key(k), _truncate(v, PARAM_VALUE_MAX))
+                for k, v in _flatten(trial.params, "").items()
+            ]
+            metrics = [
+                Metric(_key(k), float(v), timestamp, 0)
+                for k, v in trial.metrics.items()
+                if math.isfinite(float(v))
+            ]
+            self.client.log_batch(child_id, params=params, metrics=metrics)
+            self.client.set_terminated(child_id, _TRIAL_STATUS.get(trial.state, "FAILED"))
+            if trial.number == best:
+                self.client.set_tag(parent, TAG_BEST_RUN, child_id)
+        self.client.set_tag(parent, TAG_STUDY, study)
+        self.client.set_tag(parent, TAG_BEST_TRIAL, str(best))
 
     # -------------------------------------------------------------- registry
 

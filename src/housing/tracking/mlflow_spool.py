@@ -298,6 +298,10 @@ class SpoolingTracker(MLflowTracker):
         """See :meth:`MLflowTracker.log_text`."""
         self._call("log_text", text)
 
+    def log_trials(self, study: str, trials: Any, best: int) -> None:
+        """See :meth:`MLflowTracker.log_trials`."""
+        self._call("log_trials", study, trials, best)
+
     def register_model(self, model: Any) -> RegisteredModel:
         """See :meth:`MLflowTracker.register_model`."""
         result: RegisteredModel = self._call("register_model", model)

@@ -10,6 +10,7 @@ it ends the stage with the one disk-full line naming the store.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from housing.stages.prepare import PrepareResult
     from housing.stages.select_best import SelectionResult
     from housing.stages.train import TrainResult
+    from housing.tuning import TuneResult
 
 log = logging.getLogger(__name__)
 
@@ -447,6 +449,69 @@ def _profile_artifact(settings: Settings, record: Mapping[str, Any]) -> dict[Pat
     return {path: PROFILE_ARTIFACT} if path is not None and path.is_file() else {}
 
 
+def _record_tune(tset: TrackerSet, settings: Settings, result: TuneResult) -> None:
+    from housing.tracking.base import TrialRun
+
+    best = result.best
+    params = {
+        "model": result.model,
+        "estimator": result.estimator,
+        "study": result.study_name,
+        "tune": {k: v for k, v in settings.tune.model_dump(mode="json").items() if k != "storage"},
+        "cv_folds": result.cv_folds,
+        "best": best.params,
+    }
+    metrics = {
+        "tune/best_cv_rmse": float(best.value or math.nan),
+        "tune/default_cv_rmse": result.default_value,
+        "tune/improvement": result.improvement,
+        "tune/new_trials": float(result.new_trials),
+        "tune/trials": float(len(result.trials)),
+        "tune/seconds": result.seconds,
+    }
+    done = [t for t in result.trials if t.value is not None]
+    figures = [
+        Figure(
+            "optimization_history",
+            f"{result.model}: CV RMSE per trial",
+            "scatter",
+            [t.number for t in done],
+            [float(t.value or math.nan) for t in done],
+            "trial",
+            "cv/rmse_mean",
+        )
+    ]
+    if result.importances:
+        ranked = list(result.importances.items())
+        figures.append(
+            Figure(
+                "param_importances",
+                f"{result.model}: parameter importances",
+                "bar",
+                [k for k, _ in ranked],
+                [v for _, v in ranked],
+                "param",
+                "importance",
+            )
+        )
+    text = f"tune {result.study_name}: best trial {best.number} cv/rmse_mean {best.value:.4f}"
+    _report(tset, "tune", params, metrics, {}, figures=figures, text=text)
+    trials = [
+        TrialRun(
+            number=t.number,
+            state=t.state,
+            params=t.params,
+            metrics={"cv/rmse_mean": t.value}
+            if t.value is not None
+            else {"cv/rmse_running": t.fold_rmse[-1]}
+            if t.fold_rmse
+            else {},
+        )
+        for t in result.untracked
+    ]
+    tset.each("log_trials", lambda t: t.log_trials(result.study_name, trials, best.number))
+
+
 def _model_name(settings: Settings) -> str:
     return settings.clearml.model_name
 
@@ -457,4 +522,5 @@ _RECORDERS: dict[str, Callable[[TrackerSet, Any, Any], None]] = {
     "select_best": _record_select,
     "evaluate": _record_evaluate,
     "predict": _record_predict,
+    "tune": _record_tune,
 }
