@@ -124,3 +124,24 @@ def offline_folder(tracker: ClearMLTracker) -> Path | None:
     if tracker.task is None or not tracker.offline:
         return None
     return Path(str(tracker.task.get_offline_mode_folder()))
+
+
+#: Prefixes of the variables a test project runs without (the caller's trackers).
+TRACKER_VARS = ("CLEARML_", "TRAINS_", "MLFLOW_")
+
+
+@contextlib.contextmanager
+def in_project(root: Path, mp: Any, prefixes: Sequence[str] = TRACKER_VARS) -> Iterator[Path]:
+    """Run in ``root`` without the variables named by ``prefixes`` (``mp``: a pytest
+    MonkeyPatch, which undoes both); the root logger, which a CLI call reconfigures, is
+    put back after."""
+    mp.chdir(root)
+    for key in [k for k in os.environ if k.startswith(tuple(prefixes))]:
+        mp.delenv(key)
+    logger = logging.getLogger()
+    handlers, level = list(logger.handlers), logger.level
+    try:
+        yield root
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,14 +26,10 @@ from housing.orchestration.pipeline import RetrainDecision, retrain_decision
 from housing.runner import execute_stage
 
 from .conftest import CONF
+from .helpers import in_project
 
 BASE = ("tracking=none", "selection.metric=val/rmse", "selection.candidates=[ridge]")
 TRACKER_VARS = ("CLEARML_", "TRAINS_", "MLFLOW_", "HOUSING_RUN")
-
-
-def _clean_env(mp: pytest.MonkeyPatch) -> None:
-    for key in [k for k in os.environ if k.startswith(TRACKER_VARS)]:
-        mp.delenv(key)
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +38,19 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("drift-project")
     mp = pytest.MonkeyPatch()
     try:
-        mp.chdir(root)
-        _clean_env(mp)
-        settings = load_settings(BASE, config_dir=CONF)
-        context = runs.current()
-        execute_stage("prepare", settings, context=context)
-        trained = load_settings([*BASE, "model=ridge", "train.cv_folds=0"], config_dir=CONF)
-        execute_stage("train", trained, context=context)
-        execute_stage("select_best", settings, context=context)
-        raw = pd.read_csv(root / "data/raw/housing.csv")
-        train = pd.read_csv(root / "data/processed/train.csv")
-        train.sample(len(train), replace=True, random_state=7).to_csv(
-            root / "resample.csv", index=False
-        )
-        raw.assign(rm=raw["rm"] + 1).to_csv(root / "shifted.csv", index=False)
+        with in_project(root, mp, TRACKER_VARS):
+            settings = load_settings(BASE, config_dir=CONF)
+            context = runs.current()
+            execute_stage("prepare", settings, context=context)
+            trained = load_settings([*BASE, "model=ridge", "train.cv_folds=0"], config_dir=CONF)
+            execute_stage("train", trained, context=context)
+            execute_stage("select_best", settings, context=context)
+            raw = pd.read_csv(root / "data/raw/housing.csv")
+            train = pd.read_csv(root / "data/processed/train.csv")
+            train.sample(len(train), replace=True, random_state=7).to_csv(
+                root / "resample.csv", index=False
+            )
+            raw.assign(rm=raw["rm"] + 1).to_csv(root / "shifted.csv", index=False)
     finally:
         mp.undo()
     return root
@@ -66,13 +59,17 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def here(project: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Run in the project root, without tracker variables; logging restored afterwards."""
-    monkeypatch.chdir(project)
-    _clean_env(monkeypatch)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield project
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    with in_project(project, monkeypatch, TRACKER_VARS) as root:
+        yield root
+
+
+def _copy_of(here: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the project to change, as the current directory, without drift.json."""
+    copy = tmp_path / "copy"
+    shutil.copytree(here, copy)
+    monkeypatch.chdir(copy)
+    (copy / "metrics/drift.json").unlink(missing_ok=True)
+    return copy
 
 
 def housing(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -175,11 +172,8 @@ def test_missing_feature_refused_in_one_line(
 def test_damaged_profile_refused_in_one_line(
     here: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    copy = tmp_path / "copy"
-    shutil.copytree(here, copy)
-    monkeypatch.chdir(copy)
+    copy = _copy_of(here, tmp_path, monkeypatch)
     (copy / "models/ridge.profile.json").write_text('{"format": 1, "features": [')
-    (copy / "metrics/drift.json").unlink(missing_ok=True)
     code, out, err = housing(capsys, "drift", "--input", "shifted.csv", *BASE)
     assert code == 4 and out == ""
     assert err.strip().splitlines() == [
@@ -245,10 +239,7 @@ def test_accumulator_streams_with_bounded_memory() -> None:
 def test_prepare_on_a_new_snapshot_records_drift(
     here: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    copy = tmp_path / "copy"
-    shutil.copytree(here, copy)
-    monkeypatch.chdir(copy)
-    (copy / "metrics/drift.json").unlink(missing_ok=True)
+    copy = _copy_of(here, tmp_path, monkeypatch)
     code, _, err = housing(capsys, "prepare", "data.path=shifted.csv", *BASE)
     assert code == 0, err
     assert "prepare: shifted.csv: drift in 1 feature(s)" in err

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ import pytest
 from housing.cli import main
 from housing.tracking.mlflow import version_record
 from housing.tracking.offline import list_sessions
-from tests.helpers import run_all
+from tests.helpers import in_project, run_all
 
 from .conftest import CONF, PROJECT
 
@@ -46,11 +45,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("predict-project")
     mp = pytest.MonkeyPatch()
     try:
-        mp.chdir(root)
-        for key in [k for k in os.environ if k.startswith(TRACKER_VARS)]:
-            mp.delenv(key)
-        mp.setenv("HOUSING_RUN_ID", "predict-fixture")
-        run_all(TRAINED, CONF)
+        with in_project(root, mp):
+            mp.setenv("HOUSING_RUN_ID", "predict-fixture")
+            run_all(TRAINED, CONF)
     finally:
         mp.undo()
     return root
@@ -59,14 +56,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def here(project: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Run in the project root, without the caller's tracker variables or logging."""
-    monkeypatch.chdir(project)
-    for key in [k for k in os.environ if k.startswith(TRACKER_VARS)]:
-        monkeypatch.delenv(key)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield project
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    with in_project(project, monkeypatch) as root:
+        yield root
 
 
 def predict(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

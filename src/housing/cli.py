@@ -239,27 +239,31 @@ _alias(_select_best, "select-best", "Alias of select_best.", hidden=True)
 _stage_command("evaluate", "Score the best model on the test split.")
 
 
-@cli.command("predict", short_help="Score a CSV file with the champion (or --model).")
-@click.option(
+_input_option = click.option(
     "--input",
     "input_path",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="CSV file with the model's feature columns (others are ignored).",
 )
-@click.option(
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Predictions CSV (default: predict.output_dir/<input stem>.predictions.csv).",
-)
-@click.option(
+_model_option = click.option(
     "--model",
     "model_spec",
     default="champion",
     show_default=True,
     help="champion, a registered version number, or a candidate name (e.g. ridge).",
 )
+
+
+@cli.command("predict", short_help="Score a CSV file with the champion (or --model).")
+@_input_option
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Predictions CSV (default: predict.output_dir/<input stem>.predictions.csv).",
+)
+@_model_option
 @_locked
 @_configured
 def predict(settings: Settings, input_path: Path, output: Path | None, model_spec: str) -> int:
@@ -273,20 +277,8 @@ def predict(settings: Settings, input_path: Path, output: Path | None, model_spe
 
 
 @cli.command("drift", short_help="Compare a CSV file with the champion's training data.")
-@click.option(
-    "--input",
-    "input_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="CSV file with the model's feature columns (others are ignored).",
-)
-@click.option(
-    "--model",
-    "model_spec",
-    default="champion",
-    show_default=True,
-    help="champion, a registered version number, or a candidate name (e.g. ridge).",
-)
+@_input_option
+@_model_option
 @click.option("--fail-on-drift", is_flag=True, help="Exit 1 when a feature drifts.")
 @_locked
 @_configured
