@@ -20,6 +20,11 @@ first MLflow call, and children inherit it:
   so a worker writes nothing.
 
 A variable the user set is never replaced.
+
+This module is the one that writes ``os.environ`` (``tests/test_environ.py`` checks it),
+and only at a process's start-up, before it starts threads: setenv/getenv from several
+threads is unsafe in glibc. Elsewhere settings reach the SDKs explicitly (client
+arguments, a child process's ``env=``).
 """
 
 from __future__ import annotations
@@ -115,6 +120,13 @@ def bound_mlflow_http(timeout_sec: int | None = None, retries: int | None = None
     ``mlflow.timeout_sec`` / ``mlflow.retries``, without backoff (see the module
     docstring); None: the defaults, unless a budget was decided already."""
     os.environ.update(mlflow_http_env(timeout_sec, retries, os.environ))
+
+
+def adopt_environment(env: Mapping[str, str]) -> None:
+    """Make ``env`` this process's whole environment: the start-up of a process forked
+    to run another's command (a stage server's child takes its client's)."""
+    os.environ.clear()
+    os.environ.update(env)
 
 
 @contextlib.contextmanager
