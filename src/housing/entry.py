@@ -130,6 +130,40 @@ def adopt_environment(env: Mapping[str, str]) -> None:
 
 
 @contextlib.contextmanager
+def start_up_environment(env: Mapping[str, str]) -> Iterator[None]:
+    """Set ``env`` for the ``with`` body, then put each variable back as it was (unset
+    ones unset): start-up work of a process that runs no other thread yet (a fork
+    server's warm-up; starting multiprocessing's fork server, which can only inherit
+    this process's environment)."""
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def take_variable(name: str) -> str | None:
+    """Remove and return ``name``: a value handed to this process's start-up only (its
+    children do not inherit it)."""
+    return os.environ.pop(name, None)
+
+
+def settle_environment(values: Mapping[str, str | None]) -> None:
+    """Set each variable (unset those given None) for the rest of this process and its
+    children: a command's start-up, before it starts threads."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@contextlib.contextmanager
 def hold_run_lock(
     root: Path, command: str, *, wait: bool, say: Callable[[str], None]
 ) -> Iterator[None]:
