@@ -8,9 +8,12 @@ process's start-up) writes the environment. The scan reads every module's syntax
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import housing
+from housing.config import ClearMLSettings
+from housing.orchestration.clearml_controller import controller_env
 
 PACKAGE = Path(housing.__file__).parent
 
@@ -97,3 +100,35 @@ def test_no_package_module_writes_os_environ() -> None:
         "pass settings explicitly (client arguments, a child's env=)"
     )
     assert not gone, f"no longer writing os.environ: drop {gone} from PENDING"
+
+
+def _clearml(root: Path) -> ClearMLSettings:
+    return ClearMLSettings.model_validate(
+        {
+            "offline_dir": "offline",
+            "server": {"api_host": "http://api:8008", "web_host": "http://web:8080"},
+            "auth": {"access_key_env": "MY_ACCESS", "secret_key_env": "MY_SECRET"},
+        },
+        context={"root": root},
+    )
+
+
+def test_the_controller_environment_is_computed_not_written(tmp_path: Path) -> None:
+    settings = _clearml(tmp_path)
+    environ = {"MY_ACCESS": "a", "MY_SECRET": "s", "CLEARML_API_SECRET_KEY": "own"}
+    before = dict(os.environ)
+    env = controller_env(settings, "run-1", environ)
+    assert dict(os.environ) == before  # settled later, once, by the entry layer
+    conf = Path(str(env.pop("CLEARML_CONFIG_FILE")))
+    assert conf.parent == settings.offline_dir and "http://api:8008" in conf.read_text()
+    assert env == {
+        "HOUSING_RUN_ID": "run-1",
+        "CLEARML_API_HOST": "http://api:8008",
+        "CLEARML_WEB_HOST": "http://web:8080",
+        "CLEARML_FILES_HOST": settings.server.files_host,
+        "CLEARML_API_ACCESS_KEY": "a",  # from clearml.auth's variable
+        "CLEARML_OFFLINE_MODE": None,  # the SDK's own secret key is kept
+    }
+    mine = controller_env(settings, None, {**environ, "CLEARML_CONFIG_FILE": "/mine.conf"})
+    assert "CLEARML_CONFIG_FILE" not in mine and "HOUSING_RUN_ID" not in mine
+    assert controller_env(settings, "r", {"CLEARML_TASK_ID": "t"}) == {"HOUSING_RUN_ID": "r"}
