@@ -20,6 +20,11 @@ first MLflow call, and children inherit it:
   so a worker writes nothing.
 
 A variable the user set is never replaced.
+
+This module is the one that writes ``os.environ`` (``tests/test_environ.py`` checks it),
+and only at a process's start-up, before it starts threads: setenv/getenv from several
+threads is unsafe in glibc. Elsewhere settings reach the SDKs explicitly (client
+arguments, a child process's ``env=``).
 """
 
 from __future__ import annotations
@@ -115,6 +120,47 @@ def bound_mlflow_http(timeout_sec: int | None = None, retries: int | None = None
     ``mlflow.timeout_sec`` / ``mlflow.retries``, without backoff (see the module
     docstring); None: the defaults, unless a budget was decided already."""
     os.environ.update(mlflow_http_env(timeout_sec, retries, os.environ))
+
+
+def adopt_environment(env: Mapping[str, str]) -> None:
+    """Make ``env`` this process's whole environment: the start-up of a process forked
+    to run another's command (a stage server's child takes its client's)."""
+    os.environ.clear()
+    os.environ.update(env)
+
+
+@contextlib.contextmanager
+def start_up_environment(env: Mapping[str, str]) -> Iterator[None]:
+    """Set ``env`` for the ``with`` body, then put each variable back as it was (unset
+    ones unset): start-up work of a process that runs no other thread yet (a fork
+    server's warm-up; starting multiprocessing's fork server, which can only inherit
+    this process's environment)."""
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def take_variable(name: str) -> str | None:
+    """Remove and return ``name``: a value handed to this process's start-up only (its
+    children do not inherit it)."""
+    return os.environ.pop(name, None)
+
+
+def settle_environment(values: Mapping[str, str | None]) -> None:
+    """Set each variable (unset those given None) for the rest of this process and its
+    children: a command's start-up, before it starts threads."""
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @contextlib.contextmanager

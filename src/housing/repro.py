@@ -234,9 +234,9 @@ def preload(settings: Settings | None) -> None:
     forks stages itself: the stage server, the stage-cost benchmark)."""
     import importlib
 
-    from housing.tracking.warmup import scoped_env
+    from housing.entry import start_up_environment
 
-    with scoped_env(fork_server_env(settings)):
+    with start_up_environment(fork_server_env(settings)):
         for module in PRELOAD_MODULES:
             importlib.import_module(module)
 
@@ -247,12 +247,12 @@ def _make_pool(workers: int, env: Mapping[str, str]) -> Any:
     import multiprocessing
     from multiprocessing import forkserver
 
+    from housing.entry import start_up_environment
     from housing.quirks.multiprocessing import StoppablePool
-    from housing.tracking.warmup import scoped_env
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD_MODULES))
-    with scoped_env(env):
+    with start_up_environment(env):  # before the pool's threads; it inherits only this
         forkserver.ensure_running()
     return StoppablePool(max_workers=workers, mp_context=ctx, max_tasks_per_child=1)
 

@@ -292,8 +292,9 @@ def _child(conn: socket.socket) -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         request = _recv_request(conn)
         os.chdir(request["cwd"])
-        os.environ.clear()  # this process's start-up: it takes the client's environment
-        os.environ.update(request["env"])
+        from housing.entry import adopt_environment
+
+        adopt_environment(request["env"])  # this process's start-up: the client's env
         sys.stdout.reconfigure(line_buffering=os.isatty(1))  # type: ignore[union-attr]
         threading.Thread(target=_watch_client, args=(conn,), daemon=True).start()
         from housing.cli import main as cli_main

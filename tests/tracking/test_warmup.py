@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from housing.config import ClearMLSettings
+from housing.entry import start_up_environment as scoped_env
 from housing.tracking import clearml as clearml_tracking
-from housing.tracking.warmup import ENV_VARIABLE, scoped_env, warm
+from housing.tracking.warmup import ENV_VARIABLE, warm
 
 
 def _settings(root: Path) -> ClearMLSettings:

@@ -98,27 +98,33 @@ def _installed_closure(distribution: str) -> list[str]:
     return [f"{name}=={version}" for name, version in sorted(pins.items())]
 
 
+def controller_env(
+    cml: ClearMLSettings, run_id: str | None, environ: Mapping[str, str]
+) -> dict[str, str | None]:
+    """The variables the controller's command settles at its start-up (None: unset), for
+    the SDK and the steps run locally: the run id (if any), and unless an agent runs it (the SDK
+    is configured then) the hosts, keys, a generated client config without the report
+    subprocess and the slow repository detection (unless the user's), online."""
+    from housing.tracking.clearml import server_env
+    from housing.tracking.offline import write_client_config
+
+    env: dict[str, str | None] = {} if run_id is None else {"HOUSING_RUN_ID": run_id}
+    if environ.get("CLEARML_TASK_ID"):
+        return env
+    if not environ.get("CLEARML_CONFIG_FILE"):
+        conf = write_client_config(cml.offline_dir / CONFIG_FILE, retries=2, server=cml.server)
+        env["CLEARML_CONFIG_FILE"] = str(conf)
+    return {**env, **server_env(cml, environ), "CLEARML_OFFLINE_MODE": None}
+
+
 @contextlib.contextmanager
 def clearml_environment(cml: ClearMLSettings) -> Iterator[None]:
-    """SDK environment for the controller (hosts, credentials, a generated client config
-    without the report subprocess and the slow repository detection); restored on exit.
-    Run by an agent, the SDK is already configured: nothing changes."""
-    from housing.tracking.clearml import set_server_env
-    from housing.tracking.offline import write_client_config
-    from housing.tracking.warmup import scoped_env
+    """Settle :func:`controller_env` (no run id) for the rest of the command, before the
+    SDK starts its threads: nothing is put back (the SDK ends the process soon after)."""
+    from housing.entry import settle_environment
 
-    if os.environ.get("CLEARML_TASK_ID"):
-        yield
-        return
-    names = "CONFIG_FILE API_HOST WEB_HOST FILES_HOST API_ACCESS_KEY API_SECRET_KEY OFFLINE_MODE"
-    with scoped_env({}, restore=[f"CLEARML_{name}" for name in names.split()]):
-        if not os.environ.get("CLEARML_CONFIG_FILE"):
-            os.environ["CLEARML_CONFIG_FILE"] = str(
-                write_client_config(cml.offline_dir / CONFIG_FILE, retries=2, server=cml.server)
-            )
-        set_server_env(cml)
-        os.environ.pop("CLEARML_OFFLINE_MODE", None)
-        yield
+    settle_environment(controller_env(cml, None, os.environ))
+    yield
 
 
 # --------------------------------------------------------------------------- the steps
@@ -356,54 +362,55 @@ def run_controller(
     event, raise :class:`PipelineError` if it failed. Does not return when the SDK ends the
     process after enqueuing the controller (``run_locally: false`` with a controller queue)."""
     from housing import runs
+    from housing.entry import settle_environment
     from housing.monitoring import EventLog, build_notifiers, record_pipeline_summary
     from housing.orchestration.dag import PipelineError, PipelineResult, StepResult, final_metrics
 
     options = settings.clearml.pipeline
     run_id = runs.current().run_id
-    os.environ["HOUSING_RUN_ID"] = run_id  # inherited by locally run steps
+    # before the controller starts its threads; inherited by the locally run steps
+    settle_environment(controller_env(settings.clearml, run_id, os.environ))
     events = EventLog(settings.paths.metrics_dir / "pipeline_events.jsonl")
     notifier = build_notifiers(settings.notifications)
     executor = "clearml-local" if options.run_locally else "clearml-queue"
     t0 = time.monotonic()
-    with clearml_environment(settings.clearml):
-        try:
-            controller = build_controller(settings, overrides, config_dir)
-        except Exception as exc:
-            raise ClearMLError(f"ClearML pipeline controller could not start: {exc}") from exc
-        if options.run_locally or not options.controller_queue:
-            controller.start_locally(run_pipeline_steps_locally=options.run_locally)
-        else:
-            log.warning(
-                "ClearML: controller %s goes to queue %r, steps to %r; this process ends now",
-                controller.id,
-                options.controller_queue,
-                options.execution_queue,
-            )
-            sys.stdout.flush()
-            sys.stderr.flush()
-            controller.start(queue=options.controller_queue)
-        steps: dict[str, StepResult] = {}
-        for name, node in controller.get_pipeline_dag().items():
-            status = str(getattr(node, "status", "pending"))
-            steps[name] = StepResult(name, _STATUS.get(status, "skipped"), status == "cached")
-        evaluated = "evaluate" in steps and steps["evaluate"].status == "succeeded"
-        best, rmse = final_metrics(settings) if evaluated else (None, None)
-        ok = controller_succeeded(controller) and evaluated
-        failed = next((s.name for s in steps.values() if s.status == "failed"), None)
-        error = None if ok else f"step {failed or '?'} failed (see ClearML task logs)"
-        duration = time.monotonic() - t0
-        record_pipeline_summary(
-            events,
-            run_id,
-            "succeeded" if ok else "failed",
-            duration,
-            notifier=notifier,
-            best_model=best,
-            test_rmse=rmse,
-            error=error,
-            extra={"executor": executor, "controller_task_id": str(controller.id)},
+    try:
+        controller = build_controller(settings, overrides, config_dir)
+    except Exception as exc:
+        raise ClearMLError(f"ClearML pipeline controller could not start: {exc}") from exc
+    if options.run_locally or not options.controller_queue:
+        controller.start_locally(run_pipeline_steps_locally=options.run_locally)
+    else:
+        log.warning(
+            "ClearML: controller %s goes to queue %r, steps to %r; this process ends now",
+            controller.id,
+            options.controller_queue,
+            options.execution_queue,
         )
-        if not ok:
-            raise PipelineError(f"pipeline step {failed or 'pipeline'} failed on ClearML: {error}")
-        return PipelineResult(run_id, "succeeded", executor, steps, duration, best, rmse)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        controller.start(queue=options.controller_queue)
+    steps: dict[str, StepResult] = {}
+    for name, node in controller.get_pipeline_dag().items():
+        status = str(getattr(node, "status", "pending"))
+        steps[name] = StepResult(name, _STATUS.get(status, "skipped"), status == "cached")
+    evaluated = "evaluate" in steps and steps["evaluate"].status == "succeeded"
+    best, rmse = final_metrics(settings) if evaluated else (None, None)
+    ok = controller_succeeded(controller) and evaluated
+    failed = next((s.name for s in steps.values() if s.status == "failed"), None)
+    error = None if ok else f"step {failed or '?'} failed (see ClearML task logs)"
+    duration = time.monotonic() - t0
+    record_pipeline_summary(
+        events,
+        run_id,
+        "succeeded" if ok else "failed",
+        duration,
+        notifier=notifier,
+        best_model=best,
+        test_rmse=rmse,
+        error=error,
+        extra={"executor": executor, "controller_task_id": str(controller.id)},
+    )
+    if not ok:
+        raise PipelineError(f"pipeline step {failed or 'pipeline'} failed on ClearML: {error}")
+    return PipelineResult(run_id, "succeeded", executor, steps, duration, best, rmse)

@@ -83,6 +83,7 @@ __all__ = [
     "client_env",
     "load_sdk_config",
     "resolve_mode",
+    "server_env",
 ]
 
 MODES: Final = ("auto", "online", "offline")
@@ -102,23 +103,29 @@ _active: list[ClearMLTracker] = []  # the tracker whose task is open in this pro
 # --------------------------------------------------------------------------- settings
 
 
-def set_server_env(settings: ClearMLSettings) -> None:
-    """Point the SDK at the configured server: the hosts (already the winners of command
-    line > ``CLEARML_*_HOST`` > config file > conf/, see housing.config) and the keys
-    (read from the variables named in ``clearml.auth``, unless the SDK's own are set) go
-    to the ``CLEARML_*`` variables it reads."""
+def server_env(settings: ClearMLSettings, environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``CLEARML_*`` variables pointing the SDK at the configured server: the hosts
+    (already the winners of command line > ``CLEARML_*_HOST`` > config file > conf/, see
+    housing.config) and the keys (read from the variables named in ``clearml.auth``,
+    unless the SDK's own are set in ``environ``); empty values are left out."""
     server, auth = settings.server, settings.auth
-    hosts = {
+    env = {
         "CLEARML_API_HOST": server.api_host,
         "CLEARML_WEB_HOST": server.web_host,
         "CLEARML_FILES_HOST": server.files_host,
     }
-    keys = {
-        "CLEARML_API_ACCESS_KEY": os.environ.get(auth.access_key_env, ""),
-        "CLEARML_API_SECRET_KEY": os.environ.get(auth.secret_key_env, ""),
-    }
-    set_sdk_env(hosts)
-    set_sdk_env(keys, keep_set=True)
+    for name, source in (
+        ("CLEARML_API_ACCESS_KEY", auth.access_key_env),
+        ("CLEARML_API_SECRET_KEY", auth.secret_key_env),
+    ):
+        if not environ.get(name):
+            env[name] = environ.get(source, "")
+    return {name: value for name, value in env.items() if value}
+
+
+def set_server_env(settings: ClearMLSettings) -> None:
+    """Point the SDK at the configured server (:func:`server_env`) for an online task."""
+    set_sdk_env(server_env(settings, os.environ))
 
 
 def resolve_mode(

@@ -4,7 +4,8 @@ plain ``dvc repro``), not in every stage.
 :func:`warm` runs when the engine's fork server imports :mod:`housing.tracking.preload`
 (after the libraries); importing this module does nothing. It spares each forked stage:
 ClearML's config parse (~1 s; read with the ``CLEARML_*`` variables the engine passes as
-JSON in :data:`ENV_VARIABLE`, set only while reading), the MLflow tracker's first
+JSON in :data:`ENV_VARIABLE`, set only while reading, by the entry layer: this is
+the fork server's start-up), the MLflow tracker's first
 figure, pinned requirements and schema revision lookup, and :mod:`inspect`'s module index
 (ClearML's loggers call ``inspect.stack()``). Last, :func:`gc.freeze` keeps the
 libraries' objects out of each stage's first full collection (0.3-0.6 s, and pages the
@@ -14,12 +15,10 @@ connection.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
-import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Final
 
 log = logging.getLogger(__name__)
@@ -28,27 +27,12 @@ log = logging.getLogger(__name__)
 ENV_VARIABLE: Final = "HOUSING_WARMUP_CLEARML_ENV"
 
 
-@contextlib.contextmanager
-def scoped_env(env: Mapping[str, str], restore: Iterable[str] = ()) -> Iterator[None]:
-    """Set ``env`` for the ``with`` body; those variables, and the ``restore`` ones the
-    body may change, go back to their values before (unset ones are unset again)."""
-    before = {key: os.environ.get(key) for key in (*env, *restore)}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def warm_clearml(env: Mapping[str, str]) -> None:
     """Read ClearML's config as a tracker with ``env`` (``CLEARML_*``) would."""
+    from housing.entry import start_up_environment
     from housing.tracking.clearml import load_sdk_config
 
-    with scoped_env(env):
+    with start_up_environment(env):
         load_sdk_config()
 
 
@@ -79,7 +63,9 @@ def warm_inspect() -> None:
 def warm() -> None:
     """Everything above, then :func:`gc.freeze`; a step that fails is skipped (the
     stage does that work itself)."""
-    raw = os.environ.pop(ENV_VARIABLE, None)
+    from housing.entry import take_variable
+
+    raw = take_variable(ENV_VARIABLE)
     steps = [warm_matplotlib, warm_mlflow_schema, warm_inspect]
     if raw:
         steps.insert(0, lambda: warm_clearml(json.loads(raw)))
