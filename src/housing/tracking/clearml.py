@@ -524,6 +524,9 @@ class ClearMLTracker:
             for t in trials
         ]
         table = pd.DataFrame(rows).set_index("trial")
+        # A metric a trial lacks is blank, not NaN: clearml 2.1.12's report_table fills NaN
+        # with the string "nan", which pandas 3 warns about on the console for floats.
+        table = table.astype(object).where(table.notna(), "")
         reporter.report_table(title="tune trials", series=study, iteration=0, table_plot=table)
         for trial in trials:
             for name, raw in trial.metrics.items():
