@@ -25,23 +25,33 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HOUSING_STAGE_SERVER_IDLE", "10")
 
 
+def settings_at(root: Path, overrides: Sequence[str] = ()) -> Settings:
+    """Validated settings from the real conf/ (tracking off) with outputs under ``root``."""
+    return load_settings(["tracking=none", *overrides], config_dir=CONF, root=root)
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path) -> SettingsFactory:
     """Build validated settings from the real conf/ with outputs under ``tmp_path``."""
 
     def factory(overrides: Sequence[str] = (), root: Path | None = None) -> Settings:
-        return load_settings(["tracking=none", *overrides], config_dir=CONF, root=root or tmp_path)
+        return settings_at(root or tmp_path, overrides)
 
     return factory
 
 
-@pytest.fixture
-def small_table() -> pd.DataFrame:
+def table_120() -> pd.DataFrame:
     """A 120-row synthetic regression table: 3 numeric features and a target."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 3))
     y = 3 * x[:, 0] - 2 * x[:, 1] + 0.5 * x[:, 2] + rng.normal(scale=0.1, size=120) + 20
     return pd.DataFrame({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "price": y})
+
+
+@pytest.fixture
+def small_table() -> pd.DataFrame:
+    """``table_120()``: the tiny table most stage tests run on."""
+    return table_120()
 
 
 @pytest.fixture

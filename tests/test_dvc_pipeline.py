@@ -190,28 +190,6 @@ def test_push_and_pull_through_the_local_remote(repo: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_parallel_repro_matches_serial_and_leaves_dvc_up_to_date(
-    repo: Path, tmp_path: Path
-) -> None:
-    other = make_scratch_repo(tmp_path / "parallel", defaults={"tracking": "none"})
-    done = _housing(other, "repro", "-j", "2")
-    assert done.returncode == 0, done.stderr
-    status = _dvc(other, "status")
-    assert "up to date" in status.stdout, status.stdout
-    lock = yaml.safe_load((other / "dvc.lock").read_text())["stages"]
-    assert {"prepare", "select_best", "evaluate", "train@ridge"} <= set(lock)
-    serial = metrics_records(repo / "metrics")["train_metrics.json"]
-    parallel = metrics_records(other / "metrics")["train_metrics.json"]
-    assert parallel["best_model"] == serial["best_model"]
-    assert parallel["best_value"] == serial["best_value"]
-    status = _housing(other, "status")
-    assert status.returncode == 0, status.stdout
-    assert "SUCCEEDED" in status.stdout and "train_ridge" in status.stdout
-    assert f"selected model: {serial['best_model']}" in status.stdout
-
-
-@pytest.mark.slow
-@pytest.mark.integration
 def test_parallel_repro_stops_on_a_failing_train_stage(tmp_path: Path) -> None:
     other = make_scratch_repo(tmp_path / "failing", defaults={"tracking": "none"})
     (other / "conf/model/ridge.yaml").write_text(
@@ -231,10 +209,18 @@ def test_parallel_repro_stops_on_a_failing_train_stage(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_clearml_pipeline_offline_matches_the_dvc_pipeline(repo: Path, tmp_path: Path) -> None:
-    """`housing pipeline` with no server gives the DVC pipeline's metrics and winner."""
+    """`housing pipeline` with no server (the local engine, train stages in two parallel
+    workers) gives the serial DVC pipeline's metrics and winner, and leaves DVC up to date."""
     other = make_scratch_repo(tmp_path / "clearml-pipeline", defaults={"tracking": "clearml"})
-    done = _housing(other, "pipeline", unset=("CLEARML_API_ACCESS_KEY", "CLEARML_API_SECRET_KEY"))
+    done = _housing(
+        other, "pipeline", "--max-workers", "2",
+        unset=("CLEARML_API_ACCESS_KEY", "CLEARML_API_SECRET_KEY"),
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    status = _dvc(other, "status")
+    assert "up to date" in status.stdout, status.stdout
+    lock = yaml.safe_load((other / "dvc.lock").read_text())["stages"]
+    assert {"prepare", "select_best", "evaluate", "train@ridge"} <= set(lock)
     # the console: each line once, the champion decision once, no library banners/warnings
     lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
     assert len(lines) == len(set(lines)), lines
@@ -254,7 +240,15 @@ def test_clearml_pipeline_offline_matches_the_dvc_pipeline(repo: Path, tmp_path:
         )
     for rel in ("metrics/test_metrics.json", "metrics.json"):
         assert json.loads((other / rel).read_text()) == json.loads((repo / rel).read_text())
+    serial = metrics_records(repo / "metrics")["train_metrics.json"]
+    parallel = metrics_records(other / "metrics")["train_metrics.json"]
+    assert parallel["best_model"] == serial["best_model"]
+    assert parallel["best_value"] == serial["best_value"]
     assert len(list((other / ".clearml" / "offline").glob("offline-*.zip"))) == 7
+    shown = _housing(other, "status")
+    assert shown.returncode == 0, shown.stdout
+    assert "SUCCEEDED" in shown.stdout and "train_ridge" in shown.stdout
+    assert f"selected model: {serial['best_model']}" in shown.stdout
 
 
 @pytest.mark.slow

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -17,7 +20,7 @@ from housing.stages import evaluate, prepare, select_best, train
 from housing.stages.select_best import choose_best
 from tests.helpers import run_all
 
-from .conftest import CONF, SettingsFactory, csv_overrides
+from .conftest import CONF, SettingsFactory, csv_overrides, settings_at, table_120
 
 FAST = ["selection.candidates=[linear_regression,ridge]"]
 
@@ -30,13 +33,30 @@ def _tree_digest(root: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def trained(make_settings: SettingsFactory, csv_file: Path) -> SettingsFactory:
-    """A root where prepare and both FAST candidates have run on the small CSV."""
-    base = csv_overrides(csv_file, *FAST)
-    prepare.run(make_settings(base))
+@pytest.fixture(scope="module")
+def trained_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root where prepare and both FAST candidates ran once on the small CSV (each test
+    of ``trained`` gets its own copy: the outputs hold only root-relative paths)."""
+    root = tmp_path_factory.mktemp("trained")
+    csv = root / "input" / "houses.csv"
+    csv.parent.mkdir()
+    table_120().to_csv(csv, index=False)
+    base = csv_overrides(csv, *FAST)
+    prepare.run(settings_at(root, base))
     for name in ("linear_regression", "ridge"):
-        train.run(make_settings([*base, f"model={name}"]))
+        train.run(settings_at(root, [*base, f"model={name}"]))
+    return root
+
+
+@pytest.fixture
+def trained(
+    trained_template: Path, make_settings: SettingsFactory, csv_file: Path, tmp_path: Path
+) -> SettingsFactory:
+    """A root where prepare and both FAST candidates have run on the small CSV."""
+    shutil.copytree(
+        trained_template, tmp_path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("input")
+    )
+    base = csv_overrides(csv_file, *FAST)
 
     def factory(extra: list[str] | tuple[str, ...] = ()) -> object:
         return make_settings([*base, *extra])
@@ -215,36 +235,51 @@ def test_cli_runs_a_stage_and_reports_data_errors(
     assert capsys.readouterr().err.startswith("error: ")
 
 
+def _default_run(root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The default pipeline (tracking off) run in ``root``: its results and the train
+    metrics without the fit times (the one number allowed to differ between runs)."""
+    root.mkdir()
+    with contextlib.chdir(root):
+        results = run_all(["tracking=none"], config_dir=CONF)
+    metrics = {k: dict(v.metrics) for k, v in results.items() if k.startswith("train_")}
+    for m in metrics.values():
+        m.pop("train/fit_seconds")
+    return results, metrics
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One default pipeline run shared by the slow tests below (the costly part)."""
+    root = tmp_path_factory.mktemp("default") / "first"
+    results, metrics = _default_run(root)
+    return root, {"results": results, "metrics": metrics}
+
+
 @pytest.mark.slow
 def test_boston_default_pipeline_meets_the_quality_bar(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    default_run: tuple[Path, dict[str, Any]],
 ) -> None:
     """Default config: the selected model's test RMSE is below 3.0."""
-    monkeypatch.chdir(tmp_path)
-    results = run_all(["tracking=none"], config_dir=CONF)
+    root, run = default_run
+    results = run["results"]
     assert results["evaluate"].metrics["test/rmse"] < 3.0
     assert results["select_best"].best_model in results["select_best"].candidates
-    fingerprint = json.loads((tmp_path / "metrics/data_fingerprint.json").read_text())
+    fingerprint = json.loads((root / "metrics/data_fingerprint.json").read_text())
     assert fingerprint["raw"]["rows"] == 506
     assert (fingerprint["train"]["rows"], fingerprint["test"]["rows"]) == (404, 102)
-    ridge = json.loads((tmp_path / "metrics/train_ridge.json").read_text())
+    ridge = json.loads((root / "metrics/train_ridge.json").read_text())
     assert ridge["val/rmse"] == pytest.approx(4.825, abs=0.001)
 
 
 @pytest.mark.slow
 def test_two_runs_give_identical_metrics_and_predictions(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    default_run: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
-    outputs = []
-    for name in ("first", "second"):
-        root = tmp_path / name
-        root.mkdir()
-        monkeypatch.chdir(root)
-        results = run_all(["tracking=none"], config_dir=CONF)
-        metrics = {k: v.metrics for k, v in results.items() if k.startswith("train_")}
-        for m in metrics.values():
-            m.pop("train/fit_seconds")
-        outputs.append((metrics, results["evaluate"].metrics, results["evaluate"].predictions))
-    assert outputs[0][0] == outputs[1][0]
-    assert outputs[0][1] == outputs[1][1]
-    pd.testing.assert_frame_equal(outputs[0][2], outputs[1][2])
+    """A second run in a fresh root gives the first run's numbers and predictions."""
+    _, first = default_run
+    results, metrics = _default_run(tmp_path / "second")
+    assert metrics == first["metrics"]
+    assert results["evaluate"].metrics == first["results"]["evaluate"].metrics
+    pd.testing.assert_frame_equal(
+        results["evaluate"].predictions, first["results"]["evaluate"].predictions
+    )
