@@ -122,3 +122,14 @@ def test_a_missing_base_task_or_queue_is_one_line(
     assert proc.returncode == 5, proc.stderr[-3000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert server.calls_to("tasks.clone") == [] and server.calls_to("tasks.enqueue") == []
+
+
+def test_apply_is_refused_when_trials_run_on_agents(server: FakeClearMLServer, repo: Path) -> None:
+    _train_step(server, "ridge")
+    tuned = repo / "conf/tuned/ridge.yaml"
+    before = tuned.read_text()
+    proc = _tune(repo, server, "model=ridge", "--apply")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "tune --apply: trials run on ClearML agents" in proc.stderr
+    assert "Traceback" not in proc.stderr and server.calls_to("tasks.clone") == []
+    assert tuned.read_text() == before
