@@ -312,9 +312,28 @@ def tune(options: Globals, apply_best: bool, overrides: tuple[str, ...]) -> int:
     Without --apply it only reports the best params against the defaults.
     """
     from housing import tuning
+    from housing.orchestration import clearml_tune
 
     _route_optuna_logs()
     settings = _settings([*overrides, tuning.WITHOUT_TUNED], options.config_dir)
+    if clearml_tune.wanted(settings):  # a server, steps on agents: trials there too
+        if apply_best:
+            from housing.errors import ConfigError
+
+            raise ConfigError(
+                "tune --apply: trials run on ClearML agents (clearml.pipeline.run_locally=false)"
+                "; take the best trial's params from ClearML, or tune here with run_locally=true"
+            )
+        remote = clearml_tune.run_remote(settings)
+        _echo(
+            f"tune {remote.model} on ClearML: {len(remote.trials)} trial(s) cloned from "
+            f"task {remote.base_task_id}, enqueued on {remote.queue!r}"
+        )
+        for task_id, params in remote.trials.items():
+            _echo(
+                f"  {task_id}: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(params.items()))
+            )
+        return 0
     result = tuning.run(settings, apply_best=apply_best)
     for line in tune_lines(result, settings.root):
         _echo(line)

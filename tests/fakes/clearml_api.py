@@ -61,6 +61,7 @@ plus ``id``).
 from __future__ import annotations
 
 import base64
+import copy
 import email.parser
 import email.policy
 import hashlib
@@ -711,6 +712,21 @@ def _tasks_create(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, 
     return {"id": task["id"]}
 
 
+def _tasks_clone(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    """A ``created`` copy of ``task`` (bll/task ``clone_task``): the ``new_task_*`` fields
+    replace the source's; no outputs, metrics or status history are copied."""
+    source = _task(server, body)
+    now = _now()
+    keep = ("type", "project", "script", "hyperparams", "configuration", "tags", "container")
+    fields = {k: copy.deepcopy(source[k]) for k in keep if k in source}
+    for key in ("name", "comment", "tags", "system_tags", "parent", "project", "hyperparams"):
+        if body.get(f"new_task_{key}") is not None:
+            fields[key] = copy.deepcopy(body[f"new_task_{key}"])
+    fields.setdefault("name", source.get("name", ""))
+    task = server.add_task(**fields, created=now, last_update=now, last_change=now)
+    return {"id": task["id"]}
+
+
 def _task(server: FakeClearMLServer, body: Mapping[str, Any]) -> dict[str, Any]:
     task_id = body.get("task")
     if task_id not in server.tasks:
@@ -932,6 +948,22 @@ def _workers_get_all(server: FakeClearMLServer, _body: dict[str, Any]) -> dict[s
     return {"workers": workers}
 
 
+def _events_scalar_histogram(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
+    """A task's scalars as ``{title: {series: {name, x, y}}}`` by iteration (bll/event
+    ``get_scalar_metrics_and_x_axis``, ``key: iter``)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    batches = [c.body for c in server.calls if c.endpoint == "events.add_batch"]  # lock held
+    for event in (e for batch in batches for e in batch):
+        if event.get("task") != body.get("task") or event.get("type") != "training_stats_scalar":
+            continue
+        series = out.setdefault(event.get("metric", ""), {}).setdefault(
+            event.get("variant", ""), {"name": event.get("variant", ""), "x": [], "y": []}
+        )
+        series["x"].append(event.get("iter", 0))
+        series["y"].append(event.get("value"))
+    return out
+
+
 def _events_add_batch(_server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
     return {"added": len(body.get("_events", [])), "errors": 0}
 
@@ -944,6 +976,7 @@ _HANDLERS: dict[str, Handler] = {
     "projects.update": _projects_update,
     "tasks.create": _tasks_create,
     "tasks.edit": _tasks_edit,
+    "tasks.clone": _tasks_clone,
     "tasks.started": _tasks_started,
     "tasks.completed": _tasks_completed,
     "tasks.stopped": _status_setter("stopped", "completed"),
@@ -963,6 +996,7 @@ _HANDLERS: dict[str, Handler] = {
     "models.get_by_id": _models_get_by_id,
     "models.set_ready": _models_publish,
     "events.add_batch": _events_add_batch,
+    "events.scalar_metrics_iter_histogram": _events_scalar_histogram,
     "queues.get_all": _queues_get_all,
     "queues.get_by_id": _queues_get_by_id,
     "tasks.enqueue": _tasks_enqueue,

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 SHA_METADATA: Final = "housing_sha256"  # artifact metadata key of an output's sha256
 CONFIG_FILE: Final = "clearml-pipeline.conf"
+#: A train step task's hyperparameter section with a tuning trial's values (clearml_tune).
+TRIAL_SECTION: Final = "model_params"
 _TASK_TYPES: Final = {
     "prepare": "data_processing",
     "train": "training",
@@ -176,6 +178,8 @@ def execute_step(  # noqa: PLR0917 - run_step's parameters, passed on
             n.removeprefix("train_") for n in upstream if n.startswith("train_") and n not in failed
         ]
         overrides.append(f"selection.candidates=[{','.join(ok)}]")
+    if stage == "train" and task is not None:  # a tuning trial's values (clearml_tune)
+        overrides += trial_overrides(task.get_parameters_as_dict())
     overrides.append("clearml.enabled=false")
     settings = load_settings(overrides, config_dir=base / config_dir, root=base)
     inputs, outputs = step_files(stage, settings)
@@ -208,6 +212,19 @@ def execute_step(  # noqa: PLR0917 - run_step's parameters, passed on
             )
     log.info("step %s: %d output(s) recorded", step_name, len(hashes))
     return json.dumps(hashes, sort_keys=True)
+
+
+def trial_overrides(hyperparams: Mapping[str, Any]) -> list[str]:
+    """``++model.params.<name>=<value>`` for each value in a step task's
+    :data:`TRIAL_SECTION` (``task.get_parameters_as_dict()``); [] for a task no tuning made."""
+    section = hyperparams.get(TRIAL_SECTION)
+    if not isinstance(section, Mapping):
+        return []
+    values = {name: str(value) for name, value in section.items()}
+    return [
+        f"++model.params.{name}={'null' if text == 'None' else text}"
+        for name, text in sorted(values.items())
+    ]
 
 
 def _fetch_upstream(upstream: Mapping[str, str]) -> tuple[dict[str, tuple[str, Any]], set[str]]:
