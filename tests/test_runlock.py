@@ -109,6 +109,16 @@ def test_a_second_command_is_refused_with_the_holders_details(
     assert read_holder(tmp_path) == record  # the holder's record is untouched
 
 
+@pytest.mark.parametrize("command", [("sync",), ("clearml", "sync"), ("mlflow", "sync")])
+def test_a_sync_is_refused_while_a_run_holds_the_lock(
+    tmp_path: Path, holder: subprocess.Popen[str], command: tuple[str, ...]
+) -> None:
+    # a sync writes the tracker stores (imported sessions, the replayed spool) too
+    done = _housing(tmp_path, *command, "tracking=both", "clearml.mode=offline")
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: {tmp_path / LOCK_DIR / 'run.lock'}: `housing repro`")
+
+
 def test_wait_waits_for_the_holder_then_runs(tmp_path: Path, holder: subprocess.Popen[str]) -> None:
     waiting = subprocess.Popen(
         [HOUSING, *PREPARE, "--wait"],

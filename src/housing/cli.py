@@ -767,6 +767,7 @@ def clearml() -> None:
 
 
 @clearml.command("sync", short_help="Import offline ClearML sessions into the server.")
+@_locked
 @_configured
 def clearml_sync(settings: Settings) -> int:
     """Import every offline ClearML session not yet imported into the configured server."""
@@ -784,6 +785,7 @@ def mlflow_group() -> None:
 
 
 @mlflow_group.command("sync", short_help="Replay spooled MLflow runs to the server.")
+@_locked
 @_configured
 def mlflow_sync(settings: Settings) -> int:
     """Replay every run spooled while mlflow.tracking_uri was unreachable, once each."""
@@ -795,6 +797,7 @@ def mlflow_sync(settings: Settings) -> int:
 
 
 @cli.command("sync", short_help="Sync both trackers: ClearML sessions, MLflow spool.")
+@_locked
 @_configured
 def sync_all(settings: Settings) -> int:
     """`housing clearml sync` then `housing mlflow sync`: one line each; non-zero if
