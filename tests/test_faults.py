@@ -182,12 +182,24 @@ def test_a_stage_with_an_unreachable_clearml_server_records_offline_within_secon
 ) -> None:
     caplog.set_level(logging.INFO, logger="housing")
     with BLACK_HOLES[kind]() as api_host:
+        # The same stage told to be offline: what opening and closing the task costs here
+        # (seconds more on a loaded machine), so the bound below is the probe's alone.
+        offline_dir = tmp_path / "baseline"
+        told = clearml_settings(tmp_path, api_host).model_copy(
+            update={"mode": "offline", "offline_dir": offline_dir}
+        )
+        started = time.monotonic()
+        with ClearMLTracker(told, run=StageRun("prepare", "prepare", "run-f0")) as tracker:
+            tracker.log_metrics({"data/rows": 200.0})
+        baseline = time.monotonic() - started
+        caplog.clear()
         settings = clearml_settings(tmp_path, api_host)
         started = time.monotonic()
         with ClearMLTracker(settings, run=StageRun("prepare", "prepare", "run-f1")) as tracker:
             tracker.log_metrics({"data/rows": 200.0})
         elapsed = time.monotonic() - started
-    assert elapsed < 5  # one 1 s ping, the offline task opened and closed
+    # one 1 s probe (connect_timeout_sec) and slack, not the SDK's minutes of retries
+    assert elapsed - baseline < 3.5, (elapsed, baseline)
     assert tracker.mode == "offline"
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) == 1, lines
@@ -226,7 +238,9 @@ def test_sync_and_doctor_against_an_unreachable_server_answer_within_the_timeout
         started = time.monotonic()
         checks = diagnose(KEYS, settings, tracking_backends=["clearml"], mlflow_uri="")
         diagnosed = time.monotonic() - started
-    assert synced < 3 and diagnosed < 5  # a 1 s timeout (doctor: 2.5 x at most), plus slack
+    # a 1 s timeout (doctor: 2.5 x at most), plus slack for a loaded machine; without the
+    # bound the SDK would retry for minutes
+    assert synced < 6 and diagnosed < 8
     assert str(excinfo.value).startswith(f"ClearML server unavailable: {api_host}/debug.ping") or (
         str(excinfo.value).startswith(f"ClearML sync: {api_host}/auth.login not answering")
     )
