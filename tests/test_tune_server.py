@@ -16,6 +16,7 @@ import pytest
 from housing.config import load_settings
 from housing.orchestration.clearml_controller import TRIAL_SECTION as SECTION
 from housing.orchestration.clearml_controller import trial_overrides
+from housing.orchestration.clearml_tune import OBJECTIVE
 from tests.fakes.clearml_api import FakeClearMLServer
 from tests.scratch import make_scratch_repo
 
@@ -74,10 +75,27 @@ def test_trials_are_clones_of_the_train_step_enqueued_with_overrides(
 ) -> None:
     _train_step(server, "ridge")  # another model's step: not the base
     base = _train_step(server, "random_forest")
+
+    def objective(task: dict[str, Any]) -> dict[tuple[str, str], float]:
+        """What the train step on an agent would report: a score of the trial's values."""
+        values = {k: float(p["value"]) for k, p in task["hyperparams"][SECTION].items()
+                  if k in SPACE}  # fmt: skip
+        return {OBJECTIVE: values["max_depth"] + values["n_estimators"] / 1000}
+
+    server.agent_reports = objective
     args = ["model=random_forest", "tune.n_trials=3", "tune.n_jobs=2"]
     proc = _tune(repo, server, *args, "clearml.pipeline.execution_queue=gpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"3 trial(s) cloned from task {base['id']}, enqueued on 'gpu'" in proc.stdout
+    # the optimizer read each trial's objective (none pruned for lack of one), and the
+    # command names the lowest
+    assert "reported no objective metric" not in proc.stdout + proc.stderr
+    scores = {c["task"]: objective(server.tasks[c["task"]])[OBJECTIVE] for c in
+              server.calls_to("tasks.enqueue")}  # fmt: skip
+    best = min(scores, key=scores.__getitem__)
+    assert f"best: trial {best}  Summary/cv/rmse_mean {scores[best]:.4f}" in proc.stdout
+    for task_id, score in scores.items():
+        assert f"{task_id}: Summary/cv/rmse_mean {score:.4f}" in proc.stdout
 
     clones = server.calls_to("tasks.clone")
     assert [c["task"] for c in clones] == [base["id"]] * 3

@@ -329,10 +329,18 @@ def tune(options: Globals, apply_best: bool, overrides: tuple[str, ...]) -> int:
             f"tune {remote.model} on ClearML: {len(remote.trials)} trial(s) cloned from "
             f"task {remote.base_task_id}, enqueued on {remote.queue!r}"
         )
+        metric = "/".join(clearml_tune.OBJECTIVE)
         for task_id, params in remote.trials.items():
-            _echo(
-                f"  {task_id}: " + ", ".join(f"{k}={_short(v)}" for k, v in sorted(params.items()))
-            )
+            value = remote.objectives.get(task_id)
+            scored = f"{metric} {value:.4f}" if value is not None else f"no {metric}"
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in sorted(params.items()))
+            _echo(f"  {task_id}: {scored}  ({shown})")
+        best = remote.best
+        _echo(
+            f"best: trial {best[0]}  {metric} {best[1]:.4f}"
+            if best
+            else f"best: none (no trial reported {metric})"
+        )
         return 0
     result = tuning.run(settings, apply_best=apply_best)
     for line in tune_lines(result, settings.root):

@@ -47,15 +47,17 @@ server that echoes what it got; not a loosening: the call is still validated fir
 ``workers.get_all``; ``add_queue(name, pending=[task ids])`` fills a queue. The server only
 queues an enqueued task; ``agent_completes=True`` (or the attribute) stands in for an agent
 that takes it at once and runs it to ``completed`` through the state machine, with its
-``started`` / ``completed`` times. Tasks, models and projects can be preloaded
-(constructor or ``add_task`` / ``add_model`` / ``add_project``; ``project_name=`` becomes a
-project id) for compare-style tests; ``tasks.get_all`` / ``models.get_all``
-filter on ``id``, ``name`` (a regex, as the server does), ``project``, ``status``,
-``task``, ``ready``, ``tags`` / ``system_tags`` (OR, ``__$all`` for AND, ``-tag`` to
-exclude), ``_all_`` / ``_any_`` (``{fields, pattern}``: a regex in all / any of the dotted
-fields, how ``PipelineController`` finds cached steps), sort with ``order_by`` and project
-with ``only_fields`` (the named fields only, dotted paths such as ``metadata.k`` included,
-plus ``id``).
+``started`` / ``completed`` times; ``agent_reports`` (a function of the task giving
+``{(title, series): value}``) makes that agent report those scalars, at iteration 0, as the
+task's events (``events.scalar_metrics_iter_histogram`` answers them) and ``last_metrics``.
+Tasks, models and projects can be preloaded (constructor or ``add_task`` / ``add_model`` /
+``add_project``; ``project_name=`` becomes a project id) for compare-style tests;
+``tasks.get_all`` / ``models.get_all`` filter on ``id``, ``name`` (a regex, as the server
+does), ``project``, ``status``, ``task``, ``ready``, ``tags`` / ``system_tags`` (OR,
+``__$all`` for AND, ``-tag`` to exclude), ``_all_`` / ``_any_`` (``{fields, pattern}``: a
+regex in all / any of the dotted fields, how ``PipelineController`` finds cached steps),
+sort with ``order_by`` and project with ``only_fields`` (the named fields only, dotted paths
+such as ``metadata.k`` included, plus ``id``).
 """
 
 from __future__ import annotations
@@ -153,6 +155,11 @@ class FakeClearMLServer:
         self.queues: dict[str, dict[str, Any]] = {}
         self.workers: dict[str, list[str]] = {}
         self.agent_completes = agent_completes
+        # The stand-in agent's scalars per task: {(title, series): value} (None: none).
+        self.agent_reports: Callable[[dict[str, Any]], Mapping[tuple[str, str], float]] | None = (
+            None
+        )
+        self.agent_events: list[dict[str, Any]] = []  # the events that agent reported
         self.uploads: dict[str, bytes] = {}
         self.handlers: Mapping[str, Handler] = MappingProxyType(_HANDLERS)  # not patchable
         self._failures: dict[str, list[tuple[int, str]]] = {}
@@ -920,6 +927,11 @@ def _queues_get_by_id(server: FakeClearMLServer, body: dict[str, Any]) -> dict[s
     return {"queue": server.queues[str(queue_id)]}
 
 
+def _md5(text: str) -> str:
+    """A ``last_metrics`` key: the server keys metrics and variants by their md5."""
+    return hashlib.md5(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
 def _tasks_enqueue(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str, Any]:
     """Queue a task (``queue`` id, else ``queue_name``): status ``queued``, as the server."""
     task = _task(server, body)
@@ -930,6 +942,23 @@ def _tasks_enqueue(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str,
     task.setdefault("execution", {})["queue"] = queue_id
     if server.agent_completes:  # an agent takes it at once and completes it
         set_task_status(task, "in_progress", {}, started=_now())
+        for (title, series), value in (server.agent_reports or dict)(task).items():
+            last = {"metric": title, "variant": series, "value": value}
+            task.setdefault("last_metrics", {}).setdefault(_md5(title), {})[_md5(series)] = {
+                **last,
+                "min_value": value,
+                "max_value": value,
+            }
+            server.agent_events.append(
+                {
+                    "task": task["id"],
+                    "type": "training_stats_scalar",
+                    "metric": title,
+                    "variant": series,
+                    "iter": 0,
+                    "value": value,
+                }
+            )
         set_task_status(task, "completed", {}, completed=_now())
     else:
         server.queues[queue_id]["entries"].append({"task": task["id"], "added": _now()})
@@ -953,7 +982,7 @@ def _events_scalar_histogram(server: FakeClearMLServer, body: dict[str, Any]) ->
     ``get_scalar_metrics_and_x_axis``, ``key: iter``)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     batches = [c.body for c in server.calls if c.endpoint == "events.add_batch"]  # lock held
-    for event in (e for batch in batches for e in batch):
+    for event in [*(e for batch in batches for e in batch), *server.agent_events]:
         if event.get("task") != body.get("task") or event.get("type") != "training_stats_scalar":
             continue
         series = out.setdefault(event.get("metric", ""), {}).setdefault(

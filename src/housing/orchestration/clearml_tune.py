@@ -16,7 +16,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from housing.orchestration.clearml_controller import TRIAL_SECTION as SECTION
@@ -41,6 +41,13 @@ class RemoteTuneResult:
     base_task_id: str
     queue: str
     trials: dict[str, dict[str, Any]]
+    objectives: dict[str, float | None] = field(default_factory=dict)  # last value reported
+
+    @property
+    def best(self) -> tuple[str, float] | None:
+        """The trial with the lowest objective, and that value; None: none reported one."""
+        scored = [(v, k) for k, v in self.objectives.items() if v is not None]
+        return (min(scored)[1], min(scored)[0]) if scored else None
 
 
 def wanted(settings: Settings) -> bool:
@@ -139,12 +146,28 @@ def run_remote(settings: Settings) -> RemoteTuneResult:
         finally:  # the reporter thread only logs to an optimizer task, which there is not
             optimizer.stop(timeout=poll / 60.0, wait_for_reporter=False)
         trials = {str(k): dict(v) for k, v in optimizer.optimizer.get_created_jobs_ids().items()}
+        objectives = {task_id: _objective(task_id) for task_id in trials}
     if not trials:
         raise ClearMLError(
             f"ClearML HyperParameterOptimizer launched no trial of task {base} "
             f"(tune.n_trials={cfg.n_trials}, tune.timeout={cfg.timeout}); see the log above"
         )
-    return RemoteTuneResult(settings.model.name, base, options.execution_queue, trials)
+    return RemoteTuneResult(settings.model.name, base, options.execution_queue, trials, objectives)
+
+
+def _objective(task_id: str) -> float | None:
+    """The last :data:`OBJECTIVE` value trial ``task_id`` reported (None: none yet), read
+    as the optimizer reads it (the task's scalar histogram)."""
+    from clearml import Task
+
+    try:
+        scalars: Any = Task.get_task(task_id=task_id).get_reported_scalars()
+    except Exception as exc:  # the trial's record is the server's; say it, go on
+        log.warning("tune: cannot read the objective of trial %s: %s", task_id, exc)
+        return None
+    values = ((scalars or {}).get(OBJECTIVE[0]) or {}).get(OBJECTIVE[1]) or {}
+    ys = values.get("y") or []
+    return float(ys[-1]) if ys else None
 
 
 def _require_queue(settings: Settings) -> None:
