@@ -942,7 +942,8 @@ def _tasks_enqueue(server: FakeClearMLServer, body: dict[str, Any]) -> dict[str,
     task.setdefault("execution", {})["queue"] = queue_id
     if server.agent_completes:  # an agent takes it at once and completes it
         set_task_status(task, "in_progress", {}, started=_now())
-        for (title, series), value in (server.agent_reports or dict)(task).items():
+        reported = server.agent_reports(task) if server.agent_reports else {}
+        for (title, series), value in reported.items():
             last = {"metric": title, "variant": series, "value": value}
             task.setdefault("last_metrics", {}).setdefault(_md5(title), {})[_md5(series)] = {
                 **last,
