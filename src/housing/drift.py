@@ -459,7 +459,7 @@ def announce(
     every ``notifications:`` sink; returns the event."""
     from housing import runs
     from housing.monitoring import EventLog, Notifiers, build_notifiers, make_event
-    from housing.monitoring import _iso as utc_now  # the events log's own time format
+    from housing.monitoring import iso_time as utc_now  # the events log's own time format
 
     drifting = result.drifting
     event = make_event(

@@ -61,7 +61,7 @@ _MAX_ERROR_CHARS: Final = 500
 # --------------------------------------------------------------------------- helpers
 
 
-def _iso(moment: datetime | None = None) -> str:
+def iso_time(moment: datetime | None = None) -> str:
     """``moment`` (default: now) as ISO 8601 UTC with milliseconds and a ``Z`` suffix."""
     moment = moment or datetime.now(UTC)
     text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
@@ -98,7 +98,7 @@ def _json_default(value: Any) -> Any:
         with contextlib.suppress(Exception):
             return _sanitize(item())
     if isinstance(value, datetime):
-        return _iso(value) if value.tzinfo else value.isoformat()
+        return iso_time(value) if value.tzinfo else value.isoformat()
     if isinstance(value, set | frozenset):
         return sorted(value, key=str)
     return str(value)
@@ -248,7 +248,7 @@ def track_stage(
     """
     if stage == PIPELINE_STAGE:
         raise ValueError(f"stage name {PIPELINE_STAGE!r} is reserved for the run summary")
-    started_at = _iso()
+    started_at = iso_time()
     t0 = time.monotonic()
     _safe_notify(
         notifier, events.append(make_event(run_id, stage, "started", started_at=started_at))
@@ -261,7 +261,7 @@ def track_stage(
             stage,
             status,
             started_at=started_at,
-            finished_at=_iso(),
+            finished_at=iso_time(),
             duration_sec=time.monotonic() - t0,
             error=error,
             extra=handle.extra,
@@ -304,7 +304,7 @@ def record_pipeline_summary(
         PIPELINE_STAGE,
         status,
         started_at=None,
-        finished_at=_iso(),
+        finished_at=iso_time(),
         duration_sec=duration_sec,
         error=error,
         extra={"best_model": best_model, "test_rmse": test_rmse, **(extra or {})},
@@ -497,7 +497,7 @@ class FileNotifier:
 
     def notify(self, event: Mapping[str, Any]) -> None:
         """Append the event line (parent dir created lazily); errors are logged."""
-        stamp = event.get("finished_at") or event.get("started_at") or _iso()
+        stamp = event.get("finished_at") or event.get("started_at") or iso_time()
         try:
             _locked_append(self.path, f"{stamp} {format_event(event)}\n".encode())
         except OSError as exc:

@@ -252,7 +252,7 @@ def _torn(path: Path) -> bool:
         return file.read(1) != b"\n"
 
 
-def _sampler(seed: int) -> optuna.samplers.BaseSampler:
+def sampler(seed: int) -> optuna.samplers.BaseSampler:
     import optuna
 
     return optuna.samplers.TPESampler(seed=seed)
@@ -312,7 +312,7 @@ def _optimize(objective: _Objective, run: _Run) -> None:
     study = optuna.load_study(
         study_name=run.name,
         storage=storage(run.path, check=False),  # the parent checked it; workers write now
-        sampler=_sampler(run.seed),
+        sampler=sampler(run.seed),
         pruner=_pruner(),
     )
     study.optimize(objective, n_trials=run.n_trials, timeout=run.timeout, gc_after_trial=True)

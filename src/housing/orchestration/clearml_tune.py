@@ -112,7 +112,7 @@ def run_remote(settings: Settings) -> RemoteTuneResult:
     from clearml.automation.optuna import OptimizerOptuna
 
     from housing.orchestration.clearml_controller import clearml_environment
-    from housing.tuning import _sampler, check_space
+    from housing.tuning import check_space, sampler
 
     cfg, options = settings.tune, settings.clearml.pipeline
     poll = options.poll_sec
@@ -135,7 +135,7 @@ def run_remote(settings: Settings) -> RemoteTuneResult:
                 max_iteration_per_job=None,
                 auto_connect_task=False,
                 pool_period_min=poll / 60.0,
-                optuna_sampler=_sampler(cfg.seed),
+                optuna_sampler=sampler(cfg.seed),
             )
         except Exception as exc:
             raise ClearMLError(f"ClearML HyperParameterOptimizer could not start: {exc}") from exc
