@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from housing import runs
-from housing.config import load_settings
+from housing.config import ClearMLSettings, load_settings
+from housing.entry import settle_clearml as settle_stage_env
+from housing.entry import settle_environment
 from housing.runner import execute_stage
 from housing.schedule import CrontabIO, install_line, install_schedule
-from housing.tracking.clearml import ClearMLTracker
+from housing.tracking.clearml import ClearMLTracker, sdk_env
 from housing.tracking.offline import OfflineSession, read_events
 
 
@@ -42,9 +44,26 @@ def serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         server.server_close()
 
 
+def settle_clearml(settings: ClearMLSettings, mp: Any = None) -> dict[str, str | None]:
+    """Settle the ``CLEARML_*`` variables for trackers with ``settings`` in this test's
+    process, as a stage process does at its start-up (conftest puts them back after the
+    test; ``mp``, a pytest MonkeyPatch or its context, undoes them sooner)."""
+    env = sdk_env(settings, os.environ)
+    if mp is None:
+        settle_environment(env)
+    for key, value in env.items() if mp is not None else ():
+        if value is None:
+            mp.delenv(key, raising=False)
+        else:
+            mp.setenv(key, value)
+    return env
+
+
 def run_all(overrides: Sequence[str] = (), config_dir: Path | None = None) -> dict[str, Any]:
-    """prepare -> train every candidate -> select_best -> evaluate, in this process."""
+    """prepare -> train every candidate -> select_best -> evaluate, in this process (its
+    ClearML variables settled first, as a stage process's start-up settles them)."""
     settings = load_settings(overrides, config_dir=config_dir)
+    settle_stage_env(settings)
     context = runs.current()
     results: dict[str, Any] = {"prepare": execute_stage("prepare", settings, context=context)}
     for name in settings.selection.candidates:

@@ -247,16 +247,10 @@ def test_the_sdk_gets_the_command_line_host_over_an_exported_one(
 ) -> None:
     import os
 
-    from housing.quirks.clearml import restore_sdk_env
-    from housing.tracking.clearml import set_server_env
+    from housing.tracking.clearml import sdk_env
 
     monkeypatch.setenv("CLEARML_API_HOST", "http://exported:8008")
     overrides = ["clearml.server.api_host=http://given:8008"]
     settings = load_settings(overrides, config_dir=CONF, root=tmp_path)
-    before = {k: v for k, v in os.environ.items() if k.startswith("CLEARML_")}
-    try:
-        set_server_env(settings.clearml)
-        assert os.environ["CLEARML_API_HOST"] == "http://given:8008"
-    finally:
-        restore_sdk_env(before)
-    assert os.environ["CLEARML_API_HOST"] == "http://exported:8008"
+    assert sdk_env(settings.clearml, os.environ)["CLEARML_API_HOST"] == "http://given:8008"
+    assert os.environ["CLEARML_API_HOST"] == "http://exported:8008"  # computed, not written

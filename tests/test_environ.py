@@ -20,12 +20,6 @@ PACKAGE = Path(housing.__file__).parent
 #: The one module allowed to write ``os.environ``: a process's start-up.
 ALLOWED = {"entry.py"}
 
-#: Writes still to be moved (file relative to the package -> count); the scan fails on
-#: any other write, and on an entry here that no longer matches, so the list only shrinks.
-PENDING = {
-    "quirks/clearml.py": 4,  # the ClearML tracker's per-task swap (set/restore_sdk_env)
-}
-
 _MUTATORS = {"update", "pop", "setdefault", "clear", "popitem", "__setitem__", "__delitem__"}
 
 
@@ -93,13 +87,10 @@ def test_no_package_module_writes_os_environ() -> None:
         lines = environ_writes(path.read_text(encoding="utf-8"), str(path))
         if lines:
             found[name] = lines
-    unexpected = {n: lines for n, lines in found.items() if len(lines) != PENDING.get(n)}
-    gone = sorted(set(PENDING) - set(found))
-    assert not unexpected, (
-        f"os.environ written outside housing/entry.py (file: lines): {unexpected}; "
+    assert not found, (
+        f"os.environ written outside housing/entry.py (file: lines): {found}; "
         "pass settings explicitly (client arguments, a child's env=)"
     )
-    assert not gone, f"no longer writing os.environ: drop {gone} from PENDING"
 
 
 def _clearml(root: Path) -> ClearMLSettings:

@@ -32,8 +32,8 @@ from housing.monitoring import EventLog, read_events
 from housing.runner import execute_stage
 from housing.tracking import mlflow_spool, offline
 from housing.tracking.base import StageRun
-from housing.tracking.clearml import ClearMLTracker
-from tests.helpers import run_tool, serve
+from housing.tracking.clearml import OFFLINE_ENV, ClearMLTracker
+from tests.helpers import run_tool, serve, settle_clearml
 from tests.scratch import make_scratch_repo
 
 KEYS = {"CLEARML_API_ACCESS_KEY": "fault-access", "CLEARML_API_SECRET_KEY": "fault-SECRET-9c1"}
@@ -178,7 +178,7 @@ def clearml_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.usefixtures("clearml_keys")
 def test_a_stage_with_an_unreachable_clearml_server_records_offline_within_seconds(
-    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.INFO, logger="housing")
     with BLACK_HOLES[kind]() as api_host:
@@ -188,12 +188,16 @@ def test_a_stage_with_an_unreachable_clearml_server_records_offline_within_secon
         told = clearml_settings(tmp_path, api_host).model_copy(
             update={"mode": "offline", "offline_dir": offline_dir}
         )
+        settle_clearml(told)  # as each stage process settles its own at start-up
         started = time.monotonic()
         with ClearMLTracker(told, run=StageRun("prepare", "prepare", "run-f0")) as tracker:
             tracker.log_metrics({"data/rows": 200.0})
         baseline = time.monotonic() - started
         caplog.clear()
         settings = clearml_settings(tmp_path, api_host)
+        for name in OFFLINE_ENV:  # the SDK's own switch, set for the baseline's task: a
+            monkeypatch.delenv(name, raising=False)  # new stage process has none
+        settle_clearml(settings)
         started = time.monotonic()
         with ClearMLTracker(settings, run=StageRun("prepare", "prepare", "run-f1")) as tracker:
             tracker.log_metrics({"data/rows": 200.0})

@@ -319,25 +319,19 @@ def test_quiet_console_names_the_sdk_logger() -> None:
     assert printed.getvalue() == "shown\n"
 
 
-def test_sdk_env_is_what_the_sdk_reads_and_is_put_back(
+def test_the_settled_cache_dir_is_what_the_sdk_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from clearml.config import get_cache_dir
 
-    monkeypatch.setenv("CLEARML_API_HOST", "http://mine:8008")
-    monkeypatch.delenv("CLEARML_CACHE_DIR", raising=False)
-    monkeypatch.delenv("TRAINS_OFFLINE_MODE", raising=False)
-    before = clearml_quirks.set_sdk_env(
-        {"CLEARML_CACHE_DIR": str(tmp_path), "CLEARML_API_HOST": "http://other:8008"},
-        keep_set=True,
+    from housing.config import ClearMLSettings
+    from housing.tracking.clearml import sdk_env
+
+    settings = ClearMLSettings.model_validate(
+        {"mode": "offline", "offline_dir": "c"}, context={"root": tmp_path}
     )
-    assert Path(get_cache_dir()) == tmp_path  # the SDK reads it from the environment
-    assert os.environ["CLEARML_API_HOST"] == "http://mine:8008"  # kept: it was set
-    os.environ["TRAINS_OFFLINE_MODE"] = "1"  # as the SDK sets some itself
-    clearml_quirks.restore_sdk_env(before)
-    assert "CLEARML_CACHE_DIR" not in os.environ
-    assert "TRAINS_OFFLINE_MODE" not in os.environ
-    assert os.environ["CLEARML_API_HOST"] == "http://mine:8008"
+    monkeypatch.setenv("CLEARML_CACHE_DIR", str(sdk_env(settings, {})["CLEARML_CACHE_DIR"]))
+    assert Path(get_cache_dir()) == tmp_path / "c"  # the SDK reads it from the environment
 
 
 @pytest.fixture
@@ -346,15 +340,16 @@ def offline_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ob
     from clearml import Task
 
     from housing.config import ClearMLSettings
-    from housing.tracking.clearml import client_env
+    from housing.tracking.clearml import sdk_env
 
     for key in [k for k in os.environ if k.startswith(("CLEARML_", "TRAINS_"))]:
         monkeypatch.delenv(key)
     settings = ClearMLSettings.model_validate(
         {"mode": "offline", "offline_dir": ".clearml"}, context={"root": tmp_path}
     )
-    for key, value in client_env(settings).items():
-        monkeypatch.setenv(key, value)
+    for key, value in sdk_env(settings, {}).items():
+        if value is not None:
+            monkeypatch.setenv(key, value)
     clearml_quirks.forget_config()  # read this config, not one parsed earlier
     Task.set_offline(True)
     task = Task.init(

@@ -22,6 +22,7 @@ import pytest
 from housing import runs
 from housing.cli import main
 from housing.config import load_settings
+from housing.entry import settle_clearml
 from housing.reporting.report import (
     ACCENT,
     CHAMPION,
@@ -244,6 +245,7 @@ def test_pipeline_runs_count_pipeline_runs_only(
     settings = tracked.settings(
         "tracking=both", "selection.candidates=[linear_regression,ridge,random_forest]", root=root
     )
+    settle_clearml(settings)  # as a stage process's start-up does
     long_id = "20261203T073730473849Z-41951561"
     monkeypatch.setenv("HOUSING_RUN_ID", long_id)
     for stage in ("select_best", "evaluate"):

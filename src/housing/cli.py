@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import click
 
-from housing.entry import bound_mlflow_http, configure_logging, hold_run_lock, report_error
+from housing.entry import (
+    bound_mlflow_http,
+    configure_logging,
+    hold_run_lock,
+    report_error,
+    settle_clearml,
+)
 from housing.errors import HousingError, first_line
 from housing.runner import execute_stage
 
@@ -154,9 +160,17 @@ def _settings(overrides: Sequence[str], config_dir: Path | None) -> Settings:
     return settings
 
 
+def _tracked_settings(overrides: Sequence[str], config_dir: Path | None) -> Settings:
+    """:func:`_settings` for a command that opens tracker runs: ClearML's variables
+    settled too (its start-up, see :func:`housing.entry.settle_clearml`)."""
+    settings = _settings(overrides, config_dir)
+    settle_clearml(settings)
+    return settings
+
+
 def run_stage(stage: str, overrides: Sequence[str], config_dir: Path | None) -> None:
     """A stage command's body: the settings (with their MLflow budget), then the stage."""
-    execute_stage(stage, _settings(overrides, config_dir))
+    execute_stage(stage, _tracked_settings(overrides, config_dir))
 
 
 def _echo(text: str = "", *, err: bool = False) -> None:
@@ -272,6 +286,7 @@ def predict(settings: Settings, input_path: Path, output: Path | None, model_spe
     """
     from housing.predict import run, summary_line
 
+    settle_clearml(settings)  # predict is a tracked run
     _echo(summary_line(run(settings, input_path, output, model_spec)))
     return 0
 
@@ -342,6 +357,7 @@ def tune(options: Globals, apply_best: bool, overrides: tuple[str, ...]) -> int:
             else f"best: none (no trial reported {metric})"
         )
         return 0
+    settle_clearml(settings)  # the study is a tracked run
     result = tuning.run(settings, apply_best=apply_best)
     for line in tune_lines(result, settings.root):
         _echo(line)

@@ -35,9 +35,13 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from housing.errors import HousingError, Terminated
 from housing.quirks import mlflow as mlflow_quirks
+
+if TYPE_CHECKING:
+    from housing.config import Settings
 
 #: Exit code of a command stopped by Ctrl-C (128 + SIGINT).
 INTERRUPTED = 130
@@ -161,6 +165,17 @@ def settle_environment(values: Mapping[str, str | None]) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+def settle_clearml(settings: Settings) -> None:
+    """Settle the ``CLEARML_*`` variables the ClearML tracker of ``settings`` needs
+    (:func:`housing.tracking.recorder.clearml_env`; nothing when it is not a backend):
+    the start-up of a process that opens ClearML tasks (a stage command, a ``housing
+    repro`` worker), before its first thread. Each stage process settles its own, so a
+    stage's own ``clearml.*`` overrides (its offline folder) hold."""
+    from housing.tracking.recorder import clearml_env
+
+    settle_environment(clearml_env(settings))
 
 
 @contextlib.contextmanager

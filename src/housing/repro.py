@@ -181,10 +181,12 @@ def _run_call(job: StageJob, call: tuple[str, list[str]] | None, t0: float) -> S
             error = None if code == 0 else f"command exited with code {code}"
             return StageOutcome(job.name, code == 0, time.monotonic() - t0, error, code)
         from housing.config import load_settings
+        from housing.entry import settle_clearml
         from housing.runner import execute_stage
 
         stage, overrides = call
         settings = load_settings([*overrides, *job.overrides], root=Path(job.wdir))
+        settle_clearml(settings)  # this worker's start-up: it runs this one stage
         execute_stage(stage, settings, context=job.context)
     except HousingError as exc:
         return StageOutcome(job.name, False, time.monotonic() - t0, str(exc), exc.exit_code)
@@ -216,13 +218,14 @@ def fork_server_env(settings: Settings | None) -> dict[str, str]:
 
     from housing.entry import mlflow_http_env
     from housing.tracking.recorder import clearml_env
-    from housing.tracking.warmup import ENV_VARIABLE
+    from housing.tracking.warmup import ENV_VARIABLE, WARM_VARIABLES
 
     if settings is None:
         return {}
     budget = mlflow_http_env(settings.mlflow.timeout_sec, settings.mlflow.retries, os.environ)
     try:
         env = clearml_env(settings)
+        env = {k: env[k] for k in WARM_VARIABLES if env.get(k)}
     except (HousingError, ValueError, OSError) as exc:  # the stages report it
         log.debug("fork server warm-up without ClearML's config: %s", exc)
         return budget

@@ -13,7 +13,6 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -28,18 +27,12 @@ from housing.tracking.base import ChampionDecision, ModelVersion, StageRun
 from housing.tracking.clearml import ClearMLTracker
 from housing.tracking.offline import SyncError
 from tests.fakes.clearml_api import FakeClearMLServer
+from tests.helpers import settle_clearml
 
 pytestmark = pytest.mark.integration
 
 ACCESS, SECRET = "fake-access-key", "fake-secret-SENTINEL-5b1d"
 PROJECT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def clean_clearml_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key in [k for k in os.environ if k.startswith(("CLEARML_", "TRAINS_"))]:
-        monkeypatch.delenv(key)
-    yield
 
 
 @pytest.fixture
@@ -48,6 +41,14 @@ def settings(tmp_path: Path) -> ClearMLSettings:
         {"mode": "offline", "tags": ["housing"], "offline_dir": ".clearml"},
         context={"root": tmp_path},
     )
+
+
+@pytest.fixture(autouse=True)
+def clean_clearml_env(monkeypatch: pytest.MonkeyPatch, settings: ClearMLSettings) -> None:
+    """No user ClearML variables; ``settings``' settled as a stage process's start-up does."""
+    for key in [k for k in os.environ if k.startswith(("CLEARML_", "TRAINS_"))]:
+        monkeypatch.delenv(key)
+    settle_clearml(settings, monkeypatch)
 
 
 @pytest.fixture
@@ -419,16 +420,18 @@ def test_a_session_read_from_its_zip_and_patched_copy(
 
 ONLINE_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     from pathlib import Path
     from housing.tracking.base import ChampionDecision, ModelVersion, StageRun
     from housing.config import ClearMLSettings
-    from housing.tracking.clearml import ClearMLTracker
+    from housing.entry import settle_environment
+    from housing.tracking.clearml import ClearMLTracker, sdk_env
 
     root, model = Path(sys.argv[1]), Path(sys.argv[2])
     settings = ClearMLSettings.model_validate({"mode": "auto", "server": {
         "api_host": sys.argv[3], "web_host": sys.argv[3] + "/web",
         "files_host": sys.argv[3] + "/files"}}, context={"root": root})
+    settle_environment(sdk_env(settings, os.environ))  # this script's start-up
     out = {}
     mv = ModelVersion("housing-best", model, "ridge", {"val/rmse": 0.25}, {},
                       {"model_sha256": "abc"})

@@ -21,6 +21,8 @@ from sklearn.preprocessing import StandardScaler
 
 from housing.config import load_settings
 from housing.errors import ArtifactError, ConfigError
+from housing.quirks.clearml import MASTER_ID_VARIABLES
+from housing.tracking import clearml as clearml_tracking
 from housing.tracking import offline
 from housing.tracking.base import (
     ChampionDecision,
@@ -30,6 +32,7 @@ from housing.tracking.base import (
     Tracker,
 )
 from housing.tracking.clearml import (
+    OFFLINE_ENV,
     ClearMLError,
     ClearMLSettings,
     ClearMLTracker,
@@ -37,7 +40,7 @@ from housing.tracking.clearml import (
 )
 from tests.conftest import CONF
 from tests.fakes.clearml_api import FakeClearMLServer
-from tests.helpers import offline_folder, read_log
+from tests.helpers import offline_folder, read_log, settle_clearml
 
 pytestmark = pytest.mark.integration
 
@@ -45,17 +48,30 @@ pytestmark = pytest.mark.integration
 KEYS = ("CLEARML_API_ACCESS_KEY", "CLEARML_API_SECRET_KEY")  # tests may set these
 
 
+#: Variables the SDK itself sets in the process that opens a task.
+SDK_OWN = {*MASTER_ID_VARIABLES, *OFFLINE_ENV}
+
+
+def _clearml_vars() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(("CLEARML_", "TRAINS_"))}
+
+
 @pytest.fixture(autouse=True)
-def clean_clearml_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No user ClearML variables; after the test no task is open and the env is as before."""
-    for key in [k for k in os.environ if k.startswith(("CLEARML_", "TRAINS_"))]:
+def clean_clearml_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No user ClearML variables; those of ``make_settings(tmp_path)`` settled as a stage
+    process settles them at start-up; after the test no task is open and the tracker
+    wrote no variable (only the SDK's own)."""
+    for key in _clearml_vars():
         monkeypatch.delenv(key)
+    settle_clearml(make_settings(tmp_path))
+    before = _clearml_vars()
     yield
     from clearml import Task
 
     assert Task.current_task() is None, "a ClearML task leaked out of the test"
-    leaked = {k for k in os.environ if k.startswith(("CLEARML_", "TRAINS_"))} - set(KEYS)
-    assert not leaked, f"environment leaked out of the tracker: {leaked}"
+    after = _clearml_vars()
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert not changed - SDK_OWN - set(KEYS), f"the tracker wrote {changed}"
 
 
 def make_settings(root: Path, **overrides: object) -> ClearMLSettings:
@@ -360,18 +376,64 @@ def test_a_task_inherited_from_another_process_is_not_taken_over(
     tmp_path: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Started from a process with a ClearML task open (its ``CLEARML_PROC_MASTER_ID``,
-    a live pid), a stage is still its own task and registers its model."""
+    a live pid), a stage settles it away and is still its own task: it registers its model."""
     inherited = f"{os.getppid()}:0123456789abcdef"
     monkeypatch.setenv("CLEARML_PROC_MASTER_ID", inherited)
     settings = make_settings(tmp_path)
+    assert settle_clearml(settings)["CLEARML_PROC_MASTER_ID"] is None
+    assert "CLEARML_PROC_MASTER_ID" not in os.environ
     with ClearMLTracker(settings, run=StageRun("train", "train_a", "run-4")) as tracker:
         registered = tracker.register_model(model_version(model_file))
     assert registered.version == "1"
-    assert os.environ["CLEARML_PROC_MASTER_ID"] == inherited  # put back as it was
-    monkeypatch.delenv("CLEARML_PROC_MASTER_ID")
     assert [m.name for m in offline.read_models(only_session(settings))] == [
         "housing-linear_regression"
     ]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CLEARML_CACHE_DIR", "elsewhere"),  # settled for another offline_dir
+        ("CLEARML_CONFIG_FILE", None),
+        ("CLEARML_PROC_MASTER_ID", "1:0123456789abcdef"),  # inherited, not settled away
+    ],
+)
+def test_a_tracker_refuses_an_environment_not_settled_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str | None
+) -> None:
+    """The tracker writes no variable: it names the one its process did not settle."""
+    tracker = ClearMLTracker(make_settings(tmp_path))
+    with monkeypatch.context() as mp:
+        if value is None:
+            mp.delenv(variable)
+        else:
+            mp.setenv(variable, str(tmp_path / value) if "DIR" in variable else value)
+        with pytest.raises(ClearMLError, match=f"{variable} is .*settle_clearml"):
+            tracker.start(StageRun("prepare", "prepare", "run-9"))
+    assert tracker.task is None
+    assert offline.list_sessions(tmp_path / ".clearml") == []
+
+
+def test_online_needs_the_hosts_and_keys_settled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Online, a key the settings name but the process did not settle is refused without
+    showing it (offline, the hosts and keys do not matter)."""
+    settings = make_settings(
+        tmp_path, auth={"access_key_env": "MY_KEY", "secret_key_env": "MY_SECRET"}
+    )
+    with monkeypatch.context() as mp:
+        mp.setenv("MY_KEY", "k-sentinel")
+        mp.setenv("MY_SECRET", "s-sentinel")
+        problem = clearml_tracking.env_problem(settings, os.environ, online=True)
+        assert problem is not None and problem.startswith("CLEARML_API_ACCESS_KEY is not the")
+        assert "k-sentinel" not in problem
+        assert clearml_tracking.env_problem(settings, os.environ, online=False) is None
+        env = settle_clearml(settings, mp)
+        keys = (env["CLEARML_API_ACCESS_KEY"], env["CLEARML_API_SECRET_KEY"])
+        assert keys == ("k-sentinel", "s-sentinel")
+        assert env["CLEARML_API_HOST"] == settings.server.api_host
+        assert clearml_tracking.env_problem(settings, os.environ, online=True) is None
 
 
 def test_sequential_stages_in_one_process(tmp_path: Path, model_file: Path) -> None:

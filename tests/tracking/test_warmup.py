@@ -12,6 +12,7 @@ import pytest
 from housing.config import ClearMLSettings
 from housing.entry import start_up_environment as scoped_env
 from housing.tracking import clearml as clearml_tracking
+from housing.tracking.offline import CLIENT_CONFIG_FILE
 from housing.tracking.warmup import ENV_VARIABLE, warm
 
 
@@ -42,24 +43,25 @@ def test_scoped_env_restores_every_variable(monkeypatch: pytest.MonkeyPatch) -> 
     assert "HOUSING_T_UNSET" not in os.environ
 
 
-def test_client_env_writes_the_client_config(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("CLEARML_CONFIG_FILE", raising=False)
-    env = clearml_tracking.client_env(_settings(tmp_path))
+def test_sdk_env_writes_the_client_config(tmp_path: Path) -> None:
+    env = clearml_tracking.sdk_env(_settings(tmp_path), {})
     assert env["CLEARML_CACHE_DIR"] == str(tmp_path / "offline")
-    conf = Path(env["CLEARML_CONFIG_FILE"])
+    conf = Path(str(env["CLEARML_CONFIG_FILE"]))
     assert conf.parent == tmp_path / "offline"
     assert "report_use_subprocess: false" in conf.read_text(encoding="utf-8")
-    assert "CLEARML_CACHE_DIR" not in os.environ or os.environ["CLEARML_CACHE_DIR"] != str(
-        tmp_path / "offline"
+    assert os.environ.get("CLEARML_CACHE_DIR") != str(tmp_path / "offline")  # not written
+
+
+def test_sdk_env_keeps_a_user_config_not_one_settled_for_another_folder(tmp_path: Path) -> None:
+    mine = {"CLEARML_CONFIG_FILE": str(tmp_path / "mine.conf")}
+    assert clearml_tracking.sdk_env(_settings(tmp_path), mine)["CLEARML_CONFIG_FILE"] == str(
+        tmp_path / "mine.conf"
     )
-
-
-def test_client_env_keeps_a_user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CLEARML_CONFIG_FILE", str(tmp_path / "mine.conf"))
-    env = clearml_tracking.client_env(_settings(tmp_path))
-    assert env["CLEARML_CONFIG_FILE"] == str(tmp_path / "mine.conf")
+    # a config settled earlier for another offline folder is generated, not the user's
+    other = clearml_tracking.sdk_env(_settings(tmp_path / "other"), {})
+    settled = {k: v for k, v in other.items() if v is not None}
+    env = clearml_tracking.sdk_env(_settings(tmp_path), settled)
+    assert env["CLEARML_CONFIG_FILE"] == str(tmp_path / "offline" / CLIENT_CONFIG_FILE)
 
 
 @pytest.mark.usefixtures("sdk_config")
@@ -70,7 +72,7 @@ def test_warm_reads_the_config_with_the_engine_env(
 
     monkeypatch.delenv("CLEARML_CONFIG_FILE", raising=False)
     monkeypatch.delenv("CLEARML_CACHE_DIR", raising=False)
-    env = clearml_tracking.client_env(_settings(tmp_path))
+    env = {k: str(v) for k, v in clearml_tracking.sdk_env(_settings(tmp_path), {}).items()}
     monkeypatch.setenv(ENV_VARIABLE, json.dumps(env))
     ConfigWrapper._config = None
     warm()

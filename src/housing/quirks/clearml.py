@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 #: The SDK's logger for repository detection (``clearml.debugging.log.get_logger``).
@@ -87,54 +86,9 @@ def quiet_console(verbose: bool = False) -> contextlib.AbstractContextManager[An
     return contextlib.redirect_stdout(io.StringIO())
 
 
-#: The variables the SDK reads and writes.
-ENV_PREFIXES = ("CLEARML_", "TRAINS_")
-
-
-def set_sdk_env(values: Mapping[str, str], *, keep_set: bool = False) -> dict[str, str]:
-    """Put ``values`` into ``os.environ`` for the SDK (``keep_set``: only where unset);
-    returns every ``CLEARML_*``/``TRAINS_*`` variable as it was, for
-    :func:`restore_sdk_env`.
-
-    clearml 2.1.12 takes its cache folder, config file, server and keys only from the
-    environment (``CLEARML_CACHE_DIR``, ``CLEARML_CONFIG_FILE``, ``CLEARML_API_*``: no
-    ``Task.init`` argument) and sets some itself (``CLEARML_PROC_MASTER_ID``,
-    ``TRAINS_OFFLINE_MODE``), so they are set for a task's lifetime and put back after.
-    """
-    before = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
-    for key, value in values.items():
-        if value and not (keep_set and os.environ.get(key)):
-            os.environ[key] = value
-    return before
-
-
-#: "<pid>:<task id>", set by the SDK in the process that opens a task.
+#: "<pid>:<task id>", set by the SDK in the process that opens a task (and "<pid>:" once
+#: it is closed); a process inheriting another pid's value is taken for its sub-process.
 MASTER_ID_VARIABLES = ("CLEARML_PROC_MASTER_ID", "TRAINS_PROC_MASTER_ID")
-
-
-def drop_inherited_master_id() -> None:
-    """Forget a task opened by another process (a parent, or whatever started this one).
-
-    clearml 2.1.12 keeps "which process owns the task" only in ``CLEARML_PROC_MASTER_ID``;
-    a process that inherits it with another pid (started from a notebook or script with a
-    task open) is taken for a sub-process of that task: ``Task.init`` hands back a stub
-    that is not a ``Task``, and registering a model fails. A stage is its own task, so the
-    inherited value is removed for the task's lifetime (:func:`restore_sdk_env` puts it
-    back).
-    """
-    for key in MASTER_ID_VARIABLES:
-        pid = os.environ.get(key, "").partition(":")[0]
-        if pid and pid != str(os.getpid()):
-            del os.environ[key]
-
-
-def restore_sdk_env(before: Mapping[str, str]) -> None:
-    """Put the ``CLEARML_*``/``TRAINS_*`` variables back as :func:`set_sdk_env` found them
-    (those the SDK or this process added since are removed)."""
-    for key in [k for k in os.environ if k.startswith(ENV_PREFIXES)]:
-        if key not in before:
-            del os.environ[key]
-    os.environ.update(before)
 
 
 @contextlib.contextmanager

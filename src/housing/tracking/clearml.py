@@ -3,8 +3,9 @@
 ``ClearMLTracker`` implements :class:`housing.tracking.base.Tracker` and is also a context
 manager for standalone use::
 
-    settings = load_settings(overrides).clearml
-    with ClearMLTracker(settings, run=StageRun("train", "train_ridge", run_id)) as tracker:
+    settings = load_settings(overrides)
+    settle_clearml(settings)  # housing.entry: the process's start-up, before its threads
+    with ClearMLTracker(settings.clearml, run=StageRun("train", "train_ridge", run_id)) as tracker:
         tracker.connect_params({"alpha": 1.0}, "train_params")
         tracker.log_metrics({"val/rmse": 3.1})
         tracker.register_model(model_version)
@@ -13,9 +14,15 @@ Mode: ``clearml.mode: auto`` goes online only when both credential variables are
 ``<api_host>/debug.ping`` answers within ``connect_timeout_sec``; otherwise the task is
 recorded offline under ``clearml.offline_dir`` and ``housing.tracking.offline.sync``
 imports it later. ClearML keeps one current task per process, so a tracker must be
-closed before the next one starts. The ``CLEARML_*`` variables the SDK reads are set in
-:meth:`ClearMLTracker.start` and every ``CLEARML_*``/``TRAINS_*`` variable is restored
-on :meth:`ClearMLTracker.close`. The SDK is imported lazily.
+closed before the next one starts. The SDK is imported lazily.
+
+clearml 2.1.12 reads its cache folder, config file, hosts and keys only from the
+``CLEARML_*`` variables (no ``Task.init`` argument), and setenv while other threads run
+is unsafe in glibc. So they are settled once, at the start-up of the process that opens
+the tasks (:func:`sdk_env`, by :func:`housing.entry.settle_clearml`: a stage command, a
+``housing repro`` worker, a test's fixture), and the tracker only checks them: a tracker
+whose settings differ from what its process settled refuses to start, naming the
+variable (a tracker error, so the stage goes on without ClearML).
 """
 
 from __future__ import annotations
@@ -38,11 +45,9 @@ from typing import Any, Final
 from housing.config import ClearMLSettings
 from housing.errors import ArtifactError, ConfigError, first_line
 from housing.quirks.clearml import (
-    drop_inherited_master_id,
+    MASTER_ID_VARIABLES,
     offline_output_models,
     quiet_console,
-    restore_sdk_env,
-    set_sdk_env,
     unlock_offline_model,
 )
 from housing.tracking.base import (
@@ -69,6 +74,7 @@ from housing.tracking.offline import (
     ping,
     read_json_file,
     read_models,
+    user_config,
     write_client_config,
 )
 
@@ -80,9 +86,9 @@ __all__ = [
     "ClearMLError",
     "ClearMLSettings",
     "ClearMLTracker",
-    "client_env",
     "load_sdk_config",
     "resolve_mode",
+    "sdk_env",
     "server_env",
 ]
 
@@ -121,11 +127,6 @@ def server_env(settings: ClearMLSettings, environ: Mapping[str, str]) -> dict[st
         if not environ.get(name):
             env[name] = environ.get(source, "")
     return {name: value for name, value in env.items() if value}
-
-
-def set_server_env(settings: ClearMLSettings) -> None:
-    """Point the SDK at the configured server (:func:`server_env`) for an online task."""
-    set_sdk_env(server_env(settings, os.environ))
 
 
 def resolve_mode(
@@ -195,16 +196,60 @@ def _log_once(message: str, level: int) -> None:
         logger.log(level, "%s", message)
 
 
-def client_env(settings: ClearMLSettings) -> dict[str, str]:
-    """``CLEARML_CACHE_DIR`` (``offline_dir``) and ``CLEARML_CONFIG_FILE`` (the user's own,
-    else the client config generated in ``offline_dir``) for the SDK; nothing is set here."""
-    settings.offline_dir.mkdir(parents=True, exist_ok=True)
-    conf = os.environ.get("CLEARML_CONFIG_FILE") or str(
-        write_client_config(
-            settings.offline_dir / CLIENT_CONFIG_FILE, retries=2, server=settings.server
-        )
-    )
-    return {"CLEARML_CACHE_DIR": str(settings.offline_dir), "CLEARML_CONFIG_FILE": conf}
+def sdk_env(settings: ClearMLSettings, environ: Mapping[str, str]) -> dict[str, str | None]:
+    """The variables a process settles at its start-up before it opens tasks with
+    ``settings`` (None: unset); the client config is written when it is the generated one.
+
+    ``CLEARML_CACHE_DIR`` is ``offline_dir``; ``CLEARML_CONFIG_FILE`` the user's own, else
+    the client config generated in ``offline_dir``; the hosts and keys of
+    :func:`server_env`; and a ``CLEARML_PROC_MASTER_ID`` inherited from another process is
+    dropped: clearml 2.1.12 takes a process holding one with another pid for a
+    sub-process of that task (``Task.init`` hands back a stub, registering a model fails).
+    """
+    env = _wanted_env(settings, environ)
+    conf = Path(str(env["CLEARML_CONFIG_FILE"]))
+    if conf == _generated_config(settings):
+        write_client_config(conf, retries=2, server=settings.server)
+    return env
+
+
+def _generated_config(settings: ClearMLSettings) -> Path:
+    return settings.offline_dir / CLIENT_CONFIG_FILE
+
+
+def _wanted_env(settings: ClearMLSettings, environ: Mapping[str, str]) -> dict[str, str | None]:
+    """:func:`sdk_env` without writing anything."""
+    env: dict[str, str | None] = {
+        "CLEARML_CACHE_DIR": str(settings.offline_dir),
+        "CLEARML_CONFIG_FILE": user_config(environ) or str(_generated_config(settings)),
+        **server_env(settings, environ),
+    }
+    for key in MASTER_ID_VARIABLES:
+        pid = environ.get(key, "").partition(":")[0]
+        if pid and pid != str(os.getpid()):
+            env[key] = None
+    return env
+
+
+_SETTLE: Final = " (settled at a process's start-up: housing.entry.settle_clearml)"
+
+
+def env_problem(
+    settings: ClearMLSettings, environ: Mapping[str, str], *, online: bool
+) -> str | None:
+    """Why ``environ`` is not what :func:`sdk_env` settles for ``settings`` (the hosts
+    and keys only matter ``online``); None when it is."""
+    wanted = _wanted_env(settings, environ)
+    for key, value in wanted.items():
+        if not online and key.startswith(("CLEARML_API_", "CLEARML_WEB_", "CLEARML_FILES_")):
+            continue
+        actual = environ.get(key)
+        if actual != value:
+            if key.endswith("_KEY"):  # never shown
+                return f"{key} is not the key clearml.auth names: settle it at start-up{_SETTLE}"
+            shown = "unset" if actual is None else repr(actual)
+            return f"{key} is {shown}, not {value or 'unset'!r} as the settings want{_SETTLE}"
+    return None
 
 
 _sdk_config_from: list[str] = []  # the CLEARML_CONFIG_FILE load_sdk_config() read (0 or 1)
@@ -258,7 +303,6 @@ class ClearMLTracker:
         self._mode: str | None = None
         self.mode_reason = ""
         self._task: Any = None
-        self._env_before: dict[str, str] | None = None  # CLEARML_*/TRAINS_* before start
         self._models: dict[str, Any] = {}  # model id -> OutputModel
         self.timings: dict[str, float] = {}
 
@@ -371,57 +415,46 @@ class ClearMLTracker:
             self._models.clear()
             if _active and _active[0] is self:
                 _active.clear()
-            self._restore_env()
             self.timings["close"] = time.perf_counter() - started
 
     def _open(self, run: StageRun, mode: str) -> Any:
-        """Scope the environment and ``Task.init``; on failure the environment is restored."""
+        """Check the environment, then ``Task.init``."""
         from clearml import Task
 
-        try:
-            self._enter_env(mode)
-            current: Any = Task.current_task()
-            if current is not None:
-                raise ClearMLError(
-                    f"another ClearML task ({current.name!r}) is open in this process; close it"
-                )
-            with quiet_console(verbose=logger.isEnabledFor(logging.DEBUG)):
-                return Task.init(
-                    project_name=self.settings.project_name,
-                    task_name=f"{self.settings.task_prefix}:{run.name}",
-                    task_type=getattr(Task.TaskTypes, _TASK_TYPES.get(run.stage, "training")),
-                    tags=_unique([*self.settings.tags, *run.tags, run.stage]),
-                    reuse_last_task_id=False,
-                    # Online, None means "the server's file server" (True); offline: the session.
-                    output_uri=(self.settings.output_uri or True) if mode == "online" else None,
-                    auto_connect_arg_parser=False,
-                    auto_connect_frameworks=False,
-                    auto_resource_monitoring=False,
-                )
-        except BaseException:
-            self._restore_env()
-            raise
+        self._prepare_sdk(mode)
+        current: Any = Task.current_task()
+        if current is not None:
+            raise ClearMLError(
+                f"another ClearML task ({current.name!r}) is open in this process; close it"
+            )
+        with quiet_console(verbose=logger.isEnabledFor(logging.DEBUG)):
+            return Task.init(
+                project_name=self.settings.project_name,
+                task_name=f"{self.settings.task_prefix}:{run.name}",
+                task_type=getattr(Task.TaskTypes, _TASK_TYPES.get(run.stage, "training")),
+                tags=_unique([*self.settings.tags, *run.tags, run.stage]),
+                reuse_last_task_id=False,
+                # Online, None means "the server's file server" (True); offline: the session.
+                output_uri=(self.settings.output_uri or True) if mode == "online" else None,
+                auto_connect_arg_parser=False,
+                auto_connect_frameworks=False,
+                auto_resource_monitoring=False,
+            )
 
-    def _enter_env(self, mode: str) -> None:
+    def _prepare_sdk(self, mode: str) -> None:
+        """Check the settled environment is this tracker's, then switch the SDK's mode."""
         from clearml import Task
 
-        self._env_before = set_sdk_env(client_env(self.settings))
-        drop_inherited_master_id()
+        problem = env_problem(self.settings, os.environ, online=mode == "online")
+        if problem is not None:
+            raise ClearMLError(problem)
         _drop_stale_sdk_config()
-        if self._env_before.get("CLEARML_CONFIG_FILE"):
-            _warn_slow_user_config()
-        if mode == "online":
-            set_server_env(self.settings)
+        if user_config(os.environ):
+            _warn_slowuser_config()
         # Only switched when needed: switching back online makes every existing session
         # log in to the server (retries, maybe minutes with no server).
         if bool(Task.is_offline()) != (mode == "offline"):
             Task.set_offline(mode == "offline")
-
-    def _restore_env(self) -> None:
-        if self._env_before is None:
-            return
-        restore_sdk_env(self._env_before)
-        self._env_before = None
 
     def _require(self) -> Any:
         if self._task is None:
@@ -805,7 +838,7 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _warn_slow_user_config() -> None:
+def _warn_slowuser_config() -> None:
     """A user CLEARML_CONFIG_FILE without the fast-close settings makes close() slow."""
     try:
         from clearml.config import config

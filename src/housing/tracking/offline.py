@@ -707,6 +707,16 @@ def _patched_copy(
     return target
 
 
+def user_config(environ: Mapping[str, str]) -> str | None:
+    """The user's ``CLEARML_CONFIG_FILE`` in ``environ``: not the client config generated
+    in the settled ``CLEARML_CACHE_DIR`` (:func:`housing.tracking.clearml.sdk_env`)."""
+    conf = environ.get("CLEARML_CONFIG_FILE")
+    cache = environ.get("CLEARML_CACHE_DIR")
+    if not conf or (cache and Path(conf) == Path(cache) / CLIENT_CONFIG_FILE):
+        return None
+    return conf
+
+
 def _child_env(env: Mapping[str, str], offline_dir: Path, server: ClearMLServer) -> dict[str, str]:
     """``env`` pointed at ``server`` (credentials are added by the caller)."""
     dropped = {"OFFLINE_MODE", "TASK_ID", "PROC_MASTER_ID", "API_HOST", "WEB_HOST", "FILES_HOST"}
@@ -719,7 +729,7 @@ def _child_env(env: Mapping[str, str], offline_dir: Path, server: ClearMLServer)
     # The import ends by printing the task's web page: it needs the web host.
     child["CLEARML_WEB_HOST"] = server.web_host
     child["CLEARML_FILES_HOST"] = server.files_host
-    if not env.get("CLEARML_CONFIG_FILE"):
+    if not user_config(env):
         child["CLEARML_CONFIG_FILE"] = str(
             write_client_config(offline_dir / SYNC_CONFIG_FILE, retries=1)
         )

@@ -153,14 +153,19 @@ def _in_store(settings: Settings) -> Any:
     return settings.clearml.model_copy(update={"offline_dir": moved})
 
 
-def clearml_env(settings: Settings) -> dict[str, str]:
-    """The ``CLEARML_*`` variables the ClearML tracker of ``settings`` will run with
-    (its client config written), or ``{}`` when ClearML is not a tracking backend."""
+def clearml_env(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> dict[str, str | None]:
+    """What a process settles at its start-up for the ClearML tracker of ``settings``
+    (:func:`housing.tracking.clearml.sdk_env` over ``environ``, default ``os.environ``),
+    or ``{}`` when ClearML is not a tracking backend."""
     if "clearml" not in settings.tracking:
         return {}
-    from housing.tracking.clearml import client_env
+    import os
 
-    return client_env(_in_store(settings))
+    from housing.tracking.clearml import sdk_env
+
+    return sdk_env(_in_store(settings), os.environ if environ is None else environ)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 #: The variable that carries the ClearML environment (JSON) from the engine.
 ENV_VARIABLE: Final = "HOUSING_WARMUP_CLEARML_ENV"
 
+#: The ClearML variables the config parse reads (never the keys: not in a JSON variable).
+WARM_VARIABLES: Final = ("CLEARML_CACHE_DIR", "CLEARML_CONFIG_FILE")
+
 
 def warm_clearml(env: Mapping[str, str]) -> None:
     """Read ClearML's config as a tracker with ``env`` (``CLEARML_*``) would."""
