@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from housing import runs
-from housing.config import ClearMLSettings, load_settings
+from housing.config import ClearMLSettings, Settings, load_settings
 from housing.entry import settle_clearml as settle_stage_env
 from housing.entry import settle_environment
 from housing.runner import execute_stage
@@ -63,15 +63,29 @@ def run_all(overrides: Sequence[str] = (), config_dir: Path | None = None) -> di
     """prepare -> train every candidate -> select_best -> evaluate, in this process (its
     ClearML variables settled first, as a stage process's start-up settles them)."""
     settings = load_settings(overrides, config_dir=config_dir)
-    settle_stage_env(settings)
     context = runs.current()
-    results: dict[str, Any] = {"prepare": execute_stage("prepare", settings, context=context)}
-    for name in settings.selection.candidates:
-        model_settings = load_settings([*overrides, f"model={name}"], config_dir=config_dir)
-        results[f"train_{name}"] = execute_stage("train", model_settings, context=context)
-    results["select_best"] = execute_stage("select_best", settings, context=context)
-    results["evaluate"] = execute_stage("evaluate", settings, context=context)
+    with clearml_settled(settings):
+        results = {"prepare": execute_stage("prepare", settings, context=context)}
+        for name in settings.selection.candidates:
+            model_settings = load_settings([*overrides, f"model={name}"], config_dir=config_dir)
+            results[f"train_{name}"] = execute_stage("train", model_settings, context=context)
+        results["select_best"] = execute_stage("select_best", settings, context=context)
+        results["evaluate"] = execute_stage("evaluate", settings, context=context)
     return results
+
+
+@contextlib.contextmanager
+def clearml_settled(settings: Settings) -> Iterator[None]:
+    """ClearML's variables settled for ``settings`` (as a stage process's start-up), put
+    back after: a module-scoped fixture runs outside conftest's per-test restore."""
+    before = {k: v for k, v in os.environ.items() if k.startswith(("CLEARML_", "TRAINS_"))}
+    settle_stage_env(settings)
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k.startswith(("CLEARML_", "TRAINS_"))]:
+            os.environ.pop(key)
+        os.environ.update(before)
 
 
 def run_tool(
