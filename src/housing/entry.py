@@ -24,7 +24,9 @@ A variable the user set is never replaced.
 This module is the one that writes ``os.environ`` (``tests/test_environ.py`` checks it),
 and only at a process's start-up, before it starts threads: setenv/getenv from several
 threads is unsafe in glibc. Elsewhere settings reach the SDKs explicitly (client
-arguments, a child process's ``env=``).
+arguments, a child process's ``env=``). ClearML's SDK reads its cache folder, config
+file, hosts and keys only from the environment, so each process that opens ClearML
+tasks settles them once from its own settings (:func:`settle_clearml`).
 """
 
 from __future__ import annotations
