@@ -76,12 +76,12 @@ def _stop_leftovers() -> Iterator[None]:
     _STARTED.clear()
 
 
-def _start(repo: Path, *args: str) -> subprocess.Popen[str]:
+def _start(repo: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     started_ms = int(time.time() * 1000)
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "housing"), *args],
         cwd=repo,
-        env=_env(repo),
+        env={**_env(repo), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -311,19 +311,21 @@ def test_a_sigterm_between_two_stages_stops_everything_and_records_it(tmp_path: 
 #: An LD_PRELOAD shim: the first time the process sets ``RACE_SIGNAL``'s disposition to
 #: SIG_DFL/SIG_IGN while a handler is installed (CPython's ``signal.signal`` putting a
 #: default handler back), the signal is raised first. It lands exactly where CPython
-#: has already run the pending handlers and not yet swapped the handler: the race.
+#: has already run the pending handlers and not yet swapped the handler: the race. With
+#: ``RACE_ARM_FILE``, only once that file exists.
 _RACE_SHIM = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <unistd.h>
 typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
 static int fired = 0;
 int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
     static sigaction_fn real = NULL;
     if (!real) real = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
-    const char *want = getenv("RACE_SIGNAL");
-    if (!fired && want && act && sig == atoi(want)
+    const char *want = getenv("RACE_SIGNAL"), *arm = getenv("RACE_ARM_FILE");
+    if (!fired && want && act && sig == atoi(want) && (!arm || access(arm, F_OK) == 0)
         && (act->sa_handler == SIG_DFL || act->sa_handler == SIG_IGN)) {
         struct sigaction now;
         if (real(sig, NULL, &now) == 0 && now.sa_handler != SIG_DFL
@@ -385,3 +387,30 @@ def test_a_sigterm_while_the_handlers_are_put_back_is_honoured(
     assert done.returncode == code, (done.stdout, done.stderr)
     assert done.stderr.strip().splitlines() == [f"error: {word}"], done.stderr
     assert "not stopped" not in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_pipeline_ctrl_c_with_a_sigterm_landing_in_the_restore_ends_cleanly(
+    repo: Path, race_shim: Path, tmp_path: Path
+) -> None:
+    # The CI failure: Ctrl-C of `housing pipeline`, and a SIGTERM lands while a process
+    # puts its handlers back (the shim raises it there once per process, from the Ctrl-C on).
+    armed = tmp_path / "armed"
+    race = {"LD_PRELOAD": str(race_shim), "RACE_SIGNAL": str(int(signal.SIGTERM)),
+            "RACE_ARM_FILE": str(armed)}  # fmt: skip
+    proc = _start(repo, "pipeline", env=race)
+    stage = _wait_for_running_stage(repo, proc, f"train_{SLOW_MODEL}")
+    armed.touch()
+    seconds, stderr = _stopped(proc, signal.SIGINT, group=True)
+
+    assert "Traceback" not in stderr and "race condition" not in stderr, stderr[-3000:]
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "error: interrupted", stderr[-2000:]
+    assert _group(proc.pid) == [] and seconds < STOP_BOUND, f"{seconds:.1f}s"
+    runs = {r.info.run_id: r for r in _runs(repo)}
+    assert runs[stage.info.run_id].info.status == "KILLED"
+    assert runs[stage.data.tags["mlflow.parentRunId"]].info.status == "KILLED"
+    run_id = stage.data.tags["housing.pipeline_run_id"]
+    last = {e["stage"]: e for e in _events(repo) if e["run_id"] == run_id}
+    assert last["pipeline"]["status"] == "killed"
