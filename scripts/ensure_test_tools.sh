@@ -6,6 +6,7 @@
 #                    `docker-compose config`; needs no Docker engine)
 #   chromium        (headless browser: renders reports/experiments.html in
 #                    tests/test_report.py)
+#   gcc             (builds the signal-race injector of tests/test_signals.py)
 # Prints what it found or did. Exits non-zero when a tool is missing and cannot be
 # installed here, with the command to run instead.
 set -euo pipefail
@@ -24,6 +25,7 @@ check_tool() {
 
 check_tool docker-compose docker-compose
 check_tool chromium chromium
+check_tool gcc gcc
 
 if [ "${#missing_packages[@]}" -eq 0 ]; then
     echo "ensure_test_tools: nothing to install"

@@ -4,7 +4,9 @@ prepare, and the scheduled pipeline's ``retrain: on_change`` skip.
 One real project per module (``project``: the bundled Boston table, ``ridge`` trained
 without CV and selected on ``val/rmse``, ``tracking=none``, ~4 s) gives a champion whose
 reference profile is the train split's; each test runs the ``housing`` entry point on it
-in-process with real files.
+in-process with real files. ``rejected`` (a real MLflow store, synthetic 200-row data)
+holds a champion and a newer version on other data that the gate rejected: the
+``on_change`` baseline is that newer version.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from housing.cli import main
 from housing.config import load_settings
 from housing.orchestration.pipeline import RetrainDecision, retrain_decision
 from housing.runner import execute_stage
+from housing.tracking.mlflow_spool import create_store
 
 from .conftest import CONF
 from .helpers import in_project
@@ -269,7 +272,7 @@ def test_retrain_decision(here: Path, tmp_path: Path) -> None:
     assert decision.retrain and decision.reason.startswith("new data: md5 "), decision
 
     fresh = load_settings(BASE, config_dir=CONF, root=tmp_path)
-    assert retrain_decision(fresh) == RetrainDecision(True, "no champion yet")
+    assert retrain_decision(fresh) == RetrainDecision(True, "no registered model yet")
 
 
 def test_on_change_pipeline_skips_when_nothing_changed(
@@ -284,3 +287,116 @@ def test_on_change_pipeline_skips_when_nothing_changed(
     summary = events(here, "pipeline")[-1]
     assert summary["status"] == "skipped"
     assert str(summary["reason"]).startswith("skipped: no change")
+
+
+# --------------------------------------------------------------------------- on_change baseline
+
+#: Synthetic data, tracked in a real MLflow store (the project's own conf/, copied).
+MLFLOW = ("tracking=mlflow", "selection.metric=val/rmse", "selection.candidates=[ridge]")
+
+
+def _trained(extra: tuple[str, ...], conf: Path) -> None:
+    """prepare, train ridge (no CV), select_best: one registered version of housing-best."""
+    settings = load_settings([*MLFLOW, *extra], config_dir=conf)
+    context = runs.current()
+    execute_stage("prepare", settings, context=context)
+    model = load_settings([*MLFLOW, *extra, "model=ridge", "train.cv_folds=0"], config_dir=conf)
+    execute_stage("train", model, context=context)
+    execute_stage("select_best", settings, context=context)
+
+
+@pytest.fixture(scope="module")
+def rejected(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """v1 (200 rows) the champion; v2 on newer data (240 rows, conf/'s data), which the
+    gate rejected (``registry.min_improvement`` out of reach)."""
+    root = tmp_path_factory.mktemp("rejected")
+    conf = root / "conf"
+    shutil.copytree(CONF, conf)
+    defaults = conf / "pipeline.yaml"
+    defaults.write_text(defaults.read_text().replace("  - data: boston\n", "  - data: synthetic\n"))
+    synthetic = conf / "data" / "synthetic.yaml"
+    synthetic.write_text(synthetic.read_text().replace("n_rows: 100000", "n_rows: 240"))
+    create_store(root / "mlflow.db")  # MLflow's empty schema, without its ~6 s migrations
+    mp = pytest.MonkeyPatch()
+    try:
+        with in_project(root, mp, TRACKER_VARS):
+            _trained(("data.n_rows=200",), conf)
+            _trained(("registry.min_improvement=1e9",), conf)
+    finally:
+        mp.undo()
+    return root
+
+
+@pytest.fixture
+def in_rejected(rejected: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    with in_project(rejected, monkeypatch, TRACKER_VARS) as root:
+        yield root
+
+
+@pytest.mark.slow  # the rejected fixture: ~9 s (six tracked stages)
+def test_on_change_baseline_is_the_newest_version_not_the_champion(in_rejected: Path) -> None:
+    from mlflow import MlflowClient
+
+    rejected = in_rejected
+    client = MlflowClient(f"sqlite:///{rejected}/mlflow.db")
+    assert str(client.get_model_version_by_alias("housing-best", "champion").version) == "1"
+    assert client.get_model_version("housing-best", "2").tags["champion"] == "rejected"
+
+    conf = rejected / "conf"
+    same = retrain_decision(load_settings(MLFLOW, config_dir=conf))
+    fingerprint = json.loads((rejected / "metrics/data_fingerprint.json").read_text())
+    assert same.data_md5 == fingerprint["raw"]["md5"]  # v2's data, not the champion's
+    assert not same.retrain, same
+    assert same.reason.startswith(f"skipped: no change (data md5 {same.data_md5[:12]} is "
+                                  "housing-best v2 (mlflow)'s; no drift"), same  # fmt: skip
+
+    newer = retrain_decision(load_settings([*MLFLOW, "data.n_rows=260"], config_dir=conf))
+    assert newer.retrain and newer.reason == (
+        f"new data: md5 {(newer.data_md5 or '')[:12]}, housing-best v2 (mlflow) was trained "
+        f"on {same.data_md5[:12]}"
+    ), newer
+
+    (rejected / "fresh").mkdir()
+    empty = load_settings(MLFLOW, config_dir=conf, root=rejected / "fresh")
+    assert retrain_decision(empty) == RetrainDecision(True, "no registered model yet")
+
+
+@pytest.mark.slow  # the rejected fixture: ~9 s (six tracked stages)
+def test_on_change_pipeline_after_a_rejected_challenger_skips(
+    in_rejected: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rejected = in_rejected
+    code = main(["--config-dir", str(rejected / "conf"), "pipeline", "tracking=mlflow",
+                 "clearml.pipeline.retrain=on_change"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    [line] = out.splitlines()
+    assert ": skipped: no change (data md5 " in line and "housing-best v2 (mlflow)'s" in line, line
+    summary = events(rejected, "pipeline")[-1]
+    assert summary["status"] == "skipped"
+    assert str(summary["data_md5"]).startswith(line.split("data md5 ")[1][:12])
+
+
+@pytest.mark.slow  # the rejected fixture
+def test_on_change_without_the_newest_reference_compares_with_the_champions(
+    in_rejected: Path,
+) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{in_rejected}/mlflow.db")
+    run = client.get_run(str(client.get_model_version("housing-best", "2").run_id))
+    artifact = Path(run.info.artifact_uri.removeprefix("file://")) / drift.PROFILE_ARTIFACT
+    kept = [artifact, in_rejected / "models/ridge.profile.json"]  # v2's, both
+    for path in kept:
+        path.rename(path.with_name(path.name + ".kept"))
+    try:
+        decision = retrain_decision(load_settings(MLFLOW, config_dir=in_rejected / "conf"))
+    finally:
+        for path in kept:
+            path.with_name(path.name + ".kept").rename(path)
+    assert not decision.retrain, decision
+    assert decision.reason.endswith(
+        "; drift against housing-best v1 (mlflow)'s reference: housing-best v2 (mlflow): no "
+        "reference profile of its training data (trained before drift profiles existed, or "
+        "gone); retrain it (housing repro))"
+    ), decision.reason

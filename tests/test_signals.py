@@ -4,6 +4,10 @@ A scratch copy of the project whose gradient_boosting candidate trains for minut
 a signal always lands while it runs. Each contract: the exit code, every process gone
 within 10 s, the runs KILLED in MLflow (failed in ClearML) and ``killed`` in the events
 log, with a pipeline summary.
+
+The restore race (a signal landing while ``signal.signal`` puts a default handler back) is
+made deterministic with an LD_PRELOAD shim built with gcc; it also pins the text of
+CPython's report that ``housing.quirks.signals`` keeps off the terminal.
 """
 
 from __future__ import annotations
@@ -72,12 +76,12 @@ def _stop_leftovers() -> Iterator[None]:
     _STARTED.clear()
 
 
-def _start(repo: Path, *args: str) -> subprocess.Popen[str]:
+def _start(repo: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     started_ms = int(time.time() * 1000)
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "housing"), *args],
         cwd=repo,
-        env=_env(repo),
+        env={**_env(repo), **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -300,3 +304,113 @@ def test_a_sigterm_between_two_stages_stops_everything_and_records_it(tmp_path: 
     assert {r.data.tags["housing.run_type"]: r.info.status for r in runs} == {
         "pipeline": "KILLED", "stage": "FINISHED"
     }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the restore race
+
+#: An LD_PRELOAD shim: the first time the process sets ``RACE_SIGNAL``'s disposition to
+#: SIG_DFL/SIG_IGN while a handler is installed (CPython's ``signal.signal`` putting a
+#: default handler back), the signal is raised first. It lands exactly where CPython
+#: has already run the pending handlers and not yet swapped the handler: the race. With
+#: ``RACE_ARM_FILE``, only once that file exists.
+_RACE_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <unistd.h>
+typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
+static int fired = 0;
+int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
+    static sigaction_fn real = NULL;
+    if (!real) real = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+    const char *want = getenv("RACE_SIGNAL"), *arm = getenv("RACE_ARM_FILE");
+    if (!fired && want && act && sig == atoi(want) && (!arm || access(arm, F_OK) == 0)
+        && (act->sa_handler == SIG_DFL || act->sa_handler == SIG_IGN)) {
+        struct sigaction now;
+        if (real(sig, NULL, &now) == 0 && now.sa_handler != SIG_DFL
+            && now.sa_handler != SIG_IGN) {
+            fired = 1;
+            raise(sig);
+        }
+    }
+    return real(sig, act, old);
+}
+"""
+
+#: A command's stop_signals block: left normally, or after a Ctrl-C raised inside it.
+_RESTORE = """
+import os, signal, sys
+from housing.entry import report_error
+from housing.runner import stop_signals
+
+try:
+    with stop_signals():
+        if sys.argv[1] == "ctrl-c":
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(10))  # the handler raises here
+    print("not stopped")
+except KeyboardInterrupt as exc:
+    sys.exit(report_error(exc))
+"""
+
+
+@pytest.fixture(scope="module")
+def race_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.conftest import require_tool
+
+    gcc = require_tool(("gcc", "cc"), "apt-get install gcc (builds the signal-race injector)")
+    folder = tmp_path_factory.mktemp("race")
+    (folder / "shim.c").write_text(_RACE_SHIM)
+    shim = folder / "shim.so"
+    subprocess.run(
+        [gcc, "-shared", "-fPIC", "-o", str(shim), str(folder / "shim.c"), "-ldl"], check=True
+    )
+    return shim
+
+
+@pytest.mark.parametrize(
+    ("block", "code", "word"),
+    [("normal", 143, "terminated"), ("ctrl-c", 130, "interrupted")],
+)
+def test_a_sigterm_while_the_handlers_are_put_back_is_honoured(
+    race_shim: Path, tmp_path: Path, block: str, code: int, word: str
+) -> None:
+    # SIGTERM arrives inside signal.signal(SIGTERM, SIG_DFL), after its pending check:
+    # CPython drops it and prints "OSError: Signal 15 ignored due to race condition".
+    env = {**os.environ, "LD_PRELOAD": str(race_shim), "RACE_SIGNAL": str(int(signal.SIGTERM))}
+    done = subprocess.run(
+        [sys.executable, "-c", _RESTORE, block],
+        check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "Traceback" not in done.stderr and "race condition" not in done.stderr, done.stderr
+    assert done.returncode == code, (done.stdout, done.stderr)
+    assert done.stderr.strip().splitlines() == [f"error: {word}"], done.stderr
+    assert "not stopped" not in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_pipeline_ctrl_c_with_a_sigterm_landing_in_the_restore_ends_cleanly(
+    repo: Path, race_shim: Path, tmp_path: Path
+) -> None:
+    # The CI failure: Ctrl-C of `housing pipeline`, and a SIGTERM lands while a process
+    # puts its handlers back (the shim raises it there once per process, from the Ctrl-C on).
+    armed = tmp_path / "armed"
+    race = {"LD_PRELOAD": str(race_shim), "RACE_SIGNAL": str(int(signal.SIGTERM)),
+            "RACE_ARM_FILE": str(armed)}  # fmt: skip
+    proc = _start(repo, "pipeline", env=race)
+    stage = _wait_for_running_stage(repo, proc, f"train_{SLOW_MODEL}")
+    armed.touch()
+    seconds, stderr = _stopped(proc, signal.SIGINT, group=True)
+
+    assert "Traceback" not in stderr and "race condition" not in stderr, stderr[-3000:]
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "error: interrupted", stderr[-2000:]
+    assert _group(proc.pid) == [] and seconds < STOP_BOUND, f"{seconds:.1f}s"
+    runs = {r.info.run_id: r for r in _runs(repo)}
+    assert runs[stage.info.run_id].info.status == "KILLED"
+    assert runs[stage.data.tags["mlflow.parentRunId"]].info.status == "KILLED"
+    run_id = stage.data.tags["housing.pipeline_run_id"]
+    last = {e["stage"]: e for e in _events(repo) if e["run_id"] == run_id}
+    assert last["pipeline"]["status"] == "killed"

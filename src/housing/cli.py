@@ -486,8 +486,9 @@ def pipeline(
     local engine (housing repro, each stage a ClearML offline session).
 
     Without a server only tracking overrides apply (tracking=, clearml.*, ...). With
-    clearml.pipeline.retrain=on_change, a run whose data is the champion's and does not
-    drift trains nothing ("skipped: no change").
+    clearml.pipeline.retrain=on_change, a run whose data is what it last trained on (the
+    newest registered version, promoted or not) and does not drift trains nothing
+    ("skipped: no change").
     """
     from housing.orchestration.pipeline import run_pipeline
 

@@ -470,8 +470,9 @@ class ClearMLPipeline(_Section):
     schedule_cron: Text | None = None
     cache: StrictBool = True
     poll_sec: Annotated[Number, Field(gt=0)] = 5.0
-    # on_change: skip the run ("skipped: no change") when the data's md5 is the
-    # champion's and nothing drifts (housing.drift.retrain_decision)
+    # on_change: skip the run ("skipped: no change") when the data's md5 is the newest
+    # registered best version's, promoted or not, and nothing drifts
+    # (housing.orchestration.pipeline.retrain_decision)
     retrain: Literal["always", "on_change"] = "always"
 
     @field_validator("schedule_cron")

@@ -41,12 +41,26 @@ log = logging.getLogger(__name__)
 def champion_or_none(settings: Settings) -> ModelChoice | None:
     """The champion as predict resolves it, or None when there is none (no store, no
     champion recorded, or its record is unusable: said at debug level)."""
-    from housing.predict import CHAMPION, resolve_model
+    from housing.predict import CHAMPION
+
+    return _resolved_or_none(settings, CHAMPION)
+
+
+def newest_or_none(settings: Settings) -> ModelChoice | None:
+    """The newest registered version of ``<model_name>-best``, promoted or not (the model
+    the pipeline last trained), as predict resolves it; None as :func:`champion_or_none`."""
+    from housing.predict import NEWEST
+
+    return _resolved_or_none(settings, NEWEST)
+
+
+def _resolved_or_none(settings: Settings, spec: str) -> ModelChoice | None:
+    from housing.predict import resolve_model
 
     try:
-        return resolve_model(settings, CHAMPION)
+        return resolve_model(settings, spec)
     except HousingError as exc:
-        log.debug("drift: no usable champion (%s)", first_line(exc))
+        log.debug("drift: no usable %s model (%s)", spec, first_line(exc))
         return None
 
 

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 STAGE = "predict"
 #: ``--model`` value naming the champion (besides ``registry.champion_alias``).
 CHAMPION = "champion"
+#: The newest registered version of ``<model_name>-best``, promoted or not (what the
+#: pipeline last trained; ``retrain: on_change``'s baseline). Not a ``--model`` value.
+NEWEST = "newest"
 #: The predictions file's one column.
 PREDICTION_COLUMN = "prediction"
 
@@ -98,17 +101,17 @@ class PredictResult:
 
 
 def resolve_model(settings: Settings, spec: str = CHAMPION) -> ModelChoice:
-    """The model ``spec`` names (``champion``, a version number, or a candidate name),
-    from MLflow when it is a tracking backend, else ClearML's offline ledgers, else the
-    local records; verified against its sha256 before it is unpickled."""
+    """The model ``spec`` names (``champion``, a version number, :data:`NEWEST` or a
+    candidate name), from MLflow when it is a tracking backend, else ClearML's offline
+    ledgers, else the local records; verified against its sha256 before it is unpickled."""
     champion = spec in (CHAMPION, settings.registry.champion_alias)
-    if not champion and not spec.isdigit():
+    if not champion and not spec.isdigit() and spec != NEWEST:
         _check_candidate(settings, spec)
     if "mlflow" in settings.tracking:
         return _from_mlflow(settings, spec, champion)
     if "clearml" in settings.tracking:
         return _from_clearml_offline(settings, spec, champion)
-    return _from_local(settings, spec, champion)
+    return _from_local(settings, spec, champion or spec == NEWEST)  # select_best's record
 
 
 def _check_candidate(settings: Settings, name: str) -> None:
@@ -128,7 +131,7 @@ def _best_name(settings: Settings) -> str:
 
 def _registry_name(settings: Settings, spec: str, champion: bool) -> str:
     """Versions and the champion belong to ``<model_name>-best``; a candidate has its own."""
-    if champion or spec.isdigit():
+    if champion or spec.isdigit() or spec == NEWEST:
         return _best_name(settings)
     return f"{settings.clearml.model_name}-{spec}"
 

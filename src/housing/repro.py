@@ -158,7 +158,7 @@ def run_job(job: StageJob) -> StageOutcome:
     from housing.entry import configure_logging
 
     t0 = time.monotonic()
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # the fork server ignores it
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # an idle worker ignores it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.chdir(job.wdir)
     configure_logging(job.verbosity)
@@ -257,7 +257,18 @@ def _make_pool(workers: int, env: Mapping[str, str]) -> Any:
     ctx.set_forkserver_preload(list(PRELOAD_MODULES))
     with start_up_environment(env):  # before the pool's threads; it inherits only this
         forkserver.ensure_running()
-    return StoppablePool(max_workers=workers, mp_context=ctx, max_tasks_per_child=1)
+    return StoppablePool(
+        max_workers=workers, mp_context=ctx, max_tasks_per_child=1, initializer=_idle_worker
+    )
+
+
+def _idle_worker() -> None:
+    """A new worker ignores Ctrl-C until it runs a stage (:func:`run_job`): CPython's fork
+    server hands its children the default SIGINT handler, so one idling in the pool's queue
+    printed a ``KeyboardInterrupt`` traceback on Ctrl-C (the engine stops it with SIGTERM)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _default_jobs() -> int:

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from housing.config import Settings
+    from housing.drift import ReferenceProfile
     from housing.orchestration.dag import StepStatus
+    from housing.predict import ModelChoice
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +87,17 @@ def prepared_md5(settings: Settings) -> tuple[str, pd.DataFrame]:
 
 
 def retrain_decision(settings: Settings) -> RetrainDecision:
-    """``clearml.pipeline.retrain: on_change``: skip only when a champion exists, the input
-    data's md5 equals its recorded ``data_md5`` and nothing drifts against its reference."""
-    from housing.drift import compare, current_of, reference_for
-    from housing.drift_check import champion_or_none
+    """``clearml.pipeline.retrain: on_change``: skip only when the pipeline trained before
+    (the newest registered version of ``<model_name>-best``, whether the champion gate
+    promoted it or not), the input data's md5 equals that version's ``data_md5`` and
+    nothing drifts against its reference profile (the champion's, said so, when it has
+    none)."""
+    from housing.drift import compare, current_of
+    from housing.drift_check import newest_or_none
 
-    model = champion_or_none(settings)
+    model = newest_or_none(settings)
     if model is None:
-        return RetrainDecision(True, "no champion yet")
+        return RetrainDecision(True, "no registered model yet")
     try:
         md5, raw = prepared_md5(settings)
     except HousingError as exc:  # prepare will say it in its own words
@@ -105,24 +110,46 @@ def retrain_decision(settings: Settings) -> RetrainDecision:
             md5,
         )
     try:
-        reference, _ = reference_for(settings, model)
+        reference, note = _baseline_reference(settings, model)
     except HousingError as exc:
         return RetrainDecision(True, first_line(exc), md5)
     result = compare(reference, current_of(reference, [raw]), settings.drift)
     if result.drifting:
-        return RetrainDecision(True, result.line(), md5, result.max_psi)
+        return RetrainDecision(True, f"{result.line()}{note}", md5, result.max_psi)
     return RetrainDecision(
         False,
-        f"skipped: no change (data md5 {md5[:12]} is {model.label}'s; {result.line()})",
+        f"skipped: no change (data md5 {md5[:12]} is {model.label}'s; {result.line()}{note})",
         md5,
         result.max_psi,
     )
 
 
+def _baseline_reference(settings: Settings, model: ModelChoice) -> tuple[ReferenceProfile, str]:
+    """``model``'s reference profile and ``""``; when it has none, the champion's and a
+    note saying so (``"; drift against <champion>'s reference: <why>"``). Neither: the
+    newest's one-line ArtifactError."""
+    from housing.drift import reference_for
+    from housing.drift_check import champion_or_none
+
+    try:
+        return reference_for(settings, model)[0], ""
+    except HousingError as exc:
+        champion = champion_or_none(settings)
+        if champion is None or champion.sha256 == model.sha256:
+            raise
+        try:
+            reference, _ = reference_for(settings, champion)
+        except HousingError:
+            raise exc from None
+        log.warning("pipeline: %s; comparing with %s's", first_line(exc), champion.label)
+        return reference, f"; drift against {champion.label}'s reference: {first_line(exc)}"
+
+
 def skip_unchanged(settings: Settings) -> PipelineResult | None:
-    """``clearml.pipeline.retrain: on_change``: a run whose data is the champion's and does
-    not drift trains nothing; it records a ``skipped`` pipeline event (notified as any run
-    summary) and returns its result. None: the run goes ahead (the reason is logged)."""
+    """``clearml.pipeline.retrain: on_change``: a run whose data is what the pipeline last
+    trained on (:func:`retrain_decision`) and does not drift trains nothing; it records a
+    ``skipped`` pipeline event (notified as any run summary) and returns its result. None:
+    the run goes ahead (the reason is logged)."""
     import time
 
     from housing import runs
