@@ -373,6 +373,10 @@ class MLflowTracker:
         self.experiment = experiment
         self.champion_alias = champion_alias
         db = _sqlite_path(self.tracking_uri)
+        if db is not None:  # a new store from the template: MLflow's migrations take ~4 s
+            from housing.tracking.mlflow_spool import create_store
+
+            create_store(db)
         if artifact_location is not None:
             self.artifact_location: str | None = resolve_uri(artifact_location, self.root)
         elif db is not None:

@@ -8,9 +8,10 @@ stage's calls so far (a journal), so the spooled run is complete. Spooled runs c
 the server's URI (``housing.spool.target``); :func:`sync` replays them to it later, once
 each, with their times, params, metrics, artifacts, models and champion decisions.
 
-A new spool store is made from ``mlflow_store.sql`` (next to this module), MLflow's
-empty schema dumped from the locked MLflow version: MLflow itself would run its ~100
-schema migrations (~6 s) on the first spooling stage. The template is used only when
+A new spool store (and a new local ``sqlite:///`` tracking store: the MLflow tracker
+calls :func:`create_store` too) is made from ``mlflow_store.sql`` (next to this module),
+MLflow's empty schema dumped from the locked MLflow version: MLflow itself would run its
+~100 schema migrations (~4-6 s) on the first stage. The template is used only when
 its recorded MLflow version is the installed one (else MLflow creates the store); after
 an MLflow upgrade, rewrite it with :func:`write_store_template`.
 """
