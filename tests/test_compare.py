@@ -77,7 +77,9 @@ def tracked_project(factory: pytest.TempPathFactory) -> Tracked:
 
     Under xdist (test_compare.py and test_report.py land on different workers) the first
     worker builds it in a folder the workers share, under a file lock; the others wait
-    and copy it. The built folder is never written after: each process works in its copy.
+    and copy it; each process works in its copy. (MLflow's artifact location is absolute:
+    runs a test adds to a copy's store put their artifacts in new folders of the shared
+    ``mlruns``, which no copy's store lists.)
     """
     if "tracked" in _CACHE:
         return _CACHE["tracked"]
