@@ -25,6 +25,7 @@ import pytest
 
 from housing.cli import main
 from housing.config import Settings, load_settings
+from housing.io import file_lock, write_json
 from housing.reporting.compare import (
     EXPERIMENT_COLUMNS,
     MODEL_COLUMNS,
@@ -72,10 +73,35 @@ _CACHE: dict[str, Tracked] = {}
 
 
 def tracked_project(factory: pytest.TempPathFactory) -> Tracked:
-    """Run the pipeline twice with tracking (once per test session, ~20 s)."""
+    """The RUNS' project, built once per test session (~20-35 s); this process's own copy.
+
+    Under xdist (test_compare.py and test_report.py land on different workers) the first
+    worker builds it in a folder the workers share, under a file lock; the others wait
+    and copy it; each process works in its copy. (MLflow's artifact location is absolute:
+    runs a test adds to a copy's store put their artifacts in new folders of the shared
+    ``mlruns``, which no copy's store lists.)
+    """
     if "tracked" in _CACHE:
         return _CACHE["tracked"]
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        root = factory.mktemp("tracked-project")
+        _CACHE["tracked"] = Tracked(root, _build_tracked(root))
+        return _CACHE["tracked"]
+    shared = factory.getbasetemp().parent / "tracked-project"
+    done = shared / "files.json"  # written last: the build finished
+    with file_lock(shared.with_name("tracked-project.lock")):
+        if not done.is_file():
+            shutil.rmtree(shared / "root", ignore_errors=True)  # a failed build's leftovers
+            (shared / "root").mkdir(parents=True)
+            write_json(done, _build_tracked(shared / "root"))
     root = factory.mktemp("tracked-project")
+    shutil.copytree(shared / "root", root, dirs_exist_ok=True, symlinks=True)
+    _CACHE["tracked"] = Tracked(root, json.loads(done.read_text()))
+    return _CACHE["tracked"]
+
+
+def _build_tracked(root: Path) -> dict[str, dict[str, Any]]:
+    """Run the pipeline twice with tracking in ``root``; the metrics files after each run."""
     mp = pytest.MonkeyPatch()
     files: dict[str, dict[str, Any]] = {}
     try:
@@ -88,8 +114,7 @@ def tracked_project(factory: pytest.TempPathFactory) -> Tracked:
             files[run_id] = metrics_records(root / "metrics")
     finally:
         mp.undo()
-    _CACHE["tracked"] = Tracked(root, files)
-    return _CACHE["tracked"]
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +165,154 @@ def one(frame: pd.DataFrame, **where: Any) -> dict[str, Any]:
     found = rows_of(frame, **where)
     assert len(found) == 1, (where, found)
     return found[0]
+
+
+# --------------------------------------------------------------------------- server (fake)
+
+SERVER_TASKS = 1200
+
+
+def _server_tasks() -> list[dict[str, Any]]:
+    stages = ("prepare", "train", "select_best", "evaluate")
+    tasks = []
+    for i in range(SERVER_TASKS):
+        stage = stages[i % 4]
+        stamp = f"2026-01-01T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}"
+        tasks.append(
+            {
+                "id": f"task-{i:05d}",
+                "name": f"housing:{stage}",
+                "project_name": "housing",
+                "status": "completed",
+                "type": "training",
+                "tags": ["housing", stage],
+                "created": f"{stamp}.000+00:00",
+                "started": f"{stamp}.000+00:00",
+                "completed": f"{stamp}.750+00:00",
+                "hyperparams": {
+                    "properties": {
+                        "pipeline_run_id": {"name": "pipeline_run_id", "value": f"run-{i // 4}"},
+                        "stage": {"name": "stage", "value": stage},
+                    }
+                },
+                "last_metrics": {
+                    "m1": {"v1": {"metric": "val", "variant": "rmse", "value": 3.0 + i / 1000}},
+                    "m2": {"v2": {"metric": "Summary", "variant": "test/rmse", "value": 2.5}},
+                },
+            }
+        )
+    tasks.append({"id": "other-project", "name": "x", "project_name": "elsewhere"})
+    return tasks
+
+
+def _server_models() -> list[dict[str, Any]]:
+    comment = {
+        "version": "7",
+        "algorithm": "ridge",
+        "metrics": {"cv/rmse_mean": 4.25},
+        "metadata": {"data_md5": "d" * 32, "model_sha256": "s" * 64},
+        "pipeline_run_id": "run-299",
+    }
+    return [
+        {
+            "id": "model-best",
+            "name": "housing-best",
+            "project_name": "housing",
+            "tags": ["housing", "champion", "version:7"],
+            "framework": "ScikitLearn",
+            "uri": "http://files/housing-best-v7.joblib",
+            "comment": "Created by task id: task-01198\n" + json.dumps(comment),
+            "task": "task-01198",
+        },
+        {"id": "model-ridge", "name": "housing-ridge", "project_name": "housing"},
+    ]
+
+
+def compare_against(
+    server: FakeClearMLServer, cwd: Path, access: str, secret: str
+) -> subprocess.CompletedProcess[str]:
+    """``clearml_compare.py`` in a fresh process (the SDK keeps per-process state) against
+    ``server``, with its keys and no ``~/clearml.conf``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
+    env.update(server.env(access_key=access, secret_key=secret))
+    env["PYTHONPATH"] = str(PROJECT / "src")
+    env["HOME"] = str(cwd)  # no ~/clearml.conf of the user
+    return subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT / "scripts" / "clearml_compare.py"),
+            "--config-dir",
+            str(CONF),
+            f"clearml.server.api_host={server.api_host}",
+            f"clearml.server.web_host={server.web_host}",
+            f"clearml.server.files_host={server.files_host}",
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_server_export_pages_through_every_task(tmp_path: Path) -> None:
+    access, secret = "fake-access", "fake-secret-7d1c"
+    server = FakeClearMLServer(
+        tasks=_server_tasks(), models=_server_models(), access_key=access, secret_key=secret
+    )
+    with server:
+        proc = compare_against(server, tmp_path, access, secret)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        task_calls = server.calls_to("tasks.get_all")
+        model_pages = [c["page"] for c in server.calls_to("models.get_all")]
+        model_reads = server.calls_to("models.get_by_id")
+        project_id = server.project_id("housing")
+        api_host = server.api_host
+    # The SDK's query API pages (500, the server's cap), every page filtered to the project
+    # and projected to the fields the rows need.
+    assert [(c["page"], c["page_size"]) for c in task_calls] == [(0, 500), (1, 500), (2, 500)]
+    assert all(c["project"] == [project_id] for c in task_calls), task_calls
+    assert all({"hyperparams", "last_metrics"} <= set(c["only_fields"]) for c in task_calls)
+    assert model_pages == [0]
+    assert sorted(c["model"] for c in model_reads) == ["model-best", "model-ridge"]
+    experiments = read(tmp_path / "metrics" / "clearml_experiments.csv")
+    assert len(experiments) == SERVER_TASKS
+    assert set(experiments["task_id"]) == {f"task-{i:05d}" for i in range(SERVER_TASKS)}
+    assert set(experiments["source"]) == {"server"}
+    assert set(experiments["pipeline_run_id"]) == {f"run-{i}" for i in range(SERVER_TASKS // 4)}
+    first = one(experiments, task_id="task-00001")
+    assert (first["stage"], first["val/rmse"], first["test/rmse"]) == ("train", 3.001, 2.5)
+    assert first["duration_sec"] == 0.75
+    models = read(tmp_path / "metrics" / "clearml_models.csv")
+    best = one(models, model_id="model-best")
+    assert (best["version"], best["champion"], best["algorithm"]) == ("7", True, "ridge")
+    assert (best["cv/rmse_mean"], best["data_md5"], best["task_id"]) == (
+        4.25,
+        "d" * 32,
+        "task-01198",
+    )
+    assert not one(models, model_id="model-ridge")["champion"]
+    assert f"clearml (server, {api_host}): {SERVER_TASKS} task(s)" in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists()  # reading MLflow never creates a store
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_server_error_is_one_line_naming_the_call_and_server(tmp_path: Path) -> None:
+    with FakeClearMLServer(tasks=_server_tasks()[:8], access_key="k", secret_key="s") as server:
+        server.fail("tasks.get_all", times=5, status=500, message="index unavailable")
+        proc = compare_against(server, tmp_path, "k", "s")
+        api_host = server.api_host
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: clearml: ClearML tasks.get_all on {api_host}: HTTP 500 index unavailable"
+    ], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "metrics" / "clearml_experiments.csv").exists()  # nothing half-written
 
 
 # --------------------------------------------------------------------------- offline + MLflow
@@ -307,9 +480,9 @@ def test_bad_filters_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> 
     assert err == [err[0]] and err[0].startswith("error: selection.metric")
     # Usage errors are return codes too: main() never calls sys.exit (ClearML hooks it).
     assert main(["compare", "--last", "0"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("Usage: housing compare ")
-    assert "Invalid value for '--last'" in err
+    usage = capsys.readouterr().err
+    assert usage.startswith("Usage: housing compare ")
+    assert "Invalid value for '--last'" in usage
     assert main(["compare", "--help"]) == 0
     assert "--stage" in capsys.readouterr().out
 
@@ -324,154 +497,6 @@ def test_a_local_file_store_with_a_space_in_its_path_is_found(tmp_path: Path) ->
     assert _local_store_missing(uri) == store
     store.mkdir(parents=True)
     assert _local_store_missing(uri) is None
-
-
-# --------------------------------------------------------------------------- server (fake)
-
-SERVER_TASKS = 1200
-
-
-def _server_tasks() -> list[dict[str, Any]]:
-    stages = ("prepare", "train", "select_best", "evaluate")
-    tasks = []
-    for i in range(SERVER_TASKS):
-        stage = stages[i % 4]
-        stamp = f"2026-01-01T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}"
-        tasks.append(
-            {
-                "id": f"task-{i:05d}",
-                "name": f"housing:{stage}",
-                "project_name": "housing",
-                "status": "completed",
-                "type": "training",
-                "tags": ["housing", stage],
-                "created": f"{stamp}.000+00:00",
-                "started": f"{stamp}.000+00:00",
-                "completed": f"{stamp}.750+00:00",
-                "hyperparams": {
-                    "properties": {
-                        "pipeline_run_id": {"name": "pipeline_run_id", "value": f"run-{i // 4}"},
-                        "stage": {"name": "stage", "value": stage},
-                    }
-                },
-                "last_metrics": {
-                    "m1": {"v1": {"metric": "val", "variant": "rmse", "value": 3.0 + i / 1000}},
-                    "m2": {"v2": {"metric": "Summary", "variant": "test/rmse", "value": 2.5}},
-                },
-            }
-        )
-    tasks.append({"id": "other-project", "name": "x", "project_name": "elsewhere"})
-    return tasks
-
-
-def _server_models() -> list[dict[str, Any]]:
-    comment = {
-        "version": "7",
-        "algorithm": "ridge",
-        "metrics": {"cv/rmse_mean": 4.25},
-        "metadata": {"data_md5": "d" * 32, "model_sha256": "s" * 64},
-        "pipeline_run_id": "run-299",
-    }
-    return [
-        {
-            "id": "model-best",
-            "name": "housing-best",
-            "project_name": "housing",
-            "tags": ["housing", "champion", "version:7"],
-            "framework": "ScikitLearn",
-            "uri": "http://files/housing-best-v7.joblib",
-            "comment": "Created by task id: task-01198\n" + json.dumps(comment),
-            "task": "task-01198",
-        },
-        {"id": "model-ridge", "name": "housing-ridge", "project_name": "housing"},
-    ]
-
-
-def compare_against(
-    server: FakeClearMLServer, cwd: Path, access: str, secret: str
-) -> subprocess.CompletedProcess[str]:
-    """``clearml_compare.py`` in a fresh process (the SDK keeps per-process state) against
-    ``server``, with its keys and no ``~/clearml.conf``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLEARML_", "TRAINS_"))}
-    env.update(server.env(access_key=access, secret_key=secret))
-    env["PYTHONPATH"] = str(PROJECT / "src")
-    env["HOME"] = str(cwd)  # no ~/clearml.conf of the user
-    return subprocess.run(
-        [
-            sys.executable,
-            str(PROJECT / "scripts" / "clearml_compare.py"),
-            "--config-dir",
-            str(CONF),
-            f"clearml.server.api_host={server.api_host}",
-            f"clearml.server.web_host={server.web_host}",
-            f"clearml.server.files_host={server.files_host}",
-        ],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.integration
-def test_server_export_pages_through_every_task(tmp_path: Path) -> None:
-    access, secret = "fake-access", "fake-secret-7d1c"
-    server = FakeClearMLServer(
-        tasks=_server_tasks(), models=_server_models(), access_key=access, secret_key=secret
-    )
-    with server:
-        proc = compare_against(server, tmp_path, access, secret)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        task_calls = server.calls_to("tasks.get_all")
-        model_pages = [c["page"] for c in server.calls_to("models.get_all")]
-        model_reads = server.calls_to("models.get_by_id")
-        project_id = server.project_id("housing")
-        api_host = server.api_host
-    # The SDK's query API pages (500, the server's cap), every page filtered to the project
-    # and projected to the fields the rows need.
-    assert [(c["page"], c["page_size"]) for c in task_calls] == [(0, 500), (1, 500), (2, 500)]
-    assert all(c["project"] == [project_id] for c in task_calls), task_calls
-    assert all({"hyperparams", "last_metrics"} <= set(c["only_fields"]) for c in task_calls)
-    assert model_pages == [0]
-    assert sorted(c["model"] for c in model_reads) == ["model-best", "model-ridge"]
-    experiments = read(tmp_path / "metrics" / "clearml_experiments.csv")
-    assert len(experiments) == SERVER_TASKS
-    assert set(experiments["task_id"]) == {f"task-{i:05d}" for i in range(SERVER_TASKS)}
-    assert set(experiments["source"]) == {"server"}
-    assert set(experiments["pipeline_run_id"]) == {f"run-{i}" for i in range(SERVER_TASKS // 4)}
-    first = one(experiments, task_id="task-00001")
-    assert (first["stage"], first["val/rmse"], first["test/rmse"]) == ("train", 3.001, 2.5)
-    assert first["duration_sec"] == 0.75
-    models = read(tmp_path / "metrics" / "clearml_models.csv")
-    best = one(models, model_id="model-best")
-    assert (best["version"], best["champion"], best["algorithm"]) == ("7", True, "ridge")
-    assert (best["cv/rmse_mean"], best["data_md5"], best["task_id"]) == (
-        4.25,
-        "d" * 32,
-        "task-01198",
-    )
-    assert not one(models, model_id="model-ridge")["champion"]
-    assert f"clearml (server, {api_host}): {SERVER_TASKS} task(s)" in proc.stdout
-    assert not (tmp_path / "mlflow.db").exists()  # reading MLflow never creates a store
-
-
-@pytest.mark.slow
-@pytest.mark.integration
-def test_server_error_is_one_line_naming_the_call_and_server(tmp_path: Path) -> None:
-    with FakeClearMLServer(tasks=_server_tasks()[:8], access_key="k", secret_key="s") as server:
-        server.fail("tasks.get_all", times=5, status=500, message="index unavailable")
-        proc = compare_against(server, tmp_path, "k", "s")
-        api_host = server.api_host
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [
-        f"error: clearml: ClearML tasks.get_all on {api_host}: HTTP 500 index unavailable"
-    ], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "metrics" / "clearml_experiments.csv").exists()  # nothing half-written
 
 
 def test_offline_json_lines_skip_every_unparsable_line(tmp_path: Path) -> None:
