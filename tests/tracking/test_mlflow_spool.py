@@ -24,7 +24,7 @@ from housing.cli import main
 from housing.config import Settings, load_settings
 from housing.entry import bound_mlflow_http
 from housing.runner import execute_stage
-from housing.tracking import mlflow_spool
+from housing.tracking import mlflow_spool, mlflow_store
 from housing.tracking.mlflow import MLflowTracker, load_registered_model, version_record
 from housing.tracking.mlflow_spool import TAG_PARTIAL, TAG_SOURCE, TAG_SYNCED, TAG_TARGET
 
@@ -440,7 +440,7 @@ def test_the_spool_store_template_is_the_schema_mlflow_makes(tmp_path: Path) -> 
     made.parent.mkdir()
     MlflowClient(f"sqlite:///{made}").search_experiments()
     templated.parent.mkdir()
-    mlflow_spool.create_store(templated)
+    mlflow_store.create_store(templated)
     assert _schema(templated) == _schema(made)
 
 
@@ -451,17 +451,17 @@ def test_a_spool_store_from_the_template_opens_at_once_and_is_never_replaced(
 
     db = tmp_path / "mlflow.db"
     started = time.monotonic()
-    mlflow_spool.create_store(db)
+    mlflow_store.create_store(db)
     client = MlflowClient(f"sqlite:///{db}")
     experiment = client.create_experiment("housing")
     assert time.monotonic() - started < 3  # MLflow's migrations take ~6 s
     assert [e.name for e in client.search_experiments()] == ["housing", "Default"]
     before = db.read_bytes()
-    mlflow_spool.create_store(db)  # an existing store is kept as it is
+    mlflow_store.create_store(db)  # an existing store is kept as it is
     assert db.read_bytes() == before and client.get_experiment(experiment).name == "housing"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.create.lock"]
-    monkeypatch.setattr(mlflow_spool, "STORE_TEMPLATE", tmp_path / "absent.sql")
-    mlflow_spool.create_store(tmp_path / "other.db")  # no template: MLflow creates it
+    monkeypatch.setattr(mlflow_store, "STORE_TEMPLATE", tmp_path / "absent.sql")
+    mlflow_store.create_store(tmp_path / "other.db")  # no template: MLflow creates it
     assert not (tmp_path / "other.db").exists()
 
 

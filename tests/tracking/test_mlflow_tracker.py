@@ -176,15 +176,15 @@ def test_a_new_local_store_is_made_from_the_template(
     """Not by MLflow's ~100 schema migrations (~4 s on the first stage of a checkout)."""
     import sqlite3
 
-    from housing.tracking import mlflow_spool
+    from housing.tracking import mlflow_store
 
     marked = tmp_path / "marked.sql"
     marked.write_text(
-        mlflow_spool.STORE_TEMPLATE.read_text(encoding="utf-8")
+        mlflow_store.STORE_TEMPLATE.read_text(encoding="utf-8")
         + "\nCREATE TABLE housing_template_marker (x INTEGER);\n",
         encoding="utf-8",
     )
-    monkeypatch.setattr(mlflow_spool, "STORE_TEMPLATE", marked)
+    monkeypatch.setattr(mlflow_store, "STORE_TEMPLATE", marked)
     db = tmp_path / "project" / "mlflow.db"
     tracker = make_tracker("sqlite:///mlflow.db", db.parent)
     tracker.start(StageRun("prepare", "prepare", "run-template"))

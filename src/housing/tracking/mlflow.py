@@ -47,6 +47,7 @@ from housing.tracking.base import (
     StageRun,
     TrialRun,
 )
+from housing.tracking.mlflow_store import create_store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -374,8 +375,6 @@ class MLflowTracker:
         self.champion_alias = champion_alias
         db = _sqlite_path(self.tracking_uri)
         if db is not None:  # a new store from the template: MLflow's migrations take ~4 s
-            from housing.tracking.mlflow_spool import create_store
-
             create_store(db)
         if artifact_location is not None:
             self.artifact_location: str | None = resolve_uri(artifact_location, self.root)
