@@ -195,6 +195,29 @@ def test_a_signal_stops_every_process_and_records_the_run_killed(
     assert f"train@{SLOW_MODEL}" in last["pipeline"]["stages_killed"]
 
 
+def _ended_killed(
+    repo: Path,
+    proc: subprocess.Popen[str],
+    stage: Any,
+    stderr: str,
+    seconds: float,
+    *,
+    ending: tuple[int, str],
+) -> dict[str, dict[str, Any]]:
+    """Assert the stopped command exited with ``ending`` (code, last stderr line), left
+    no process, and recorded its stage run and the parent KILLED; the last event of each
+    stage of its pipeline run."""
+    code, line = ending
+    assert proc.returncode == code, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == line, stderr[-2000:]
+    assert _group(proc.pid) == [] and seconds < STOP_BOUND, f"{seconds:.1f}s"
+    runs = {r.info.run_id: r for r in _runs(repo)}
+    assert runs[stage.info.run_id].info.status == "KILLED"
+    assert runs[stage.data.tags["mlflow.parentRunId"]].info.status == "KILLED"
+    run_id = stage.data.tags["housing.pipeline_run_id"]
+    return {e["stage"]: e for e in _events(repo) if e["run_id"] == run_id}
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_stage_run_by_hand_stops_on_sigterm_and_records_it_killed(repo: Path) -> None:
@@ -209,15 +232,9 @@ def test_a_stage_run_by_hand_stops_on_sigterm_and_records_it_killed(repo: Path) 
         time.sleep(0.3)
     seconds, stderr = _stopped(proc, signal.SIGTERM, group=False)
 
-    assert proc.returncode == 143, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1] == "error: terminated", stderr[-2000:]
-    assert _group(proc.pid) == [] and seconds < STOP_BOUND, f"{seconds:.1f}s"
-    runs = {r.info.run_id: r for r in _runs(repo)}
-    assert runs[stage.info.run_id].info.status == "KILLED"
-    assert runs[stage.data.tags["mlflow.parentRunId"]].info.status == "KILLED"
-    run_id = stage.data.tags["housing.pipeline_run_id"]
-    last = {e["stage"]: e for e in _events(repo) if e["run_id"] == run_id}
+    last = _ended_killed(repo, proc, stage, stderr, seconds, ending=(143, "error: terminated"))
     assert last[f"train_{SLOW_MODEL}"]["status"] == "killed"
+    run_id = stage.data.tags["housing.pipeline_run_id"]
     from housing.tracking.offline import list_sessions
 
     (session,) = [s for s in list_sessions(repo / ".clearml") if SLOW_MODEL in s.name]
@@ -405,12 +422,5 @@ def test_pipeline_ctrl_c_with_a_sigterm_landing_in_the_restore_ends_cleanly(
     seconds, stderr = _stopped(proc, signal.SIGINT, group=True)
 
     assert "Traceback" not in stderr and "race condition" not in stderr, stderr[-3000:]
-    assert proc.returncode == 130, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1] == "error: interrupted", stderr[-2000:]
-    assert _group(proc.pid) == [] and seconds < STOP_BOUND, f"{seconds:.1f}s"
-    runs = {r.info.run_id: r for r in _runs(repo)}
-    assert runs[stage.info.run_id].info.status == "KILLED"
-    assert runs[stage.data.tags["mlflow.parentRunId"]].info.status == "KILLED"
-    run_id = stage.data.tags["housing.pipeline_run_id"]
-    last = {e["stage"]: e for e in _events(repo) if e["run_id"] == run_id}
+    last = _ended_killed(repo, proc, stage, stderr, seconds, ending=(130, "error: interrupted"))
     assert last["pipeline"]["status"] == "killed"
