@@ -51,7 +51,8 @@ def settle_clearml(settings: ClearMLSettings, mp: Any = None) -> dict[str, str |
     env = sdk_env(settings, os.environ)
     if mp is None:
         settle_environment(env)
-    for key, value in env.items() if mp is not None else ():
+        return env
+    for key, value in env.items():
         if value is None:
             mp.delenv(key, raising=False)
         else:

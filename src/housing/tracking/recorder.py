@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -161,8 +162,6 @@ def clearml_env(
     or ``{}`` when ClearML is not a tracking backend."""
     if "clearml" not in settings.tracking:
         return {}
-    import os
-
     from housing.tracking.clearml import sdk_env
 
     return sdk_env(_in_store(settings), os.environ if environ is None else environ)
