@@ -202,8 +202,9 @@ def test_a_stage_with_an_unreachable_clearml_server_records_offline_within_secon
         with ClearMLTracker(settings, run=StageRun("prepare", "prepare", "run-f1")) as tracker:
             tracker.log_metrics({"data/rows": 200.0})
         elapsed = time.monotonic() - started
-    # one 1 s probe (connect_timeout_sec) and slack, not the SDK's minutes of retries
-    assert elapsed - baseline < 3.5, (elapsed, baseline)
+    # the probe's seconds (ping and login, 1 s each: connect_timeout_sec) with slack for a
+    # loaded machine (3.6 s was seen in CI), not the SDK's minutes of retries
+    assert elapsed - baseline < 10, (elapsed, baseline)
     assert tracker.mode == "offline"
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) == 1, lines
